@@ -1,0 +1,37 @@
+# skincancer: `make demo` (set up, then train + evaluate on ISIC 2017), `make test` (set up, then the test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/isic2017
+RUN ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint benchmark-linear clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision pinned to the builds on this machine's disk (see README)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/skincancer index $(DATA)/train -o $(RUN)/data/train.csv
+	$(BIN)/skincancer index $(DATA)/valid -o $(RUN)/data/valid.csv
+	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
+		-o $(RUN)/data/test.csv
+	$(BIN)/skincancer train --config configs/linear.yaml --train $(RUN)/data/train.csv \
+		--valid $(RUN)/data/valid.csv --out $(RUN)
+	$(BIN)/skincancer evaluate --model $(RUN) --data $(RUN)/data/test.csv --out $(RUN)/test
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs/demo

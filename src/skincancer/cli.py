@@ -1,0 +1,188 @@
+"""Command line: parses arguments and calls the package's modules; no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import NOTICE
+from .backbones import BackboneError
+from .checkpoint import CheckpointError
+from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
+from .data import DataError, check_files, index_folder, index_isic_csv, save_manifest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
+log = logging.getLogger("skincancer")
+KNOWN_ERRORS = (DataError, ConfigError, CheckpointError, BackboneError, FileNotFoundError)
+DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def index(
+    directory: Annotated[Path | None, typer.Argument(help="folder-per-class tree: DIR/<diagnosis>/*.jpg")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="manifest CSV to write")] = Path("manifest.csv"),
+    labels: Annotated[str, typer.Option(help="diagnosis=0|1 pairs; 1 = malignant")] = DEFAULT_LABELS_TEXT,
+    isic_csv: Annotated[Path | None, typer.Option(help="official ISIC ground-truth CSV instead of DIR")] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder for --isic-csv")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="drop unreadable files instead of failing")] = False,
+) -> None:
+    """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
+    label_map = parse_labels(labels)
+    if isic_csv is not None:
+        if images is None:
+            _fail("--isic-csv needs --images DIR")
+        manifest = index_isic_csv(isic_csv, images, label_map)
+    elif directory is not None:
+        manifest = index_folder(directory, label_map)
+    else:
+        _fail("give a DIRECTORY or --isic-csv GT.csv --images DIR")
+    bad = check_files(list(manifest["filepath"]))
+    for item in bad:
+        typer.echo(f"bad file: {item.path}: {item.reason}", err=True)
+    if bad and not skip_bad:
+        _fail(f"{len(bad)} of {len(manifest)} files are unusable (listed above); fix them or pass --skip-bad")
+    manifest = manifest[~manifest["filepath"].isin({b.path for b in bad})]
+    if manifest.empty:
+        _fail("no usable images left")
+    save_manifest(manifest, out)
+    counts = ", ".join(f"{k} {v}" for k, v in manifest["diagnosis"].value_counts().sort_index().items())
+    typer.echo(f"wrote {out}: {len(manifest)} images ({counts}); {len(bad)} skipped")
+
+
+@app.command()
+def preview(
+    manifest: Annotated[Path, typer.Argument(help="manifest CSV or folder-per-class directory")],
+    out: Annotated[Path, typer.Option("-o", "--out")] = Path("grid.png"),
+    n: Annotated[int, typer.Option(help="number of images")] = 16,
+    seed: int = 0,
+) -> None:
+    """Save a grid of sample images with their labels."""
+    from .data import resolve_data
+    from .report import preview_grid
+
+    preview_grid(resolve_data(manifest, DEFAULT_LABELS), out, n=n, seed=seed)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def train(
+    train: Annotated[str | None, typer.Option(help="training manifest CSV or folder-per-class directory")] = None,
+    valid: Annotated[str | None, typer.Option(help="validation manifest CSV or folder")] = None,
+    out: Annotated[str | None, typer.Option(help="run folder to create")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it")] = None,
+    mode: Annotated[str | None, typer.Option(help="linear | finetune")] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm model name")] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    head: Annotated[str | None, typer.Option(help="diagnosis (one output per class) | binary")] = None,
+    labels: Annotated[str | None, typer.Option(help="diagnosis=0|1 pairs")] = None,
+    threshold_policy: Annotated[str | None, typer.Option(help="sensitivity:0.90 | youden | fixed:0.5 | ...")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | standard | strong")] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+) -> None:
+    """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
+    from .train import train as run_training
+
+    cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone, image_size=image_size,
+                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, head=head,
+                      labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,
+                      augment=augment, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
+                      pretrained=pretrained)
+    run = run_training(cfg)
+    typer.echo(f"run saved to {run}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="run folder")],
+    data: Annotated[Path, typer.Option(help="labelled manifest CSV or folder-per-class directory")],
+    out: Annotated[Path, typer.Option(help="folder for metrics.json, predictions, plots, report.html")],
+    tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> None:
+    """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
+    from .evaluate import evaluate as run_evaluation
+
+    metrics = run_evaluation(model, data, out, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    lo, hi = metrics["auc_ci95"]
+    typer.echo(f"{'n':<28}{metrics['n']} ({metrics['n_positive']} malignant)")
+    typer.echo(f"{'AUC (95% CI)':<28}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")
+    for name, value in metrics.get("class_auc", {}).items():
+        typer.echo(f"{'AUC ' + name + ' vs rest':<28}{value:.4f}")
+    typer.echo(f"{'threshold':<28}{metrics['threshold']:.4f}")
+    for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
+        typer.echo(f"{key:<28}{metrics[key]:.4f}")
+    typer.echo(f"report: {out / 'report.html'}")
+    if metrics["skipped"]:
+        typer.echo(f"warning: {len(metrics['skipped'])} unreadable file(s) skipped (see metrics.json)", err=True)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
+    model: Annotated[Path, typer.Option(help="run folder")],
+    format: Annotated[str, typer.Option("--format", help="csv | json (for several images)")] = "csv",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
+    tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> None:
+    """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
+    from .predict import expand_inputs, load_model, sentence
+
+    if format not in ("csv", "json"):
+        _fail(f"--format must be csv or json, got {format!r}")
+    classifier = load_model(model)
+    files = expand_inputs(paths)
+    if not files:
+        _fail(f"no image files found in {', '.join(map(str, paths))}")
+    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta)
+    failed = table[table["error"] != ""]
+    for _, row in failed.iterrows():
+        typer.echo(f"error: {row['source']}: {row['error']}", err=True)
+    single = len(files) == 1 and not any(p.is_dir() for p in paths)
+    if single and out is None and failed.empty:
+        row = table.iloc[0]
+        typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
+                            classifier.negative_name))
+    else:
+        text = table.to_csv(index=False) if format == "csv" else json.dumps(
+            json.loads(table.to_json(orient="records")), indent=2) + "\n"
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            typer.echo(f"wrote {out}: {len(table) - len(failed)} predicted, {len(failed)} failed", err=True)
+        else:
+            sys.stdout.write(text)
+    if not failed.empty:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        app()
+    except KNOWN_ERRORS as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

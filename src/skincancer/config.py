@@ -1,0 +1,165 @@
+"""Training configuration: one frozen dataclass, YAML defaults, CLI overrides, checked before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train: str = ""
+    valid: str = ""
+    out: str = ""
+    mode: str = "linear"  # linear: frozen backbone + logistic head on cached features; finetune: whole network
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 224
+    head: str = "diagnosis"  # diagnosis: one output per diagnosis (3-class on ISIC); binary: malignant vs benign
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    positive_name: str = "malignant"
+    negative_name: str = "benign"
+    threshold_policy: str = "sensitivity:0.90"
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 2
+    # finetune
+    epochs: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.02
+    warmup_epochs: float = 0.5
+    patience: int = 3
+    augment: str = "standard"  # none | standard | strong
+    class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
+    label_smoothing: float = 0.0
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
+    # linear
+    linear_c: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
+    feature_flips: bool = True  # average features over the image and its horizontal flip
+    cache_dir: str = ""  # "" = $SKINCANCER_CACHE or ~/.cache/skincancer
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.mode not in ("linear", "finetune"):
+            raise ConfigError(f"mode: must be 'linear' or 'finetune', got {self.mode!r}")
+        if self.head not in ("diagnosis", "binary"):
+            raise ConfigError(f"head: must be 'diagnosis' or 'binary', got {self.head!r}")
+        if self.augment not in ("none", "standard", "strong"):
+            raise ConfigError(f"augment: must be 'none', 'standard' or 'strong', got {self.augment!r}")
+        if self.class_balance not in ("weighted_loss", "sampler", "none"):
+            raise ConfigError(f"class_balance: must be 'weighted_loss', 'sampler' or 'none', got {self.class_balance!r}")
+        for name in ("image_size", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 32 or self.image_size > 1024:
+            raise ConfigError(f"image_size: must be between 32 and 1024, got {self.image_size}")
+        for name in ("num_workers", "patience", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr: must be in (0, 1), got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not self.linear_c or any(c <= 0 for c in self.linear_c):
+            raise ConfigError(f"linear_c: must be a non-empty list of positive numbers, got {self.linear_c}")
+        if not self.labels:
+            raise ConfigError("labels: must map at least one diagnosis to 0 and one to 1")
+        if set(self.labels.values()) != {0, 1}:
+            raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
+        parse_threshold_policy(self.threshold_policy)
+
+
+def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
+    """'sensitivity:0.9' -> ('sensitivity', 0.9); 'youden' -> ('youden', None); 'fixed:0.5' -> ('fixed', 0.5)."""
+    match = re.fullmatch(r"(youden)|(sensitivity|specificity|fixed):([0-9]*\.?[0-9]+)", policy.strip())
+    if not match:
+        raise ConfigError(
+            f"threshold_policy: expected 'youden', 'sensitivity:S', 'specificity:S' or 'fixed:T', got {policy!r}"
+        )
+    if match.group(1):
+        return "youden", None
+    kind, value = match.group(2), float(match.group(3))
+    if not 0 <= value <= 1:
+        raise ConfigError(f"threshold_policy: {kind} value must be between 0 and 1, got {value}")
+    return kind, value
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    """'melanoma=1,nevus=0' -> {'melanoma': 1, 'nevus': 0}."""
+    labels: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or value.strip() not in ("0", "1") or not name.strip():
+            raise ConfigError(f"labels: expected NAME=0 or NAME=1 separated by commas, got {item!r} in {text!r}")
+        labels[name.strip()] = int(value)
+    if set(labels.values()) != {0, 1}:
+        raise ConfigError(f"labels: need at least one class =1 and one =0, got {text!r}")
+    return labels
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        value, expected = getattr(config, f.name), hints[f.name]
+        origin = typing.get_origin(expected) or expected
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))
+            continue
+        if origin is list and isinstance(value, list):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{f.name}: expected a list of numbers, got {value!r}")
+            object.__setattr__(config, f.name, [float(v) for v in value])
+            continue
+        if origin is dict and isinstance(value, dict):
+            if not all(isinstance(k, str) and v in (0, 1) and not isinstance(v, float) for k, v in value.items()):
+                raise ConfigError(f"{f.name}: expected a mapping of diagnosis name to 0 or 1, got {value!r}")
+            continue
+        ok = isinstance(value, origin) and not (origin is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{f.name}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Read a YAML file (if given), apply the overrides that are not None, and check everything."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - config_fields())
+    if unknown:
+        source = f" in {path}" if path is not None else ""
+        raise ConfigError(f"unknown config key(s){source}: {', '.join(unknown)}")
+    return TrainConfig(**values)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,280 @@
+"""Data: index folder-per-class trees and ISIC ground-truth CSVs into manifests; load images safely; Dataset; transforms."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
+ISIC_COLUMNS = ["image_id", "melanoma", "seborrheic_keratosis"]
+MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
+MAX_PIXELS = 100_000_000  # about 10,000 x 10,000; larger headers are treated as decompression bombs
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or field."""
+
+
+class ImageError(DataError):
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    reason: str
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and normalise one image to 8-bit RGB, honouring EXIF rotation.
+
+    Raises ImageError with a human-readable reason for anything that is not a usable photograph.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise ImageError(path, "file not found")
+        if not path.is_file():
+            raise ImageError(path, "not a regular file")
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(path, f"image too large ({img.width}x{img.height}): possible decompression bomb")
+                img.load()
+                return to_rgb(img)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (cannot identify the file format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(path, "image too large: possible decompression bomb") from None
+    except OSError as err:
+        if err.errno == 40:  # ELOOP
+            raise ImageError(path, "symlink loop") from None
+        raise ImageError(path, f"corrupt or truncated image ({err})") from None
+    except (ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(path, f"corrupt image ({err})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied; alpha, grayscale, 16-bit and CMYK converted to 8-bit RGB; tiny images refused."""
+    img = ImageOps.exif_transpose(img)
+    if img.width < MIN_SIDE or img.height < MIN_SIDE:
+        name = getattr(img, "filename", "") or "image"
+        raise ImageError(name, f"image too small ({img.width}x{img.height}, need at least {MIN_SIDE} px a side)")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        rgba = img.convert("RGBA")
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def check_image(path: str | Path) -> str | None:
+    """The reason a file is unusable, or None when it decodes as an image."""
+    try:
+        load_image(path)
+    except ImageError as err:
+        return err.reason
+    return None
+
+
+def check_files(paths: Sequence[str | Path], desc: str = "checking images") -> list[BadFile]:
+    bad = []
+    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 50):
+        reason = check_image(path)
+        if reason is not None:
+            bad.append(BadFile(str(path), reason))
+    return bad
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
+    """A folder-per-class tree (root/<diagnosis>/*.jpg) -> manifest with absolute file paths (not yet checked)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders found (expected {root}/<diagnosis>/<image files>)")
+    unknown = [p.name for p in class_dirs if p.name not in labels]
+    if unknown:
+        raise DataError(
+            f"{root}: class folder(s) {', '.join(unknown)} not in the label map {labels}; "
+            "pass --labels NAME=0|1,... to include them"
+        )
+    rows = []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                rows.append((path.stem, str(path.absolute()), class_dir.name, labels[class_dir.name]))
+    if not rows:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders")
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def read_csv_checked(path: str | Path, required: Iterable[str]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns)) or 'none'}"
+        )
+    return frame
+
+
+def index_isic_csv(csv_path: str | Path, images: str | Path, labels: dict[str, int]) -> pd.DataFrame:
+    """Official ISIC 2017 ground truth (image_id,melanoma,seborrheic_keratosis) + an image folder -> manifest.
+
+    Images are found by id anywhere under `images` (flat or folder-per-class). Missing images are kept with an
+    empty filepath so that the caller reports them with the rest of the bad files.
+    """
+    frame = read_csv_checked(csv_path, ISIC_COLUMNS)
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"{images}: not a directory")
+    by_id = {p.stem: p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
+    rows = []
+    for i, row in frame.iterrows():
+        try:
+            melanoma, keratosis = float(row["melanoma"]), float(row["seborrheic_keratosis"])
+        except (TypeError, ValueError):
+            raise DataError(f"{csv_path}: row {i + 2}: melanoma/seborrheic_keratosis must be 0 or 1") from None
+        diagnosis = "melanoma" if melanoma >= 0.5 else "seborrheic_keratosis" if keratosis >= 0.5 else "nevus"
+        if diagnosis not in labels:
+            raise DataError(f"{csv_path}: diagnosis {diagnosis!r} (row {i + 2}) not in the label map {labels}")
+        image_id = str(row["image_id"])
+        path = by_id.get(image_id)
+        rows.append((image_id, str(path.absolute()) if path else str(images / f"{image_id}.jpg"), diagnosis,
+                     labels[diagnosis]))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def save_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
+    """Write the manifest with file paths relative to the manifest's own folder (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = manifest.copy()
+    out["filepath"] = [os.path.relpath(p, path.parent.absolute()) for p in out["filepath"]]
+    tmp = path.with_name(path.name + ".tmp")
+    out.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV; file paths come back absolute."""
+    path = Path(path)
+    frame = read_csv_checked(path, ["filepath", "label"])
+    if frame.empty:
+        raise DataError(f"{path}: manifest has no rows")
+    if not frame["label"].isin([0, 1]).all():
+        bad = frame.loc[~frame["label"].isin([0, 1]), "label"].iloc[0]
+        raise DataError(f"{path}: column label must hold 0 or 1, found {bad!r}")
+    frame["label"] = frame["label"].astype(int)
+    if "image_id" not in frame.columns:
+        frame["image_id"] = [Path(p).stem for p in frame["filepath"]]
+    if "diagnosis" not in frame.columns:
+        frame["diagnosis"] = frame["label"].map({0: "benign", 1: "malignant"})
+    frame["filepath"] = [str(p if Path(p).is_absolute() else (path.parent / p).absolute()) for p in frame["filepath"]]
+    return frame
+
+
+def resolve_data(source: str | Path, labels: dict[str, int]) -> pd.DataFrame:
+    """A manifest CSV or a folder-per-class directory (indexed on the fly) -> manifest."""
+    source = Path(source)
+    if source.is_dir():
+        return index_folder(source, labels)
+    if source.suffix.lower() == ".csv":
+        return load_manifest(source)
+    raise DataError(f"{source}: expected a manifest .csv or a folder-per-class directory")
+
+
+# ---------------------------------------------------------------- dataset and transforms
+
+
+def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none") -> T.Compose:
+    """Eval: squash to a square (as the ISIC copies are). Train: random crops, dihedral flips, rotation, colour."""
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment == "none":
+        return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), *normalize])
+    strong = augment == "strong"
+    return T.Compose([
+        T.RandomRotation(180 if strong else 45, interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomResizedCrop(image_size, scale=(0.35 if strong else 0.5, 1.0), ratio=(0.75, 1.33),
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomVerticalFlip(),
+        T.ColorJitter(0.3 if strong else 0.2, 0.3 if strong else 0.2, 0.3 if strong else 0.15, 0.05 if strong else 0.02),
+        *normalize,
+    ])
+
+
+class ImageDataset(Dataset):
+    """Yields {'image', 'target', 'index'}; an unreadable file yields {'error', 'index'} instead of raising, so a
+    file that turns bad after indexing is reported and skipped rather than ending a long run."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: T.Compose):
+        self.paths, self.transform = list(paths), transform
+        self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.paths[index]
+        try:
+            image = source if isinstance(source, Image.Image) else load_image(source)
+        except ImageError as err:
+            return {"error": err.reason, "index": index}
+        return {"image": self.transform(image), "target": self.targets[index], "index": index}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the good samples; carry the bad ones as (index, reason) pairs."""
+    good = [s for s in samples if "error" not in s]
+    errors = [(s["index"], s["error"]) for s in samples if "error" in s]
+    if not good:
+        return {"image": None, "target": None, "index": torch.empty(0, dtype=torch.long), "errors": errors}
+    return {
+        "image": torch.stack([s["image"] for s in good]),
+        "target": torch.tensor([s["target"] for s in good], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+        "errors": errors,
+    }

@@ -1,0 +1,105 @@
+"""Engine: the one inference loop (used by training, evaluate and predict), feature extraction and a training epoch."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from .data import collate
+
+log = logging.getLogger("skincancer")
+
+# The dihedral group of the square: lesions have no up, down, left or right.
+DIHEDRAL: list[Callable[[torch.Tensor], torch.Tensor]] = [
+    lambda x: x,
+    lambda x: x.flip(-1),
+    lambda x: x.flip(-2),
+    lambda x: x.flip(-1, -2),
+    lambda x: x.transpose(-1, -2),
+    lambda x: x.transpose(-1, -2).flip(-1),
+    lambda x: x.transpose(-1, -2).flip(-2),
+    lambda x: x.transpose(-1, -2).flip(-1, -2),
+]
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
+                sampler: Sampler | None = None, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate, generator=generator,
+                      persistent_workers=False, drop_last=False)
+
+
+@torch.no_grad()
+def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_workers: int = 2,
+                  tta: int = 1, output: str = "probs", desc: str = "predicting") -> tuple[np.ndarray, list]:
+    """Push a dataset through the model once.
+
+    output='probs': softmax probabilities [N, classes], averaged over `tta` dihedral views.
+    output='features': pooled backbone features [N, D] (pre-logits), averaged likewise.
+    Rows of unreadable files are NaN; their (index, reason) pairs come back as the second value.
+    """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
+    model.eval()
+    loader = make_loader(dataset, batch_size, num_workers)
+    result: np.ndarray | None = None
+    errors: list = []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        errors.extend(batch["errors"])
+        if batch["image"] is None:
+            continue
+        total = 0.0
+        for view in DIHEDRAL[:tta]:
+            x = view(batch["image"])
+            if output == "features":
+                total = total + model.forward_head(model.forward_features(x), pre_logits=True)
+            else:
+                total = total + model(x).float().softmax(dim=1)
+        values = (total / tta).float().cpu().numpy()
+        if result is None:
+            result = np.full((len(dataset), values.shape[1]), np.nan, dtype=np.float32)
+        result[batch["index"].numpy()] = values
+    if result is None:
+        result = np.full((len(dataset), 0), np.nan, dtype=np.float32)
+    return result, errors
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, epoch: int,
+                    max_steps: int = 0, on_step: Callable[[int, float], None] | None = None) -> tuple[float, list]:
+    """One pass over the training loader; returns the mean loss and the files that failed to load."""
+    model.train()
+    total, count, errors = 0.0, 0, []
+    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    progress = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        errors.extend(batch["errors"])
+        progress.update(1)
+        if batch["image"] is None:
+            continue
+        logits = model(batch["image"])
+        loss = loss_fn(logits, batch["target"])
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(batch["target"])
+        total, count = total + loss.item() * n, count + n
+        progress.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            on_step(step, loss.item())
+    progress.close()
+    return (total / count if count else float("nan")), errors

@@ -1,0 +1,80 @@
+"""Evaluation: score a trained run on labelled data and write metrics.json, predictions, plots and the HTML report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import atomic_write, write_json
+from .data import DataError, resolve_data
+from .metrics import binary_report, roc_auc
+from .predict import Classifier, load_model
+from .report import html_report, plot_confusion, plot_roc
+
+log = logging.getLogger("skincancer")
+ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
+
+
+def evaluate(model: str | Path | Classifier, data: str | Path, out: str | Path, tta: int = 1, batch_size: int = 32,
+             num_workers: int = 2, n_boot: int = 2000) -> dict:
+    """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`."""
+    classifier = model if isinstance(model, Classifier) else load_model(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = resolve_data(data, classifier.meta["labels"])
+    probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
+                                             num_workers=num_workers, tta=tta)
+    skipped = [{"path": frame["filepath"].iloc[i], "reason": reason} for i, reason in errors]
+    for item in skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    ok = ~np.isnan(probs).any(1) if probs.shape[1] else np.zeros(len(frame), bool)
+    if not ok.any():
+        raise DataError(f"{data}: none of the {len(frame)} images could be read")
+    malignant = classifier.malignant_probability(probs)
+    labels = frame["label"].to_numpy()
+
+    metrics = binary_report(labels[ok], malignant[ok], classifier.threshold, n_boot=n_boot)
+    metrics["class_auc"] = {}
+    if classifier.meta.get("head") != "binary" and "diagnosis" in frame:
+        for c, name in enumerate(classifier.class_names):
+            is_class = (frame["diagnosis"].to_numpy() == name).astype(int)[ok]
+            metrics["class_auc"][name] = roc_auc(is_class, probs[ok, c])
+        tasks = [metrics["class_auc"].get(t) for t in ISIC_TASKS]
+        if all(v is not None for v in tasks):
+            metrics["isic_mean_auc"] = float(np.mean(tasks))
+    metrics.update({
+        "data": str(data), "tta": tta, "skipped": skipped,
+        "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
+                                                         "threshold", "threshold_policy", "validation")},
+    })
+
+    table = pd.DataFrame({
+        "image_id": frame["image_id"], "diagnosis": frame["diagnosis"], "label": labels,
+        **{name: probs[:, c] for c, name in enumerate(classifier.class_names)},
+        classifier.positive_name: malignant,
+        "predicted": np.where(np.isnan(malignant), -1, (malignant >= classifier.threshold).astype(int)),
+        "error": [dict(errors).get(i, "") for i in range(len(frame))],
+    })
+    atomic_write(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
+    if all(t in classifier.class_names for t in ISIC_TASKS):  # the challenge's submission format
+        isic = table.loc[ok, ["image_id", *ISIC_TASKS]]
+        atomic_write(out / "isic_predictions.csv", lambda tmp: isic.to_csv(tmp, index=False))
+    write_json(out / "metrics.json", metrics)
+
+    curves = {classifier.positive_name: (labels[ok], malignant[ok], metrics["auc"])}
+    for name in ISIC_TASKS[1:]:
+        if name in metrics["class_auc"] and not np.isnan(metrics["class_auc"][name]):
+            c = classifier.class_names.index(name)
+            curves[f"{name} vs rest"] = ((frame["diagnosis"].to_numpy() == name)[ok].astype(int), probs[ok, c],
+                                         metrics["class_auc"][name])
+    plots = [
+        plot_roc(curves, (1 - metrics["specificity"], metrics["sensitivity"]), out / "roc.png",
+                 title=f"ROC on {Path(str(data)).name} (n={metrics['n']})"),
+        plot_confusion(metrics["confusion"], (classifier.negative_name, classifier.positive_name),
+                       out / "confusion_matrix.png"),
+    ]
+    html_report(metrics, plots, out / "report.html")
+    return metrics

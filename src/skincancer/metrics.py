@@ -1,0 +1,146 @@
+"""Metrics: ROC AUC from probabilities, bootstrap confidence intervals, operating points and threshold choice."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from .config import parse_threshold_policy
+
+ISIC_SENSITIVITIES = (0.82, 0.89, 0.95)  # the ISIC 2017 scorer's specificity-at-sensitivity levels
+
+
+def _check(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    labels, probs = np.asarray(labels).astype(int).ravel(), np.asarray(probs, dtype=float).ravel()
+    if labels.shape != probs.shape:
+        raise ValueError(f"labels ({labels.shape[0]}) and probabilities ({probs.shape[0]}) differ in length")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    return labels, probs
+
+
+def roc_auc(labels, probs) -> float:
+    """Area under the ROC curve of continuous scores (NaN when only one class is present)."""
+    labels, probs = _check(labels, probs)
+    if labels.min() == labels.max():
+        return float("nan")
+    return float(roc_auc_score(labels, probs))
+
+
+def bootstrap_auc_ci(labels, probs, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the AUC, resampling positives and negatives separately (stratified)."""
+    labels, probs = _check(labels, probs)
+    pos, neg = probs[labels == 1], probs[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    aucs = np.empty(n_boot)
+    for b in range(n_boot):
+        p = rng.choice(pos, len(pos))
+        n = rng.choice(neg, len(neg))
+        # Mann-Whitney form of the AUC: P(score_pos > score_neg) + 0.5 P(tie)
+        scores = np.concatenate([p, n])
+        ranks = _rankdata(scores)
+        aucs[b] = (ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n))
+    return [float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))]
+
+
+def _rankdata(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based), ties shared, as scipy.stats.rankdata(method='average')."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    boundaries = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1], [True]])
+    idx = np.flatnonzero(boundaries)
+    ranks_sorted = np.repeat((idx[:-1] + idx[1:] + 1) / 2.0, np.diff(idx))
+    ranks = np.empty_like(ranks_sorted)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def confusion_counts(labels, probs, threshold: float) -> dict[str, int]:
+    """Counts at 'malignant when probability >= threshold'."""
+    labels, probs = _check(labels, probs)
+    predicted = probs >= threshold
+    return {
+        "tp": int(np.sum(predicted & (labels == 1))),
+        "fn": int(np.sum(~predicted & (labels == 1))),
+        "tn": int(np.sum(~predicted & (labels == 0))),
+        "fp": int(np.sum(predicted & (labels == 0))),
+    }
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def operating_point(labels, probs, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, accuracy and balanced accuracy at one threshold."""
+    c = confusion_counts(labels, probs, threshold)
+    sensitivity, specificity = _ratio(c["tp"], c["tp"] + c["fn"]), _ratio(c["tn"], c["tn"] + c["fp"])
+    return {
+        "threshold": float(threshold),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
+        "npv": _ratio(c["tn"], c["tn"] + c["fn"]),
+        "accuracy": _ratio(c["tp"] + c["tn"], sum(c.values())),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        **c,
+    }
+
+
+def specificity_at_sensitivity(labels, probs, sensitivity: float) -> float:
+    """Best specificity among thresholds whose sensitivity reaches the target."""
+    labels, probs = _check(labels, probs)
+    if labels.min() == labels.max():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, probs)
+    ok = tpr >= sensitivity - 1e-12
+    return float(1 - fpr[ok].min())
+
+
+def choose_threshold(labels, probs, policy: str = "sensitivity:0.90") -> float:
+    """Pick the decision threshold on (validation) probabilities.
+
+    sensitivity:S  the highest threshold whose sensitivity is >= S (most specific among those that catch enough)
+    specificity:S  the lowest threshold whose specificity is >= S
+    youden         the threshold maximising sensitivity + specificity - 1
+    fixed:T        T
+    """
+    kind, value = parse_threshold_policy(policy)
+    if kind == "fixed":
+        return float(value)
+    labels, probs = _check(labels, probs)
+    if labels.min() == labels.max():
+        raise ValueError("choosing a threshold needs both classes in the validation data")
+    candidates = np.unique(probs)[::-1]  # descending: each candidate t means 'positive when p >= t'
+    positives, negatives = probs[labels == 1], probs[labels == 0]
+    sens = np.array([(positives >= t).mean() for t in candidates])
+    spec = np.array([(negatives < t).mean() for t in candidates])
+    if kind == "sensitivity":
+        ok = np.flatnonzero(sens >= value - 1e-12)
+        return float(candidates[ok[0]])  # first (highest) threshold that reaches the sensitivity
+    if kind == "specificity":
+        ok = np.flatnonzero(spec >= value - 1e-12)
+        return float(candidates[ok[-1]]) if len(ok) else float(np.nextafter(candidates[0], np.inf))
+    return float(candidates[int(np.argmax(sens + spec - 1))])
+
+
+def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Everything evaluate writes to metrics.json for one binary task."""
+    labels, probs = _check(labels, probs)
+    at_threshold = operating_point(labels, probs, threshold)
+    report = {
+        "n": int(len(labels)),
+        "n_positive": int(labels.sum()),
+        "auc": roc_auc(labels, probs),
+        "auc_ci95": bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed),
+        "threshold": float(threshold),
+        **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv")},
+        "confusion": {k: at_threshold[k] for k in ("tp", "fn", "tn", "fp")},
+        "at_0.5": operating_point(labels, probs, 0.5),
+        "specificity_at_sensitivity": {
+            f"{s:.2f}": specificity_at_sensitivity(labels, probs, s) for s in ISIC_SENSITIVITIES
+        },
+    }
+    return report

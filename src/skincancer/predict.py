@@ -1,0 +1,137 @@
+"""Prediction: load a trained run and turn images (paths, PIL images or arrays) into probabilities and labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import find_model_dir, load_weights_into, read_meta, read_weights
+from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
+from .engine import run_inference
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+@dataclass
+class Classifier:
+    """A trained model plus everything needed to use it: preprocessing, class names, label map, threshold."""
+
+    model: nn.Module
+    meta: dict
+    source: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def positive_name(self) -> str:
+        return self.meta.get("positive_name", "malignant")
+
+    @property
+    def negative_name(self) -> str:
+        return self.meta.get("negative_name", "benign")
+
+    @property
+    def positive_indices(self) -> list[int]:
+        """Model outputs that count as malignant: the diagnoses the label map sends to 1."""
+        if self.meta.get("head") == "binary":
+            return [1]
+        return [i for i, name in enumerate(self.class_names) if self.meta["labels"].get(name) == 1]
+
+    def transform(self):
+        return build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
+
+    def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
+        return probs[:, self.positive_indices].sum(axis=1)
+
+    def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
+                      tta: int = 1) -> tuple[np.ndarray, list]:
+        """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures."""
+        sources = [_as_source(image) for image in images]
+        dataset = ImageDataset(sources, None, self.transform())
+        return run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
+                tta: int = 1) -> pd.DataFrame:
+        """One row per image: source, a probability per class, the malignant probability, the label at the
+        model's threshold, and an error message for files that could not be read."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
+            images = [images]
+        images = list(images)
+        probs, errors = self.predict_proba(images, batch_size=batch_size, num_workers=num_workers, tta=tta)
+        return self.table(images, probs, errors)
+
+    def table(self, images: Sequence, probs: np.ndarray, errors: list) -> pd.DataFrame:
+        error_by_index = dict(errors)
+        malignant = self.malignant_probability(probs) if probs.shape[1] else np.full(len(images), np.nan)
+        columns = {"source": [_describe(image, i) for i, image in enumerate(images)]}
+        for c, name in enumerate(self.class_names):
+            columns[name] = probs[:, c] if probs.shape[1] else np.full(len(images), np.nan)
+        columns[self.positive_name] = malignant
+        columns["label"] = [
+            "" if np.isnan(p) else (self.positive_name if p >= self.threshold else self.negative_name) for p in malignant
+        ]
+        columns["error"] = [error_by_index.get(i, "") for i in range(len(images))]
+        return pd.DataFrame(columns)
+
+
+def load_model(run: str | Path) -> Classifier:
+    """Load a trained run (the run folder, or its model/ folder); no pickle is ever read."""
+    model_dir = find_model_dir(run)
+    meta = read_meta(model_dir)
+    model = timm.create_model(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
+    load_weights_into(model, read_weights(model_dir), str(model_dir))
+    model.eval()
+    return Classifier(model=model, meta=meta, source=model_dir)
+
+
+def sentence(probability: float, threshold: float, positive_name: str = "malignant",
+             negative_name: str = "benign") -> str:
+    """The tutorial's sentence: 'This image is 68.04% malignant.' (or '...% benign.' below the threshold)."""
+    if probability >= threshold:
+        return f"This image is {probability * 100:.2f}% {positive_name}."
+    return f"This image is {(1 - probability) * 100:.2f}% {negative_name}."
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
+    """Files as given; folders expanded (recursively) to the image files inside them, sorted."""
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(str(p) for p in sorted(path.rglob("*"))
+                         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        else:
+            files.append(str(path))
+    return files
+
+
+def _is_batch_array(images) -> bool:
+    return isinstance(images, np.ndarray) and images.ndim == 4
+
+
+def _as_source(image: ImageInput):
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        array = image if image.dtype == np.uint8 else np.clip(image * (255 if image.max() <= 1 else 1), 0, 255)
+        return to_rgb(Image.fromarray(np.ascontiguousarray(array).astype(np.uint8)))
+    if isinstance(image, torch.Tensor):
+        raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
+    return str(image)
+
+
+def _describe(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"<image {index}>"

@@ -1,0 +1,123 @@
+"""Report: ROC and confusion-matrix plots, the sample grid, and the HTML evaluation report."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from . import NOTICE  # noqa: E402
+from .checkpoint import atomic_write  # noqa: E402
+from .data import ImageError, load_image  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], operating_point: tuple[float, float] | None,
+             path: Path, title: str = "ROC") -> Path:
+    """curves: name -> (labels, scores, auc). operating_point: (1 - specificity, sensitivity) at the threshold."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores, auc) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc:.3f})")
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="black", label="chosen threshold")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", title=title,
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_confusion(counts: dict[str, int], names: tuple[str, str], path: Path) -> Path:
+    """Counts and row-normalised rates side by side; rows are the truth, columns the prediction."""
+    matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]], dtype=float)
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, values, fmt, title in ((axes[0], matrix, "{:.0f}", "counts"), (axes[1], normalised, "{:.2f}",
+                                                                            "normalised by true class")):
+        ax.imshow(values / max(values.max(), 1e-9), cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", color="white" if values[i, j] > values.max() / 2
+                    else "black", fontsize=13)
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names, xlabel="predicted",
+               ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def preview_grid(manifest: pd.DataFrame, path: Path, n: int = 16, seed: int = 0, columns: int = 4) -> Path:
+    """A grid of sample images with their diagnosis and label (the tutorial's show_batch)."""
+    sample = manifest.sample(min(n, len(manifest)), random_state=seed) if len(manifest) > n else manifest
+    rows = int(np.ceil(len(sample) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.ravel(), sample.iterrows(), strict=False):
+        try:
+            ax.imshow(load_image(row["filepath"]))
+            ax.set_title(f"{row['diagnosis']} ({'malignant' if row['label'] == 1 else 'benign'})", fontsize=9)
+        except ImageError as err:
+            ax.set_title(f"unreadable: {err.reason}", fontsize=8, color="red")
+    return _save(fig, path)
+
+
+def _img_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.4f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return html.escape(str(value))
+
+
+def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation") -> Path:
+    """One self-contained HTML page (plots embedded) with the headline metrics and the notice."""
+    headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "specificity", "ppv", "npv",
+                "accuracy", "balanced_accuracy"]
+    rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in headline if k in metrics)
+    at_half = metrics.get("at_0.5", {})
+    rows += "".join(f"<tr><th>{k} at 0.5</th><td>{_fmt(at_half[k])}</td></tr>"
+                    for k in ("sensitivity", "specificity", "balanced_accuracy") if k in at_half)
+    rows += "".join(f"<tr><th>specificity at sensitivity {k}</th><td>{_fmt(v)}</td></tr>"
+                    for k, v in metrics.get("specificity_at_sensitivity", {}).items())
+    rows += "".join(f"<tr><th>AUC {html.escape(k)} vs rest</th><td>{_fmt(v)}</td></tr>"
+                    for k, v in metrics.get("class_auc", {}).items())
+    model = metrics.get("model", {})
+    skipped = metrics.get("skipped", [])
+    skipped_html = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
+.notice{{background:#fff3cd;border:1px solid #e0c060;padding:10px;border-radius:4px}} img{{max-width:100%}}</style>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p class="notice"><strong>Notice.</strong> {html.escape(NOTICE)}</p>
+<p>Model: {html.escape(str(model.get('backbone', '')))} ({html.escape(str(model.get('mode', '')))}),
+classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.escape(str(metrics.get('data', '')))}.
+AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
+The threshold was chosen on the validation split ({html.escape(str(model.get('threshold_policy', '')))}).</p>
+<table>{rows}</table>
+{''.join(_img_tag(p) for p in plots)}
+{f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
+</body></html>
+"""
+    atomic_write(path, lambda tmp: tmp.write_text(page))
+    return path

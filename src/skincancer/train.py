@@ -1,0 +1,351 @@
+"""Training: linear probe on cached frozen features, or full fine-tuning; writes a self-describing run folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+from torch.utils.data import WeightedRandomSampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
+from .checkpoint import atomic_write, save_model, unwrap, write_json
+from .config import TrainConfig, config_to_dict
+from .data import DataError, ImageDataset, build_transform, resolve_data
+from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
+from .metrics import choose_threshold, operating_point, roc_auc
+
+log = logging.getLogger("skincancer")
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a model as `config` says; returns the run folder (with model/ inside)."""
+    if not config.train or not config.valid or not config.out:
+        raise DataError("train, valid and out are all required")
+    started = time.time()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file_log = _log_to(out / "train.log")
+    try:
+        seed_everything(config.seed)
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
+        train_df = resolve_data(config.train, config.labels)
+        valid_df = resolve_data(config.valid, config.labels)
+        class_names = _class_names(config, train_df, valid_df)
+        train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
+        log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
+                 len(valid_df), _counts(valid_df))
+        if valid_df["label"].nunique() < 2:
+            raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+
+        model = build_model(config.backbone, len(class_names), pretrained=config.pretrained)
+        prep = preprocessing(model)
+        meta = {
+            "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
+            "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
+            "image_size": config.image_size, **prep, "threshold": 0.5, "threshold_policy": config.threshold_policy,
+            "skincancer_version": __version__,
+        }
+        _print_summary(model, config)
+        writer = SummaryWriter(str(out / "tensorboard"))
+        if config.mode == "linear":
+            fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names, out, writer)
+            epoch = 0
+        else:
+            epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
+                                 meta, out, writer)
+
+        # Threshold and validation figures always come from the saved model's own outputs on validation.
+        valid_probs, errors = run_inference(model, ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep)),
+                                            config.batch_size, config.num_workers, desc="validating")
+        _report_bad(errors, valid_df, "validation")
+        meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
+        meta["epoch"] = epoch
+        meta["train_seconds"] = round(time.time() - started, 1)
+        save_model(model, meta, out / "model")
+        writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
+        writer.close()
+        log.info("validation AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
+                 meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
+                 meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
+                 meta["train_seconds"])
+        return out
+    finally:
+        log.removeHandler(file_log)
+        file_log.close()
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
+               valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], out: Path,
+               writer: SummaryWriter) -> None:
+    """Frozen backbone; logistic regression on cached features; its weights become the model's classifier."""
+    views = [0, 1] if config.feature_flips else [0]  # identity and horizontal flip as training views
+    train_x, train_y = [], []
+    for view in views:
+        features, ok = cached_features(model, train_df["filepath"], config, prep, view, "train")
+        train_x.append(features[ok])
+        train_y.append(train_targets[ok])
+    train_x, train_y = np.concatenate(train_x), np.concatenate(train_y)
+    valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid")
+    valid_x, valid_labels = valid_x[valid_ok], valid_df["label"].to_numpy()[valid_ok]
+
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    positive = _positive_indices(config, class_names)
+    rows, best = [], None
+    for c in config.linear_c:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
+        clf.fit((train_x - mean) / std, train_y)
+        probs = clf.predict_proba((valid_x - mean) / std)
+        auc = roc_auc(valid_labels, probs[:, positive].sum(1))
+        rows.append({"C": c, "valid_auc": auc})
+        writer.add_scalar("linear/valid_auc", auc, len(rows))
+        log.info("linear head C=%g: validation AUC %.4f", c, auc)
+        if best is None or auc > best[0]:
+            best = (auc, c, clf)
+    pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
+    _, c, clf = best
+    log.info("chose C=%g (best validation AUC %.4f)", c, best[0])
+    weight, bias = clf.coef_, clf.intercept_
+    if weight.shape[0] == 1:  # sklearn's binary case: one logit for class 1; softmax over [0, w] is the same model
+        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    # Fold the standardisation into the layer: w.(x - m)/s + b = (w/s).x + (b - w.(m/s)).
+    folded_w = weight / std
+    folded_b = bias - (weight * (mean / std)).sum(1)
+    classifier = unwrap(model).get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(torch.as_tensor(folded_w, dtype=torch.float32))
+        classifier.bias.copy_(torch.as_tensor(folded_b, dtype=torch.float32))
+
+
+def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
+    """One folder per (backbone, weights, preprocessing, view); files inside are keyed by image content."""
+    root = Path(config.cache_dir or os.environ.get("SKINCANCER_CACHE") or Path.home() / ".cache" / "skincancer")
+    weights = bundled_weights_path(config.backbone) if config.pretrained else None
+    key = {
+        "backbone": config.backbone, "pretrained": config.pretrained, "image_size": config.image_size,
+        "weights": f"{weights.name}:{weights.stat().st_size}" if weights else ("timm" if config.pretrained else "random"),
+        "view": view, **prep, "version": 1,
+    }
+    if not config.pretrained:
+        key["seed"] = config.seed  # random weights differ by seed
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return root / "features" / f"{config.backbone}-{config.image_size}-v{view}-{digest}"
+
+
+def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, prep: dict, view: int,
+                    split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features for each file (computed once, then read from the cache); second value: mask of usable rows."""
+    directory = feature_cache_dir(config, prep, view)
+    keys: list[str | None] = []
+    for path in paths:
+        try:
+            keys.append(hashlib.sha1(Path(path).read_bytes()).hexdigest())
+        except OSError:
+            keys.append(None)
+    files = [directory / k[:2] / f"{k}.npy" if k else None for k in keys]
+    todo = [i for i, f in enumerate(files) if f is not None and not f.is_file()]
+    log.info("%s features (view %d): %d cached, %d to compute", split, view, len(paths) - len(todo), len(todo))
+    bad = {i: "cannot read file" for i, k in enumerate(keys) if k is None}
+    if todo:
+        base = _eval_transform(config, prep)
+        transform = (lambda img: DIHEDRAL[view](base(img))) if view else base
+        dataset = ImageDataset([paths.iloc[i] for i in todo], None, transform)
+        features, errors = run_inference(model, dataset, config.batch_size, config.num_workers, output="features",
+                                         desc=f"{split} features")
+        for j, reason in errors:
+            bad[todo[j]] = reason
+        for j, i in enumerate(todo):
+            if i not in bad:
+                files[i].parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(files[i], lambda tmp, row=features[j]: np.save(open(tmp, "wb"), row))
+    _report_bad(sorted(bad.items()), None, split, paths)
+    ok = np.array([i not in bad for i in range(len(paths))])
+    dim = None
+    rows = []
+    for i, f in enumerate(files):
+        if ok[i]:
+            row = np.load(f)
+            dim = row.shape[0]
+            rows.append(row)
+        else:
+            rows.append(None)
+    if dim is None:
+        raise DataError(f"{split}: no readable images")
+    return np.stack([r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]), ok
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
+                 valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], meta: dict, out: Path,
+                 writer: SummaryWriter) -> int:
+    """Whole network, AdamW + warmup/cosine, class balancing, early stopping on validation AUC; best kept."""
+    train_set = ImageDataset(train_df["filepath"], train_targets, build_transform(
+        config.image_size, prep["mean"], prep["std"], config.augment))
+    valid_set = ImageDataset(valid_df["filepath"], valid_targets, _eval_transform(config, prep))
+    counts = np.bincount(train_targets, minlength=len(class_names)).astype(float)
+    if (counts == 0).any():
+        missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
+        raise DataError(f"{config.train}: no training images of class(es) {', '.join(missing)}")
+    class_weights = counts.sum() / (len(counts) * counts)
+    sampler = None
+    if config.class_balance == "sampler":
+        sampler = WeightedRandomSampler(torch.as_tensor(class_weights[train_targets]), len(train_targets),
+                                        generator=torch.Generator().manual_seed(config.seed))
+    loss_weights = torch.as_tensor(class_weights, dtype=torch.float32) if config.class_balance == "weighted_loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
+    loader = make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, sampler=sampler,
+                         seed=config.seed)
+    steps_per_epoch = len(loader) if not config.max_steps_per_epoch else min(config.max_steps_per_epoch, len(loader))
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    positive = _positive_indices(config, class_names)
+    valid_labels = valid_df["label"].to_numpy()
+    best_auc, best_epoch, best_state, rows = -1.0, 0, None, []
+    for epoch in range(1, config.epochs + 1):
+        tic = time.time()
+        train_loss, errors = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch,
+                                             config.max_steps_per_epoch)
+        _report_bad(errors, train_df, "train")
+        probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, desc="validating")
+        ok = ~np.isnan(probs).any(1)
+        valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
+                                                  torch.as_tensor(valid_targets[ok])))
+        auc = roc_auc(valid_labels[ok], probs[ok][:, positive].sum(1))
+        row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_auc": auc,
+               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - tic, 1)}
+        rows.append(row)
+        atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+        for key in ("train_loss", "valid_loss", "valid_auc", "lr"):
+            writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
+        improved = auc > best_auc
+        if improved:
+            best_auc, best_epoch = auc, epoch
+            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+            save_model(model, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
+        log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
+                 train_loss, valid_loss, auc, " *best*" if improved else "", row["seconds"])
+        if config.patience and epoch - best_epoch >= config.patience:
+            log.info("early stop: no validation AUC gain for %d epochs", config.patience)
+            break
+    unwrap(model).load_state_dict(best_state)
+    return best_epoch
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_names: list[str], meta: dict,
+                      config: TrainConfig, out: Path) -> dict:
+    """Choose the threshold on validation and record validation figures (and predictions) for the model card."""
+    ok = ~np.isnan(valid_probs).any(1)
+    positive = _positive_indices(config, class_names)
+    malignant = valid_probs[:, positive].sum(1)
+    labels = valid_df["label"].to_numpy()
+    threshold = choose_threshold(labels[ok], malignant[ok], config.threshold_policy)
+    point = operating_point(labels[ok], malignant[ok], threshold)
+    validation = {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
+                  **{k: point[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy")}}
+    if config.head == "diagnosis" and "diagnosis" in valid_df:
+        for c, name in enumerate(class_names):
+            is_class = (valid_df["diagnosis"].to_numpy() == name)[ok]
+            validation[f"auc_{name}"] = roc_auc(is_class.astype(int), valid_probs[ok, c])
+    table = pd.DataFrame({"image_id": valid_df["image_id"], "label": labels,
+                          **{name: valid_probs[:, c] for c, name in enumerate(class_names)},
+                          config.positive_name: malignant})
+    atomic_write(out / "valid_predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_json(out / "valid_metrics.json", validation)
+    return {"threshold": threshold, "validation": validation}
+
+
+def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> list[str]:
+    if config.head == "binary":
+        return [config.negative_name, config.positive_name]
+    present = set(train_df["diagnosis"])
+    names = [name for name in config.labels if name in present]
+    unknown = sorted(set(valid_df["diagnosis"]) - set(names))
+    if unknown:
+        raise DataError(f"{config.valid}: diagnosis {', '.join(unknown)} not among the training classes {names}")
+    if len(names) < 2:
+        raise DataError(f"{config.train}: need at least two diagnoses to train, found {names}")
+    return names
+
+
+def _targets(config: TrainConfig, class_names: list[str], frame: pd.DataFrame) -> np.ndarray:
+    if config.head == "binary":
+        return frame["label"].to_numpy().astype(int)
+    index = {name: i for i, name in enumerate(class_names)}
+    return frame["diagnosis"].map(index).to_numpy().astype(int)
+
+
+def _positive_indices(config: TrainConfig, class_names: list[str]) -> list[int]:
+    if config.head == "binary":
+        return [1]
+    return [i for i, name in enumerate(class_names) if config.labels[name] == 1]
+
+
+def _eval_transform(config: TrainConfig, prep: dict):
+    return build_transform(config.image_size, prep["mean"], prep["std"], "none")
+
+
+def _counts(frame: pd.DataFrame) -> str:
+    return ", ".join(f"{k} {v}" for k, v in frame["diagnosis"].value_counts().sort_index().items())
+
+
+def _report_bad(errors, frame: pd.DataFrame | None, split: str, paths=None) -> None:
+    for index, reason in errors:
+        path = frame["filepath"].iloc[index] if frame is not None else paths.iloc[index]
+        log.warning("%s: skipped %s: %s", split, path, reason)
+
+
+def _print_summary(model: nn.Module, config: TrainConfig) -> None:
+    total, trainable = count_parameters(model)
+    if config.mode == "linear":
+        trainable = sum(p.numel() for p in unwrap(model).get_classifier().parameters())
+    tqdm.write(
+        f"Model: {config.backbone} ({'ImageNet weights' if config.pretrained else 'random init'}), "
+        f"mode {config.mode}, head {config.head}\n"
+        f"Input: 3 x {config.image_size} x {config.image_size}\n"
+        f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
