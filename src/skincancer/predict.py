@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,11 @@ from .checkpoint import find_model_dir, load_weights_into, read_meta, read_weigh
 from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
 from .engine import run_inference
 
+if TYPE_CHECKING:
+    from .export import OnnxEngine
+
 ImageInput = str | Path | Image.Image | np.ndarray
+ENGINES = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -27,6 +32,11 @@ class Classifier:
     model: nn.Module
     meta: dict
     source: Path
+    engine: OnnxEngine | None = None  # None: eager PyTorch on `model`; Grad-CAM always uses `model`
+
+    @property
+    def engine_name(self) -> str:
+        return "torch" if self.engine is None else self.engine.name
 
     @property
     def class_names(self) -> list[str]:
@@ -62,6 +72,8 @@ class Classifier:
         """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures."""
         sources = [_as_source(image) for image in images]
         dataset = ImageDataset(sources, None, self.transform())
+        if self.engine is not None:
+            return self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
         return run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
@@ -88,14 +100,25 @@ class Classifier:
         return pd.DataFrame(columns)
 
 
-def load_model(run: str | Path) -> Classifier:
-    """Load a trained run (the run folder, or its model/ folder); no pickle is ever read."""
+def load_model(run: str | Path, engine: str = "auto") -> Classifier:
+    """Load a trained run (the run folder, or its model/ folder); no pickle is ever read.
+
+    engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`)
+    or 'auto' (onnx when a current export exists, else torch).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
     model = timm.create_model(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
     load_weights_into(model, read_weights(model_dir), str(model_dir))
     model.eval()
-    return Classifier(model=model, meta=meta, source=model_dir)
+    runtime = None
+    if engine != "torch":
+        from .export import find_export
+
+        runtime = find_export(model_dir, required=engine == "onnx")
+    return Classifier(model=model, meta=meta, source=model_dir, engine=runtime)
 
 
 def sentence(probability: float, threshold: float, positive_name: str = "malignant",

@@ -1,0 +1,175 @@
+"""Export: a trained run to ONNX (dynamic batch, softmax included), and the ONNX Runtime engine that runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .checkpoint import WEIGHTS_FILE, CheckpointError, atomic_write, find_model_dir, write_json
+from .engine import DIHEDRAL, TTA_CHOICES, make_loader
+
+log = logging.getLogger("skincancer")
+
+ONNX_FILE = "model.onnx"
+OPSET = 17  # well inside what onnxruntime 1.32 runs; the TorchScript exporter writes it without onnxscript
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+ORT_THREADS = 2  # this machine's cores; ORT's default (one per core) is the same here, but say it
+
+
+class ExportError(CheckpointError):
+    pass
+
+
+class ProbabilityModel(nn.Module):
+    """The classifier with its softmax, so that the exported graph maps normalised images to probabilities."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image).float().softmax(dim=1)
+
+
+def onnx_path(run: str | Path) -> Path:
+    """Where a run's ONNX export lives: RUN/model/model.onnx."""
+    return find_model_dir(run) / ONNX_FILE
+
+
+def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPSET, check: bool = True) -> Path:
+    """Write the run's model as ONNX (input 'image' [batch, 3, S, S] normalised, output 'probabilities'
+    [batch, classes]) with the preprocessing metadata beside it in `<out>.json`; check it against PyTorch."""
+    from .predict import load_model  # predict imports this module lazily for its engine
+
+    classifier = load_model(run, engine="torch")
+    out = Path(out) if out is not None else classifier.source / ONNX_FILE
+    size = int(classifier.meta["image_size"])
+    wrapped = ProbabilityModel(classifier.model).eval()
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+
+    atomic_write(out, write)
+    write_json(out.with_name(out.name + ".json"), {
+        **classifier.meta, "onnx": {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                    "input_layout": "NCHW float32, resized and normalised with mean/std",
+                                    "weights_sha256": weights_digest(classifier.source)}})
+    if check:
+        with torch.no_grad():
+            expected = wrapped(example).numpy()
+        got = OnnxEngine(out).session.run(None, {INPUT_NAME: example.numpy()})[0]
+        diff = float(np.abs(got - expected).max())
+        if diff > 1e-4:
+            raise ExportError(f"{out}: ONNX output differs from PyTorch by {diff:.2e} (> 1e-4)")
+        log.info("exported %s (opset %d); max difference to PyTorch %.1e", out, opset, diff)
+    return out
+
+
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of the run's safetensors weights: tells whether an export still matches its run."""
+    digest = hashlib.sha256()
+    with open(model_dir / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_export(model_dir: Path, required: bool) -> OnnxEngine | None:
+    """The ONNX engine for a run's model folder when a current export exists. A missing or stale export (weights
+    changed since) is an error when `required`, else None (the caller falls back to PyTorch)."""
+    path = model_dir / ONNX_FILE
+    problem = None
+    if not path.is_file():
+        problem = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first"
+    else:
+        try:
+            recorded = json.loads(path.with_name(path.name + ".json").read_text())["onnx"]["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded != weights_digest(model_dir):
+            problem = (f"{path}: export does not match {model_dir / WEIGHTS_FILE} (missing metadata or retrained "
+                       f"since); run `skincancer export --model {model_dir.parent}` again")
+    if problem is None:
+        return OnnxEngine(path)
+    if required:
+        raise ExportError(problem)
+    log.info("%s; using PyTorch", problem)
+    return None
+
+
+def session_options(threads: int = ORT_THREADS):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxEngine:
+    """Runs an exported model with ONNX Runtime on the CPU; fed by the same Dataset/DataLoader/collate path as
+    PyTorch, so decoding and resizing happen in loader workers while the session computes."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"{self.path}: no ONNX export; run `skincancer export --model RUN` first")
+        threads = threads or int(os.environ.get("SKINCANCER_ORT_THREADS", ORT_THREADS))
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors for unreadable graphs
+            raise ExportError(f"{self.path}: not a usable ONNX model ({err})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ExportError(f"{self.path}: expected one image input [batch, 3, H, W], found {inputs}")
+        self.input_name = inputs[0].name
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised images [N, 3, S, S] float32 -> probabilities [N, classes]."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def run_inference(self, dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
+                      tta: int = 1) -> tuple[np.ndarray, list]:
+        """Like engine.run_inference(output='probs'): [N, classes] with NaN rows, and (index, reason) failures."""
+        if tta not in TTA_CHOICES:
+            raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
+        # a single batch gains nothing from a worker process, and starting one costs more than decoding it
+        workers = num_workers if len(dataset) > batch_size else 0
+        result: np.ndarray | None = None
+        errors: list = []
+        for batch in make_loader(dataset, batch_size, workers):
+            errors.extend(batch["errors"])
+            if batch["image"] is None:
+                continue
+            total = 0.0
+            for view in DIHEDRAL[:tta]:
+                total = total + self.probabilities(view(batch["image"]).contiguous().numpy())
+            values = total / tta
+            if result is None:
+                result = np.full((len(dataset), values.shape[1]), np.nan, dtype=np.float32)
+            result[batch["index"].numpy()] = values
+        if result is None:
+            result = np.full((len(dataset), 0), np.nan, dtype=np.float32)
+        return result, errors
