@@ -1,0 +1,93 @@
+"""Explanations: Grad-CAM heat maps of the malignant output(s), drawn over the photograph as PNG overlays."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import atomic_write
+from .data import ImageError, load_image
+from .predict import Classifier
+
+OVERLAY_MAX_SIDE = 512
+_HOOK_LOCK = threading.Lock()  # Grad-CAM hooks the shared model; one explanation at a time
+
+
+class MalignantTarget:
+    """Grad-CAM target: the malignant score, logsumexp of the logits the label map sends to 1 (the logit itself
+    when one class is malignant)."""
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logits[..., self.indices], dim=-1)
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last spatial feature map before pooling: timm EfficientNet's bn2 (conv_head + BN + activation),
+    Inception's Mixed_7c, else the last convolution."""
+    for name in ("bn2", "Mixed_7c", "final_conv", "norm_pre"):
+        layer = getattr(model, name, None)
+        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
+            return layer
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__}: no convolution to take Grad-CAM from")
+    return convs[-1]
+
+
+def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
+    """Grad-CAM of the malignant score for one RGB image: [S, S] float32 in [0, 1] on the model's input grid."""
+    from pytorch_grad_cam import GradCAM
+
+    x = classifier.transform()(image).unsqueeze(0)
+    with _HOOK_LOCK, GradCAM(model=classifier.model, target_layers=[target_layer(classifier.model)]) as cam:
+        heatmap = cam(input_tensor=x, targets=[MalignantTarget(classifier.positive_indices)])[0]
+    return np.nan_to_num(heatmap.astype(np.float32))
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
+    """The heat map (jet colours) blended over the photograph, at the photograph's aspect ratio (the model saw it
+    squashed to a square, so stretching the map back undoes that), at most `max_side` pixels a side."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    scale = min(1.0, max_side / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    photo = image.convert("RGB").resize(size, Image.BICUBIC)
+    heat = np.asarray(Image.fromarray(heatmap, mode="F").resize(size, Image.BILINEAR)).clip(0, 1)
+    blended = show_cam_on_image(np.asarray(photo, dtype=np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
+    return Image.fromarray(blended)
+
+
+def explain(classifier: Classifier, image: Image.Image) -> Image.Image:
+    """One RGB image -> its Grad-CAM overlay."""
+    return overlay(image, malignant_heatmap(classifier, image))
+
+
+def write_overlays(classifier: Classifier, paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, str]:
+    """Write <out_dir>/<name>_cam.png for each readable image; returns {source: png path or 'error: reason'}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = [Path(p).stem for p in paths]
+    uses = Counter(stems)
+    written: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(path)
+        except ImageError as err:
+            written[str(path)] = f"error: {err.reason}"
+            continue
+        name = stems[i] if uses[stems[i]] == 1 else f"{stems[i]}_{i}"  # same name in two folders
+        target = out_dir / f"{name}_cam.png"
+        picture = explain(classifier, image)
+        atomic_write(target, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+        written[str(path)] = str(target)
+    return written
