@@ -116,11 +116,16 @@ def evaluate(
     tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
     batch_size: int = 32,
     num_workers: int = 2,
+    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
 ) -> None:
     """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
     from .evaluate import evaluate as run_evaluation
+    from .predict import ENGINES, load_model
 
-    metrics = run_evaluation(model, data, out, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    if engine not in ENGINES:
+        _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    metrics = run_evaluation(load_model(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
+                             num_workers=num_workers)
     lo, hi = metrics["auc_ci95"]
     typer.echo(f"{'n':<28}{metrics['n']} ({metrics['n_positive']} malignant)")
     typer.echo(f"{'AUC (95% CI)':<28}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")
@@ -142,14 +147,18 @@ def predict(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
     tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: Annotated[int, typer.Option(help="loader processes decoding images while the model runs")] = 1,
+    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
-    from .predict import expand_inputs, load_model, sentence
+    from .predict import ENGINES, expand_inputs, load_model, sentence
 
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
-    classifier = load_model(model)
+    if engine not in ENGINES:
+        _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    classifier = load_model(model, engine=engine)
     files = expand_inputs(paths)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
@@ -171,8 +180,47 @@ def predict(
             typer.echo(f"wrote {out}: {len(table) - len(failed)} predicted, {len(failed)} failed", err=True)
         else:
             sys.stdout.write(text)
+    if cam is not None:
+        from .explain import write_overlays
+
+        written = write_overlays(classifier, [f for f, e in zip(files, table["error"], strict=True) if not e], cam)
+        typer.echo(f"wrote {len(written)} Grad-CAM overlay(s) to {cam}", err=True)
     if not failed.empty:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="run folder")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="ONNX file (default RUN/model/model.onnx)")] = None,
+) -> None:
+    """Export a run to ONNX (dynamic batch, probabilities out) for fast CPU inference with ONNX Runtime."""
+    from .export import export_onnx
+
+    path = export_onnx(model, out)
+    typer.echo(f"wrote {path} and {path.name}.json (checked against PyTorch)")
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="run folder")],
+    host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
+    port: int = 8000,
+    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload")] = 20.0,
+) -> None:
+    """Serve the web page and the REST API (POST /api/predict, GET /api/health, /api/model, /docs)."""
+    import uvicorn
+
+    from .predict import ENGINES
+    from .serve import create_app
+
+    if engine not in ENGINES:
+        _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    application = create_app(model, max_upload_mb=max_upload_mb, engine=engine)
+    typer.echo(f"serving {application.state.classifier.source} ({application.state.classifier.engine_name}) "
+               f"on http://{host}:{port}/  (API docs: /docs). {NOTICE}", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

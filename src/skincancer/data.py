@@ -212,7 +212,8 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
         frame["image_id"] = [Path(p).stem for p in frame["filepath"]]
     if "diagnosis" not in frame.columns:
         frame["diagnosis"] = frame["label"].map({0: "benign", 1: "malignant"})
-    frame["filepath"] = [str(p if Path(p).is_absolute() else (path.parent / p).absolute()) for p in frame["filepath"]]
+    base = path.parent.absolute()
+    frame["filepath"] = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in frame["filepath"].astype(str)]
     return frame
 
 

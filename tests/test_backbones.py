@@ -1,0 +1,59 @@
+"""The bundled EfficientNet-Lite weights are mapped correctly: known photos get their ImageNet class."""
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from skincancer.backbones import (
+    BackboneError,
+    build_model,
+    bundled_weights_path,
+    load_imagenet_weights,
+    map_lukemelas_state_dict,
+)
+from skincancer.data import build_transform
+
+skimage_data = pytest.importorskip("skimage.data")
+
+# ImageNet indices: 281-285 domestic cats (285 Egyptian cat); 967 espresso, 968 cup.
+PHOTOS = {"chelsea": set(range(281, 286)), "coffee": {967, 968}}
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_imagenet_mapping_classifies_known_photos(backbone):
+    model = timm.create_model(backbone, num_classes=1000)
+    load_imagenet_weights(model, backbone)
+    model.eval()
+    transform = build_transform(224, [0.5] * 3, [0.5] * 3)
+    for photo, classes in PHOTOS.items():
+        x = transform(Image.fromarray(getattr(skimage_data, photo)()).convert("RGB"))[None]
+        with torch.no_grad():
+            probs = model(x).softmax(1)[0]
+        top = int(probs.argmax())
+        assert top in classes, f"{backbone} called {photo} class {top}"
+        assert probs[sorted(classes)].sum() > 0.5
+
+
+def test_random_weights_do_not_classify():
+    # the same check fails without the mapping: it is not a test that always passes
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    x = build_transform(224, [0.5] * 3, [0.5] * 3)(Image.fromarray(skimage_data.chelsea()).convert("RGB"))[None]
+    with torch.no_grad():
+        assert model(x).softmax(1)[0, 281:286].sum() < 0.5
+
+
+def test_mapping_refuses_mismatched_shapes():
+    source = torch.load(bundled_weights_path("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    with pytest.raises(BackboneError, match="does not fit"):  # same tensor count, other widths
+        map_lukemelas_state_dict(source, timm.create_model("tf_efficientnet_lite0", num_classes=10))
+    source.popitem()
+    with pytest.raises(BackboneError, match="295 tensors"):
+        map_lukemelas_state_dict(source, timm.create_model("tf_efficientnet_lite0"))
+
+
+def test_build_model_new_head_and_unknown_backbone():
+    model = build_model("tf_efficientnet_lite0", num_classes=3)
+    assert model.get_classifier().out_features == 3
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        build_model("no_such_net", 3)

@@ -1,0 +1,137 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skincancer.config import DEFAULT_LABELS
+from skincancer.data import (
+    DataError,
+    ImageDataset,
+    build_transform,
+    check_image,
+    collate,
+    index_folder,
+    index_isic_csv,
+    load_image,
+    load_manifest,
+    save_manifest,
+)
+
+
+def make_tree(data_dir: Path, root: Path, per_class: int = 2) -> Path:
+    """A small folder-per-class copy of real ISIC images (in a temporary folder, never in the repo)."""
+    for diagnosis in DEFAULT_LABELS:
+        (root / diagnosis).mkdir(parents=True)
+        for src in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:per_class]:
+            shutil.copy(src, root / diagnosis / src.name)
+    return root
+
+
+def test_index_folder_labels_and_diagnoses(data_dir, tmp_path):
+    manifest = index_folder(make_tree(data_dir, tmp_path / "tree"), DEFAULT_LABELS)
+    assert len(manifest) == 6
+    assert list(manifest.columns) == ["image_id", "filepath", "diagnosis", "label"]
+    assert (manifest.loc[manifest.diagnosis == "melanoma", "label"] == 1).all()
+    assert (manifest.loc[manifest.diagnosis != "melanoma", "label"] == 0).all()
+
+
+def test_custom_label_map(data_dir, tmp_path):
+    labels = {"melanoma": 1, "seborrheic_keratosis": 1, "nevus": 0}
+    manifest = index_folder(make_tree(data_dir, tmp_path / "tree"), labels)
+    assert manifest.groupby("diagnosis")["label"].first().to_dict() == labels
+
+
+def test_unknown_class_folder_is_named(data_dir, tmp_path):
+    root = make_tree(data_dir, tmp_path / "tree")
+    (root / "basal_cell_carcinoma").mkdir()
+    with pytest.raises(DataError, match="basal_cell_carcinoma"):
+        index_folder(root, DEFAULT_LABELS)
+
+
+def test_manifest_round_trip_uses_relative_paths(data_dir, tmp_path):
+    manifest = index_folder(make_tree(data_dir, tmp_path / "tree"), DEFAULT_LABELS)
+    path = save_manifest(manifest, tmp_path / "sub" / "manifest.csv")
+    raw = pd.read_csv(path)
+    assert not any(Path(p).is_absolute() for p in raw["filepath"])
+    back = load_manifest(path)
+    assert list(back["filepath"]) == list(manifest["filepath"])
+    assert all(Path(p).is_file() for p in back["filepath"])
+
+
+def test_index_isic_csv_matches_folders(data_dir):
+    manifest = index_isic_csv(data_dir / "ISIC-2017_Validation_Part3_GroundTruth.csv", data_dir / "valid",
+                              DEFAULT_LABELS)
+    assert len(manifest) == 150
+    # the folder an image sits in is its diagnosis
+    assert all(Path(p).parent.name == d for p, d in zip(manifest.filepath, manifest.diagnosis, strict=True))
+    assert manifest.label.sum() == 30
+
+
+def test_isic_csv_without_expected_columns(tmp_path, data_dir):
+    bad = tmp_path / "gt.csv"
+    bad.write_text("image,mel\nISIC_0000000,1\n")
+    with pytest.raises(DataError, match=r"gt\.csv.*missing column\(s\) image_id, melanoma, seborrheic_keratosis"):
+        index_isic_csv(bad, data_dir / "valid", DEFAULT_LABELS)
+
+
+def test_manifest_without_label_column(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("filepath,diagnosis\na.jpg,nevus\n")
+    with pytest.raises(DataError, match=r"m\.csv.*label"):
+        load_manifest(bad)
+
+
+@pytest.fixture
+def bad_files(tmp_path, data_dir) -> dict[str, Path]:
+    real = sorted((data_dir / "train" / "nevus").glob("*.jpg"))[0]
+    files = {"zero": tmp_path / "zero.jpg", "text": tmp_path / "text.jpg", "truncated": tmp_path / "truncated.jpg",
+             "missing": tmp_path / "missing.jpg"}
+    files["zero"].write_bytes(b"")
+    files["text"].write_text("this is not an image\n")
+    files["truncated"].write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    return files
+
+
+@pytest.mark.parametrize(("name", "reason"), [("zero", "empty file"), ("text", "not an image"),
+                                              ("truncated", "truncated"), ("missing", "not found")])
+def test_bad_files_have_clear_reasons(bad_files, name, reason):
+    assert reason in check_image(bad_files[name])
+
+
+def test_odd_but_valid_images_become_rgb(tmp_path):
+    rgba = tmp_path / "alpha.png"
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(rgba)
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save(gray16)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(cmyk)
+    for path in (rgba, gray16, cmyk):
+        image = load_image(path)
+        assert image.mode == "RGB" and image.size == (40, 30), path
+    assert 150 < np.asarray(load_image(gray16))[0, 0, 0] < 160  # 40000/65535 of white
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.new("RGB", (60, 20)).save(path, exif=exif)
+    assert load_image(path).size == (20, 60)
+
+
+def test_tiny_image_is_refused(tmp_path):
+    path = tmp_path / "one.png"
+    Image.new("RGB", (1, 1)).save(path)
+    assert "too small" in check_image(path)
+
+
+def test_dataset_reports_bad_files_without_raising(bad_files, data_dir):
+    real = str(sorted((data_dir / "train" / "nevus").glob("*.jpg"))[0])
+    dataset = ImageDataset([real, str(bad_files["text"]), real], [0, 0, 0], build_transform(64, [0.5] * 3, [0.5] * 3))
+    batch = collate([dataset[i] for i in range(3)])
+    assert batch["image"].shape == (2, 3, 64, 64)
+    assert batch["index"].tolist() == [0, 2]
+    assert batch["errors"][0][0] == 1 and "not an image" in batch["errors"][0][1]

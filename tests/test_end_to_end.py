@@ -1,0 +1,135 @@
+"""End to end on small real subsets: index -> train -> evaluate -> predict, through the CLI and the Python API."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from skincancer import evaluate, load_model
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"skincancer {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_run_folder_describes_itself(tiny_run):
+    run = Path(tiny_run)
+    for name in ("config.yaml", "summary.csv", "train.log", "valid_predictions.csv", "model/model.json",
+                 "model/model.safetensors"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(pd.read_csv(run / "summary.csv")) == 2  # one row per C tried
+
+
+def test_finetune_run_saves_best_epoch_and_predicts(finetune_run, small_data):
+    summary = pd.read_csv(Path(finetune_run) / "summary.csv")
+    assert list(summary["epoch"]) == [1, 2]
+    assert {"train_loss", "valid_loss", "valid_auc", "lr"} <= set(summary.columns)
+    meta = json.loads((Path(finetune_run) / "model" / "model.json").read_text())
+    assert meta["epoch"] == int(summary.loc[summary.valid_auc.idxmax(), "epoch"])
+    assert meta["image_size"] == 96
+    table = load_model(finetune_run).predict(pd.read_csv(small_data["test"])["filepath"].map(
+        lambda p: str((small_data["test"].parent / p).resolve())).tolist())
+    assert table["error"].eq("").all()
+    np.testing.assert_allclose(table[["melanoma", "nevus", "seborrheic_keratosis"]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
+    out = tmp_path / "eval"
+    result = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0")
+    assert "AUC (95% CI)" in result.stdout
+    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "report.html",
+                 "isic_predictions.csv"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    required = {"auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+                "at_0.5", "specificity_at_sensitivity", "n", "n_positive", "threshold"}
+    assert required <= set(metrics)
+    assert metrics["n"] == 18 and metrics["n_positive"] == 6
+    predictions = pd.read_csv(out / "predictions.csv")
+    # AUC from probabilities, never from thresholded labels
+    assert metrics["auc"] == pytest.approx(roc_auc_score(predictions["label"], predictions["malignant"]))
+    low, high = metrics["auc_ci95"]
+    assert low <= metrics["auc"] <= high
+    assert metrics["threshold"] == pytest.approx(load_model(tiny_run).threshold)
+    isic = pd.read_csv(out / "isic_predictions.csv")
+    assert list(isic.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]
+    assert "not a medical device" in (out / "report.html").read_text()
+
+
+def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
+    image = sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]
+    result = cli("predict", "--model", tiny_run, image)
+    assert re.fullmatch(r"This image is \d+\.\d\d% (malignant|benign)\.\n", result.stdout)
+
+
+def test_predict_many_with_a_bad_file(tiny_run, data_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    result = cli("predict", "--model", tiny_run, folder, "-o", out, check=False)
+    assert result.returncode == 1
+    assert "broken.jpg" in result.stderr and "not an image" in result.stderr
+    table = pd.read_csv(out, keep_default_na=False)
+    assert len(table) == 4
+    assert (table.loc[table.source.str.endswith("broken.jpg"), "error"] != "").all()
+    assert table.loc[~table.source.str.endswith("broken.jpg"), "malignant"].astype(float).between(0, 1).all()
+    as_json = cli("predict", "--model", tiny_run, *sorted(folder.glob("ISIC*")), "--format", "json")
+    assert len(json.loads(as_json.stdout)) == 3
+
+
+def test_predict_missing_path_names_it(tiny_run, tmp_path):
+    result = cli("predict", "--model", tiny_run, tmp_path / "nope.jpg", check=False)
+    assert result.returncode != 0 and "nope.jpg" in result.stderr and "not found" in result.stderr
+
+
+def test_python_api_takes_paths_pil_and_arrays(tiny_run, data_dir):
+    path = sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]
+    classifier = load_model(tiny_run)
+    image = Image.open(path)
+    table = classifier.predict([str(path), image, np.asarray(image)])
+    assert table["malignant"].nunique() == 1  # the same picture three ways
+    assert set(table["label"]) <= {"malignant", "benign"}
+
+
+def test_index_cli_lists_bad_files_and_skip_bad(data_dir, tmp_path):
+    root = tmp_path / "tree"
+    for diagnosis in ("melanoma", "nevus"):
+        (root / diagnosis).mkdir(parents=True)
+        for src in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:2]:
+            (root / diagnosis / src.name).write_bytes(src.read_bytes())
+    (root / "nevus" / "empty.jpg").write_bytes(b"")
+    (root / "melanoma" / "notes.jpg").write_text("hello")
+    result = cli("index", root, "--labels", "melanoma=1,nevus=0", "-o", tmp_path / "m.csv", check=False)
+    assert result.returncode == 2
+    assert "empty.jpg: empty file" in result.stderr and "notes.jpg: not an image" in result.stderr
+    assert not (tmp_path / "m.csv").exists()
+    cli("index", root, "--labels", "melanoma=1,nevus=0", "-o", tmp_path / "m.csv", "--skip-bad")
+    assert len(pd.read_csv(tmp_path / "m.csv")) == 4
+
+
+def test_train_rejects_bad_config_before_work(tmp_path, small_data):
+    result = cli("train", "--train", small_data["train"], "--valid", small_data["valid"], "--out", tmp_path / "r",
+                 "--epochs", "-2", check=False)
+    assert result.returncode == 2 and "epochs" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_api_returns_class_aucs(tiny_run, small_data, tmp_path):
+    metrics = evaluate(tiny_run, small_data["test"], tmp_path / "e", num_workers=0, n_boot=200)
+    assert set(metrics["class_auc"]) == {"melanoma", "nevus", "seborrheic_keratosis"}
+    assert "isic_mean_auc" in metrics

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from skincancer.metrics import (
+    binary_report,
+    bootstrap_auc_ci,
+    choose_threshold,
+    operating_point,
+    roc_auc,
+    specificity_at_sensitivity,
+)
+
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1])
+PROBS = np.array([0.1, 0.4, 0.35, 0.8, 0.3, 0.9, 0.7])
+
+
+def test_auc_by_hand():
+    # Pairs (pos, neg) with pos > neg: 0.3 beats 0.1 (1); 0.9 beats all 4; 0.7 beats 3 -> 8 of 12.
+    assert roc_auc(LABELS, PROBS) == pytest.approx(8 / 12)
+
+
+def test_auc_counts_ties_as_half():
+    assert roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert roc_auc([0, 0, 1], [0.2, 0.6, 0.6]) == pytest.approx(0.75)
+
+
+def test_auc_single_class_is_nan():
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_operating_point_by_hand():
+    point = operating_point(LABELS, PROBS, 0.5)
+    # predicted positive: 0.8 (neg), 0.9, 0.7 (pos) -> tp 2, fp 1, fn 1, tn 3
+    assert (point["tp"], point["fp"], point["fn"], point["tn"]) == (2, 1, 1, 3)
+    assert point["sensitivity"] == pytest.approx(2 / 3)
+    assert point["specificity"] == pytest.approx(3 / 4)
+    assert point["ppv"] == pytest.approx(2 / 3)
+    assert point["npv"] == pytest.approx(3 / 4)
+    assert point["accuracy"] == pytest.approx(5 / 7)
+    assert point["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 4) / 2)
+
+
+def test_threshold_keeps_sensitivity():
+    # Highest threshold that still catches all three melanomas is the lowest positive score, 0.3.
+    assert choose_threshold(LABELS, PROBS, "sensitivity:1.0") == pytest.approx(0.3)
+    # Two of three (0.667) is enough for sensitivity 0.6: the highest such threshold is 0.7.
+    assert choose_threshold(LABELS, PROBS, "sensitivity:0.6") == pytest.approx(0.7)
+    assert choose_threshold(LABELS, PROBS, "fixed:0.42") == pytest.approx(0.42)
+
+
+def test_youden_threshold():
+    # At 0.7: sens 2/3, spec 3/4 -> J 0.417; at 0.3: sens 1, spec 1/4 -> 0.25; at 0.9: 1/3 + 1 - 1 = 0.333.
+    assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.7)
+
+
+def test_specificity_at_sensitivity():
+    assert specificity_at_sensitivity(LABELS, PROBS, 1.0) == pytest.approx(0.25)
+    assert specificity_at_sensitivity(LABELS, PROBS, 0.6) == pytest.approx(0.75)
+
+
+def test_bootstrap_ci_brackets_auc_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.3 + rng.normal(0.4, 0.2, 300), 0, 1)
+    auc = roc_auc_score(labels, probs)
+    low, high = bootstrap_auc_ci(labels, probs, n_boot=500, seed=3)
+    assert low < auc < high
+    assert 0.02 < high - low < 0.2
+    assert bootstrap_auc_ci(labels, probs, n_boot=500, seed=3) == [low, high]
+
+
+def test_report_auc_is_from_probabilities_not_labels():
+    report = binary_report(LABELS, PROBS, 0.5, n_boot=100)
+    thresholded = roc_auc_score(LABELS, PROBS >= 0.5)
+    assert report["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS))
+    assert report["auc"] != pytest.approx(thresholded)
+    assert set(report["specificity_at_sensitivity"]) == {"0.82", "0.89", "0.95"}
