@@ -1,0 +1,259 @@
+"""Web service: a FastAPI app with an upload page and a REST API over a trained run; bad uploads get JSON 4xx."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import NOTICE, __version__
+from .data import ImageError, load_image
+from .predict import Classifier, load_model, sentence
+
+log = logging.getLogger("skincancer")
+MB = 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file itself
+NOT_AN_IMAGE = "not an image"
+
+
+class UploadTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"upload larger than the limit of {limit / MB:g} MB")
+
+
+class UploadLimit:
+    """ASGI middleware: refuse a body over `limit` bytes, by its Content-Length header before reading anything,
+    and by counting the bytes as they arrive (chunked uploads, lying headers) without ever holding more."""
+
+    def __init__(self, app: ASGIApp, limit: int, file_limit: int):
+        self.app, self.limit, self.file_limit = app, limit, file_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": UploadTooLarge(self.file_limit).detail}, status_code=413,
+                                    headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise UploadTooLarge(self.file_limit)  # FastAPI turns it into a JSON 413
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def model_card(classifier: Classifier) -> dict:
+    """What GET /api/model says: the model's name, version, classes, threshold and validation figures."""
+    meta = classifier.meta
+    return {
+        "name": classifier.source.parent.name if classifier.source.name == "model" else classifier.source.name,
+        "backbone": meta["backbone"],
+        "version": meta.get("skincancer_version", __version__),
+        "engine": classifier.engine_name,
+        "class_names": classifier.class_names,
+        "labels": meta["labels"],
+        "positive_name": classifier.positive_name,
+        "negative_name": classifier.negative_name,
+        "threshold": classifier.threshold,
+        "threshold_policy": meta.get("threshold_policy"),
+        "image_size": meta["image_size"],
+        "mode": meta.get("mode"),
+        "validation": meta.get("validation", {}),
+        "notice": NOTICE,
+    }
+
+
+def decode_upload(data: bytes, filename: str) -> Image.Image:
+    """Uploaded bytes -> RGB image through the same checks as files on disk (data.load_image)."""
+    fd, path = tempfile.mkstemp(prefix="skincancer-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return load_image(path)
+    except ImageError as err:
+        status = 415 if err.reason.startswith(NOT_AN_IMAGE) else 422
+        raise HTTPException(status, f"{filename}: {err.reason}") from None
+    except Exception as err:  # any other decoder failure is still the upload's fault, not the server's
+        raise HTTPException(422, f"{filename}: unreadable image ({type(err).__name__}: {err})") from None
+    finally:
+        os.unlink(path)
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine: str = "auto") -> FastAPI:
+    """The web app over one trained run (folder or loaded Classifier)."""
+    classifier = run if isinstance(run, Classifier) else load_model(run, engine=engine)
+    card = model_card(classifier)
+    file_limit = int(max_upload_mb * MB)
+    inference_lock = threading.Lock()  # one batch at a time: each already uses every core
+
+    app = FastAPI(title="skincancer", version=__version__,
+                  description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
+    app.add_middleware(UploadLimit, limit=file_limit + MULTIPART_SLACK, file_limit=file_limit)
+    app.state.classifier = classifier
+    page = render_page(card, file_limit)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/health")
+    def health() -> dict:
+        return {"status": "ok", "engine": classifier.engine_name, "model": card["name"]}
+
+    @app.get("/api/model")
+    def model() -> dict:
+        return card
+
+    @app.post("/api/predict")
+    def predict(file: UploadFile = File(..., description="a dermoscopy photograph (JPEG, PNG, ...)"),
+                cam: bool = Query(False, description="also return the Grad-CAM overlay as a base64 PNG")) -> dict:
+        """Probabilities per class, the malignant probability and the label at the model's threshold."""
+        started = time.perf_counter()
+        name = file.filename or "upload"
+        data = file.file.read(file_limit + 1)
+        if len(data) > file_limit:
+            raise UploadTooLarge(file_limit)
+        if not data:
+            raise HTTPException(422, f"{name}: empty file (0 bytes)")
+        image = decode_upload(data, name)
+        with inference_lock:
+            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0)
+        if errors:
+            raise HTTPException(422, f"{name}: {errors[0][1]}")
+        malignant = float(classifier.malignant_probability(probs)[0])
+        label = classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name
+        answer = {
+            "filename": name,
+            "probabilities": {c: float(p) for c, p in zip(classifier.class_names, probs[0], strict=True)},
+            "malignant_probability": malignant,
+            "label": label,
+            "threshold": classifier.threshold,
+            "sentence": sentence(malignant, classifier.threshold, classifier.positive_name,
+                                 classifier.negative_name),
+            "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
+            "notice": NOTICE,
+        }
+        if cam:
+            from .explain import explain
+
+            answer["cam_png_base64"] = png_base64(explain(classifier, image))
+        answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        return answer
+
+    return app
+
+
+def render_page(card: dict, file_limit: int) -> str:
+    """The single upload page; the model's facts are filled in here, the prediction by the page's script."""
+    e = html.escape
+    validation = card["validation"] or {}
+    rows = "".join(
+        f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
+        else f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{e(str(v))}</td></tr>"
+        for k, v in validation.items()
+    ) or "<tr><td>no validation figures recorded</td></tr>"
+    return PAGE.format(
+        notice=e(NOTICE), name=e(card["name"]), backbone=e(card["backbone"]), version=e(str(card["version"])),
+        engine=e(card["engine"]), threshold=f"{card['threshold']:.4f}", policy=e(str(card["threshold_policy"])),
+        classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
+        limit_mb=f"{file_limit / MB:g}", size=card["image_size"],
+    )
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>skincancer: melanoma vs benign</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem auto; padding: 0 1rem; color: #222; }}
+.notice {{ background: #fff4d6; border: 1px solid #e0b84c; padding: .75rem 1rem; border-radius: 6px; }}
+#drop {{ border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; margin: 1rem 0;
+        cursor: pointer; }}
+#drop.over {{ background: #eef5ff; border-color: #3a7bd5; }}
+.images {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
+.images figure {{ margin: 0; }} .images img {{ max-width: 28rem; max-height: 28rem; border-radius: 4px; }}
+#probability {{ font-size: 2rem; font-weight: 600; }}
+.malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error {{ color: #b00020; font-weight: 600; }}
+table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15rem .75rem .15rem 0; }}
+</style></head>
+<body>
+<h1>Melanoma vs benign: dermoscopy classifier</h1>
+<p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
+<div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
+<input type="file" id="file" accept="image/*" hidden></label> (at most {limit_mb} MB)</div>
+<p id="status"></p><p id="error" role="alert"></p>
+<section id="result" hidden>
+  <p>Malignancy probability: <span id="probability"></span></p>
+  <p>Label at the model's threshold ({threshold}): <strong id="label"></strong>. <span id="sentence"></span></p>
+  <table id="classes"></table>
+  <div class="images">
+    <figure><img id="photo" alt="uploaded photo"><figcaption>your photo</figcaption></figure>
+    <figure><img id="overlay" alt="Grad-CAM overlay"><figcaption>Grad-CAM: regions that raise the
+    {positive} score</figcaption></figure>
+  </div>
+</section>
+<h2>The model</h2>
+<p>{name}: {backbone} at {size} px, classes {classes}; threshold {threshold} ({policy});
+skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
+<h3>Validation figures</h3>
+<table id="validation">{rows}</table>
+<script>
+const drop = document.getElementById("drop"), input = document.getElementById("file");
+const $ = (id) => document.getElementById(id);
+drop.addEventListener("click", (event) => {{ if (event.target !== input) input.click(); }});
+drop.addEventListener("dragover", (event) => {{ event.preventDefault(); drop.classList.add("over"); }});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {{
+  event.preventDefault(); drop.classList.remove("over");
+  if (event.dataTransfer.files.length) send(event.dataTransfer.files[0]);
+}});
+input.addEventListener("change", () => {{ if (input.files.length) send(input.files[0]); }});
+async function send(file) {{
+  $("error").textContent = ""; $("result").hidden = true; $("status").textContent = "analysing " + file.name + "...";
+  const form = new FormData(); form.append("file", file);
+  try {{
+    const response = await fetch("/api/predict?cam=true", {{ method: "POST", body: form }});
+    const answer = await response.json();
+    $("status").textContent = "";
+    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
+    $("probability").textContent = (answer.malignant_probability * 100).toFixed(1) + "%";
+    $("label").textContent = answer.label;
+    $("label").className = answer.label === "{positive}" ? "malignant" : "benign";
+    $("sentence").textContent = answer.sentence;
+    $("classes").innerHTML = "";
+    for (const [name, p] of Object.entries(answer.probabilities)) {{
+      const row = $("classes").insertRow(); row.insertCell().textContent = name;
+      row.insertCell().textContent = (p * 100).toFixed(1) + "%";
+    }}
+    $("photo").src = URL.createObjectURL(file);
+    $("overlay").src = "data:image/png;base64," + answer.cam_png_base64;
+    $("result").hidden = false;
+  }} catch (err) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+}}
+</script>
+</body></html>
+"""
