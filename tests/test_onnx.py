@@ -1,0 +1,144 @@
+"""ONNX export and the ONNX Runtime engine: dynamic batch, agreement with PyTorch, engine choice, CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from skincancer.checkpoint import WEIGHTS_FILE
+from skincancer.cli import app
+from skincancer.export import ONNX_FILE, ExportError, OnnxEngine, export_onnx
+from skincancer.predict import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    """A private copy of a run's model folder, so exporting into it leaves the shared run as it was."""
+    shutil.copytree(Path(run) / "model", destination / "model")
+    return destination
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_run, tmp_path_factory) -> Path:
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("onnx") / "run")
+    export_onnx(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def real_images(data_dir) -> list[str]:
+    """Four test images per diagnosis, real JPEGs as they come from ISIC."""
+    return [str(p) for d in ("melanoma", "nevus", "seborrheic_keratosis")
+            for p in sorted((data_dir / "test" / d).glob("*.jpg"))[:4]]
+
+
+def test_export_writes_model_and_metadata_with_dynamic_batch(exported_run):
+    path = exported_run / "model" / ONNX_FILE
+    graph = onnx.load(str(path)).graph
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic, not a fixed size
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 224, 224]
+    meta = pd.read_json(path.with_name(ONNX_FILE + ".json"), typ="series")
+    assert meta["image_size"] == 224 and list(meta["mean"]) == [0.5, 0.5, 0.5] and meta["onnx"]["weights_sha256"]
+
+    engine = OnnxEngine(path)
+    for batch in (1, 5, 33):
+        probs = engine.probabilities(np.random.default_rng(batch).normal(size=(batch, 3, 224, 224)))
+        assert probs.shape == (batch, 3)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_engines_agree_on_real_images(exported_run, real_images, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(real_images[0]).read_bytes()[:500])
+    chosen = real_images[::2]  # two per diagnosis
+    images = [*chosen[:3], str(broken), *chosen[3:]]
+    onnx_model, torch_model = load_model(exported_run, engine="onnx"), load_model(exported_run, engine="torch")
+    assert (onnx_model.engine_name, torch_model.engine_name) == ("onnx", "torch")
+    for tta in (1, 2):
+        p_onnx, e_onnx = onnx_model.predict_proba(images, batch_size=4, num_workers=1, tta=tta)
+        p_torch, e_torch = torch_model.predict_proba(images, batch_size=4, num_workers=0, tta=tta)
+        assert [i for i, _ in e_onnx] == [i for i, _ in e_torch] == [3]
+        assert np.isnan(p_onnx[3]).all()
+        ok = np.arange(len(images)) != 3
+        assert np.abs(p_onnx[ok] - p_torch[ok]).max() < 1e-4
+        assert np.abs(p_onnx[ok] - p_onnx[ok].mean(0)).max() > 1e-3  # different images, different answers
+
+
+def test_auto_engine_uses_a_current_export_only(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    assert load_model(run, engine="auto").engine_name == "torch"
+    with pytest.raises(ExportError, match="skincancer export"):
+        load_model(run, engine="onnx")
+    export_onnx(run)
+    assert load_model(run).engine_name == "onnx"  # auto is the default
+
+    weights_path = run / "model" / WEIGHTS_FILE
+    weights = load_file(str(weights_path))
+    name = next(k for k in weights if k.startswith("classifier"))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, str(weights_path))  # "retrained" after the export
+    assert load_model(run, engine="auto").engine_name == "torch"
+    with pytest.raises(ExportError, match="does not match"):
+        load_model(run, engine="onnx")
+
+
+def test_onnx_engine_names_a_bad_file(tmp_path):
+    with pytest.raises(ExportError, match="no ONNX export"):
+        OnnxEngine(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ExportError, match="junk.onnx"):
+        OnnxEngine(junk)
+
+
+def test_cli_export_then_predict_and_evaluate_with_each_engine(tiny_run, small_data, real_images, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    runner = CliRunner()
+    target = tmp_path / "elsewhere" / "lite0.onnx"
+    result = runner.invoke(app, ["export", "--model", str(run), "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and target.with_name("lite0.onnx.json").is_file()
+    result = runner.invoke(app, ["export", "--model", str(run)])
+    assert result.exit_code == 0, result.output
+
+    tables = {}
+    for engine in ("onnx", "torch"):
+        out = tmp_path / f"{engine}.csv"
+        result = runner.invoke(app, ["predict", *real_images, "--model", str(run), "--engine", engine, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        tables[engine] = pd.read_csv(out)
+    assert len(tables["onnx"]) == len(real_images)
+    assert (tables["onnx"]["label"] == tables["torch"]["label"]).all()
+    assert np.abs(tables["onnx"]["malignant"] - tables["torch"]["malignant"]).max() < 1e-4
+
+    aucs = {}
+    for engine in ("onnx", "torch"):
+        result = runner.invoke(app, ["evaluate", "--model", str(run), "--data", str(small_data["test"]),
+                                     "--out", str(tmp_path / f"eval-{engine}"), "--engine", engine,
+                                     "--num-workers", "0"])
+        assert result.exit_code == 0, result.output
+        aucs[engine] = pd.read_json(tmp_path / f"eval-{engine}" / "metrics.json", typ="series")["auc"]
+    assert aucs["onnx"] == pytest.approx(aucs["torch"], abs=1e-6)
+
+    result = runner.invoke(app, ["predict", real_images[0], "--model", str(run), "--engine", "tensorrt"])
+    assert result.exit_code == 2 and "--engine must be one of" in result.output
+
+
+def test_probability_model_matches_softmax_of_logits(tiny_run):
+    from skincancer.export import ProbabilityModel
+
+    classifier = load_model(tiny_run, engine="torch")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        np.testing.assert_allclose(ProbabilityModel(classifier.model)(x).numpy(),
+                                   classifier.model(x).softmax(1).numpy(), atol=1e-6)
