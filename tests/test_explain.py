@@ -1,0 +1,73 @@
+"""Grad-CAM explanations: heat maps of the malignant score, overlays, and `predict --cam`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from skincancer.cli import app
+from skincancer.data import load_image
+from skincancer.explain import MalignantTarget, malignant_heatmap, overlay, target_layer
+from skincancer.predict import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_malignant_target_is_the_malignant_logit_or_their_logsumexp():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    assert MalignantTarget([0])(logits[0]).item() == pytest.approx(2.0)
+    assert MalignantTarget([0, 2])(logits[0]).item() == pytest.approx(float(np.log(np.exp(2.0) + np.exp(0.5))))
+
+
+def test_target_layer_is_the_last_feature_map():
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    assert target_layer(lite0) is lite0.bn2
+    inception = timm.create_model("inception_v3", pretrained=False, num_classes=3)
+    assert target_layer(inception) is inception.Mixed_7c
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3))
+    assert target_layer(plain) is plain[2]
+
+
+def test_heatmap_and_overlay_of_a_real_image(tiny_run, data_dir):
+    classifier = load_model(tiny_run, engine="torch")
+    image = load_image(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0])
+    heatmap = malignant_heatmap(classifier, image)
+    assert heatmap.shape == (224, 224) and heatmap.dtype == np.float32
+    assert 0.0 <= heatmap.min() and heatmap.max() <= 1.0 and heatmap.std() > 0.01  # a map, not a constant
+    picture = overlay(image.resize((600, 300)), heatmap)
+    assert picture.mode == "RGB" and picture.size == (512, 256)  # photo's aspect kept, capped at 512 px
+    assert all(not m._forward_hooks for m in classifier.model.modules())  # Grad-CAM hooks released
+
+
+def test_predict_cam_writes_one_overlay_per_readable_image(tiny_run, data_dir, tmp_path):
+    images = [sorted((data_dir / "test" / d).glob("*.jpg"))[0] for d in ("melanoma", "nevus")]
+    same_name = tmp_path / "other" / images[0].name  # a second file with the same name in another folder
+    same_name.parent.mkdir()
+    same_name.write_bytes(images[0].read_bytes())
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not the rest of a JPEG")
+    cam_dir = tmp_path / "cams"
+    result = CliRunner().invoke(app, ["predict", *map(str, [*images, same_name, broken]), "--model", str(tiny_run),
+                                      "--engine", "torch", "--cam", str(cam_dir), "-o", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1, result.output  # one unreadable file: named, not fatal, but not success
+    assert "broken.jpg" in result.output
+    written = sorted(p.name for p in cam_dir.iterdir())
+    assert written == sorted([f"{images[0].stem}_0_cam.png", f"{images[1].stem}_cam.png",
+                              f"{images[0].stem}_2_cam.png"])
+    for png in cam_dir.iterdir():
+        with Image.open(png) as picture:
+            assert picture.format == "PNG" and picture.size == (256, 256) and picture.mode == "RGB"
+    original = np.asarray(load_image(images[1]), dtype=float)
+    assert np.abs(np.asarray(Image.open(cam_dir / f"{images[1].stem}_cam.png"), dtype=float) - original).mean() > 5
+
+
+def test_overlay_keeps_small_photos_at_their_size():
+    heatmap = np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(224, 224)
+    picture = overlay(Image.new("RGB", (100, 80), (200, 150, 120)), heatmap)
+    assert picture.size == (100, 80)
+    pixels = np.asarray(picture, dtype=int)
+    assert pixels[0, 0, 2] > pixels[0, 0, 0] and pixels[-1, -1, 0] > pixels[-1, -1, 2]  # cold blue, hot red
