@@ -1,0 +1,180 @@
+"""Web service: the API's answers, and a JSON 4xx (never a 500, never a dead server) for every kind of bad upload."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from live_server import serving
+from PIL import Image
+
+from skincancer import NOTICE
+from skincancer.export import export_onnx
+from skincancer.predict import load_model
+from skincancer.serve import create_app
+
+pytestmark = pytest.mark.slow
+LIMIT_MB = 1
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("serve") / "run"
+    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    export_onnx(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(served_run) -> TestClient:
+    with TestClient(create_app(served_run, max_upload_mb=LIMIT_MB)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def lesion(data_dir) -> Path:
+    return sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]
+
+
+def upload(client, data: bytes, name: str = "lesion.jpg", **params) -> httpx.Response:
+    return client.post("/api/predict", files={"file": (name, data, "image/jpeg")}, params=params)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_refused(response: httpx.Response, status: int | tuple[int, ...], *words: str) -> None:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    detail = response.json()["detail"]
+    for word in words:
+        assert word in str(detail), detail
+
+
+def test_predict_answers_like_the_library(client, served_run, lesion):
+    response = upload(client, lesion.read_bytes())
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    expected = load_model(served_run, engine="torch").predict([str(lesion)]).iloc[0]
+    assert set(answer["probabilities"]) == {"melanoma", "nevus", "seborrheic_keratosis"}
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    for name, p in answer["probabilities"].items():
+        assert p == pytest.approx(expected[name], abs=1e-4)
+    assert answer["malignant_probability"] == pytest.approx(answer["probabilities"]["melanoma"])
+    assert answer["label"] == ("malignant" if answer["malignant_probability"] >= answer["threshold"] else "benign")
+    assert answer["label"] == expected["label"]
+    assert answer["model"] == {"name": "run", "backbone": "tf_efficientnet_lite0", "version": "0.1.0",
+                               "engine": "onnx"}
+    assert answer["notice"] == NOTICE and "cam_png_base64" not in answer
+
+
+def test_predict_with_cam_returns_an_overlay_png(client, lesion):
+    response = upload(client, lesion.read_bytes(), cam="true")
+    assert response.status_code == 200, response.text
+    with Image.open(io.BytesIO(base64.b64decode(response.json()["cam_png_base64"]))) as overlay:
+        assert overlay.format == "PNG" and overlay.size == (256, 256)
+
+
+def test_health_model_page_and_docs(client):
+    assert client.get("/api/health").json()["status"] == "ok"
+    card = client.get("/api/model").json()
+    assert card["backbone"] == "tf_efficientnet_lite0" and card["engine"] == "onnx"
+    assert set(card["validation"]) >= {"auc", "sensitivity", "specificity"} and card["notice"] == NOTICE
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert NOTICE in page.text and f"{card['validation']['auc']:.3f}" in page.text
+    assert 'id="file"' in page.text and 'id="overlay"' in page.text
+    assert client.get("/docs").status_code == 200
+    assert {"/api/predict", "/api/health", "/api/model"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_not_an_image_is_415(client):
+    assert_refused(upload(client, b"hello, I am a text file\n" * 20, name="notes.jpg"), 415, "notes.jpg",
+                   "not an image")
+    assert_refused(upload(client, b"%PDF-1.4\n" + bytes(range(256)) * 4, name="scan.pdf"), 415, "scan.pdf")
+
+
+def test_truncated_and_corrupt_images_are_422(client, lesion):
+    data = lesion.read_bytes()
+    assert_refused(upload(client, data[: len(data) // 2], name="half.jpg"), 422, "half.jpg", "truncated")
+    good_png = png_bytes(Image.new("RGB", (64, 64), (120, 60, 30)))
+    data_at = good_png.index(b"IDAT") + 4  # the compressed pixels start here with a 2-byte zlib header
+    broken_png = good_png[:data_at] + b"\x00\x00" + good_png[data_at + 2:]
+    assert_refused(upload(client, broken_png, name="garbled.png"), 422, "garbled.png", "corrupt")
+    assert_refused(upload(client, png_bytes(Image.new("RGB", (3, 3))), name="dot.png"), 422, "too small")
+    assert_refused(upload(client, b"", name="empty.jpg"), 422, "empty")
+
+
+def test_decompression_bombs_are_422(client):
+    header_only = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                   + png_chunk(b"IDAT", zlib.compress(b"\x00" * 9001)) + png_chunk(b"IEND", b""))
+    assert_refused(upload(client, header_only, name="header.png"), 422, "decompression bomb")
+    bomb = png_bytes(Image.new("1", (12000, 12000)))  # a valid file: ~20 kB that decodes to 144 megapixels
+    assert len(bomb) < 100_000
+    assert_refused(upload(client, bomb, name="bomb.png"), 422, "decompression bomb")
+
+
+def test_uploads_over_the_limit_are_413(client, lesion):
+    limit = LIMIT_MB * 1024 * 1024
+    assert_refused(upload(client, b"\xff" * (2 * limit)), 413, "limit")  # Content-Length says so up front
+    assert_refused(upload(client, b"\xff" * (limit + 10)), 413, "limit")  # just over: counted after parsing
+
+    def chunks():  # no Content-Length: the bytes are counted as they arrive
+        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\xff" * 65536
+    response = client.post("/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; "
+                                                                                     "boundary=xyz"})
+    assert_refused(response, 413, "limit")
+    assert upload(client, lesion.read_bytes()).status_code == 200  # and the next good upload still works
+
+
+def test_malformed_requests_are_4xx(client):
+    assert_refused(client.post("/api/predict"), 422)
+    assert_refused(client.post("/api/predict", files={"photo": ("a.jpg", b"abc", "image/jpeg")}), 422)
+    assert_refused(client.post("/api/predict", content=b"--nope\r\ngarbage",
+                               headers={"content-type": "multipart/form-data; boundary=nope"}), (400, 422))
+
+
+def test_live_server_binds_loopback_and_survives_bad_uploads(served_run, lesion):
+    with serving(served_run, "--max-upload-mb", str(LIMIT_MB)) as (url, process):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            bad = [
+                ("big.jpg", b"\x00" * (3 * 1024 * 1024), 413),
+                ("text.jpg", b"plain text, not a photo", 415),
+                ("half.jpg", lesion.read_bytes()[:3000], 422),
+            ]
+            for name, data, status in bad:
+                try:
+                    response = http.post("/api/predict", files={"file": (name, data, "image/jpeg")})
+                except httpx.HTTPError:  # a server may close a connection that sends too much: allowed
+                    assert status == 413
+                    continue
+                assert response.status_code == status, response.text
+            good = http.post("/api/predict", files={"file": (lesion.name, lesion.read_bytes(), "image/jpeg")})
+            assert good.status_code == 200 and 0 <= good.json()["malignant_probability"] <= 1
+            assert process.poll() is None
+    output = process.stdout.read()
+    assert "http://127.0.0.1:" in output and "Research aid only" in output
+
+
+def test_probabilities_are_finite(client, data_dir):
+    for path in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]:
+        answer = upload(client, path.read_bytes()).json()
+        assert np.isfinite(list(answer["probabilities"].values())).all()
