@@ -179,7 +179,7 @@ def render_page(card: dict, file_limit: int) -> str:
     ) or "<tr><td>no validation figures recorded</td></tr>"
     return PAGE.format(
         notice=e(NOTICE), name=e(card["name"]), backbone=e(card["backbone"]), version=e(str(card["version"])),
-        engine=e(card["engine"]), threshold=f"{card['threshold']:.4f}", policy=e(str(card["threshold_policy"])),
+        engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
         limit_mb=f"{file_limit / MB:g}", size=card["image_size"],
     )

@@ -1,0 +1,63 @@
+"""Browser: Debian's chromium, driven by Playwright, uploads a real ISIC photo and sees the probability and overlay."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from live_server import serving
+
+from skincancer import NOTICE
+from skincancer.export import export_onnx
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install -y chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_run, data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    export_onnx(run)
+    photo = sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[1]
+    with serving(run) as (url, _):
+        page = browser.new_page()
+        page.goto(url + "/")
+        assert NOTICE in page.inner_text("#notice")
+        assert "auc" in page.inner_text("#validation").lower()
+        assert page.is_hidden("#result")
+
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=60_000)
+        assert page.inner_text("#error") == ""
+        probability = page.inner_text("#probability")
+        assert re.fullmatch(r"\d{1,3}\.\d%", probability), probability
+        assert page.inner_text("#label") in ("malignant", "benign")
+        assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+        assert page.evaluate("document.getElementById('overlay').naturalWidth") == 256
+
+        api = page.request.post(url + "/api/predict", multipart={
+            "file": {"name": photo.name, "mimeType": "image/jpeg", "buffer": photo.read_bytes()}}).json()
+        assert probability == f"{api['malignant_probability'] * 100:.1f}%"  # the page shows the API's number
+
+        page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"no photo"}])
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        assert "415" in page.inner_text("#error") and "not an image" in page.inner_text("#error")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.close()
