@@ -45,6 +45,9 @@ class TrainConfig:
     class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
     label_smoothing: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.998)
+    tta: int = 1  # dihedral views averaged when validating and choosing the threshold; stored as the model's default
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     # linear
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     feature_flips: bool = True  # train the head on each image and its mirror image
@@ -78,6 +81,12 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.tta not in (1, 2, 4, 8):
+            raise ConfigError(f"tta: must be 1, 2, 4 or 8, got {self.tta}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.linear_c or any(c <= 0 for c in self.linear_c):
             raise ConfigError(f"linear_c: must be a non-empty list of positive numbers, got {self.linear_c}")
         if not self.labels:

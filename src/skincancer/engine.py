@@ -30,6 +30,16 @@ DIHEDRAL: list[Callable[[torch.Tensor], torch.Tensor]] = [
 TTA_CHOICES = (1, 2, 4, 8)
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bfloat16 mixed precision on CUDA; nothing changes on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
                 sampler: Sampler | None = None, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
@@ -50,6 +60,7 @@ def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     model.eval()
+    device = next(model.parameters()).device
     loader = make_loader(dataset, batch_size, num_workers)
     result: np.ndarray | None = None
     errors: list = []
@@ -58,12 +69,14 @@ def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_
         if batch["image"] is None:
             continue
         total = 0.0
+        images = batch["image"].to(device, non_blocking=True)
         for view in DIHEDRAL[:tta]:
-            x = view(batch["image"])
-            if output == "features":
-                total = total + model.forward_head(model.forward_features(x), pre_logits=True)
-            else:
-                total = total + model(x).float().softmax(dim=1)
+            with autocast(device):
+                x = view(images)
+                if output == "features":
+                    total = total + model.forward_head(model.forward_features(x), pre_logits=True).float()
+                else:
+                    total = total + model(x).float().softmax(dim=1)
         values = (total / tta).float().cpu().numpy()
         if result is None:
             result = np.full((len(dataset), values.shape[1]), np.nan, dtype=np.float32)
@@ -76,8 +89,11 @@ def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, epoch: int,
                     max_steps: int = 0, on_step: Callable[[int, float], None] | None = None) -> tuple[float, list]:
-    """One pass over the training loader; returns the mean loss and the files that failed to load."""
+    """One pass over the training loader; returns the mean loss and the files that failed to load.
+
+    on_step(step, loss) runs after each optimiser step (EMA updates, logging)."""
     model.train()
+    device = next(model.parameters()).device
     total, count, errors = 0.0, 0, []
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     progress = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
@@ -88,8 +104,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         progress.update(1)
         if batch["image"] is None:
             continue
-        logits = model(batch["image"])
-        loss = loss_fn(logits, batch["target"])
+        with autocast(device):
+            logits = model(batch["image"].to(device, non_blocking=True))
+            loss = loss_fn(logits.float(), batch["target"].to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr")
         optimizer.zero_grad(set_to_none=True)

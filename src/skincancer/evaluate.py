@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +11,27 @@ import pandas as pd
 
 from .checkpoint import atomic_write, write_json
 from .data import DataError, resolve_data
+from .ensemble import Ensemble, load_models
 from .metrics import binary_report, roc_auc
-from .predict import Classifier, load_model
+from .predict import Classifier
 from .report import html_report, plot_confusion, plot_roc
 
 log = logging.getLogger("skincancer")
 ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
 
 
-def evaluate(model: str | Path | Classifier, data: str | Path, out: str | Path, tta: int = 1, batch_size: int = 32,
-             num_workers: int = 2, n_boot: int = 2000) -> dict:
-    """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`."""
-    classifier = model if isinstance(model, Classifier) else load_model(model)
+def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | Path, out: str | Path,
+             tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000) -> dict:
+    """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
+
+    `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
+    `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`)."""
+    if isinstance(model, Classifier):
+        classifier = model
+    else:
+        classifier = load_models([model] if isinstance(model, (str, Path)) else list(model))
+    if tta is None and not isinstance(classifier, Ensemble):
+        tta = classifier.meta.get("tta", 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
@@ -46,7 +56,7 @@ def evaluate(model: str | Path | Classifier, data: str | Path, out: str | Path, 
         if all(v is not None for v in tasks):
             metrics["isic_mean_auc"] = float(np.mean(tasks))
     metrics.update({
-        "data": str(data), "tta": tta, "skipped": skipped,
+        "data": str(data), "tta": tta if tta is not None else "per model", "skipped": skipped,
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
                                                          "threshold", "threshold_policy", "validation")},
     })

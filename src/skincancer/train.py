@@ -17,6 +17,7 @@ import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 from torch.utils.tensorboard import SummaryWriter
@@ -27,7 +28,7 @@ from .backbones import build_model, bundled_weights_path, count_parameters, prep
 from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict
 from .data import DataError, ImageDataset, build_transform, resolve_data
-from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
+from .engine import DIHEDRAL, default_device, make_loader, run_inference, train_one_epoch
 from .metrics import choose_threshold, operating_point, roc_auc
 
 log = logging.getLogger("skincancer")
@@ -55,10 +56,13 @@ def train(config: TrainConfig) -> Path:
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained)
         prep = preprocessing(model)
+        device = default_device() if config.device == "auto" else torch.device(config.device)
+        model.to(device)
         meta = {
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.image_size, **prep, "threshold": 0.5, "threshold_policy": config.threshold_policy,
+            "tta": config.tta,
             "skincancer_version": __version__,
         }
         _print_summary(model, config)
@@ -72,7 +76,8 @@ def train(config: TrainConfig) -> Path:
 
         # Threshold and validation figures always come from the saved model's own outputs on validation.
         valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
-        valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, desc="validating")
+        valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, tta=config.tta,
+                                            desc="validating")
         _report_bad(errors, valid_df, "validation")
         meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
         meta["epoch"] = epoch
@@ -80,6 +85,7 @@ def train(config: TrainConfig) -> Path:
         save_model(model, meta, out / "model")
         writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
         writer.close()
+        model.cpu()
         log.info("validation AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
                  meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
                  meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
@@ -230,6 +236,9 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     loss_weights = None
     if config.class_balance == "weighted_loss":
         loss_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+    device = next(model.parameters()).device
+    if loss_weights is not None:
+        loss_weights = loss_weights.to(device)
     loss_fn = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
     loader = make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, sampler=sampler,
                          seed=config.seed)
@@ -245,15 +254,20 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    evaluated = ema.module if ema is not None else model  # the weights we validate and keep
     positive = _positive_indices(config, class_names)
     valid_labels = valid_df["label"].to_numpy()
     best_auc, best_epoch, best_state, rows = -1.0, 0, None, []
     for epoch in range(1, config.epochs + 1):
         tic = time.time()
+        on_step = (lambda step, loss, start=(epoch - 1) * steps_per_epoch: ema.update(model, step=start + step)
+                   ) if ema is not None else None
         train_loss, errors = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch,
-                                             config.max_steps_per_epoch)
+                                             config.max_steps_per_epoch, on_step=on_step)
         _report_bad(errors, train_df, "train")
-        probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, desc="validating")
+        probs, errors = run_inference(evaluated, valid_set, config.batch_size, config.num_workers, tta=config.tta,
+                                      desc="validating")
         ok = ~np.isnan(probs).any(1)
         valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
                                                   torch.as_tensor(valid_targets[ok])))
@@ -267,8 +281,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         improved = auc > best_auc
         if improved:
             best_auc, best_epoch = auc, epoch
-            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-            save_model(model, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
+            best_state = {k: v.detach().clone() for k, v in unwrap(evaluated).state_dict().items()}
+            save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
                  train_loss, valid_loss, auc, " *best*" if improved else "", row["seconds"])
         if config.patience and epoch - best_epoch >= config.patience:

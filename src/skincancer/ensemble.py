@@ -1,0 +1,66 @@
+"""Ensembles: average the probabilities of several trained runs; the threshold is re-chosen on their validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import CheckpointError
+from .metrics import choose_threshold, operating_point, roc_auc
+from .predict import Classifier, load_model
+
+
+class Ensemble(Classifier):
+    """Several classifiers over the same classes; behaves as one Classifier (predict, predict_proba, table)."""
+
+    def __init__(self, members: Sequence[Classifier]):
+        if len(members) < 2:
+            raise CheckpointError("an ensemble needs at least two models")
+        first = members[0]
+        for member in members[1:]:
+            if member.class_names != first.class_names or member.meta["labels"] != first.meta["labels"]:
+                raise CheckpointError(
+                    f"{member.source}: classes {member.class_names} differ from {first.source}'s {first.class_names}"
+                )
+        self.members = list(members)
+        meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
+        meta["threshold"], meta["validation"] = _ensemble_threshold(self.members)
+        super().__init__(model=first.model, meta=meta, source=first.source)
+
+    def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None):
+        """Mean of the members' probabilities; a file unreadable for one is unreadable for all."""
+        results = [m.predict_proba(images, batch_size=batch_size, num_workers=num_workers,
+                                   tta=tta if tta is not None else m.meta.get("tta", 1)) for m in self.members]
+        probs = np.mean([p for p, _ in results], axis=0)
+        return probs, results[0][1]
+
+
+def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
+    """Choose the ensemble's threshold the way each member's was chosen: on the members' validation predictions."""
+    tables = []
+    for member in members:
+        path = Path(member.source).parent / "valid_predictions.csv"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; the ensemble's threshold is chosen on validation predictions")
+        tables.append(pd.read_csv(path).set_index("image_id"))
+    ids = tables[0].index
+    if any(len(t.index) != len(ids) or set(t.index) != set(ids) for t in tables[1:]):
+        raise CheckpointError("ensemble members were validated on different images; cannot choose a threshold")
+    positive = members[0].positive_name
+    malignant = np.mean([t.loc[ids, positive].to_numpy() for t in tables], axis=0)
+    labels = tables[0].loc[ids, "label"].to_numpy()
+    ok = ~np.isnan(malignant)
+    policy = members[0].meta.get("threshold_policy", "sensitivity:0.90")
+    threshold = choose_threshold(labels[ok], malignant[ok], policy)
+    point = operating_point(labels[ok], malignant[ok], threshold)
+    return threshold, {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
+                       "sensitivity": point["sensitivity"], "specificity": point["specificity"]}
+
+
+def load_models(runs: Sequence[str | Path]) -> Classifier:
+    """One run -> its Classifier; several -> an Ensemble of them."""
+    classifiers = [load_model(run) for run in runs]
+    return classifiers[0] if len(classifiers) == 1 else Ensemble(classifiers)

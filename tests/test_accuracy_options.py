@@ -1,0 +1,66 @@
+"""Options for accuracy: test-time augmentation, ensembles, EMA of weights, the 3-class head."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageOps
+
+from skincancer import evaluate, load_config, load_model, train
+from skincancer.checkpoint import CheckpointError, read_weights, save_model
+from skincancer.ensemble import Ensemble, load_models
+from skincancer.metrics import choose_threshold
+
+
+def test_tta_two_views_is_the_mean_of_image_and_mirror(tiny_run, data_dir):
+    image = Image.open(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]).convert("RGB")
+    classifier = load_model(tiny_run)
+    plain, _ = classifier.predict_proba([image, ImageOps.mirror(image)])
+    both, _ = classifier.predict_proba([image], tta=2)
+    np.testing.assert_allclose(both[0], plain.mean(0), atol=1e-5)
+    eight, _ = classifier.predict_proba([image], tta=8)
+    assert not np.allclose(eight[0], both[0], atol=1e-6)
+
+
+def test_three_class_head_melanoma_probability_is_its_softmax(tiny_run, data_dir):
+    classifier = load_model(tiny_run)
+    table = classifier.predict([str(p) for p in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]])
+    np.testing.assert_allclose(table["malignant"], table["melanoma"], atol=1e-7)
+    np.testing.assert_allclose(table[classifier.class_names].sum(axis=1), 1, atol=1e-5)
+
+
+def test_ensemble_averages_members_and_rechooses_threshold(tiny_run, finetune_run, small_data, tmp_path):
+    members = [load_model(tiny_run), load_model(finetune_run)]
+    ensemble = load_models([tiny_run, finetune_run])
+    assert isinstance(ensemble, Ensemble)
+    paths = [str((small_data["test"].parent / p).resolve()) for p in pd.read_csv(small_data["test"])["filepath"][:5]]
+    expected = np.mean([m.predict_proba(paths)[0] for m in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict_proba(paths)[0], expected, atol=1e-6)
+    valid = [pd.read_csv(Path(run) / "valid_predictions.csv").set_index("image_id") for run in (tiny_run, finetune_run)]
+    mean = (valid[0]["malignant"] + valid[1].loc[valid[0].index, "malignant"]) / 2
+    assert ensemble.threshold == pytest.approx(choose_threshold(valid[0]["label"], mean, "sensitivity:0.90"))
+    metrics = evaluate([tiny_run, finetune_run], small_data["test"], tmp_path / "ens", num_workers=0, n_boot=100)
+    assert metrics["model"]["mode"] == "ensemble" and metrics["n"] == 18
+
+
+def test_ensemble_refuses_models_with_other_classes(tiny_run, tmp_path):
+    classifier = load_model(tiny_run)
+    other = tmp_path / "other"
+    save_model(classifier.model, dict(classifier.meta, class_names=["nevus", "melanoma", "seborrheic_keratosis"]),
+               other / "model")
+    with pytest.raises(CheckpointError, match="differ"):
+        load_models([tiny_run, other])
+
+
+def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):
+    common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="finetune", image_size=64,
+                  epochs=1, max_steps_per_epoch=3, batch_size=8, num_workers=0, cache_dir=str(cache_dir), lr=0.01,
+                  warmup_epochs=0.0, patience=0)
+    plain = train(load_config(None, out=str(tmp_path / "plain"), **common))
+    ema = train(load_config(None, out=str(tmp_path / "ema"), ema_decay=0.9, **common))
+    a, b = read_weights(Path(plain) / "model"), read_weights(Path(ema) / "model")
+    assert a.keys() == b.keys()
+    name = "conv_stem.weight"
+    assert not np.allclose(a[name].numpy(), b[name].numpy(), atol=1e-7)
+    assert load_model(ema).predict_proba([str(small_data["test"])])[1]  # a CSV is not an image: reported, not raised
