@@ -1,0 +1,141 @@
+"""Throughput: images/s from JPEG file to probability (batch 32) and model-only, ONNX Runtime vs eager PyTorch.
+
+Prints one JSON line per (model, engine): the trained run's model (EfficientNet-Lite0 at 224 px) and the tutorial's
+InceptionV3 at 299 px (random weights: only the time matters), each beside the FLOP ceiling of this machine
+(measured float32 matmul GFLOP/s divided by the model's FLOPs per image).
+
+    .venv/bin/python benchmarks/throughput.py --model runs/linear224 --images ../shared/data/isic2017/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from skincancer.export import OnnxEngine, write_onnx
+from skincancer.predict import Classifier, expand_inputs, load_model
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
+    """Sustained float32 matrix-multiply rate of this machine with torch's threads, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
+    """Forward FLOPs of one image (convolutions and matmuls, 2 per multiply-add), in GFLOP."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def model_only(classifier: Classifier, batch_size: int, seconds: float) -> float:
+    """Images/s of the model alone on ready normalised batches (no decoding, no resizing)."""
+    size = int(classifier.meta["image_size"])
+    batch = torch.randn(batch_size, 3, size, size)
+    if classifier.engine is not None:
+        run = lambda: classifier.engine.probabilities(batch.numpy())  # noqa: E731
+    else:
+        def run():
+            with torch.inference_mode():
+                return classifier.model(batch).softmax(1)
+    run()  # warm-up: allocations, ORT's first-run planning
+    count, start = 0, time.perf_counter()
+    while count < 2 or time.perf_counter() - start < seconds:
+        run()
+        count += 1
+    return batch_size * count / (time.perf_counter() - start)
+
+
+def end_to_end(classifier: Classifier, files: list[str], batch_size: int, num_workers: int) -> float:
+    """Images/s from file paths to probabilities through the package's own path (Dataset, DataLoader, engine)."""
+    classifier.predict_proba(files[:batch_size], batch_size=batch_size, num_workers=0)  # warm-up
+    start = time.perf_counter()
+    probs, errors = classifier.predict_proba(files, batch_size=batch_size, num_workers=num_workers)
+    elapsed = time.perf_counter() - start
+    if errors or np.isnan(probs).any():
+        raise SystemExit(f"unreadable benchmark images: {errors[:3]}")
+    return len(files) / elapsed
+
+
+def classifiers(run: str | None, backbone: str, image_size: int, workdir: Path) -> dict[str, Classifier]:
+    """{'torch': ..., 'onnx': ...} for the trained run, or for a randomly initialised timm backbone."""
+    if run is not None:
+        torch_classifier = load_model(run, engine="torch")
+    else:
+        model = timm.create_model(backbone, pretrained=False, num_classes=3).eval()
+        meta = {"backbone": backbone, "class_names": ["melanoma", "nevus", "seborrheic_keratosis"],
+                "labels": {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}, "image_size": image_size,
+                "mean": [0.5] * 3, "std": [0.5] * 3, "threshold": 0.5}
+        torch_classifier = Classifier(model=model, meta=meta, source=workdir)
+    path = workdir / f"{torch_classifier.meta['backbone']}.onnx"
+    write_onnx(torch_classifier.model, int(torch_classifier.meta["image_size"]), path)  # never touches the run
+    onnx_classifier = Classifier(model=torch_classifier.model, meta=torch_classifier.meta,
+                                 source=torch_classifier.source, engine=OnnxEngine(path))
+    return {"onnx": onnx_classifier, "torch": torch_classifier}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/linear224", help="trained run (EfficientNet-Lite0)")
+    parser.add_argument("--images", default="../shared/data/isic2017/test", help="folder of JPEGs")
+    parser.add_argument("--limit", type=int, default=600, help="images for the Lite0 end-to-end runs")
+    parser.add_argument("--inception-limit", type=int, default=96, help="images for the InceptionV3 runs")
+    parser.add_argument("--torch-limit", type=int, default=320, help="images for eager PyTorch (slower)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=1, help="loader processes decoding while the model runs")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time per model-only measurement")
+    parser.add_argument("--skip-inception", action="store_true")
+    args = parser.parse_args()
+
+    files = expand_inputs([args.images])
+    if not files:
+        raise SystemExit(f"{args.images}: no images")
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "load_average_1min_at_start": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+               "torch": torch.__version__}
+    peak = matmul_gflops()
+    models = [(args.model, "tf_efficientnet_lite0", None, args.limit)]
+    if not args.skip_inception:
+        models.append((None, "inception_v3", 299, args.inception_limit))
+    with tempfile.TemporaryDirectory() as tmp:
+        for run, backbone, size, limit in models:
+            engines = classifiers(run, backbone, size or 0, Path(tmp))
+            meta = engines["torch"].meta
+            flops = gflops_per_image(engines["torch"].model, int(meta["image_size"]))
+            for name, classifier in engines.items():
+                n = min(limit, args.torch_limit) if name == "torch" else limit
+                record = {
+                    "model": meta["backbone"], "weights": "trained run" if run else "random",
+                    "image_size": meta["image_size"], "engine": name, "batch_size": args.batch_size,
+                    "num_workers": args.num_workers, "images": min(n, len(files)),
+                    "end_to_end_images_per_s": round(end_to_end(classifier, files[:n], args.batch_size,
+                                                                args.num_workers), 1),
+                    "model_only_images_per_s": round(model_only(classifier, args.batch_size, args.seconds), 1),
+                    "gflops_per_image": round(flops, 3), "matmul_gflops_per_s": round(peak, 1),
+                    "flop_ceiling_images_per_s": round(peak / flops, 1),
+                    "load_average_1min": round(os.getloadavg()[0], 2), **machine,
+                }
+                print(json.dumps(record), flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
