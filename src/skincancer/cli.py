@@ -150,8 +150,12 @@ def predict(
     num_workers: Annotated[int, typer.Option(help="loader processes decoding images while the model runs")] = 1,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
     cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="predict on Ray Data actors; -o out.parquet|csv")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster: auto | ray://HOST:10001; default local")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
+    if ray:
+        return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
     from .predict import ENGINES, expand_inputs, load_model, sentence
 
     if format not in ("csv", "json"):
@@ -221,6 +225,51 @@ def serve(
     typer.echo(f"serving {application.state.classifier.source} ({application.state.classifier.engine_name}) "
                f"on http://{host}:{port}/  (API docs: /docs). {NOTICE}", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def download(
+    dataset: Annotated[str, typer.Argument(help="isic2017")],
+    dest: Annotated[Path, typer.Option(help="folder to fill with <split>/<diagnosis>/<images>")],
+    base_url: Annotated[str | None, typer.Option(help="mirror holding train.zip, valid.zip, test.zip")] = None,
+    urls: Annotated[Path | None, typer.Option(help="YAML/JSON list of archive URLs (or {url, name, sha256, size})")]
+    = None,
+    keep_archives: Annotated[bool, typer.Option(help="keep the .zip files in DEST/.archives")] = False,
+    retries: Annotated[int, typer.Option(help="resumed attempts per archive after a broken connection")] = 5,
+) -> None:
+    """Download a challenge's archives (resumable, verified) into folder-per-class trees; a second run does nothing."""
+    from .download import DATASETS, DownloadError, download_dataset, isic2017_archives, load_archive_list
+
+    if dataset not in DATASETS:
+        _fail(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if urls is not None and base_url is not None:
+        _fail("give --urls or --base-url, not both")
+    try:
+        archives = load_archive_list(urls) if urls is not None else isic2017_archives(
+            *([base_url] if base_url else []))
+        done = download_dataset(archives, dest, keep_archives=keep_archives, retries=retries)
+    except DownloadError as err:
+        _fail(str(err))
+    for archive in archives:
+        typer.echo(f"{dest / archive.name}: {done[archive.name]['files']} images")
+
+
+def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int,
+                    batch_size: int) -> None:
+    from .ray_predict import RayPredictError, predict_with_ray
+
+    def report(source: str, reason: str) -> None:
+        typer.echo(f"error: {source}: {reason}", err=True)
+
+    try:
+        rows, failed = predict_with_ray(model, paths, out, address=address, engine=engine, tta=tta,
+                                        batch_size=batch_size, on_error=report)
+    except RayPredictError as err:
+        _fail(str(err))
+    if out is not None:
+        typer.echo(f"wrote {out}: {rows - failed} predicted, {failed} failed", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""Ray batch prediction: a run's Classifier in Ray Data actors over a lazy stream of image paths, to a file.
+
+Each actor loads the model once and runs `Classifier.predict_proba` and `Classifier.table` on its batches, so the
+preprocessing, the engine (ONNX or torch) and the output columns are those of the single-process `predict`.
+Folders are listed inside Ray tasks and results are written as they arrive: neither the list of images nor
+the table of results is ever held whole by the driver. Workers must see the images and the run folder at the
+paths given (a shared file system on a multi-node cluster).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+OUTPUT_FORMATS = (".parquet", ".csv")
+
+
+class RayPredictError(ValueError):
+    """Bad arguments for a Ray prediction; the message names the file or address."""
+
+
+def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None,
+                     address: str | None = None, engine: str = "auto", batch_size: int = 32, tta: int = 1,
+                     actors: int | None = None, cpus_per_actor: float = 1.0, num_cpus: int | None = None,
+                     on_error: Callable[[str, str], None] | None = None, progress: bool = True) -> tuple[int, int]:
+    """Predict every image in `inputs` (files and folders) on Ray and write one row per image to `out`.
+
+    out: a .parquet or .csv file (None: CSV on stdout). address: a Ray cluster ('auto', 'ray://host:10001');
+    None starts a local Ray (with `num_cpus` CPUs) unless this process is already connected to one.
+    actors: a fixed number of model actors; None lets Ray scale between 1 and the cluster's CPUs.
+    on_error(source, reason) is called for each unreadable file. Returns (rows written, rows with an error).
+    """
+    import ray
+
+    from .checkpoint import find_model_dir
+    from .predict import ENGINES, load_model
+
+    if engine not in ENGINES:
+        raise RayPredictError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
+        raise RayPredictError(f"{out}: the output must end in {' or '.join(OUTPUT_FORMATS)}")
+    if not inputs:
+        raise RayPredictError("no inputs: give image files and/or folders")
+    model_dir = find_model_dir(run).resolve()
+    load_model(model_dir, engine=engine)  # fail here, with a clear message, rather than inside every actor
+    started = not ray.is_initialized()
+    if started:
+        runtime_env = None if address is None else {"py_modules": [str(Path(__file__).resolve().parent)]}
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                 runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
+    try:
+        dataset = build_dataset(model_dir, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
+                                cpus_per_actor=cpus_per_actor, progress=progress)
+        rows, failed = write_stream(_batches(dataset), out, on_error)
+    finally:
+        if started:
+            ray.shutdown()
+    if rows == 0:
+        raise RayPredictError(f"no image files found in {', '.join(map(str, inputs))}")
+    return rows, failed
+
+
+def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: str = "auto", batch_size: int = 32,
+                  tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0, progress: bool = True):
+    """The lazy Ray Dataset: inputs -> image paths (listed in tasks) -> prediction rows (in model actors)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come out in the order `predict` would give them
+    context.enable_progress_bars = progress
+    if actors is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_actor, 1e-3))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))
+    else:
+        pool = ray.data.ActorPoolStrategy(size=actors)
+    paths = ray.data.from_items([{"input": str(Path(p).absolute())} for p in inputs]).flat_map(_expand_input)
+    return paths.map_batches(_ClassifierActor, batch_size=batch_size, batch_format="pandas", compute=pool,
+                             num_cpus=cpus_per_actor,
+                             fn_constructor_kwargs={"run": str(model_dir), "engine": engine, "batch_size": batch_size,
+                                                    "tta": tta, "threads": max(1, int(cpus_per_actor))})
+
+
+def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
+                 on_error: Callable[[str, str], None] | None = None) -> tuple[int, int]:
+    """Append result batches to a Parquet or CSV file (None: CSV on stdout), one batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = failed = 0
+    path = Path(out) if out is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    parquet = path is not None and path.suffix.lower() == ".parquet"
+    tmp = path.with_name(f".{path.name}.part") if path is not None else None
+    writer = None
+    handle = sys.stdout if path is None else None
+    try:
+        for table in batches:
+            if on_error is not None:
+                for source, reason in zip(table["source"], table["error"], strict=True):
+                    if reason:
+                        on_error(source, reason)
+            if parquet:
+                arrow = pa.Table.from_pandas(table, preserve_index=False,
+                                             schema=writer.schema if writer is not None else None)
+                writer = writer or pq.ParquetWriter(tmp, arrow.schema)
+                writer.write_table(arrow)
+            else:
+                if handle is None:
+                    handle = open(tmp, "w", newline="")
+                table.to_csv(handle, index=False, header=rows == 0)
+            rows += len(table)
+            failed += int((table["error"] != "").sum())
+    finally:
+        if writer is not None:
+            writer.close()
+        if handle is not None and handle is not sys.stdout:
+            handle.close()
+    if tmp is not None and tmp.exists():
+        tmp.replace(path)  # a finished table or none: an interrupted run leaves no half file under the name
+    return rows, failed
+
+
+# ---------------------------------------------------------------- internals
+
+
+def _batches(dataset) -> Iterator[pd.DataFrame]:
+    yield from dataset.iter_batches(batch_format="pandas", batch_size=None)
+
+
+def _expand_input(row: dict) -> list[dict]:
+    """One command-line input -> its image files, as the single-process `predict` lists them."""
+    from .predict import expand_inputs
+
+    return [{"path": path} for path in expand_inputs([row["input"]])]
+
+
+class _ClassifierActor:
+    """Holds one loaded model; called with a batch of paths, returns their rows of `Classifier.table`."""
+
+    def __init__(self, run: str, engine: str, batch_size: int, tta: int, threads: int = 1):
+        import torch
+
+        from .predict import load_model
+
+        torch.set_num_threads(threads)
+        self.classifier = load_model(run, engine=engine)
+        self.batch_size, self.tta = batch_size, tta
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        paths = list(batch["path"])
+        probs, errors = self.classifier.predict_proba(paths, batch_size=self.batch_size, num_workers=0, tta=self.tta)
+        table = self.classifier.table(paths, probs, errors)
+        # a batch of only unreadable files has NaN (float64) columns: keep every batch's schema the same
+        numeric = [c for c in table.columns if c not in ("source", "label", "error")]
+        return table.astype({c: "float32" for c in numeric})

@@ -1,0 +1,86 @@
+"""Tests: Ray Data batch prediction gives the single-process probabilities, one row per image, errors named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray  # in the dev extra: CI runs this module, never skips it
+from typer.testing import CliRunner
+
+from skincancer import cli
+from skincancer.checkpoint import CheckpointError
+from skincancer.predict import expand_inputs, load_model
+from skincancer.ray_predict import RayPredictError, predict_with_ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (predict_with_ray leaves a Ray it did not start running)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_folder(data_dir, tmp_path_factory) -> Path:
+    """Eight real test images (four melanoma, four nevus, one in a subfolder) and one truncated JPEG."""
+    root = tmp_path_factory.mktemp("ray_images")
+    (root / "more").mkdir()
+    for diagnosis in ("melanoma", "nevus"):
+        for i, path in enumerate(sorted((data_dir / "test" / diagnosis).glob("*.jpg"))[:4]):
+            shutil.copy(path, (root / "more" if i == 0 else root) / path.name)
+    first = sorted(root.glob("*.jpg"))[0]
+    (root / "broken.jpg").write_bytes(first.read_bytes()[:2000])
+    return root
+
+
+def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):
+    out = tmp_path / "predictions.parquet"
+    failures = []
+    rows, failed = predict_with_ray(tiny_run, [image_folder], out, batch_size=3, progress=False,
+                                    on_error=lambda source, reason: failures.append((source, reason)))
+    classifier = load_model(tiny_run)
+    expected = classifier.predict(expand_inputs([image_folder]))
+    table = pd.read_parquet(out)
+
+    assert (rows, failed) == (9, 1)
+    assert list(table.columns) == list(expected.columns)
+    assert list(table["source"]) == list(expected["source"])  # one row per image, in `predict`'s order
+    columns = [*classifier.class_names, classifier.positive_name]
+    np.testing.assert_allclose(table[columns].to_numpy(float), expected[columns].to_numpy(float), atol=1e-5)
+    assert list(table["label"]) == list(expected["label"])
+    broken = str(image_folder / "broken.jpg")
+    assert table.loc[table["source"] == broken, "error"].item().startswith("corrupt or truncated image")
+    assert table.loc[table["source"] == broken, columns].isna().all(axis=None)
+    assert (table.loc[table["source"] != broken, "error"] == "").all()
+    assert failures == [(broken, table.loc[table["source"] == broken, "error"].item())]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]  # no temp file left behind
+
+
+def test_cli_predict_ray_writes_csv_and_names_unreadable_files(local_ray, tiny_run, image_folder, tmp_path):
+    out = tmp_path / "out.csv"
+    files = sorted(image_folder.glob("*.jpg"))
+    missing = tmp_path / "missing.jpg"
+    result = CliRunner().invoke(cli.app, ["predict", "--model", str(tiny_run), "--ray", str(files[0]),
+                                          str(image_folder / "more"), str(missing), "-o", str(out)])
+    assert result.exit_code == 1, result.output  # like `predict`: unreadable files make the exit status 1
+    assert f"error: {missing}: file not found" in result.output
+    table = pd.read_csv(out, keep_default_na=False)
+    expected = load_model(tiny_run).predict([str(files[0]), *expand_inputs([image_folder / "more"]), str(missing)])
+    assert list(table["source"]) == list(expected["source"])
+    assert list(table["error"]) == ["", "", "", "file not found"]
+    np.testing.assert_allclose(table["malignant"].to_numpy()[:3].astype(float),
+                               expected["malignant"].to_numpy()[:3], atol=1e-5)
+
+
+def test_bad_arguments_fail_before_ray_starts(tiny_run, image_folder, tmp_path):
+    with pytest.raises(RayPredictError, match=r"out\.xlsx: the output must end in \.parquet or \.csv"):
+        predict_with_ray(tiny_run, [image_folder], tmp_path / "out.xlsx")
+    with pytest.raises(RayPredictError, match="engine must be one of"):
+        predict_with_ray(tiny_run, [image_folder], tmp_path / "out.csv", engine="tensorrt")
+    with pytest.raises(CheckpointError, match="no-run: no such run or model folder"):
+        predict_with_ray(tmp_path / "no-run", [image_folder], tmp_path / "out.csv")
