@@ -60,4 +60,7 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
         page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
         assert "415" in page.inner_text("#error") and "not an image" in page.inner_text("#error")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        page.goto(url + "/docs")  # Swagger UI from the package's own static files: no CDN needed
+        page.locator(".opblock").filter(has_text="/api/predict").first.wait_for(timeout=30_000)
         page.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -111,8 +112,9 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
     file_limit = int(max_upload_mb * MB)
     inference_lock = threading.Lock()  # one batch at a time: each already uses every core
 
-    app = FastAPI(title="skincancer", version=__version__,
-                  description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
+    # /docs with Swagger UI served from the package, not a CDN: works offline and sends nothing elsewhere
+    app = FastAPIOffline(title="skincancer", version=__version__,
+                         description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
     app.add_middleware(UploadLimit, limit=file_limit + MULTIPART_SLACK, file_limit=file_limit)
     app.state.classifier = classifier
     page = render_page(card, file_limit)
