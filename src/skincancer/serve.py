@@ -163,7 +163,9 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
         if cam:
             from .explain import explain
 
-            answer["cam_png_base64"] = png_base64(explain(classifier, image))
+            with inference_lock:  # Grad-CAM hooks the PyTorch model, which the torch engine also predicts with
+                picture = explain(classifier, image)
+            answer["cam_png_base64"] = png_base64(picture)
         answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return answer
 
