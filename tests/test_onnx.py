@@ -64,8 +64,10 @@ def test_engines_agree_on_real_images(exported_run, real_images, tmp_path):
     images = [*chosen[:3], str(broken), *chosen[3:]]
     onnx_model, torch_model = load_model(exported_run, engine="onnx"), load_model(exported_run, engine="torch")
     assert (onnx_model.engine_name, torch_model.engine_name) == ("onnx", "torch")
+    threads = torch.get_num_threads()
     for tta in (1, 2):
-        p_onnx, e_onnx = onnx_model.predict_proba(images, batch_size=4, num_workers=1, tta=tta)
+        p_onnx, e_onnx = onnx_model.predict_proba(images, batch_size=4, num_workers=1 if tta == 1 else 0, tta=tta)
+        assert torch.get_num_threads() == threads  # the engine's one-thread decoding spell is undone
         p_torch, e_torch = torch_model.predict_proba(images, batch_size=4, num_workers=0, tta=tta)
         assert [i for i, _ in e_onnx] == [i for i, _ in e_torch] == [3]
         assert np.isnan(p_onnx[3]).all()
