@@ -57,3 +57,23 @@ def test_build_model_new_head_and_unknown_backbone():
     assert model.get_classifier().out_features == 3
     with pytest.raises(BackboneError, match="unknown backbone"):
         build_model("no_such_net", 3)
+
+
+def test_multiscale_pooling_concatenates_stages_and_round_trips(tmp_path):
+    from skincancer.backbones import MultiScaleClassifier, model_from_meta
+    from skincancer.checkpoint import read_weights, save_model
+
+    model = build_model("tf_efficientnet_lite0", num_classes=3, pooling="multiscale").eval()
+    assert isinstance(model, MultiScaleClassifier)
+    x = torch.randn(2, 3, 96, 96)
+    features = model.forward_features(x)
+    assert features.shape == (2, 40 + 80 + 112 + 192 + 320 + 1280)  # stages 3-7 and the 1280-d head
+    meta = {"backbone": "tf_efficientnet_lite0", "class_names": ["a", "b", "c"], "labels": {"a": 1, "b": 0, "c": 0},
+            "image_size": 96, "mean": [0.5] * 3, "std": [0.5] * 3, "threshold": 0.5, "pooling": "multiscale"}
+    save_model(model, meta, tmp_path)
+    again = model_from_meta(meta).eval()
+    again.load_state_dict(read_weights(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(BackboneError, match="pooling"):
+        build_model("tf_efficientnet_lite0", 3, pooling="max")

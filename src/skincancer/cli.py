@@ -127,13 +127,13 @@ def evaluate(
     metrics = run_evaluation(load_model(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
                              num_workers=num_workers)
     lo, hi = metrics["auc_ci95"]
-    typer.echo(f"{'n':<28}{metrics['n']} ({metrics['n_positive']} malignant)")
-    typer.echo(f"{'AUC (95% CI)':<28}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")
+    typer.echo(f"{'n':<36}{metrics['n']} ({metrics['n_positive']} malignant)")
+    typer.echo(f"{'AUC (95% CI)':<36}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")
     for name, value in metrics.get("class_auc", {}).items():
-        typer.echo(f"{'AUC ' + name + ' vs rest':<28}{value:.4f}")
-    typer.echo(f"{'threshold':<28}{metrics['threshold']:.4f}")
+        typer.echo(f"{'AUC ' + name + ' vs rest':<36}{value:.4f}")
+    typer.echo(f"{'threshold':<36}{metrics['threshold']:.4f}")
     for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
-        typer.echo(f"{key:<28}{metrics[key]:.4f}")
+        typer.echo(f"{key:<36}{metrics[key]:.4f}")
     typer.echo(f"report: {out / 'report.html'}")
     if metrics["skipped"]:
         typer.echo(f"warning: {len(metrics['skipped'])} unreadable file(s) skipped (see metrics.json)", err=True)

@@ -45,11 +45,13 @@ class TrainConfig:
     class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
     label_smoothing: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
+    keep: str = "best"  # best: the epoch with the highest validation AUC (early stopping); last: the final epoch
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.998)
     tta: int = 1  # dihedral views averaged when validating and choosing the threshold; stored as the model's default
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     # linear
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)
     feature_flips: bool = True  # train the head on each image and its mirror image
     cache_dir: str = ""  # "" = $SKINCANCER_CACHE or ~/.cache/skincancer
 
@@ -81,6 +83,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.pooling not in ("final", "multiscale"):
+            raise ConfigError(f"pooling: must be 'final' or 'multiscale', got {self.pooling!r}")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"keep: must be 'best' or 'last', got {self.keep!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.tta not in (1, 2, 4, 8):

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import timm
 import torch
 from PIL import Image
 from torch import nn
 
+from .backbones import model_from_meta
 from .checkpoint import find_model_dir, load_weights_into, read_meta, read_weights
 from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
 from .engine import run_inference
@@ -94,7 +94,8 @@ class Classifier:
             columns[name] = probs[:, c] if probs.shape[1] else np.full(len(images), np.nan)
         columns[self.positive_name] = malignant
         columns["label"] = [
-            "" if np.isnan(p) else (self.positive_name if p >= self.threshold else self.negative_name) for p in malignant
+            "" if np.isnan(p) else self.positive_name if p >= self.threshold else self.negative_name
+            for p in malignant
         ]
         columns["error"] = [error_by_index.get(i, "") for i in range(len(images))]
         return pd.DataFrame(columns)
@@ -110,7 +111,7 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
-    model = timm.create_model(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
+    model = model_from_meta(meta)
     load_weights_into(model, read_weights(model_dir), str(model_dir))
     model.eval()
     runtime = None

@@ -54,7 +54,7 @@ def train(config: TrainConfig) -> Path:
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
 
-        model = build_model(config.backbone, len(class_names), pretrained=config.pretrained)
+        model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
         prep = preprocessing(model)
         device = default_device() if config.device == "auto" else torch.device(config.device)
         model.to(device)
@@ -62,7 +62,7 @@ def train(config: TrainConfig) -> Path:
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.image_size, **prep, "threshold": 0.5, "threshold_policy": config.threshold_policy,
-            "tta": config.tta,
+            "tta": config.tta, "pooling": config.pooling,
             "skincancer_version": __version__,
         }
         _print_summary(model, config)
@@ -164,7 +164,7 @@ def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
     key = {
         "backbone": config.backbone, "pretrained": config.pretrained, "image_size": config.image_size,
         "weights": f"{weights.name}:{weights.stat().st_size}" if weights else str(config.pretrained),
-        "view": view, **prep, "version": 1,
+        "view": view, **prep, "version": 1, "pooling": config.pooling,
     }
     if not config.pretrained:
         key["seed"] = config.seed  # random weights differ by seed
@@ -278,13 +278,13 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
         for key in ("train_loss", "valid_loss", "valid_auc", "lr"):
             writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
-        improved = auc > best_auc
+        improved = auc > best_auc or config.keep == "last"
         if improved:
             best_auc, best_epoch = auc, epoch
             best_state = {k: v.detach().clone() for k, v in unwrap(evaluated).state_dict().items()}
             save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
-                 train_loss, valid_loss, auc, " *best*" if improved else "", row["seconds"])
+                 train_loss, valid_loss, auc, " *kept*" if improved else "", row["seconds"])
         if config.patience and epoch - best_epoch >= config.patience:
             log.info("early stop: no validation AUC gain for %d epochs", config.patience)
             break

@@ -1,0 +1,89 @@
+"""Cross-validated comparison of training recipes on train+valid (never the test split).
+
+For each named recipe (overrides of a base config) and each of K stratified folds of the union of the training and
+validation manifests, train on K-1 folds and predict the held-out fold (with 1 and 8 dihedral TTA views). Prints one
+JSON line per recipe with the pooled out-of-fold melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the
+same for the averages (ensembles) of recipe pairs. Out-of-fold predictions are written to --out.
+
+    python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
+        --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+from skincancer import load_config, load_manifest, load_model, save_manifest, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--valid", required=True)
+    parser.add_argument("--recipes", required=True, help="YAML: {name: {config overrides}}; key 'base' = shared")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="run only these recipes")
+    parser.add_argument("--out", default="runs/cv")
+    args = parser.parse_args()
+
+    recipes = yaml.safe_load(Path(args.recipes).read_text())
+    base = recipes.pop("base", {})
+    if args.only:
+        recipes = {k: v for k, v in recipes.items() if k in args.only}
+    data = pd.concat([load_manifest(args.train), load_manifest(args.valid)], ignore_index=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
+    oof: dict[str, dict[int, np.ndarray]] = {}
+    for name, overrides in recipes.items():
+        tic = time.time()
+        oof[name] = {1: np.zeros((len(data), 3)), 8: np.zeros((len(data), 3))}
+        for k, (kept, held) in enumerate(folds):
+            fold_dir = out / name / f"fold{k}"
+            train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
+            held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
+            config = load_config(None, **{**base, **overrides, "train": str(train_csv), "valid": str(held_csv),
+                                          "out": str(fold_dir / "run")})
+            run = train(config)
+            classifier = load_model(run)
+            if torch.cuda.is_available():
+                classifier.model.cuda()
+            for tta in (1, 8):
+                probs, _ = classifier.predict_proba(list(data["filepath"].iloc[held]), num_workers=config.num_workers,
+                                                    batch_size=64, tta=tta)
+                order = [classifier.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
+                oof[name][tta][held] = probs[:, order]
+        np.save(out / f"{name}_oof.npy", np.stack([oof[name][1], oof[name][8]]))
+        print(json.dumps({"recipe": name, **scores(data, oof[name]), "seconds": round(time.time() - tic)}),
+              flush=True)
+    for a, b in itertools.combinations(oof, 2):
+        mean = {t: (oof[a][t] + oof[b][t]) / 2 for t in (1, 8)}
+        print(json.dumps({"recipe": f"{a}+{b}", **scores(data, mean)}), flush=True)
+    if len(oof) > 2:
+        mean = {t: np.mean([oof[n][t] for n in oof], axis=0) for t in (1, 8)}
+        print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
+
+
+def scores(data: pd.DataFrame, probs: dict[int, np.ndarray]) -> dict:
+    melanoma = (data["diagnosis"] == "melanoma").to_numpy()
+    keratosis = (data["diagnosis"] == "seborrheic_keratosis").to_numpy()
+    result = {}
+    for tta, p in probs.items():
+        mel, sk = roc_auc_score(melanoma, p[:, 0]), roc_auc_score(keratosis, p[:, 2])
+        result[f"tta{tta}"] = {"melanoma_auc": round(mel, 4), "sk_auc": round(sk, 4), "mean": round((mel + sk) / 2, 4)}
+    return result
+
+
+if __name__ == "__main__":
+    main()
