@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -51,7 +52,9 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     try:
-        if not path.exists():
+        if not path.exists():  # also False for a symlink loop or a dangling link: say which
+            if path.is_symlink():
+                raise ImageError(path, "symlink loop" if _is_link_loop(path) else "broken symlink (target not found)")
             raise ImageError(path, "file not found")
         if not path.is_file():
             raise ImageError(path, "not a regular file")
@@ -73,11 +76,19 @@ def load_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, "image too large: possible decompression bomb") from None
     except OSError as err:
-        if err.errno == 40:  # ELOOP
+        if err.errno == errno.ELOOP:
             raise ImageError(path, "symlink loop") from None
         raise ImageError(path, f"corrupt or truncated image ({err})") from None
     except (ValueError, SyntaxError, EOFError) as err:
         raise ImageError(path, f"corrupt image ({err})") from None
+
+
+def _is_link_loop(path: Path) -> bool:
+    try:
+        path.stat()
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
