@@ -95,10 +95,19 @@ def train(
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue an interrupted run from its last epoch")] = None,
 ) -> None:
     """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
+    given = [name for name, value in locals().items() if name != "resume" and value is not None]
+    from .train import resume_config
     from .train import train as run_training
 
+    if resume is not None:
+        if given:
+            _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
+        run = run_training(resume_config(resume), resume=True)
+        typer.echo(f"run saved to {run}")
+        return
     cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone, image_size=image_size,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, head=head,
                       labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,

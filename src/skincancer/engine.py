@@ -41,8 +41,10 @@ def autocast(device: torch.device):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
-                sampler: Sampler | None = None, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
+                sampler: Sampler | None = None, seed: int = 0, generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader that tolerates unreadable files; `generator` (re-seeded per epoch by training) fixes the
+    shuffling order and the workers' random seeds, so an epoch can be replayed exactly after a resume."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=collate, generator=generator,
                       persistent_workers=False, drop_last=False)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from timm.utils import ModelEmaV3
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .checkpoint import atomic_write, save_model, unwrap, write_json
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, load_config
 from .data import DataError, ImageDataset, build_transform, resolve_data
 from .engine import DIHEDRAL, default_device, make_loader, run_inference, train_one_epoch
 from .metrics import choose_threshold, operating_point, roc_auc
@@ -34,8 +36,10 @@ from .metrics import choose_threshold, operating_point, roc_auc
 log = logging.getLogger("skincancer")
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a model as `config` says; returns the run folder (with model/ inside)."""
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train a model as `config` says; returns the run folder (with model/ inside).
+
+    resume=True continues a fine-tuning run from its last complete epoch (see `resume_config`)."""
     if not config.train or not config.valid or not config.out:
         raise DataError("train, valid and out are all required")
     started = time.time()
@@ -72,7 +76,7 @@ def train(config: TrainConfig) -> Path:
             epoch = 0
         else:
             epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
-                                 meta, out, writer)
+                                 meta, out, writer, resume=resume)
 
         # Threshold and validation figures always come from the saved model's own outputs on validation.
         valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
@@ -219,8 +223,11 @@ def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, pre
 
 def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                  valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], meta: dict, out: Path,
-                 writer: SummaryWriter) -> int:
-    """Whole network, AdamW + warmup/cosine, class balancing, early stopping on validation AUC; best kept."""
+                 writer: SummaryWriter, resume: bool = False) -> int:
+    """Whole network, AdamW + warmup/cosine, class balancing, early stopping on validation AUC; best kept.
+
+    After every epoch the full training state goes to out/checkpoints (atomically), so `resume` replays from the
+    last complete epoch exactly: weights, EMA, optimiser, schedule, shuffling order and random number generators."""
     train_set = ImageDataset(train_df["filepath"], train_targets, build_transform(
         config.image_size, prep["mean"], prep["std"], config.augment))
     valid_set = ImageDataset(valid_df["filepath"], valid_targets, _eval_transform(config, prep))
@@ -229,10 +236,11 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
         raise DataError(f"{config.train}: no training images of class(es) {', '.join(missing)}")
     class_weights = counts.sum() / (len(counts) * counts)
+    shuffle = torch.Generator()  # re-seeded every epoch: the order of epoch e depends on (seed, e) alone
     sampler = None
     if config.class_balance == "sampler":
         sampler = WeightedRandomSampler(torch.as_tensor(class_weights[train_targets]), len(train_targets),
-                                        generator=torch.Generator().manual_seed(config.seed))
+                                        generator=shuffle)
     loss_weights = None
     if config.class_balance == "weighted_loss":
         loss_weights = torch.as_tensor(class_weights, dtype=torch.float32)
@@ -241,7 +249,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         loss_weights = loss_weights.to(device)
     loss_fn = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
     loader = make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, sampler=sampler,
-                         seed=config.seed)
+                         generator=shuffle)
     steps_per_epoch = len(loader) if not config.max_steps_per_epoch else min(config.max_steps_per_epoch, len(loader))
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
@@ -258,9 +266,18 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     evaluated = ema.module if ema is not None else model  # the weights we validate and keep
     positive = _positive_indices(config, class_names)
     valid_labels = valid_df["label"].to_numpy()
-    best_auc, best_epoch, best_state, rows = -1.0, 0, None, []
-    for epoch in range(1, config.epochs + 1):
+    best_auc, best_epoch, best_state, rows, start = -1.0, 0, None, [], 1
+    if resume:
+        state = load_training_state(out / "checkpoints", model, ema, optimizer, scheduler)
+        if state is not None:
+            best_state, rows = state["best"], state["rows"]
+            best_auc, best_epoch, start = state["best_auc"], state["best_epoch"], state["epoch"] + 1
+            log.info("resuming after epoch %d (best %d, validation AUC %.4f)", state["epoch"], best_epoch, best_auc)
+    for epoch in range(start, config.epochs + 1):
+        if config.patience and epoch - 1 - best_epoch >= config.patience:
+            break  # the interrupted run had already stopped early
         tic = time.time()
+        shuffle.manual_seed(config.seed * 1_000_003 + epoch)
         on_step = (lambda step, loss, start=(epoch - 1) * steps_per_epoch: ema.update(model, step=start + step)
                    ) if ema is not None else None
         train_loss, errors = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch,
@@ -283,6 +300,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
             best_auc, best_epoch = auc, epoch
             best_state = {k: v.detach().clone() for k, v in unwrap(evaluated).state_dict().items()}
             save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
+        save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
+                            {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows})
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
                  train_loss, valid_loss, auc, " *kept*" if improved else "", row["seconds"])
         if config.patience and epoch - best_epoch >= config.patience:
@@ -290,6 +309,71 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
             break
     unwrap(model).load_state_dict(best_state)
     return best_epoch
+
+
+# ---------------------------------------------------------------- resumable training state
+
+
+def save_training_state(directory: Path, epoch: int, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+                        scheduler, best_state: dict, progress: dict) -> None:
+    """Write checkpoints/epoch-N/ completely, then point checkpoints/last.json at it (an atomic rename).
+
+    A kill at any moment leaves last.json naming a complete epoch. Tensors go to safetensors, the optimiser's
+    state to a .pt read back with weights_only=True, everything else to JSON: nothing is ever unpickled."""
+    target = directory / f"epoch-{epoch}"
+    tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.module.state_dict().items()})
+    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    numpy_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(target / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(target / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    python_state = random.getstate()
+    write_json(target / "state.json", {
+        "epoch": epoch, **progress, "scheduler": scheduler.state_dict(),
+        "rng_numpy": [numpy_state[0], *numpy_state[2:]], "rng_python": [python_state[0], list(python_state[1])],
+    })
+    write_json(directory / "last.json", {"epoch": epoch, "path": target.name})
+    for old in directory.glob("epoch-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(directory: Path, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+                        scheduler) -> dict | None:
+    """Restore what save_training_state wrote; None when no epoch has completed yet."""
+    pointer = directory / "last.json"
+    if not pointer.is_file():
+        log.info("no complete epoch in %s: starting from the beginning", directory)
+        return None
+    source = directory / json.loads(pointer.read_text())["path"]
+    state = json.loads((source / "state.json").read_text())
+    tensors = load_file(str(source / "state.safetensors"))
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    unwrap(model).load_state_dict(part("model."))
+    if ema is not None:
+        ema.module.load_state_dict(part("ema."))
+    optimizer.load_state_dict(torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    name, *rest = state["rng_numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), *rest))
+    random.setstate((state["rng_python"][0], tuple(state["rng_python"][1]), None))
+    return {**state, "best": part("best.")}
+
+
+def resume_config(run: str | Path) -> TrainConfig:
+    """The configuration an interrupted run was started with (its config.yaml)."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{run}: not a run folder to resume (no config.yaml)")
+    return load_config(path)
 
 
 # ---------------------------------------------------------------- helpers

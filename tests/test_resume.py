@@ -1,0 +1,64 @@
+"""Interrupted training loses nothing: SIGKILL mid-epoch, `train --resume`, same result as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from skincancer.checkpoint import read_weights
+
+
+def train_args(small_data, out: Path, cache_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "skincancer", "train", "--train", str(small_data["train"]),
+            "--valid", str(small_data["valid"]), "--out", str(out), "--mode", "finetune", "--image-size", "64",
+            "--epochs", "3", "--batch-size", "6", "--max-steps-per-epoch", "4", "--num-workers", "0",
+            "--seed", "7"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(small_data, cache_dir, tmp_path):
+    env = {**os.environ, "SKINCANCER_CACHE": str(cache_dir)}
+    reference = tmp_path / "reference"
+    subprocess.run(train_args(small_data, reference, cache_dir), check=True, capture_output=True, env=env)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_args(small_data, killed, cache_dir), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = killed / "checkpoints" / "last.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not pointer.is_file():
+        time.sleep(0.05)
+    assert pointer.is_file(), "no checkpoint was written"
+    time.sleep(1.0)  # well into epoch 2 (each epoch takes several seconds here)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads(pointer.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    assert not (killed / "valid_metrics.json").exists()
+
+    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(killed)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch" in result.stderr
+
+    done, again = pd.read_csv(reference / "summary.csv"), pd.read_csv(killed / "summary.csv")
+    assert list(again["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(done.drop(columns="seconds"), again.drop(columns="seconds"), atol=1e-5)
+    first = json.loads((reference / "valid_metrics.json").read_text())
+    second = json.loads((killed / "valid_metrics.json").read_text())
+    assert second["auc"] == pytest.approx(first["auc"], abs=1e-6)
+    a, b = read_weights(reference / "model"), read_weights(killed / "model")
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+
+
+def test_resume_refuses_extra_flags_and_non_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(tmp_path), "--epochs", "3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--epochs" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not a run folder" in result.stderr
