@@ -96,9 +96,12 @@ def train(
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run from its last epoch")] = None,
+    nproc: Annotated[int | None, typer.Option(help="train with N processes (torchrun, DDP)")] = None,
 ) -> None:
     """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
-    given = [name for name, value in locals().items() if name != "resume" and value is not None]
+    if nproc is not None and nproc > 1:
+        _launch_torchrun(nproc)
+    given = [name for name, value in locals().items() if name not in ("resume", "nproc") and value is not None]
     from .train import resume_config
     from .train import train as run_training
 
@@ -279,6 +282,24 @@ def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: s
         typer.echo(f"wrote {out}: {rows - failed} predicted, {failed} failed", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with N processes (gloo on CPU, nccl on CUDA)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "skincancer", *args]
+    typer.echo(f"launching: {' '.join(command)}", err=True)
+    raise typer.Exit(subprocess.call(command))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -30,7 +30,8 @@ from .backbones import build_model, bundled_weights_path, count_parameters, prep
 from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
 from .data import DataError, ImageDataset, build_transform, resolve_data
-from .engine import DIHEDRAL, default_device, make_loader, run_inference, train_one_epoch
+from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
+from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metrics import choose_threshold, operating_point, roc_auc
 
 log = logging.getLogger("skincancer")
@@ -44,11 +45,16 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         raise DataError("train, valid and out are all required")
     started = time.time()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    file_log = _log_to(out / "train.log")
+    world = init_world()
+    if world.distributed and config.mode == "linear" and not world.is_main:
+        return out  # the linear probe is one process's work (features are cached); rank 0 does it
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
     try:
         seed_everything(config.seed)
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
+        if world.is_main:
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
         train_df = resolve_data(config.train, config.labels)
         valid_df = resolve_data(config.valid, config.labels)
         class_names = _class_names(config, train_df, valid_df)
@@ -60,8 +66,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
         prep = preprocessing(model)
-        device = default_device() if config.device == "auto" else torch.device(config.device)
-        model.to(device)
+        model.to(device_for(world, config.device))
         meta = {
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
@@ -69,14 +74,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             "tta": config.tta, "pooling": config.pooling,
             "skincancer_version": __version__,
         }
-        _print_summary(model, config)
-        writer = SummaryWriter(str(out / "tensorboard"))
+        if world.is_main:
+            _print_summary(model, config)
+        writer = SummaryWriter(str(out / "tensorboard")) if world.is_main else _NoWriter()
         if config.mode == "linear":
             fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names, out, writer)
             epoch = 0
         else:
             epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
-                                 meta, out, writer, resume=resume)
+                                 meta, out, writer, resume=resume, world=world)
+            if not world.is_main:
+                return out
 
         # Threshold and validation figures always come from the saved model's own outputs on validation.
         valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
@@ -98,6 +106,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     finally:
         log.removeHandler(file_log)
         file_log.close()
+        shutdown(world)
 
 
 # ---------------------------------------------------------------- linear probe
@@ -223,7 +232,7 @@ def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, pre
 
 def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                  valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], meta: dict, out: Path,
-                 writer: SummaryWriter, resume: bool = False) -> int:
+                 writer: SummaryWriter, resume: bool = False, world: World = World()) -> int:
     """Whole network, AdamW + warmup/cosine, class balancing, early stopping on validation AUC; best kept.
 
     After every epoch the full training state goes to out/checkpoints (atomically), so `resume` replays from the
@@ -236,11 +245,10 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
         raise DataError(f"{config.train}: no training images of class(es) {', '.join(missing)}")
     class_weights = counts.sum() / (len(counts) * counts)
-    shuffle = torch.Generator()  # re-seeded every epoch: the order of epoch e depends on (seed, e) alone
-    sampler = None
-    if config.class_balance == "sampler":
-        sampler = WeightedRandomSampler(torch.as_tensor(class_weights[train_targets]), len(train_targets),
-                                        generator=shuffle)
+    # The order of epoch e depends on (seed, e) alone: resumes replay it, and DDP ranks split it without overlap.
+    sampler = ShardedSampler(len(train_set), world, config.seed,
+                             weights=class_weights[train_targets] if config.class_balance == "sampler" else None)
+    shuffle = torch.Generator()  # seeds the loader workers' augmentation, re-seeded every epoch
     loss_weights = None
     if config.class_balance == "weighted_loss":
         loss_weights = torch.as_tensor(class_weights, dtype=torch.float32)
@@ -263,6 +271,9 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    trained = model
+    if world.distributed:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     evaluated = ema.module if ema is not None else model  # the weights we validate and keep
     positive = _positive_indices(config, class_names)
     valid_labels = valid_df["label"].to_numpy()
@@ -277,14 +288,19 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         if config.patience and epoch - 1 - best_epoch >= config.patience:
             break  # the interrupted run had already stopped early
         tic = time.time()
-        shuffle.manual_seed(config.seed * 1_000_003 + epoch)
+        shuffle.manual_seed(config.seed * 1_000_003 + epoch + 7919 * world.rank)
+        sampler.set_epoch(epoch)
         on_step = (lambda step, loss, start=(epoch - 1) * steps_per_epoch: ema.update(model, step=start + step)
                    ) if ema is not None else None
-        train_loss, errors = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch,
+        train_loss, errors = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                              config.max_steps_per_epoch, on_step=on_step)
         _report_bad(errors, train_df, "train")
-        probs, errors = run_inference(evaluated, valid_set, config.batch_size, config.num_workers, tta=config.tta,
+        shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
+        shard_set = ImageDataset(valid_df["filepath"].iloc[shard], valid_targets[shard], valid_set.transform)
+        probs, errors = run_inference(evaluated, shard_set, config.batch_size, config.num_workers, tta=config.tta,
                                       desc="validating")
+        probs = gather_rows(world, probs, shard, len(valid_set))
+        errors = [(int(shard[i]), reason) for i, reason in errors]
         ok = ~np.isnan(probs).any(1)
         valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
                                                   torch.as_tensor(valid_targets[ok])))
@@ -292,16 +308,20 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_auc": auc,
                "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - tic, 1)}
         rows.append(row)
-        atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+        if world.is_main:
+            atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
         for key in ("train_loss", "valid_loss", "valid_auc", "lr"):
             writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
         improved = auc > best_auc or config.keep == "last"
         if improved:
             best_auc, best_epoch = auc, epoch
             best_state = {k: v.detach().clone() for k, v in unwrap(evaluated).state_dict().items()}
-            save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
-        save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
-                            {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows})
+            if world.is_main:
+                save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
+        if world.is_main:
+            save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
+                                {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows})
+        barrier(world)
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
                  train_loss, valid_loss, auc, " *kept*" if improved else "", row["seconds"])
         if config.patience and epoch - best_epoch >= config.patience:
@@ -458,6 +478,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class _NoWriter:
+    """Stands in for SummaryWriter on ranks other than 0: only rank 0 writes the run folder."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _log_to(path: Path) -> logging.Handler:

@@ -1,0 +1,96 @@
+"""Distributed training helpers: process groups under torchrun, sharded validation, a class-balanced sampler."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world() -> World:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA); else one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend=backend)
+    return world
+
+
+def device_for(world: World, requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", world.local_rank) if world.distributed else torch.device("cuda")
+
+
+def gather_rows(world: World, rows: np.ndarray, indices: np.ndarray, total: int) -> np.ndarray:
+    """Each rank predicted rows for some indices; every rank gets the full [total, ...] array back."""
+    if not world.distributed:
+        return rows
+    pieces: list = [None] * world.size
+    dist.all_gather_object(pieces, (indices, rows))
+    full = np.full((total, *rows.shape[1:]), np.nan, dtype=rows.dtype)
+    for piece_indices, piece_rows in pieces:
+        full[piece_indices] = piece_rows
+    return full
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardedSampler(Sampler[int]):
+    """Every rank draws the same epoch order (shuffled, or weighted with replacement for class balance) from a
+    generator seeded by (seed, epoch), then takes its own slice rank::size; together the ranks see one epoch."""
+
+    def __init__(self, n: int, world: World, seed: int, weights: np.ndarray | None = None):
+        self.n, self.world, self.seed, self.weights, self.epoch = n, world, seed, weights, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            weights = torch.as_tensor(self.weights, dtype=torch.double)
+            return torch.multinomial(weights, self.n, replacement=True, generator=generator)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        per_rank = -(-self.n // self.world.size)
+        order = torch.cat([order, order[: per_rank * self.world.size - self.n]])  # pad so every rank gets as many
+        return iter(order[self.world.rank :: self.world.size].tolist())
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world.size)
