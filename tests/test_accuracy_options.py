@@ -64,3 +64,19 @@ def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):
     name = "conv_stem.weight"
     assert not np.allclose(a[name].numpy(), b[name].numpy(), atol=1e-7)
     assert load_model(ema).predict_proba([str(small_data["test"])])[1]  # a CSV is not an image: reported, not raised
+
+
+def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--model",
+                             str(finetune_run), "--data", str(small_data["test"]), "--out", str(tmp_path / "e"),
+                             "--num-workers", "0", "--engine", "torch"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = __import__("json").loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["model"]["mode"] == "ensemble" and metrics["tta"] == "per model"
+    classifier = load_model(finetune_run, engine="torch")
+    classifier.meta["tta"] = 2
+    image = str((small_data["test"].parent / pd.read_csv(small_data["test"])["filepath"][0]).resolve())
+    np.testing.assert_allclose(classifier.predict_proba([image])[0], classifier.predict_proba([image], tta=2)[0])

@@ -122,21 +122,23 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="run folder")],
+    model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     data: Annotated[Path, typer.Option(help="labelled manifest CSV or folder-per-class directory")],
     out: Annotated[Path, typer.Option(help="folder for metrics.json, predictions, plots, report.html")],
-    tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
+    tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
+                   ] = None,
     batch_size: int = 32,
     num_workers: int = 2,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
 ) -> None:
     """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
+    from .ensemble import load_models
     from .evaluate import evaluate as run_evaluation
-    from .predict import ENGINES, load_model
+    from .predict import ENGINES
 
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    metrics = run_evaluation(load_model(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
+    metrics = run_evaluation(load_models(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
                              num_workers=num_workers)
     lo, hi = metrics["auc_ci95"]
     typer.echo(f"{'n':<36}{metrics['n']} ({metrics['n_positive']} malignant)")
@@ -154,10 +156,11 @@ def evaluate(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
-    model: Annotated[Path, typer.Option(help="run folder")],
+    model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     format: Annotated[str, typer.Option("--format", help="csv | json (for several images)")] = "csv",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
-    tta: Annotated[int, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8")] = 1,
+    tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
+                   ] = None,
     batch_size: int = 32,
     num_workers: Annotated[int, typer.Option(help="loader processes decoding images while the model runs")] = 1,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
@@ -167,14 +170,17 @@ def predict(
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
     if ray:
-        return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
-    from .predict import ENGINES, expand_inputs, load_model, sentence
+        if len(model) > 1:
+            _fail("--ray predicts with one --model")
+        return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
+    from .ensemble import load_models
+    from .predict import ENGINES, expand_inputs, sentence
 
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    classifier = load_model(model, engine=engine)
+    classifier = load_models(model, engine=engine)
     files = expand_inputs(paths)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
@@ -266,7 +272,7 @@ def download(
         typer.echo(f"{dest / archive.name}: {done[archive.name]['files']} images")
 
 
-def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int,
+def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int | None,
                     batch_size: int) -> None:
     from .ray_predict import RayPredictError, predict_with_ray
 

@@ -60,7 +60,7 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
                        "sensitivity": point["sensitivity"], "specificity": point["specificity"]}
 
 
-def load_models(runs: Sequence[str | Path]) -> Classifier:
+def load_models(runs: Sequence[str | Path], engine: str = "auto") -> Classifier:
     """One run -> its Classifier; several -> an Ensemble of them."""
-    classifiers = [load_model(run) for run in runs]
+    classifiers = [load_model(run, engine=engine) for run in runs]
     return classifiers[0] if len(classifiers) == 1 else Ensemble(classifiers)

@@ -30,8 +30,6 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         classifier = model
     else:
         classifier = load_models([model] if isinstance(model, (str, Path)) else list(model))
-    if tta is None and not isinstance(classifier, Ensemble):
-        tta = classifier.meta.get("tta", 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
@@ -56,7 +54,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         if all(v is not None for v in tasks):
             metrics["isic_mean_auc"] = float(np.mean(tasks))
     metrics.update({
-        "data": str(data), "tta": tta if tta is not None else "per model", "skipped": skipped,
+        "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
                                                          "threshold", "threshold_policy", "validation")},
     })
@@ -88,3 +86,9 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     ]
     html_report(metrics, plots, out / "report.html")
     return metrics
+
+
+def _tta_used(classifier: Classifier, tta: int | None) -> int | str:
+    if tta is not None:
+        return tta
+    return "per model" if isinstance(classifier, Ensemble) else classifier.meta.get("tta", 1)

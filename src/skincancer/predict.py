@@ -68,8 +68,11 @@ class Classifier:
         return probs[:, self.positive_indices].sum(axis=1)
 
     def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
-                      tta: int = 1) -> tuple[np.ndarray, list]:
-        """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures."""
+                      tta: int | None = None) -> tuple[np.ndarray, list]:
+        """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures.
+
+        tta: dihedral views averaged (1, 2, 4, 8); None = the model's own setting (model.json `tta`, else 1)."""
+        tta = self.meta.get("tta", 1) if tta is None else tta
         sources = [_as_source(image) for image in images]
         dataset = ImageDataset(sources, None, self.transform())
         if self.engine is not None:
@@ -77,7 +80,7 @@ class Classifier:
         return run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
-                tta: int = 1) -> pd.DataFrame:
+                tta: int | None = None) -> pd.DataFrame:
         """One row per image: source, a probability per class, the malignant probability, the label at the
         model's threshold, and an error message for files that could not be read."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
