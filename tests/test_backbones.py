@@ -77,3 +77,13 @@ def test_multiscale_pooling_concatenates_stages_and_round_trips(tmp_path):
         torch.testing.assert_close(again(x), model(x))
     with pytest.raises(BackboneError, match="pooling"):
         build_model("tf_efficientnet_lite0", 3, pooling="max")
+
+
+def test_multiscale_last_features_are_the_plain_models():
+    # Same ImageNet weights, untouched BatchNorm statistics: the head's pooled features must be identical.
+    plain = build_model("tf_efficientnet_lite0", num_classes=3).eval()
+    wrapped = build_model("tf_efficientnet_lite0", num_classes=3, pooling="multiscale").eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = plain.forward_head(plain.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(wrapped.forward_features(x)[:, -1280:], expected)

@@ -78,8 +78,10 @@ class MultiScaleClassifier(nn.Module):
             raise BackboneError(f"{type(backbone).__name__}: multiscale pooling supports EfficientNet backbones only")
         backbone.reset_classifier(0)
         self.backbone = backbone
+        backbone.eval()  # a probe pass in training mode would shift the BatchNorm running statistics
         with torch.no_grad():
             dim = self.forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
+        backbone.train()
         self.classifier = nn.Linear(dim, num_classes)
         self.num_features = dim
 

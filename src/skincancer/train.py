@@ -177,7 +177,7 @@ def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
     key = {
         "backbone": config.backbone, "pretrained": config.pretrained, "image_size": config.image_size,
         "weights": f"{weights.name}:{weights.stat().st_size}" if weights else str(config.pretrained),
-        "view": view, **prep, "version": 1, "pooling": config.pooling,
+        "view": view, **prep, "version": 2, "pooling": config.pooling,
     }
     if not config.pretrained:
         key["seed"] = config.seed  # random weights differ by seed
