@@ -29,7 +29,7 @@ from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .data import DataError, ImageDataset, build_transform, resolve_data
+from .data import DataError, ImageDataset, build_transform, check_image, resolve_data
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metrics import choose_threshold, operating_point, roc_auc
@@ -198,7 +198,7 @@ def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, pre
     files = [directory / k[:2] / f"{k}.npy" if k else None for k in keys]
     todo = [i for i, f in enumerate(files) if f is not None and not f.is_file()]
     log.info("%s features (view %d): %d cached, %d to compute", split, view, len(paths) - len(todo), len(todo))
-    bad = {i: "cannot read file" for i, k in enumerate(keys) if k is None}
+    bad = {i: check_image(paths.iloc[i]) or "cannot read file" for i, k in enumerate(keys) if k is None}
     if todo:
         base = _eval_transform(config, prep)
         transform = (lambda img: DIHEDRAL[view](base(img))) if view else base
