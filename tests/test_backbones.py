@@ -11,6 +11,7 @@ from skincancer.backbones import (
     bundled_weights_path,
     load_imagenet_weights,
     map_lukemelas_state_dict,
+    preprocessing,
 )
 from skincancer.data import build_transform
 
@@ -83,6 +84,7 @@ def test_multiscale_last_features_are_the_plain_models():
     # Same ImageNet weights, untouched BatchNorm statistics: the head's pooled features must be identical.
     plain = build_model("tf_efficientnet_lite0", num_classes=3).eval()
     wrapped = build_model("tf_efficientnet_lite0", num_classes=3, pooling="multiscale").eval()
+    assert preprocessing(wrapped) == preprocessing(plain) == {"mean": [0.5] * 3, "std": [0.5] * 3}
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected = plain.forward_head(plain.forward_features(x), pre_logits=True)

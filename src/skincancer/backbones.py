@@ -152,6 +152,8 @@ def _build_timm(backbone: str, num_classes: int, pretrained: bool) -> nn.Module:
 
 def preprocessing(model: nn.Module) -> dict:
     """Mean and std the backbone's ImageNet weights expect."""
+    if isinstance(model, MultiScaleClassifier):
+        model = model.backbone  # the wrapper has no pretrained_cfg: timm would fall back to ImageNet defaults
     cfg = timm.data.resolve_data_config({}, model=model)
     return {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]]}
 
