@@ -59,32 +59,37 @@ def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_
     output='features': pooled backbone features [N, D] (pre-logits), averaged likewise.
     Rows of unreadable files are NaN; their (index, reason) pairs come back as the second value.
     """
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     model.eval()
     device = next(model.parameters()).device
-    loader = make_loader(dataset, batch_size, num_workers)
+
+    def forward(images: torch.Tensor) -> np.ndarray:
+        with autocast(device):
+            x = images.to(device, non_blocking=True)
+            if output == "features":
+                return model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy()
+            return model(x).float().softmax(dim=1).cpu().numpy()
+
+    return collect(make_loader(dataset, batch_size, num_workers), len(dataset), forward, tta, desc)
+
+
+def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.ndarray], tta: int = 1,
+            desc: str = "predicting") -> tuple[np.ndarray, list]:
+    """The loop every engine shares: forward(batch) per dihedral view, averaged, placed at the batch's indices;
+    an [n, outputs] array with NaN rows for unreadable files, and their (index, reason) pairs."""
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     result: np.ndarray | None = None
     errors: list = []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         errors.extend(batch["errors"])
         if batch["image"] is None:
             continue
-        total = 0.0
-        images = batch["image"].to(device, non_blocking=True)
-        for view in DIHEDRAL[:tta]:
-            with autocast(device):
-                x = view(images)
-                if output == "features":
-                    total = total + model.forward_head(model.forward_features(x), pre_logits=True).float()
-                else:
-                    total = total + model(x).float().softmax(dim=1)
-        values = (total / tta).float().cpu().numpy()
+        values = sum(forward(view(batch["image"]).contiguous()) for view in DIHEDRAL[:tta]) / tta
         if result is None:
-            result = np.full((len(dataset), values.shape[1]), np.nan, dtype=np.float32)
+            result = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
         result[batch["index"].numpy()] = values
     if result is None:
-        result = np.full((len(dataset), 0), np.nan, dtype=np.float32)
+        result = np.full((n, 0), np.nan, dtype=np.float32)
     return result, errors
 
 

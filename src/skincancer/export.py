@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .checkpoint import WEIGHTS_FILE, CheckpointError, atomic_write, find_model_dir, write_json
-from .engine import DIHEDRAL, TTA_CHOICES, make_loader
+from .engine import collect, make_loader
 
 log = logging.getLogger("skincancer")
 
@@ -200,24 +200,8 @@ class OnnxEngine:
     def run_inference(self, dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
                       tta: int = 1) -> tuple[np.ndarray, list]:
         """Like engine.run_inference(output='probs'): [N, classes] with NaN rows, and (index, reason) failures."""
-        if tta not in TTA_CHOICES:
-            raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
         # a single batch gains nothing from a worker process, and starting one costs more than decoding it
         workers = num_workers if len(dataset) > batch_size else 0
-        result: np.ndarray | None = None
-        errors: list = []
         with one_torch_thread():  # decoding in this process (workers=0) uses torch only for tiny tensor ops
-            for batch in make_loader(dataset, batch_size, workers):
-                errors.extend(batch["errors"])
-                if batch["image"] is None:
-                    continue
-                total = 0.0
-                for view in DIHEDRAL[:tta]:
-                    total = total + self.probabilities(view(batch["image"]).contiguous().numpy())
-                values = total / tta
-                if result is None:
-                    result = np.full((len(dataset), values.shape[1]), np.nan, dtype=np.float32)
-                result[batch["index"].numpy()] = values
-        if result is None:
-            result = np.full((len(dataset), 0), np.nan, dtype=np.float32)
-        return result, errors
+            return collect(make_loader(dataset, batch_size, workers), len(dataset),
+                           lambda images: self.probabilities(images.numpy()), tta, desc="predicting (onnx)")
