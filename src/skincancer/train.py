@@ -90,7 +90,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
         valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, tta=config.tta,
                                             desc="validating")
-        _report_bad(errors, valid_df, "validation")
+        _report_bad(errors, valid_df["filepath"], "validation")
         meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
@@ -117,11 +117,13 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
                writer: SummaryWriter) -> None:
     """Frozen backbone; logistic regression on cached features; its weights become the model's classifier."""
     views = [0, 1] if config.feature_flips else [0]  # identity and horizontal flip as training views
-    per_view = [cached_features(model, train_df["filepath"], config, prep, view, "train") for view in views]
+    train_keys = content_keys(train_df["filepath"])
+    per_view = [cached_features(model, train_df["filepath"], config, prep, view, "train", train_keys) for view in views]
     ok = np.logical_and.reduce([mask for _, mask in per_view])
     train_x = np.stack([features[ok] for features, _ in per_view])  # [views, N, D]
     train_y = train_targets[ok]
-    valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid")
+    valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid",
+                                        content_keys(valid_df["filepath"]))
     valid_x, valid_labels = valid_x[valid_ok], valid_df["label"].to_numpy()[valid_ok]
 
     mean, std = train_x[0].mean(0), train_x[0].std(0) + 1e-6
@@ -185,16 +187,24 @@ def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
     return root / "features" / f"{config.backbone}-{config.image_size}-v{view}-{digest}"
 
 
-def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, prep: dict, view: int,
-                    split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features for each file (computed once, then read from the cache); second value: mask of usable rows."""
-    directory = feature_cache_dir(config, prep, view)
+def content_keys(paths: pd.Series) -> list[str | None]:
+    """SHA-1 of each file's bytes (the feature cache's key); None where the file cannot be read."""
     keys: list[str | None] = []
     for path in paths:
         try:
             keys.append(hashlib.sha1(Path(path).read_bytes()).hexdigest())
         except OSError:
             keys.append(None)
+    return keys
+
+
+def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, prep: dict, view: int,
+                    split: str, keys: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features for each file (computed once, then read from the cache); second value: mask of usable rows.
+
+    keys: content_keys(paths), when the caller already has them (one hash per file for all views)."""
+    directory = feature_cache_dir(config, prep, view)
+    keys = content_keys(paths) if keys is None else keys
     files = [directory / k[:2] / f"{k}.npy" if k else None for k in keys]
     todo = [i for i, f in enumerate(files) if f is not None and not f.is_file()]
     log.info("%s features (view %d): %d cached, %d to compute", split, view, len(paths) - len(todo), len(todo))
@@ -210,21 +220,19 @@ def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, pre
         for j, i in enumerate(todo):
             if i not in bad:
                 files[i].parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(files[i], lambda tmp, row=features[j]: np.save(open(tmp, "wb"), row))
-    _report_bad(sorted(bad.items()), None, split, paths)
+                atomic_write(files[i], lambda tmp, row=features[j]: _save_npy(tmp, row))
+    _report_bad(sorted(bad.items()), paths, split)
     ok = np.array([i not in bad for i in range(len(paths))])
-    dim = None
-    rows = []
-    for i, f in enumerate(files):
-        if ok[i]:
-            row = np.load(f)
-            dim = row.shape[0]
-            rows.append(row)
-        else:
-            rows.append(None)
-    if dim is None:
+    if not ok.any():
         raise DataError(f"{split}: no readable images")
-    return np.stack([r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]), ok
+    loaded = {i: np.load(files[i]) for i in np.flatnonzero(ok)}
+    blank = np.full_like(next(iter(loaded.values())), np.nan)
+    return np.stack([loaded.get(i, blank) for i in range(len(paths))]), ok
+
+
+def _save_npy(path: Path, row: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would append '.npy' to the temporary name
+        np.save(f, row)
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -294,7 +302,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
                    ) if ema is not None else None
         train_loss, errors = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                              config.max_steps_per_epoch, on_step=on_step)
-        _report_bad(errors, train_df, "train")
+        _report_bad(errors, train_df["filepath"], "train")
         shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
         shard_set = ImageDataset(valid_df["filepath"].iloc[shard], valid_targets[shard], valid_set.transform)
         probs, errors = run_inference(evaluated, shard_set, config.batch_size, config.num_workers, tta=config.tta,
@@ -456,10 +464,9 @@ def _counts(frame: pd.DataFrame) -> str:
     return ", ".join(f"{k} {v}" for k, v in frame["diagnosis"].value_counts().sort_index().items())
 
 
-def _report_bad(errors, frame: pd.DataFrame | None, split: str, paths=None) -> None:
+def _report_bad(errors: list, paths: pd.Series, split: str) -> None:
     for index, reason in errors:
-        path = frame["filepath"].iloc[index] if frame is not None else paths.iloc[index]
-        log.warning("%s: skipped %s: %s", split, path, reason)
+        log.warning("%s: skipped %s: %s", split, paths.iloc[index], reason)
 
 
 def _print_summary(model: nn.Module, config: TrainConfig) -> None:
