@@ -15,12 +15,31 @@ from .backbones import BackboneError
 from .checkpoint import CheckpointError
 from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
 from .data import DataError, check_files, index_folder, index_isic_csv, save_manifest
+from .metadata import attach, parse_age, parse_sex, read_metadata_csv, records
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
 log = logging.getLogger("skincancer")
 KNOWN_ERRORS = (DataError, ConfigError, CheckpointError, BackboneError, FileNotFoundError)
 DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
+
+
+def _patient_metadata(files: list[str], csv: Path | None, age: float | None, sex: str | None) -> list | None:
+    """Per-file {'age', 'sex'} rows from --metadata CSV (matched on the file name's stem) or --age/--sex."""
+    if csv is not None and (age is not None or sex is not None):
+        _fail("give either --metadata CSV or --age/--sex, not both")
+    if age is not None or sex is not None:
+        if len(files) != 1:
+            _fail("--age/--sex describe one image; for several use --metadata CSV")
+        return [{"age": parse_age(age, "--age"), "sex": parse_sex(sex, "--sex")}]
+    if csv is None:
+        return None
+    table = read_metadata_csv(csv)
+    rows = []
+    for path in files:
+        stem = Path(path).stem
+        rows.append(records(table.loc[[stem]], str(csv))[0] if stem in table.index else None)
+    return rows
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -36,9 +55,12 @@ def index(
     isic_csv: Annotated[Path | None, typer.Option(help="official ISIC ground-truth CSV instead of DIR")] = None,
     images: Annotated[Path | None, typer.Option(help="image folder for --isic-csv")] = None,
     skip_bad: Annotated[bool, typer.Option(help="drop unreadable files instead of failing")] = False,
+    metadata: Annotated[Path | None, typer.Option(
+        help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
     label_map = parse_labels(labels)
+    patient = read_metadata_csv(metadata) if metadata is not None else None
     if isic_csv is not None:
         if images is None:
             _fail("--isic-csv needs --images DIR")
@@ -55,6 +77,10 @@ def index(
     manifest = manifest[~manifest["filepath"].isin({b.path for b in bad})]
     if manifest.empty:
         _fail("no usable images left")
+    if patient is not None:
+        manifest = attach(manifest, patient)
+        known = sum(row is not None for row in records(manifest, str(metadata)))
+        typer.echo(f"metadata: age or sex known for {known} of {len(manifest)} images")
     save_manifest(manifest, out)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["diagnosis"].value_counts().sort_index().items())
     typer.echo(f"wrote {out}: {len(manifest)} images ({counts}); {len(bad)} skipped")
@@ -97,6 +123,8 @@ def train(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run from its last epoch")] = None,
     nproc: Annotated[int | None, typer.Option(help="train with N processes (torchrun, DDP)")] = None,
+    metadata: Annotated[bool | None, typer.Option(
+        "--metadata/--no-metadata", help="also fit an age/sex model from the manifest (fused where given)")] = None,
 ) -> None:
     """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
     if nproc is not None and nproc > 1:
@@ -115,7 +143,7 @@ def train(
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, head=head,
                       labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,
                       augment=augment, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
-                      pretrained=pretrained)
+                      pretrained=pretrained, metadata=metadata)
     run = run_training(cfg)
     typer.echo(f"run saved to {run}")
 
@@ -130,6 +158,8 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 2,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help=(
+        "fuse the manifest's age/sex columns for models trained with metadata"))] = True,
 ) -> None:
     """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
     from .ensemble import load_models
@@ -139,12 +169,14 @@ def evaluate(
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     metrics = run_evaluation(load_models(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
-                             num_workers=num_workers)
+                             num_workers=num_workers, use_metadata=metadata)
     lo, hi = metrics["auc_ci95"]
     typer.echo(f"{'n':<36}{metrics['n']} ({metrics['n_positive']} malignant)")
     typer.echo(f"{'AUC (95% CI)':<36}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")
     for name, value in metrics.get("class_auc", {}).items():
         typer.echo(f"{'AUC ' + name + ' vs rest':<36}{value:.4f}")
+    if metrics["n_with_metadata"]:
+        typer.echo(f"{'images with age/sex fused':<36}{metrics['n_with_metadata']}")
     typer.echo(f"{'threshold':<36}{metrics['threshold']:.4f}")
     for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
         typer.echo(f"{key:<36}{metrics[key]:.4f}")
@@ -167,6 +199,11 @@ def predict(
     cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="predict on Ray Data actors; -o out.parquet|csv")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster: auto | ray://HOST:10001; default local")] = None,
+    metadata: Annotated[Path | None, typer.Option(
+        help="CSV of image_id (file name without extension), age_approximate, sex; used by models with metadata")
+    ] = None,
+    age: Annotated[float | None, typer.Option(help="patient's age in years (one image)")] = None,
+    sex: Annotated[str | None, typer.Option(help="patient's sex: male | female (one image)")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
     if ray:
@@ -184,7 +221,11 @@ def predict(
     files = expand_inputs(paths)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
-    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta)
+    rows = _patient_metadata(files, metadata, age, sex)
+    if rows is not None and classifier.metadata_model is None and not any(
+            m.metadata_model is not None for m in getattr(classifier, "members", [])):
+        typer.echo("note: this model was trained without metadata; age/sex are ignored", err=True)
+    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
     failed = table[table["error"] != ""]
     for _, row in failed.iterrows():
         typer.echo(f"error: {row['source']}: {row['error']}", err=True)

@@ -49,6 +49,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.998)
     tta: int = 1  # dihedral views averaged when validating and choosing the threshold; stored as the model's default
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    metadata: bool = False  # fit p(class | age, sex) on the training manifest's metadata; fused where given
     # linear
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)

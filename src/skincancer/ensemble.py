@@ -27,13 +27,17 @@ class Ensemble(Classifier):
                 )
         self.members = list(members)
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
+        meta.pop("metadata_model", None)  # each member fuses its own
         meta["threshold"], meta["validation"] = _ensemble_threshold(self.members)
         super().__init__(model=first.model, meta=meta, source=first.source)
 
-    def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None):
-        """Mean of the members' probabilities; a file unreadable for one is unreadable for all."""
+    def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None,
+                      metadata=None):
+        """Mean of the members' probabilities (each fusing metadata if it has a metadata model); a file unreadable
+        for one is unreadable for all."""
         results = [m.predict_proba(images, batch_size=batch_size, num_workers=num_workers,
-                                   tta=tta if tta is not None else m.meta.get("tta", 1)) for m in self.members]
+                                   tta=tta if tta is not None else m.meta.get("tta", 1), metadata=metadata)
+                   for m in self.members]
         probs = np.mean([p for p, _ in results], axis=0)
         return probs, results[0][1]
 

@@ -12,6 +12,8 @@ import pandas as pd
 from .checkpoint import atomic_write, write_json
 from .data import DataError, resolve_data
 from .ensemble import Ensemble, load_models
+from .metadata import has_metadata
+from .metadata import records as metadata_records
 from .metrics import binary_report, roc_auc
 from .predict import Classifier
 from .report import html_report, plot_confusion, plot_roc
@@ -21,11 +23,13 @@ ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
 
 
 def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | Path, out: str | Path,
-             tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000) -> dict:
+             tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000,
+             use_metadata: bool = True) -> dict:
     """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
-    `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`)."""
+    `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
+    `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model."""
     if isinstance(model, Classifier):
         classifier = model
     else:
@@ -33,8 +37,9 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
+    rows = metadata_records(frame, str(data)) if use_metadata and has_metadata(frame) else None
     probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
-                                             num_workers=num_workers, tta=tta)
+                                             num_workers=num_workers, tta=tta, metadata=rows)
     skipped = [{"path": frame["filepath"].iloc[i], "reason": reason} for i, reason in errors]
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
@@ -55,6 +60,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
             metrics["isic_mean_auc"] = float(np.mean(tasks))
     metrics.update({
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
+        "n_with_metadata": _metadata_used(classifier, rows, ok),
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
                                                          "threshold", "threshold_policy", "validation")},
     })
@@ -92,3 +98,11 @@ def _tta_used(classifier: Classifier, tta: int | None) -> int | str:
     if tta is not None:
         return tta
     return "per model" if isinstance(classifier, Ensemble) else classifier.meta.get("tta", 1)
+
+
+def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) -> int:
+    """Evaluated images whose age/sex were fused into the prediction (0 when the model has no metadata model)."""
+    members = getattr(classifier, "members", [classifier])
+    if rows is None or not any(m.metadata_model is not None for m in members):
+        return 0
+    return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))

@@ -17,6 +17,7 @@ from .backbones import model_from_meta
 from .checkpoint import find_model_dir, load_weights_into, read_meta, read_weights
 from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
 from .engine import run_inference
+from .metadata import MetadataModel, normalise_rows
 
 if TYPE_CHECKING:
     from .export import OnnxEngine
@@ -67,26 +68,46 @@ class Classifier:
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, self.positive_indices].sum(axis=1)
 
+    @property
+    def metadata_model(self) -> MetadataModel | None:
+        """The age/sex model fused with the image's probabilities where metadata is given (None: image only)."""
+        values = self.meta.get("metadata_model")
+        return MetadataModel.from_dict(values) if values else None
+
     def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
-                      tta: int | None = None) -> tuple[np.ndarray, list]:
+                      tta: int | None = None, metadata=None) -> tuple[np.ndarray, list]:
         """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures.
 
-        tta: dihedral views averaged (1, 2, 4, 8); None = the model's own setting (model.json `tta`, else 1)."""
+        tta: dihedral views averaged (1, 2, 4, 8); None = the model's own setting (model.json `tta`, else 1).
+        metadata: per image {'age': years, 'sex': 'male'|'female'} or None (or a DataFrame with age_approximate /
+        sex columns); fused with the image probabilities when the model has a metadata model, ignored otherwise."""
         tta = self.meta.get("tta", 1) if tta is None else tta
+        rows = normalise_rows(metadata, len(images))
         sources = [_as_source(image) for image in images]
         dataset = ImageDataset(sources, None, self.transform())
         if self.engine is not None:
-            return self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
-        return run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers, tta=tta)
+            probs, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                      tta=tta)
+        else:
+            probs, errors = run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers,
+                                          tta=tta)
+        model = self.metadata_model
+        if model is not None and rows is not None and probs.shape[1]:
+            probs = model.fuse(probs, rows)
+        return probs, errors
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
-                tta: int | None = None) -> pd.DataFrame:
+                tta: int | None = None, metadata=None) -> pd.DataFrame:
         """One row per image: source, a probability per class, the malignant probability, the label at the
-        model's threshold, and an error message for files that could not be read."""
+        model's threshold, and an error message for files that could not be read.
+
+        metadata: see predict_proba; one dict (or None) per image, a single dict for a single image."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
             images = [images]
+            metadata = [metadata] if isinstance(metadata, dict) else metadata
         images = list(images)
-        probs, errors = self.predict_proba(images, batch_size=batch_size, num_workers=num_workers, tta=tta)
+        probs, errors = self.predict_proba(images, batch_size=batch_size, num_workers=num_workers, tta=tta,
+                                           metadata=metadata)
         return self.table(images, probs, errors)
 
     def table(self, images: Sequence, probs: np.ndarray, errors: list) -> pd.DataFrame:

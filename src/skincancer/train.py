@@ -32,6 +32,8 @@ from .config import TrainConfig, config_to_dict, load_config
 from .data import DataError, ImageDataset, build_transform, check_image, resolve_data
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
+from .metadata import MetadataModel, has_metadata
+from .metadata import records as metadata_records
 from .metrics import choose_threshold, operating_point, roc_auc
 
 log = logging.getLogger("skincancer")
@@ -63,6 +65,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                  len(valid_df), _counts(valid_df))
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+        metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
         prep = preprocessing(model)
@@ -92,6 +95,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                                             desc="validating")
         _report_bad(errors, valid_df["filepath"], "validation")
         meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
+        if metadata_model is not None:
+            meta["metadata_model"] = metadata_model.to_dict()
+            meta["validation"].update(metadata_validation(metadata_model, valid_probs, valid_df, class_names, config))
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
         save_model(model, meta, out / "model")
@@ -402,6 +408,44 @@ def resume_config(run: str | Path) -> TrainConfig:
     if not path.is_file():
         raise DataError(f"{run}: not a run folder to resume (no config.yaml)")
     return load_config(path)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def fit_metadata(config: TrainConfig, train_df: pd.DataFrame, train_targets: np.ndarray,
+                 num_classes: int) -> MetadataModel:
+    """p(class | age, sex) from the training manifest's metadata columns (see skincancer.metadata)."""
+    if not has_metadata(train_df):
+        raise DataError(f"{config.train}: metadata is on but the manifest has no age_approximate or sex column; "
+                        "index it with --metadata META.csv")
+    rows = metadata_records(train_df, str(config.train))
+    model = MetadataModel.fit(rows, train_targets, num_classes)
+    log.info("metadata model fitted on %d of %d training images with age or sex",
+             sum(r is not None for r in rows), len(rows))
+    return model
+
+
+def metadata_validation(model: MetadataModel, valid_probs: np.ndarray, valid_df: pd.DataFrame,
+                        class_names: list[str], config: TrainConfig) -> dict:
+    """Validation AUC with metadata fused (the threshold stays the image-only one, used when none is given)."""
+    if not has_metadata(valid_df):
+        log.info("validation has no metadata; the metadata model is stored but not validated")
+        return {}
+    rows = metadata_records(valid_df, str(config.valid))
+    fused = model.fuse(valid_probs, rows)
+    ok = ~np.isnan(fused).any(1)
+    labels = valid_df["label"].to_numpy()
+    positive = _positive_indices(config, class_names)
+    figures = {"n_with_metadata": int(sum(r is not None for r, good in zip(rows, ok, strict=True) if good)),
+               "auc_with_metadata": roc_auc(labels[ok], fused[ok][:, positive].sum(1))}
+    if config.head == "diagnosis":
+        for c, name in enumerate(class_names):
+            is_class = (valid_df["diagnosis"].to_numpy() == name)[ok]
+            figures[f"auc_{name}_with_metadata"] = roc_auc(is_class.astype(int), fused[ok, c])
+    log.info("validation AUC with metadata fused: %.4f (%d images with metadata)", figures["auc_with_metadata"],
+             figures["n_with_metadata"])
+    return figures
 
 
 # ---------------------------------------------------------------- helpers

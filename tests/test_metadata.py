@@ -1,0 +1,185 @@
+"""Age/sex metadata: reading and checking it, the metadata model, and its late fusion with image probabilities."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
+from skincancer.cli import app
+from skincancer.data import DataError
+from skincancer.metadata import (MetadataError, MetadataModel, attach, encode, normalise_rows, parse_age, parse_sex,
+                                 read_metadata_csv, records)
+
+runner = CliRunner()
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """The real command line (its error handling lives in skincancer.cli.main)."""
+    return subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+META_CSV = "ISIC-2017_Training_Data_metadata.csv"
+
+
+def test_parse_age_and_sex_accept_unknowns_and_name_bad_values():
+    assert parse_age("55") == 55 and parse_age("unknown") is None and parse_age(float("nan")) is None
+    assert parse_sex("Female") == "female" and parse_sex("M") == "male" and parse_sex("unknown") is None
+    with pytest.raises(MetadataError, match=r"row 3, age_approximate.*'fifty'"):
+        parse_age("fifty", "row 3, age_approximate")
+    with pytest.raises(MetadataError, match="0-120"):
+        parse_age(300)
+    with pytest.raises(MetadataError, match=r"--sex.*'other'"):
+        parse_sex("other", "--sex")
+
+
+def test_encode_marks_unknowns():
+    np.testing.assert_allclose(encode(50, "female"), [0.5, 0.25, 0, 0, 1])
+    np.testing.assert_allclose(encode(None, None), [0, 0, 1, 0, 0])
+
+
+def _synthetic(n: int = 600, seed: int = 0):
+    """Class 1 patients are older: the metadata model should learn it."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    ages = np.clip(rng.normal(40 + 25 * y, 10), 5, 95).round()
+    rows = [{"age": float(a), "sex": "male" if i % 2 else "female"} for i, a in enumerate(ages)]
+    return rows, y
+
+
+def test_metadata_model_learns_age_and_fusion_follows_bayes_rule():
+    rows, y = _synthetic()
+    model = MetadataModel.fit(rows, y, 2)
+    assert model.proba(80, "male")[1] > 0.8 > 0.2 > model.proba(25, "female")[1]
+    np.testing.assert_allclose(model.prior, np.bincount(y) / len(y))
+    image = np.array([[0.5, 0.5], [0.9, 0.1], [np.nan, np.nan], [0.3, 0.7]])
+    fused = model.fuse(image, [{"age": 80, "sex": "male"}, {"age": 25, "sex": None}, {"age": 80, "sex": None},
+                               None])
+    odds = image[0, 1] / image[0, 0] * (model.proba(80, "male")[1] / model.prior[1]) / (
+        model.proba(80, "male")[0] / model.prior[0])
+    assert fused[0, 1] == pytest.approx(odds / (1 + odds))
+    assert fused[1, 1] < image[1, 1]  # young: less likely class 1
+    assert np.isnan(fused[2]).all()  # unreadable image stays unreadable
+    np.testing.assert_array_equal(fused[3], image[3])  # no metadata: the image's own probabilities
+    np.testing.assert_allclose(fused[:2].sum(1), 1)
+    assert model.fuse(image, None) is image
+
+
+def test_metadata_model_round_trips_and_refuses_other_features():
+    rows, y = _synthetic()
+    model = MetadataModel.fit(rows, y, 2)
+    again = MetadataModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_allclose(again.proba(61, "female"), model.proba(61, "female"))
+    with pytest.raises(MetadataError, match="features"):
+        MetadataModel.from_dict(dict(model.to_dict(), features=["age"]))
+    with pytest.raises(MetadataError, match="not every class"):
+        MetadataModel.fit([None] * 4 + rows[:2], np.array([0, 1, 0, 1, 0, 0]), 2)
+
+
+def test_rows_are_checked_and_must_match_the_images():
+    assert normalise_rows([{"age_approximate": "40", "sex": "unknown"}, None, {}], 3) == [
+        {"age": 40.0, "sex": None}, None, None]
+    with pytest.raises(MetadataError, match=r"2 rows for 3 images"):
+        normalise_rows([None, None], 3)
+    with pytest.raises(MetadataError, match=r"metadata\[1\].sex"):
+        normalise_rows([None, {"sex": "x"}], 2)
+
+
+def test_read_metadata_csv_checks_columns_and_values(data_dir, tmp_path):
+    table = read_metadata_csv(data_dir / META_CSV)
+    assert len(table) == 2000 and list(table.columns) == ["age_approximate", "sex"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_id,weight\nISIC_1,70\n")
+    with pytest.raises(MetadataError, match=r"bad.csv: expected columns"):
+        read_metadata_csv(bad)
+    bad.write_text("image_id,age_approximate,sex\nISIC_1,40,male\nISIC_2,old,female\n")
+    with pytest.raises(MetadataError, match=r"bad.csv, row 2, age_approximate: 'old'"):
+        read_metadata_csv(bad)
+    with pytest.raises(MetadataError, match="no such file"):
+        read_metadata_csv(tmp_path / "missing.csv")
+
+
+def test_index_joins_metadata_and_names_a_bad_file(data_dir, tmp_path):
+    out = tmp_path / "valid.csv"
+    result = runner.invoke(app, ["index", str(data_dir / "valid"), "-o", str(out), "--metadata",
+                                 str(data_dir / "ISIC-2017_Validation_Data_metadata.csv")])
+    assert result.exit_code == 0, result.output
+    assert "age or sex known for" in result.output
+    manifest = load_manifest(out)
+    assert len(manifest) == 150 and {"age_approximate", "sex"} <= set(manifest.columns)
+    bad = tmp_path / "meta.csv"
+    bad.write_text("image_id,age_approximate,sex\nISIC_1,40,robot\n")
+    result = cli("index", data_dir / "valid", "-o", tmp_path / "x.csv", "--metadata", bad)
+    assert result.returncode != 0 and "meta.csv, row 1, sex" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def metadata_run(small_data, cache_dir, data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta")
+    patient = pd.concat([read_metadata_csv(data_dir / META_CSV),
+                         read_metadata_csv(data_dir / "ISIC-2017_Validation_Data_metadata.csv")])
+    manifests = {}
+    for split in ("train", "valid"):
+        manifests[split] = save_manifest(attach(load_manifest(small_data[split]), patient), root / f"{split}.csv")
+    config = load_config(None, train=str(manifests["train"]), valid=str(manifests["valid"]), out=str(root / "run"),
+                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1, 1.0], num_workers=0, metadata=True)
+    return train(config), manifests
+
+
+def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata_run):
+    run, _ = metadata_run
+    meta = json.loads((Path(run) / "model" / "model.json").read_text())
+    assert meta["metadata_model"]["features"] == ["age", "age_squared", "age_unknown", "male", "female"]
+    assert len(meta["metadata_model"]["coef"]) == 3  # one row per diagnosis
+    assert 0 <= meta["validation"]["auc_with_metadata"] <= 1 and meta["validation"]["n_with_metadata"] > 0
+
+
+def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run, small_data):
+    run, _ = metadata_run
+    classifier = load_model(run)
+    paths = list(load_manifest(small_data["test"])["filepath"][:4])
+    plain, _ = classifier.predict_proba(paths)
+    image_only, _ = load_model(tiny_run).predict_proba(paths)
+    np.testing.assert_allclose(plain, image_only, atol=1e-6)  # same features and C: metadata changes nothing
+    rows = [{"age": 85, "sex": "male"}, {"age": 15, "sex": "female"}, None, {"age": 50}]
+    fused, _ = classifier.predict_proba(paths, metadata=rows)
+    expected = classifier.metadata_model.fuse(plain, rows)
+    np.testing.assert_allclose(fused, expected, atol=1e-6)
+    assert not np.allclose(fused[0], plain[0]) and np.allclose(fused[2], plain[2])
+    one = classifier.predict(paths[0], metadata={"age": 85, "sex": "male"})
+    assert one["melanoma"].iloc[0] == pytest.approx(fused[0, 0], abs=1e-6)
+
+
+def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
+    run, manifests = metadata_run
+    metrics = evaluate(run, manifests["valid"], tmp_path / "with", num_workers=0, n_boot=50)
+    without = evaluate(run, manifests["valid"], tmp_path / "without", num_workers=0, n_boot=50, use_metadata=False)
+    assert metrics["n_with_metadata"] > 0 and without["n_with_metadata"] == 0
+    assert metrics["auc"] == pytest.approx(json.loads((Path(run) / "model" / "model.json").read_text())
+                                           ["validation"]["auc_with_metadata"], abs=1e-6)
+    image = load_manifest(manifests["valid"])["filepath"].iloc[0]
+    old = runner.invoke(app, ["predict", image, "--model", str(run), "--engine", "torch", "--age", "85",
+                              "--sex", "male", "--format", "json"])
+    young = runner.invoke(app, ["predict", image, "--model", str(run), "--engine", "torch", "--age", "15",
+                                "--sex", "female"])
+    assert old.exit_code == 0 and young.exit_code == 0, old.output + young.output
+    assert old.output != young.output
+    bad = cli("predict", image, "--model", run, "--sex", "robot")
+    assert bad.returncode != 0 and "--sex: 'robot'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache_dir, tmp_path):
+    config = load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(tmp_path),
+                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0, metadata=True)
+    with pytest.raises(DataError, match=r"train.csv: metadata is on.*--metadata"):
+        train(config)
+
+
+def test_records_reads_manifest_columns():
+    frame = pd.DataFrame({"age_approximate": ["40", "unknown", None], "sex": ["male", "unknown", "female"]})
+    assert records(frame) == [{"age": 40.0, "sex": "male"}, None, {"age": None, "sex": "female"}]
