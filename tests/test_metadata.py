@@ -13,8 +13,17 @@ from typer.testing import CliRunner
 from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
 from skincancer.cli import app
 from skincancer.data import DataError
-from skincancer.metadata import (MetadataError, MetadataModel, attach, encode, normalise_rows, parse_age, parse_sex,
-                                 read_metadata_csv, records)
+from skincancer.metadata import (
+    MetadataError,
+    MetadataModel,
+    attach,
+    encode,
+    normalise_rows,
+    parse_age,
+    parse_sex,
+    read_metadata_csv,
+    records,
+)
 
 runner = CliRunner()
 
