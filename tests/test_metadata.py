@@ -192,3 +192,29 @@ def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache
 def test_records_reads_manifest_columns():
     frame = pd.DataFrame({"age_approximate": ["40", "unknown", None], "sex": ["male", "unknown", "female"]})
     assert records(frame) == [{"age": 40.0, "sex": "male"}, None, {"age": None, "sex": "female"}]
+
+
+def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run):
+    from fastapi.testclient import TestClient
+
+    from skincancer.serve import create_app
+
+    run, manifests = metadata_run
+    image = Path(load_manifest(manifests["valid"])["filepath"].iloc[0])
+    classifier = load_model(run, engine="torch")
+    expected, _ = classifier.predict_proba([str(image)], metadata=[{"age": 85, "sex": "male"}])
+    with TestClient(create_app(classifier)) as client:
+        assert client.get("/api/model").json()["metadata"] is True
+        assert 'id="patient" hidden' not in client.get("/").text
+        files = {"file": ("lesion.jpg", image.read_bytes(), "image/jpeg")}
+        answer = client.post("/api/predict", files=files, data={"age": "85", "sex": "male"}).json()
+        assert answer["metadata_used"] is True
+        assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-5)
+        plain = client.post("/api/predict", files=files).json()
+        assert plain["metadata_used"] is False and plain["probabilities"] != answer["probabilities"]
+        bad = client.post("/api/predict", files=files, data={"sex": "robot"})
+        assert bad.status_code == 422 and "sex: 'robot'" in bad.json()["detail"]
+    with TestClient(create_app(load_model(tiny_run, engine="torch"))) as client:
+        assert 'id="patient" hidden' in client.get("/").text
+        answer = client.post("/api/predict", files=files, data={"age": "85"}).json()
+        assert answer["metadata_used"] is False

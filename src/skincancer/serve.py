@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
 from PIL import Image
@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import NOTICE, __version__
 from .data import ImageError, load_image
+from .metadata import MetadataError, parse_age, parse_sex
 from .predict import Classifier, load_model, sentence
 
 log = logging.getLogger("skincancer")
@@ -79,6 +80,7 @@ def model_card(classifier: Classifier) -> dict:
         "image_size": meta["image_size"],
         "mode": meta.get("mode"),
         "validation": meta.get("validation", {}),
+        "metadata": classifier.metadata_model is not None,  # age/sex fused with the image where given
         "notice": NOTICE,
     }
 
@@ -133,10 +135,17 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
 
     @app.post("/api/predict")
     def predict(file: UploadFile = File(..., description="a dermoscopy photograph (JPEG, PNG, ...)"),
-                cam: bool = Query(False, description="also return the Grad-CAM overlay as a base64 PNG")) -> dict:
+                cam: bool = Query(False, description="also return the Grad-CAM overlay as a base64 PNG"),
+                age: str | None = Form(None, description="patient's age in years (optional; models with metadata)"),
+                sex: str | None = Form(None, description="male | female (optional; models with metadata)")) -> dict:
         """Probabilities per class, the malignant probability and the label at the model's threshold."""
         started = time.perf_counter()
         name = file.filename or "upload"
+        try:
+            patient = {"age": parse_age(age, "age"), "sex": parse_sex(sex, "sex")}
+        except MetadataError as err:
+            raise HTTPException(422, str(err)) from None
+        use_metadata = classifier.metadata_model is not None and any(v is not None for v in patient.values())
         data = file.file.read(file_limit + 1)
         if len(data) > file_limit:
             raise UploadTooLarge(file_limit)
@@ -144,7 +153,8 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
             raise HTTPException(422, f"{name}: empty file (0 bytes)")
         image = decode_upload(data, name)
         with inference_lock:
-            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0)
+            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0,
+                                                     metadata=[patient] if use_metadata else None)
         if errors:
             raise HTTPException(422, f"{name}: {errors[0][1]}")
         malignant = float(classifier.malignant_probability(probs)[0])
@@ -155,6 +165,7 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
             "malignant_probability": malignant,
             "label": label,
             "threshold": classifier.threshold,
+            "metadata_used": use_metadata,
             "sentence": sentence(malignant, classifier.threshold, classifier.positive_name,
                                  classifier.negative_name),
             "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
@@ -185,7 +196,7 @@ def render_page(card: dict, file_limit: int) -> str:
         notice=e(NOTICE), name=e(card["name"]), backbone=e(card["backbone"]), version=e(str(card["version"])),
         engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
-        limit_mb=f"{file_limit / MB:g}", size=card["image_size"],
+        limit_mb=f"{file_limit / MB:g}", size=card["image_size"], patient="" if card["metadata"] else " hidden",
     )
 
 
@@ -209,6 +220,9 @@ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15r
 <p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
 <div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
 <input type="file" id="file" accept="image/*" hidden></label> (at most {limit_mb} MB)</div>
+<p id="patient"{patient}>Optional, used by this model where given: age <input type="number" id="age" min="0"
+max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unknown</option>
+<option value="female">female</option><option value="male">male</option></select></p>
 <p id="status"></p><p id="error" role="alert"></p>
 <section id="result" hidden>
   <p>Malignancy probability: <span id="probability"></span></p>
@@ -239,6 +253,10 @@ input.addEventListener("change", () => {{ if (input.files.length) send(input.fil
 async function send(file) {{
   $("error").textContent = ""; $("result").hidden = true; $("status").textContent = "analysing " + file.name + "...";
   const form = new FormData(); form.append("file", file);
+  if (!$("patient").hidden) {{
+    if ($("age").value !== "") form.append("age", $("age").value);
+    if ($("sex").value !== "") form.append("sex", $("sex").value);
+  }}
   try {{
     const response = await fetch("/api/predict?cam=true", {{ method: "POST", body: form }});
     const answer = await response.json();
