@@ -54,6 +54,9 @@ class TrainConfig:
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)
     feature_flips: bool = True  # train the head on each image and its mirror image
+    # train: C by k-fold CV on train, threshold on valid. train+valid: C by k-fold CV on both together, threshold and
+    # validation figures from the out-of-fold predictions, final head fitted on both
+    linear_fit: str = "train"
     cache_dir: str = ""  # "" = $SKINCANCER_CACHE or ~/.cache/skincancer
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ConfigError(f"head: must be 'diagnosis' or 'binary', got {self.head!r}")
         if self.augment not in ("none", "standard", "strong"):
             raise ConfigError(f"augment: must be 'none', 'standard' or 'strong', got {self.augment!r}")
+        if self.linear_fit not in ("train", "train+valid"):
+            raise ConfigError(f"linear_fit: must be 'train' or 'train+valid', got {self.linear_fit!r}")
         if self.class_balance not in ("weighted_loss", "sampler", "none"):
             raise ConfigError(
                 f"class_balance: must be 'weighted_loss', 'sampler' or 'none', got {self.class_balance!r}"

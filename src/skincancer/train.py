@@ -80,8 +80,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if world.is_main:
             _print_summary(model, config)
         writer = SummaryWriter(str(out / "tensorboard")) if world.is_main else _NoWriter()
+        held_out = None
         if config.mode == "linear":
-            fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names, out, writer)
+            held_out = fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
+                                  out, writer)
             epoch = 0
         else:
             epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
@@ -89,15 +91,27 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             if not world.is_main:
                 return out
 
-        # Threshold and validation figures always come from the saved model's own outputs on validation.
-        valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
-        valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers, tta=config.tta,
-                                            desc="validating")
-        _report_bad(errors, valid_df["filepath"], "validation")
+        if held_out is not None:
+            # A head fitted on train+valid: threshold and validation figures from its out-of-fold predictions.
+            valid_probs, valid_df = held_out
+            meta["validation_source"] = "out-of-fold (train+valid)"
+        else:
+            # Otherwise they always come from the saved model's own outputs on validation.
+            valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
+            valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers,
+                                                tta=config.tta, desc="validating")
+            _report_bad(errors, valid_df["filepath"], "validation")
+            meta["validation_source"] = "valid"
         meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
         if metadata_model is not None:
             meta["metadata_model"] = metadata_model.to_dict()
-            meta["validation"].update(metadata_validation(metadata_model, valid_probs, valid_df, class_names, config))
+            # the metadata model saw the training images: validate it on validation images only
+            only_valid = np.ones(len(valid_df), bool)
+            if "split" in valid_df:
+                only_valid = (valid_df["split"] == "valid").to_numpy()
+            meta["validation"].update(metadata_validation(metadata_model, valid_probs[only_valid],
+                                                          valid_df[only_valid].reset_index(drop=True), class_names,
+                                                          config))
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
         save_model(model, meta, out / "model")
@@ -120,62 +134,80 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
 def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], out: Path,
-               writer: SummaryWriter) -> None:
-    """Frozen backbone; logistic regression on cached features; its weights become the model's classifier."""
+               writer: SummaryWriter) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """Frozen backbone; logistic regression on cached features; its weights become the model's classifier.
+
+    C is chosen by stratified k-fold cross-validation (more stable than 150 validation images). With
+    linear_fit='train+valid' the folds span both splits, the head is fitted on both, and the out-of-fold
+    probabilities (with the rows they belong to) come back for choosing the threshold; otherwise None."""
+    pooled = config.linear_fit == "train+valid"
+    fit_df = pd.concat([train_df, valid_df], ignore_index=True) if pooled else train_df
+    targets = np.concatenate([train_targets, valid_targets]) if pooled else train_targets
     views = [0, 1] if config.feature_flips else [0]  # identity and horizontal flip as training views
-    train_keys = content_keys(train_df["filepath"])
-    per_view = [cached_features(model, train_df["filepath"], config, prep, view, "train", train_keys) for view in views]
+    split = "train+valid" if pooled else "train"
+    keys = content_keys(fit_df["filepath"])
+    per_view = [cached_features(model, fit_df["filepath"], config, prep, view, split, keys) for view in views]
     ok = np.logical_and.reduce([mask for _, mask in per_view])
-    train_x = np.stack([features[ok] for features, _ in per_view])  # [views, N, D]
-    train_y = train_targets[ok]
-    valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid",
-                                        content_keys(valid_df["filepath"]))
-    valid_x, valid_labels = valid_x[valid_ok], valid_df["label"].to_numpy()[valid_ok]
-
-    mean, std = train_x[0].mean(0), train_x[0].std(0) + 1e-6
+    x = np.stack([features[ok] for features, _ in per_view])  # [views, N, D]
+    y = targets[ok]
+    if not pooled:
+        valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid",
+                                            content_keys(valid_df["filepath"]))
+        valid_x, valid_labels = valid_x[valid_ok], valid_df["label"].to_numpy()[valid_ok]
     positive = _positive_indices(config, class_names)
-    is_positive = np.isin(train_y, positive).astype(int)
+    is_positive = np.isin(y, positive).astype(int)
+    weight = None if config.class_balance == "none" else "balanced"
 
-    def fit(rows: np.ndarray, c: float) -> LogisticRegression:
-        x = (train_x[:, rows].reshape(-1, train_x.shape[-1]) - mean) / std
-        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
-        return clf.fit(x, np.tile(train_y[rows], len(views)))
+    def fit(rows: np.ndarray, c: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
+        mean, std = x[0, rows].mean(0), x[0, rows].std(0) + 1e-6
+        clf = LogisticRegression(C=c, class_weight=weight, max_iter=3000)
+        clf.fit(((x[:, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[rows], len(views)))
+        return clf, mean, std
 
-    def malignant(clf: LogisticRegression, x: np.ndarray) -> np.ndarray:
-        return clf.predict_proba((x - mean) / std)[:, positive].sum(1)
+    def proba(fitted: tuple, features: np.ndarray) -> np.ndarray:
+        clf, mean, std = fitted
+        return clf.predict_proba((features - mean) / std)
 
-    # C is chosen by stratified k-fold cross-validation on the training images (more stable than 150 validation
-    # images); the validation AUC is recorded beside it.
-    folds = min(5, int(np.bincount(train_y).min()))
+    folds = min(5, int(np.bincount(y).min()))
+    if pooled and folds < 2:
+        raise DataError(f"{config.train} + {config.valid}: too few images of a class for cross-validation")
     rows, best = [], None
     for c in tqdm(config.linear_c, desc="fitting linear head", unit="C", leave=False):
-        cv_auc = float("nan")
+        cv_auc, oof = float("nan"), np.full((len(y), len(class_names)), np.nan)
         if folds >= 2:
-            splits = StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(train_y, train_y)
-            cv_auc = float(np.mean([roc_auc(is_positive[held], malignant(fit(kept, c), train_x[0, held]))
-                                    for kept, held in splits]))
-        clf = fit(np.arange(len(train_y)), c)
-        valid_auc = roc_auc(valid_labels, malignant(clf, valid_x))
-        score = cv_auc if folds >= 2 else valid_auc
-        rows.append({"C": c, "cv_auc": cv_auc, "valid_auc": valid_auc})
-        writer.add_scalar("linear/cv_auc", cv_auc, len(rows))
-        writer.add_scalar("linear/valid_auc", valid_auc, len(rows))
-        log.info("linear head C=%g: cross-validated AUC %.4f, validation AUC %.4f", c, cv_auc, valid_auc)
+            for kept, held in StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(y, y):
+                oof[held] = proba(fit(kept, c), x[0, held])
+            cv_auc = roc_auc(is_positive, oof[:, positive].sum(1))
+        row = {"C": c, "cv_auc": cv_auc}
+        fitted = fit(np.arange(len(y)), c)
+        if not pooled:
+            row["valid_auc"] = roc_auc(valid_labels, proba(fitted, valid_x)[:, positive].sum(1))
+        score = cv_auc if folds >= 2 else row["valid_auc"]
+        rows.append(row)
+        for key, value in row.items():
+            if key != "C":
+                writer.add_scalar(f"linear/{key}", value, len(rows))
+        log.info("linear head C=%g: %s", c, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "C"))
         if best is None or score > best[0]:
-            best = (score, c, clf)
+            best = (score, c, fitted, oof)
     atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-    _, c, clf = best
-    log.info("chose C=%g by %s AUC %.4f", c, "cross-validated" if folds >= 2 else "validation", best[0])
-    weight, bias = clf.coef_, clf.intercept_
-    if weight.shape[0] == 1:  # sklearn's binary case: one logit for class 1; softmax over [0, w] is the same model
-        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    _, c, (clf, mean, std), oof = best
+    log.info("chose C=%g by %s AUC %.4f (%d images)", c, "cross-validated" if folds >= 2 else "validation", best[0],
+             len(y))
+    weight_matrix, bias = clf.coef_, clf.intercept_
+    if weight_matrix.shape[0] == 1:  # sklearn's binary case: one logit for class 1; softmax over [0, w] is the same
+        weight_matrix, bias = np.vstack([np.zeros_like(weight_matrix), weight_matrix]), np.concatenate([[0.0], bias])
     # Fold the standardisation into the layer: w.(x - m)/s + b = (w/s).x + (b - w.(m/s)).
-    folded_w = weight / std
-    folded_b = bias - (weight * (mean / std)).sum(1)
+    folded_w = weight_matrix / std
+    folded_b = bias - (weight_matrix * (mean / std)).sum(1)
     classifier = unwrap(model).get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(torch.as_tensor(folded_w, dtype=torch.float32))
         classifier.bias.copy_(torch.as_tensor(folded_b, dtype=torch.float32))
+    if not pooled:
+        return None
+    held_out = fit_df.assign(split=["train"] * len(train_df) + ["valid"] * len(valid_df))
+    return oof, held_out[ok].reset_index(drop=True)
 
 
 def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
@@ -469,6 +501,8 @@ def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_nam
     table = pd.DataFrame({"image_id": valid_df["image_id"], "label": labels,
                           **{name: valid_probs[:, c] for c, name in enumerate(class_names)},
                           config.positive_name: malignant})
+    if "split" in valid_df:  # out-of-fold predictions over train+valid: which split each row came from
+        table["split"] = valid_df["split"].to_numpy()
     atomic_write(out / "valid_predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_json(out / "valid_metrics.json", validation)
     return {"threshold": threshold, "validation": validation}
