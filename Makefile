@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/skincancer index $(DATA)/train -o $(RUN)/data/train.csv
-	$(BIN)/skincancer index $(DATA)/valid -o $(RUN)/data/valid.csv
+	$(BIN)/skincancer index $(DATA)/train -o $(RUN)/data/train.csv \
+		--metadata $(DATA)/ISIC-2017_Training_Data_metadata.csv
+	$(BIN)/skincancer index $(DATA)/valid -o $(RUN)/data/valid.csv \
+		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(RUN)/data/test.csv
 	$(BIN)/skincancer train --config configs/linear.yaml --train $(RUN)/data/train.csv \

@@ -118,8 +118,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
         writer.close()
         model.cpu()
-        log.info("validation AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
-                 meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
+        log.info("%s AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
+                 meta["validation_source"], meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
                  meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
                  meta["train_seconds"])
         return out
