@@ -209,6 +209,8 @@ def predict(
     if ray:
         if len(model) > 1:
             _fail("--ray predicts with one --model")
+        if metadata is not None or age is not None or sex is not None:
+            _fail("--ray predicts from images only; drop --metadata/--age/--sex")
         return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
