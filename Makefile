@@ -6,7 +6,7 @@ DATA ?= ../shared/data/isic2017
 RUN ?= runs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint benchmark-accuracy clean
+.PHONY: setup demo test lint benchmark-accuracy benchmark-ensemble clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,17 @@ benchmark-accuracy: setup
 	$(BIN)/skincancer train --config configs/isic2017.yaml --train runs/benchmark/data/train.csv \
 		--valid runs/benchmark/data/valid.csv --out runs/benchmark
 	$(BIN)/skincancer evaluate --model runs/benchmark --data runs/benchmark/data/test.csv --out runs/benchmark/test
+
+# A second member (EfficientNet-Lite2, same recipe) and the ensemble of the two, evaluated on the test split.
+# Reuses runs/benchmark when it exists (otherwise trains it first).
+benchmark-ensemble: setup
+	test -f runs/benchmark/model/model.json || $(MAKE) benchmark-accuracy
+	$(BIN)/skincancer train --config configs/isic2017.yaml --backbone tf_efficientnet_lite2 \
+		--train runs/benchmark/data/train.csv --valid runs/benchmark/data/valid.csv --out runs/benchmark-lite2
+	$(BIN)/skincancer evaluate --model runs/benchmark-lite2 --data runs/benchmark/data/test.csv \
+		--out runs/benchmark-lite2/test
+	$(BIN)/skincancer evaluate --model runs/benchmark --model runs/benchmark-lite2 \
+		--data runs/benchmark/data/test.csv --out runs/benchmark-ensemble/test
 
 test: setup
 	$(BIN)/python -m pytest -q
