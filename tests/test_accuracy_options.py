@@ -102,6 +102,13 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     final, _ = classifier.predict_proba(paths)
     oof = held_out[held_out["split"] == "valid"][classifier.class_names].to_numpy()
     assert not np.allclose(final, oof, atol=1e-3)
+    # an ensemble with a model validated on valid alone chooses its threshold on the 15 images both held out
+    ensemble = load_models([tiny_run, run])
+    valid_only = pd.read_csv(Path(tiny_run) / "valid_predictions.csv").set_index("image_id")
+    pooled = held_out.set_index("image_id").loc[valid_only.index]
+    mean = (valid_only["malignant"] + pooled["malignant"]) / 2
+    assert ensemble.meta["validation"]["n"] == 15
+    assert ensemble.threshold == pytest.approx(choose_threshold(valid_only["label"], mean, "sensitivity:0.90"))
     trained_on_train = load_model(tiny_run).model.get_classifier().weight
     assert not torch.allclose(classifier.model.get_classifier().weight, trained_on_train)
     # class_balance: none fits the head without class weights (which only matter when the classes are unbalanced)

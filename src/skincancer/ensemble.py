@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pandas as pd
 from .checkpoint import CheckpointError
 from .metrics import choose_threshold, operating_point, roc_auc
 from .predict import Classifier, load_model
+
+log = logging.getLogger("skincancer")
 
 
 class Ensemble(Classifier):
@@ -50,12 +53,20 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; the ensemble's threshold is chosen on validation predictions")
         tables.append(pd.read_csv(path).set_index("image_id"))
-    ids = tables[0].index
-    if any(len(t.index) != len(ids) or set(t.index) != set(ids) for t in tables[1:]):
-        raise CheckpointError("ensemble members were validated on different images; cannot choose a threshold")
+    # Members may hold predictions for different images (a linear head fitted on train+valid keeps out-of-fold
+    # predictions for both); the threshold is chosen on the images every member predicted without seeing them.
+    common = set(tables[0].index)
+    for table in tables[1:]:
+        common &= set(table.index)
+    ids = [i for i in tables[0].index if i in common]
+    labels = tables[0].loc[ids, "label"].to_numpy() if ids else np.array([])
+    if len(set(labels)) < 2:
+        raise CheckpointError(f"ensemble members share {len(ids)} validation images, not enough of both classes to "
+                              "choose a threshold; validate them on the same split")
+    if any(len(t) != len(ids) for t in tables):
+        log.info("ensemble threshold chosen on the %d validation images all members predicted", len(ids))
     positive = members[0].positive_name
     malignant = np.mean([t.loc[ids, positive].to_numpy() for t in tables], axis=0)
-    labels = tables[0].loc[ids, "label"].to_numpy()
     ok = ~np.isnan(malignant)
     policy = members[0].meta.get("threshold_policy", "sensitivity:0.90")
     threshold = choose_threshold(labels[ok], malignant[ok], policy)
