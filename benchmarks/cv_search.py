@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--recipes", required=True, help="YAML: {name: {config overrides}}; key 'base' = shared")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these recipes")
-    parser.add_argument("--out", default="runs/cv")
+    parser.add_argument("--out", default="runs/cv", help="out-of-fold predictions (<recipe>_oof.npy, oof_index.csv)")
+    parser.add_argument("--work", help="where the fold runs go (default: --out)")
     args = parser.parse_args()
 
     recipes = yaml.safe_load(Path(args.recipes).read_text())
@@ -44,13 +45,17 @@ def main() -> None:
     data = pd.concat([load_manifest(args.train), load_manifest(args.valid)], ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or args.out)
+    # rows of every <recipe>_oof.npy: [1-view, 8-view] x image x (melanoma, nevus, seborrheic_keratosis)
+    data.assign(image_id=[Path(f).stem for f in data["filepath"]])[["image_id", "diagnosis"]].to_csv(
+        out / "oof_index.csv", index=False)
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
     oof: dict[str, dict[int, np.ndarray]] = {}
     for name, overrides in recipes.items():
         tic = time.time()
         oof[name] = {1: np.zeros((len(data), 3)), 8: np.zeros((len(data), 3))}
         for k, (kept, held) in enumerate(folds):
-            fold_dir = out / name / f"fold{k}"
+            fold_dir = work / name / f"fold{k}"
             train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
             held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
             config = load_config(None, **{**base, **overrides, "train": str(train_csv), "valid": str(held_csv),

@@ -15,14 +15,13 @@ import json
 
 import numpy as np
 import pandas as pd
+from linear_search import CLASSES, features
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from skincancer import load_manifest
 from skincancer.metadata import MetadataModel, attach, read_metadata_csv, records
-
-from linear_search import CLASSES, features
 
 
 def main() -> None:

@@ -343,7 +343,10 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         _report_bad(errors, train_df["filepath"], "train")
         shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
         shard_set = ImageDataset(valid_df["filepath"].iloc[shard], valid_targets[shard], valid_set.transform)
-        probs, errors = run_inference(evaluated, shard_set, config.batch_size, config.num_workers, tta=config.tta,
+        # keep=last validates each epoch for the record only (the kept model is re-validated with all its views
+        # afterwards), so one view suffices there; keep=best selects on it, with the model's own views
+        views = config.tta if config.keep == "best" else 1
+        probs, errors = run_inference(evaluated, shard_set, config.batch_size, config.num_workers, tta=views,
                                       desc="validating")
         probs = gather_rows(world, probs, shard, len(valid_set))
         errors = [(int(shard[i]), reason) for i, reason in errors]
@@ -352,7 +355,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
                                                   torch.as_tensor(valid_targets[ok])))
         auc = roc_auc(valid_labels[ok], probs[ok][:, positive].sum(1))
         row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_auc": auc,
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - tic, 1)}
+               "valid_views": views, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - tic, 1)}
         rows.append(row)
         if world.is_main:
             atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))

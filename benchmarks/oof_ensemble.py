@@ -1,0 +1,60 @@
+"""Which ensemble? Score every subset of models by their pooled out-of-fold predictions on train+valid (never test).
+
+Reads the out-of-fold predictions that benchmarks/cv_search.py writes (<recipe>_oof.npy with oof_index.csv) and,
+optionally, the `valid_predictions.csv` of linear runs fitted with `linear_fit: train+valid` (their out-of-fold
+predictions over the same 2150 images). Members are averaged as `skincancer evaluate --model A --model B` averages
+them (probabilities), with the 8-view TTA predictions of fine-tuned recipes unless --tta 1. Prints one JSON line per
+subset, best melanoma AUC first.
+
+    python benchmarks/oof_ensemble.py --cv runs/cv --linear runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+CLASSES = ("melanoma", "nevus", "seborrheic_keratosis")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cv", required=True, help="cv_search.py --out folder")
+    parser.add_argument("--linear", nargs="*", default=[], help="runs fitted with linear_fit: train+valid")
+    parser.add_argument("--tta", type=int, choices=(1, 8), default=8)
+    args = parser.parse_args()
+
+    cv = Path(args.cv)
+    index = pd.read_csv(cv / "oof_index.csv")
+    members: dict[str, np.ndarray] = {}
+    for path in sorted(cv.glob("*_oof.npy")):
+        members[path.name.removesuffix("_oof.npy")] = np.load(path)[0 if args.tta == 1 else 1]
+    for run in args.linear:
+        table = pd.read_csv(Path(run) / "valid_predictions.csv").set_index("image_id")
+        missing = set(index["image_id"]) - set(table.index)
+        if missing:
+            raise SystemExit(f"{run}/valid_predictions.csv: no out-of-fold prediction for {len(missing)} images "
+                             f"(e.g. {sorted(missing)[0]}); fit it with linear_fit: train+valid")
+        members[f"linear:{Path(run).name}"] = table.loc[index["image_id"], list(CLASSES)].to_numpy()
+
+    melanoma = (index["diagnosis"] == "melanoma").to_numpy()
+    keratosis = (index["diagnosis"] == "seborrheic_keratosis").to_numpy()
+    rows = []
+    for size in range(1, len(members) + 1):
+        for names in itertools.combinations(members, size):
+            p = np.mean([members[n] for n in names], axis=0)
+            mel, sk = roc_auc_score(melanoma, p[:, 0]), roc_auc_score(keratosis, p[:, 2])
+            rows.append({"members": list(names), "melanoma_auc": round(mel, 4), "sk_auc": round(sk, 4),
+                         "mean": round((mel + sk) / 2, 4)})
+    for row in sorted(rows, key=lambda r: -r["melanoma_auc"]):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
