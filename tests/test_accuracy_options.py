@@ -67,6 +67,22 @@ def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):
     assert load_model(ema).predict_proba([str(small_data["test"])])[1]  # a CSV is not an image: reported, not raised
 
 
+def test_keep_last_logs_one_view_per_epoch_but_validates_the_kept_model_with_all(small_data, cache_dir, tmp_path):
+    common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="finetune", image_size=64,
+                  epochs=2, max_steps_per_epoch=2, batch_size=8, num_workers=0, cache_dir=str(cache_dir), tta=4,
+                  patience=0, threshold_policy="youden")
+    last = train(load_config(None, out=str(tmp_path / "last"), keep="last", **common))
+    best = train(load_config(None, out=str(tmp_path / "best"), keep="best", **common))
+    assert list(pd.read_csv(Path(last) / "summary.csv")["valid_views"]) == [1, 1]
+    assert list(pd.read_csv(Path(best) / "summary.csv")["valid_views"]) == [4, 4]  # it selects on them
+    classifier = load_model(last, engine="torch")
+    valid = pd.read_csv(small_data["valid"])
+    paths = [str((small_data["valid"].parent / p).resolve()) for p in valid["filepath"]]
+    probs, _ = classifier.predict_proba(paths)  # the model's default: its 4 views
+    saved = pd.read_csv(Path(last) / "valid_predictions.csv")
+    np.testing.assert_allclose(saved["malignant"], probs[:, classifier.class_names.index("melanoma")], atol=1e-5)
+
+
 def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, tmp_path):
     import subprocess
     import sys
