@@ -31,8 +31,8 @@ demo: setup
 
 # The headline model of issue 3: an ensemble of the linear probe (configs/linear.yaml) and two fine-tunes
 # (configs/isic2017.yaml: Lite0; configs/isic2017-lite2.yaml: Lite2), each member and the ensemble evaluated once on
-# the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. About 75 minutes of training on
-# a quiet 2-core machine (BENCHMARKS.md).
+# the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. 64 minutes of training, 79 in
+# all, on a quiet 2-core machine (BENCHMARKS.md).
 BENCH := runs/benchmark
 MEMBERS := $(BENCH)/lite0 $(BENCH)/lite2 $(BENCH)/linear
 benchmark-accuracy: setup

@@ -47,8 +47,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or args.out)
     # rows of every <recipe>_oof.npy: [1-view, 8-view] x image x (melanoma, nevus, seborrheic_keratosis)
-    data.assign(image_id=[Path(f).stem for f in data["filepath"]])[["image_id", "diagnosis"]].to_csv(
-        out / "oof_index.csv", index=False)
+    data[["image_id", "diagnosis"]].to_csv(out / "oof_index.csv", index=False)  # manifests carry image_id
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
     oof: dict[str, dict[int, np.ndarray]] = {}
     for name, overrides in recipes.items():
