@@ -31,11 +31,15 @@ def main() -> None:
     args = parser.parse_args()
 
     cv = Path(args.cv)
+    if not (cv / "oof_index.csv").is_file():
+        raise SystemExit(f"{cv}: no oof_index.csv here; pass the --out folder of a finished cv_search.py run")
     index = pd.read_csv(cv / "oof_index.csv")
     members: dict[str, np.ndarray] = {}
     for path in sorted(cv.glob("*_oof.npy")):
         members[path.name.removesuffix("_oof.npy")] = np.load(path)[0 if args.tta == 1 else 1]
     for run in args.linear:
+        if not (Path(run) / "valid_predictions.csv").is_file():
+            raise SystemExit(f"{run}: no valid_predictions.csv here; pass a finished linear run's folder")
         table = pd.read_csv(Path(run) / "valid_predictions.csv").set_index("image_id")
         missing = set(index["image_id"]) - set(table.index)
         if missing:
@@ -43,6 +47,8 @@ def main() -> None:
                              f"(e.g. {sorted(missing)[0]}); fit it with linear_fit: train+valid")
         members[f"linear:{Path(run).name}"] = table.loc[index["image_id"], list(CLASSES)].to_numpy()
 
+    if not members:
+        raise SystemExit(f"{cv}: no *_oof.npy predictions and no --linear run: nothing to ensemble")
     melanoma = (index["diagnosis"] == "melanoma").to_numpy()
     keratosis = (index["diagnosis"] == "seborrheic_keratosis").to_numpy()
     rows = []

@@ -245,3 +245,57 @@ def test_bad_config_fails_before_any_work_naming_the_field(small_data, tmp_path,
     assert not out.exists(), "a run folder was created before the config was checked"
     assert "Model:" not in result.stdout  # no model was built
 
+
+
+# ---------------------------------------------------------------- every file of a split gone
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear"])
+@pytest.mark.parametrize(("split", "damage"), [("valid", "deleted"), ("train", "deleted"), ("train", "junk")])
+def test_train_stops_clearly_when_no_file_of_a_split_is_usable(data_dir, tmp_path, mode, split, damage):
+    """All files of a split deleted (or all turned to junk) after indexing: a clear error naming the manifest and
+    the files, never a traceback from inside the loss or a 'trained' model that saw no image."""
+    manifests = {}
+    for name in ("train", "valid"):
+        root = tmp_path / name
+        for diagnosis in DEFAULT_LABELS:
+            (root / diagnosis).mkdir(parents=True)
+            for src in sorted((data_dir / name / diagnosis).glob("*.jpg"))[:2]:
+                shutil.copy(src, root / diagnosis / src.name)
+        manifests[name] = skincancer.save_manifest(skincancer.index_folder(root, DEFAULT_LABELS),
+                                                   tmp_path / f"{name}.csv")
+    victims = sorted((tmp_path / split).rglob("*.jpg"))
+    for path in victims:
+        path.unlink() if damage == "deleted" else path.write_text("<html>404 Not Found</html>\n")
+    out, config = tmp_path / "run", tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"cache_dir": str(tmp_path / "cache")}))  # JSON is YAML
+    result = cli("train", "--config", config, "--mode", mode, "--train", manifests["train"], "--valid",
+                 manifests["valid"], "--out", out, "--epochs", 1, "--image-size", 64, "--batch-size", 4,
+                 "--num-workers", 0)
+    no_traceback(result)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error:" in result.stderr, result.stderr[-3000:]
+    error = result.stderr[result.stderr.rindex("error:"):]
+    if damage == "deleted":
+        assert f"{manifests[split]}: none of the {split} manifest's 6 files exists" in error, error
+        assert str(victims[0]) in error
+    else:
+        assert (f"{manifests[split]}: no training image could be read" in error  # fine-tuning, after its epoch
+                or "train: no readable images" in error), error  # the linear probe, on computing features
+        assert_reported(result.stderr, victims)
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_output_path_taken_by_a_file_is_a_clear_error(small_data, tiny_run, tmp_path, command):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    if command == "train":
+        args = ["train", "--mode", "linear", "--train", small_data["train"], "--valid", small_data["valid"]]
+    else:
+        args = ["evaluate", "--model", tiny_run, "--data", small_data["test"]]
+    result = cli(*args, "--out", taken / "sub" if command == "train" else taken)
+    no_traceback(result)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {taken}" in result.stderr and "a file is in the way" in result.stderr, result.stderr[-3000:]
+    assert taken.read_text() == "keep me\n"  # never lost work

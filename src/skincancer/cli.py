@@ -358,6 +358,17 @@ def main() -> None:
     except KNOWN_ERRORS as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # the file system said no (a path taken by a file, no permission, disk full...)
+        typer.echo(f"error: {_os_error(err)}", err=True)
+        sys.exit(2)
+
+
+def _os_error(err: OSError) -> str:
+    if err.filename is None:
+        return str(err)
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return f"{err.filename}: a file is in the way of a folder this command writes (choose another output path)"
+    return f"{err.filename}: {err.strerror or err}"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
         train_df = resolve_data(config.train, config.labels)
         valid_df = resolve_data(config.valid, config.labels)
+        _require_files(train_df, config.train, "train")
+        _require_files(valid_df, config.valid, "valid")
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
         log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
@@ -341,6 +343,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         train_loss, errors = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                              config.max_steps_per_epoch, on_step=on_step)
         _report_bad(errors, train_df["filepath"], "train")
+        if math.isnan(train_loss):  # no batch had a readable image (a non-finite loss raises in train_one_epoch)
+            raise DataError(f"{config.train}: no training image could be read in epoch {epoch} (listed above)")
         shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
         shard_set = ImageDataset(valid_df["filepath"].iloc[shard], valid_targets[shard], valid_set.transform)
         # keep=last validates each epoch for the record only (the kept model is re-validated with all its views
@@ -351,6 +355,9 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         probs = gather_rows(world, probs, shard, len(valid_set))
         errors = [(int(shard[i]), reason) for i, reason in errors]
         ok = ~np.isnan(probs).any(1)
+        if not ok.any():  # the files went bad during training; _require_files saw them at the start
+            _report_bad(errors, valid_df["filepath"], "valid")
+            raise DataError(f"{config.valid}: no validation image could be read in epoch {epoch} (listed above)")
         valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
                                                   torch.as_tensor(valid_targets[ok])))
         auc = roc_auc(valid_labels[ok], probs[ok][:, positive].sum(1))
@@ -543,6 +550,20 @@ def _eval_transform(config: TrainConfig, prep: dict):
 
 def _counts(frame: pd.DataFrame) -> str:
     return ", ".join(f"{k} {v}" for k, v in frame["diagnosis"].value_counts().sort_index().items())
+
+
+def _require_files(frame: pd.DataFrame, source: str, split: str) -> None:
+    """Stop before any work when none of a manifest's files exists (moved or deleted since indexing); warn when
+    some are missing (they are skipped, and named, as training meets them)."""
+    missing = [path for path in frame["filepath"] if not os.path.isfile(path)]
+    if not missing:
+        return
+    shown = "\n  ".join(missing[:5]) + ("\n  ..." if len(missing) > 5 else "")
+    if len(missing) == len(frame):
+        raise DataError(f"{source}: none of the {split} manifest's {len(frame)} files exists (moved or deleted "
+                        f"since indexing? re-run `skincancer index`):\n  {shown}")
+    log.warning("%s: %d of %d %s files are missing and will be skipped:\n  %s", source, len(missing), len(frame),
+                split, shown)
 
 
 def _report_bad(errors: list, paths: pd.Series, split: str) -> None:
