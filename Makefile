@@ -25,7 +25,7 @@ demo: setup
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(RUN)/data/test.csv
-	$(BIN)/skincancer train --config configs/linear.yaml --train $(RUN)/data/train.csv \
+	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(RUN)/data/train.csv \
 		--valid $(RUN)/data/valid.csv --out $(RUN)
 	$(BIN)/skincancer evaluate --model $(RUN) --data $(RUN)/data/test.csv --out $(RUN)/test
 
@@ -42,11 +42,11 @@ benchmark-accuracy: setup
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(BENCH)/data/test.csv
-	$(BIN)/skincancer train --config configs/isic2017.yaml --train $(BENCH)/data/train.csv \
+	$(BIN)/skincancer train --config configs/isic2017.yaml --overwrite --train $(BENCH)/data/train.csv \
 		--valid $(BENCH)/data/valid.csv --out $(BENCH)/lite0
-	$(BIN)/skincancer train --config configs/isic2017-lite2.yaml --train $(BENCH)/data/train.csv \
+	$(BIN)/skincancer train --config configs/isic2017-lite2.yaml --overwrite --train $(BENCH)/data/train.csv \
 		--valid $(BENCH)/data/valid.csv --out $(BENCH)/lite2
-	$(BIN)/skincancer train --config configs/linear.yaml --train $(BENCH)/data/train.csv \
+	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(BENCH)/data/train.csv \
 		--valid $(BENCH)/data/valid.csv --out $(BENCH)/linear
 	for run in $(MEMBERS); do \
 		$(BIN)/skincancer evaluate --model $$run --data $(BENCH)/data/test.csv --out $$run/test || exit 1; done

@@ -59,7 +59,7 @@ def main() -> None:
             held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
             config = load_config(None, **{**base, **overrides, "train": str(train_csv), "valid": str(held_csv),
                                           "out": str(fold_dir / "run")})
-            run = train(config)
+            run = train(config, overwrite=True)  # a re-run of the search replaces its fold runs
             classifier = load_model(run)
             if torch.cuda.is_available():
                 classifier.model.cuda()

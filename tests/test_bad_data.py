@@ -16,7 +16,7 @@ from PIL import Image
 
 import skincancer
 from skincancer.config import DEFAULT_LABELS
-from skincancer.data import load_image
+from skincancer.data import DataError, load_image
 
 pytestmark = pytest.mark.slow
 
@@ -299,3 +299,25 @@ def test_output_path_taken_by_a_file_is_a_clear_error(small_data, tiny_run, tmp_
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {taken}" in result.stderr and "a file is in the way" in result.stderr, result.stderr[-3000:]
     assert taken.read_text() == "keep me\n"  # never lost work
+
+
+def test_train_never_replaces_a_run_or_fills_a_data_folder_unasked(small_data, cache_dir, tmp_path):
+    settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear", linear_c=[1.0],
+                    num_workers=0, cache_dir=str(cache_dir))
+    out = tmp_path / "run"
+    skincancer.train(skincancer.load_config(None, out=str(out), **settings))
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    (out / "test").mkdir()  # an evaluation the user wrote into the run folder
+    again = skincancer.load_config(None, out=str(out), seed=5, **settings)
+    with pytest.raises(DataError, match="already holds a trained run.*--overwrite"):
+        skincancer.train(again)
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    skincancer.train(again, overwrite=True)
+    assert json.loads((out / "model" / "model.json").read_text())["weights_sha256"]
+    assert (out / "test").is_dir()  # only the run's own files are replaced
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "lesion.jpg").write_bytes(b"not really")
+    with pytest.raises(DataError, match="not empty and not a run folder"):
+        skincancer.train(skincancer.load_config(None, out=str(images), **settings), overwrite=True)
+    assert sorted(p.name for p in images.iterdir()) == ["lesion.jpg"]

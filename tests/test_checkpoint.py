@@ -1,3 +1,4 @@
+import json
 import pickle
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def test_malicious_pickle_checkpoint_is_never_loaded(tiny_run, tmp_path):
         load_model(run)
     # the same bytes under the safetensors name are refused too
     (run / "model" / "model.pt").rename(run / "model" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="changed since it was saved"):
+        load_model(run)
+    meta = json.loads((run / "model" / "model.json").read_text())
+    del meta["weights_sha256"]  # a model saved before the hash was recorded: the format itself refuses it
+    (run / "model" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         load_model(run)
     assert not marker.exists()
@@ -79,8 +85,79 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
 
 def test_weights_that_do_not_fit_are_refused(tiny_run, tmp_path):
     classifier = load_model(tiny_run)
-    meta = dict(classifier.meta, class_names=["a", "b"])
+    meta = dict(classifier.meta, class_names=["a", "b"], labels={"a": 1, "b": 0})
     save_model(classifier.model, meta, tmp_path / "bad" / "model")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(tmp_path / "bad")
     torch.manual_seed(0)
+
+
+def copy_model(tiny_run, dest: Path) -> Path:
+    (dest / "model").mkdir(parents=True)
+    for name in ("model.json", "model.safetensors"):
+        (dest / "model" / name).write_bytes((Path(tiny_run) / "model" / name).read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("threshold", 2.0, "threshold: expected a probability"),
+    ("threshold", None, "threshold: expected a probability"),
+    ("threshold", "abc", "threshold: expected a probability"),
+    ("labels", {}, "labels: no label for class 'melanoma'"),
+    ("labels", {"melanoma": 0, "nevus": 0, "seborrheic_keratosis": 0}, "must include both malignant"),
+    ("labels", {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 7}, "labels: expected a map"),
+    ("class_names", ["melanoma", "nevus", "bcc"], "no label for class 'bcc'"),
+    ("class_names", ["melanoma", "nevus", "nevus"], "listed twice"),
+    ("format_version", 99, "newer skincancer"),
+    ("head", "foo", "head: must be"),
+    ("mode", "foo", "mode: must be"),
+    ("image_size", 0, "image_size"),
+    ("image_size", "big", "image_size"),
+    ("mean", [0.5, 0.5], "mean: expected 3 numbers"),
+    ("std", [0, 0, 0], "std: expected 3 positive numbers"),
+    ("tta", 3, "tta: must be"),
+    ("negative_name", "malignant", "two different names"),
+    ("backbone", "resnet9000", "unknown backbone"),
+])
+def test_impossible_model_json_values_are_named(tiny_run, tmp_path, field, value, message):
+    run = copy_model(tiny_run, tmp_path / "edited")
+    meta = json.loads((run / "model" / "model.json").read_text())
+    meta[field] = value
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(run, engine="torch")
+    assert str(run / "model" / "model.json") in str(caught.value)
+
+
+def test_corrupted_weights_are_refused_never_read_as_benign(tiny_run, tmp_path):
+    run = copy_model(tiny_run, tmp_path / "flipped")
+    weights = run / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200_000] = bytes(b ^ 0xFF for b in data[middle:middle + 200_000])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="changed since it was saved"):
+        load_model(run, engine="torch")
+    # without the recorded hash (older models), NaN weights are still refused
+    meta = json.loads((run / "model" / "model.json").read_text())
+    del meta["weights_sha256"]
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    classifier = load_model(tiny_run, engine="torch")
+    with torch.no_grad():
+        classifier.model.get_classifier().weight[0, 0] = float("nan")
+    save_model(classifier.model, meta, run / "model")
+    meta = json.loads((run / "model" / "model.json").read_text())
+    del meta["weights_sha256"]
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="contain NaN or infinity"):
+        load_model(run, engine="torch")
+
+
+def test_non_finite_outputs_are_errors_not_benign(tiny_run, small_data, tmp_path):
+    classifier = load_model(tiny_run, engine="torch")
+    with torch.no_grad():  # finite weights whose logits overflow to infinity: softmax gives NaN
+        classifier.model.get_classifier().weight.mul_(3e38)
+    images = list(__import__("pandas").read_csv(small_data["test"])["filepath"])[:2]
+    table = classifier.predict(images)
+    assert table["label"].tolist() == ["", ""]
+    assert table["error"].str.contains("non-finite output").all()

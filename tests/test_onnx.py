@@ -10,10 +10,9 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from skincancer.checkpoint import WEIGHTS_FILE
+from skincancer.checkpoint import save_model
 from skincancer.cli import app
 from skincancer.export import ONNX_FILE, ExportError, OnnxEngine, export_onnx
 from skincancer.predict import load_model
@@ -84,11 +83,10 @@ def test_auto_engine_uses_a_current_export_only(tiny_run, tmp_path):
     export_onnx(run)
     assert load_model(run).engine_name == "onnx"  # auto is the default
 
-    weights_path = run / "model" / WEIGHTS_FILE
-    weights = load_file(str(weights_path))
-    name = next(k for k in weights if k.startswith("classifier"))
-    weights[name] = weights[name] + 1.0
-    save_file(weights, str(weights_path))  # "retrained" after the export
+    classifier = load_model(run, engine="torch")
+    with torch.no_grad():
+        classifier.model.get_classifier().bias += 1.0
+    save_model(classifier.model, classifier.meta, run / "model")  # "retrained" after the export
     assert load_model(run, engine="auto").engine_name == "torch"
     with pytest.raises(ExportError, match="does not match"):
         load_model(run, engine="onnx")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,7 +41,23 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n"))
+    """Strict JSON: NaN and infinity (an AUC with one class absent) are written as null."""
+    text = json.dumps(_strict(data), indent=2, default=_jsonable, allow_nan=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if hasattr(value, "tolist"):
+        return _strict(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -69,8 +87,17 @@ def save_model(model: nn.Module, meta: dict, directory: str | Path) -> Path:
         raise CheckpointError(f"model metadata lacks {', '.join(missing)}")
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    write_json(directory / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+    digest = _sha256(directory / WEIGHTS_FILE)
+    write_json(directory / META_FILE, {"format_version": FORMAT_VERSION, **meta, "weights_sha256": digest})
     return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -90,23 +117,91 @@ def read_meta(model_dir: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable model metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in META_REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return meta
 
 
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Weights from safetensors only: never unpickle a file a user hands us."""
+def _meta_problem(meta: dict) -> str | None:
+    """What makes a model.json unusable (a hand edit, another tool's file, a newer format), or None."""
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return f"format_version {version!r}: written by a newer skincancer (this one reads {FORMAT_VERSION}); upgrade"
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        return f"backbone: expected a timm model name, got {meta['backbone']!r}"
+    names, labels = meta["class_names"], meta["labels"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        return f"class_names: expected a non-empty list of names, got {names!r}"
+    if len(set(names)) != len(names):
+        return f"class_names: a name is listed twice in {names}"
+    if not isinstance(labels, dict) or any(v not in (0, 1) or isinstance(v, bool) for v in labels.values()):
+        return f"labels: expected a map of diagnosis to 0 or 1, got {labels!r}"
+    head = meta.get("head", "diagnosis")
+    if head not in ("diagnosis", "binary"):
+        return f"head: must be 'diagnosis' or 'binary', got {head!r}"
+    if head == "diagnosis":
+        unlabelled = [n for n in names if n not in labels]
+        if unlabelled:
+            return f"labels: no label for class {unlabelled[0]!r} of class_names"
+        if not any(labels[n] == 1 for n in names) or all(labels[n] == 1 for n in names):
+            return f"labels: the classes {names} must include both malignant (1) and benign (0) ones"
+    elif len(names) != 2:
+        return f"class_names: a binary head has 2 outputs, got {len(names)} names"
+    size = meta["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 4096:
+        return f"image_size: expected a whole number of pixels (16-4096), got {size!r}"
+    for key in ("mean", "std"):
+        values = meta[key]
+        if (not isinstance(values, list) or len(values) != 3
+                or not all(_finite(v) and (key == "mean" or v > 0) for v in values)):
+            kind = "positive numbers" if key == "std" else "numbers"
+            return f"{key}: expected 3 {kind} (one per RGB channel), got {values!r}"
+    threshold = meta["threshold"]
+    if not _finite(threshold) or not 0 <= threshold <= 1:
+        return f"threshold: expected a probability between 0 and 1, got {threshold!r}"
+    if meta.get("tta", 1) not in (1, 2, 4, 8) or isinstance(meta.get("tta"), bool):
+        return f"tta: must be 1, 2, 4 or 8, got {meta.get('tta')!r}"
+    if meta.get("mode", "linear") not in ("linear", "finetune"):
+        return f"mode: must be 'linear' or 'finetune', got {meta.get('mode')!r}"
+    positive, negative = meta.get("positive_name", "malignant"), meta.get("negative_name", "benign")
+    if not (isinstance(positive, str) and isinstance(negative, str) and positive.strip() and negative.strip()
+            and positive != negative):
+        return f"positive_name / negative_name: expected two different names, got {positive!r} / {negative!r}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_weights(model_dir: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Weights from safetensors only: never unpickle a file a user hands us.
+
+    expected_sha256: model.json's `weights_sha256` (older models lack it and are not checked): a
+    file that changed since it was saved is refused; so is any weight that is NaN or infinite."""
     path = model_dir / WEIGHTS_FILE
     if not path.is_file():
         others = sorted(p.name for p in model_dir.glob("*.pt*")) + sorted(p.name for p in model_dir.glob("*.bin"))
         hint = f" (found {', '.join(others)}: pickle files are not loaded, for safety)" if others else ""
         raise CheckpointError(f"{path}: weights file missing{hint}")
+    if expected_sha256 and _sha256(path) != expected_sha256:
+        raise CheckpointError(f"{path}: the file changed since it was saved (its SHA-256 differs from model.json's "
+                              "weights_sha256): corrupted or replaced; retrain or restore it")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a valid safetensors file ({err})") from None
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise CheckpointError(f"{path}: weights {broken[0]}{more} contain NaN or infinity: the file is corrupted")
+    return weights
 
 
 def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

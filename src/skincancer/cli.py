@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +50,27 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = "--out") -> None:
+    """Fail before any work when `out` cannot be the file this command writes: wrong kind of name (so that a
+    slip never turns an image or a manifest into a CSV), a folder, or one of the command's own inputs."""
+    if out.suffix.lower() not in suffixes:
+        _fail(f"{option} {out}: expected a {' or '.join(suffixes)} file name")
+    if out.is_dir():
+        _fail(f"{option} {out}: is a folder; name a file")
+    target = os.path.realpath(out)  # realpath, unlike Path.resolve, does not raise on a symlink loop
+    if any(os.path.realpath(path) == target for path in inputs if path is not None):
+        _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
+
+
+def _check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
+    if tta is not None and tta not in (1, 2, 4, 8):
+        _fail(f"--tta: must be 1, 2, 4 or 8 views, got {tta}")
+    if batch_size < 1:
+        _fail(f"--batch-size: expected 1 or more, got {batch_size}")
+    if num_workers < 0:
+        _fail(f"--num-workers: expected 0 (decode in this process) or more, got {num_workers}")
+
+
 @app.command()
 def index(
     directory: Annotated[Path | None, typer.Argument(help="folder-per-class tree: DIR/<diagnosis>/*.jpg")] = None,
@@ -59,6 +83,7 @@ def index(
         help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
+    _output_file(out, (".csv",), inputs=[isic_csv, metadata])
     label_map = parse_labels(labels)
     patient = read_metadata_csv(metadata) if metadata is not None else None
     if isic_csv is not None:
@@ -97,7 +122,12 @@ def preview(
     from .data import resolve_data
     from .report import preview_grid
 
-    preview_grid(resolve_data(manifest, DEFAULT_LABELS), out, n=n, seed=seed)
+    if n < 1:
+        _fail(f"--n: expected 1 or more images, got {n}")
+    _output_file(out, (".png",))
+    data = resolve_data(manifest, DEFAULT_LABELS)
+    _output_file(out, (".png",), inputs=list(data["filepath"]))
+    preview_grid(data, out, n=n, seed=seed)
     typer.echo(f"wrote {out}")
 
 
@@ -122,18 +152,25 @@ def train(
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run from its last epoch")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace the run already in --out (its model and checkpoints)")
+                         ] = False,
     nproc: Annotated[int | None, typer.Option(help="train with N processes (torchrun, DDP)")] = None,
     metadata: Annotated[bool | None, typer.Option(
         "--metadata/--no-metadata", help="also fit an age/sex model from the manifest (fused where given)")] = None,
 ) -> None:
     """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
+    if nproc is not None and nproc < 1:
+        _fail(f"--nproc: expected 1 or more processes, got {nproc}")
     if nproc is not None and nproc > 1:
         _launch_torchrun(nproc)
-    given = [name for name, value in locals().items() if name not in ("resume", "nproc") and value is not None]
+    given = [name for name, value in locals().items()
+             if name not in ("resume", "nproc", "overwrite") and value is not None]
     from .train import resume_config
     from .train import train as run_training
 
     if resume is not None:
+        if overwrite:
+            _fail("--resume continues the run in its folder; --overwrite would replace it: choose one")
         if given:
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
         run = run_training(resume_config(resume), resume=True)
@@ -144,7 +181,7 @@ def train(
                       labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,
                       augment=augment, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
                       pretrained=pretrained, metadata=metadata)
-    run = run_training(cfg)
+    run = run_training(cfg, overwrite=overwrite)
     typer.echo(f"run saved to {run}")
 
 
@@ -168,6 +205,7 @@ def evaluate(
 
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_inference_options(tta, batch_size, num_workers)
     metrics = run_evaluation(load_models(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
                              num_workers=num_workers, use_metadata=metadata)
     lo, hi = metrics["auc_ci95"]
@@ -206,6 +244,9 @@ def predict(
     sex: Annotated[str | None, typer.Option(help="patient's sex: male | female (one image)")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
+    _check_inference_options(tta, batch_size, num_workers)
+    if cam is not None and cam.exists() and not cam.is_dir():
+        _fail(f"--cam {cam}: is a file; name a folder for the overlays")
     if ray:
         if len(model) > 1:
             _fail("--ray predicts with one --model")
@@ -219,10 +260,14 @@ def predict(
         _fail(f"--format must be csv or json, got {format!r}")
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    classifier = load_models(model, engine=engine)
     files = expand_inputs(paths)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
+    if out is not None:
+        _output_file(out, (f".{format}",), inputs=[*files, metadata])
+    classifier = load_models(model, engine=engine)
+    if age is not None and not math.isfinite(age):
+        _fail(f"--age: expected an age in years, got {age}")
     rows = _patient_metadata(files, metadata, age, sex)
     if rows is not None and classifier.metadata_model is None and not any(
             m.metadata_model is not None for m in getattr(classifier, "members", [])):
@@ -262,6 +307,8 @@ def export(
     """Export a run to ONNX (dynamic batch, probabilities out) for fast CPU inference with ONNX Runtime."""
     from .export import export_onnx
 
+    if out is not None:
+        _output_file(out, (".onnx",))
     path = export_onnx(model, out)
     typer.echo(f"wrote {path} and {path.name}.json (checked against PyTorch)")
 
@@ -282,10 +329,33 @@ def serve(
 
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not 0 <= port <= 65535:
+        _fail(f"--port: expected 0-65535, got {port}")
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        _fail(f"--max-upload-mb: expected a positive number of megabytes, got {max_upload_mb}")
+    _check_can_bind(host, port)
     application = create_app(model, max_upload_mb=max_upload_mb, engine=engine)
     typer.echo(f"serving {application.state.classifier.source} ({application.state.classifier.engine_name}) "
                f"on http://{host}:{port}/  (API docs: /docs). {NOTICE}", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _check_can_bind(host: str, port: int) -> None:
+    """Fail before loading the model when the address is unusable (port taken, unknown host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        _fail(f"--host {host}: unknown address ({err.strerror})")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as err:
+            reason = "already in use (another server?)" if err.errno == errno.EADDRINUSE else err.strerror
+            _fail(f"--host {host} --port {port}: cannot listen there: {reason}")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 DEFAULT_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
+MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,16 @@ class TrainConfig:
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.linear_c or any(c <= 0 for c in self.linear_c):
             raise ConfigError(f"linear_c: must be a non-empty list of positive numbers, got {self.linear_c}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.device == "cuda":
+            import torch  # lazily: reading a config should not cost the torch import
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+        if not self.positive_name.strip() or not self.negative_name.strip() or self.positive_name == self.negative_name:
+            raise ConfigError(f"positive_name / negative_name: expected two different names, got "
+                              f"{self.positive_name!r} / {self.negative_name!r}")
         if not self.labels:
             raise ConfigError("labels: must map at least one diagnosis to 0 and one to 1")
         if set(self.labels.values()) != {0, 1}:
@@ -130,6 +142,8 @@ def parse_labels(text: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or value.strip() not in ("0", "1") or not name.strip():
             raise ConfigError(f"labels: expected NAME=0 or NAME=1 separated by commas, got {item!r} in {text!r}")
+        if name.strip() in labels:
+            raise ConfigError(f"labels: {name.strip()} given twice in {text!r}")
         labels[name.strip()] = int(value)
     if set(labels.values()) != {0, 1}:
         raise ConfigError(f"labels: need at least one class =1 and one =0, got {text!r}")
@@ -144,9 +158,15 @@ def _check_types(config: TrainConfig) -> None:
         if origin is float and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(config, f.name, float(value))
             continue
+        if origin is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+        if origin is float and isinstance(value, str) and _is_number(value):
+            raise ConfigError(f"{f.name}: expected float, got the string {value!r}; write the number without quotes")
         if origin is list and isinstance(value, list):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 raise ConfigError(f"{f.name}: expected a list of numbers, got {value!r}")
+            if not all(math.isfinite(v) for v in value):
+                raise ConfigError(f"{f.name}: entries must be finite numbers, got {value!r}")
             object.__setattr__(config, f.name, [float(v) for v in value])
             continue
         if origin is dict and isinstance(value, dict):
@@ -156,6 +176,53 @@ def _check_types(config: TrainConfig) -> None:
         ok = isinstance(value, origin) and not (origin is int and isinstance(value, bool))
         if not ok:
             raise ConfigError(f"{f.name}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.2 habits: 1e-3 is a float (not the string '1e-3'), and a key given
+    twice in one mapping is an error (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"{self.name}: key {key!r} given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own check reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read with _ConfigLoader; unreadable text and bad YAML become ConfigErrors naming the file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    loader = _ConfigLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
 
 
 def config_fields() -> set[str]:
@@ -169,10 +236,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
         values.update(loaded)

@@ -142,7 +142,7 @@ def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     if unknown:
         raise DataError(
             f"{root}: class folder(s) {', '.join(unknown)} not in the label map {labels}; "
-            "pass --labels NAME=0|1,... to include them"
+            "index or train with --labels NAME=0|1,... to include them (a model evaluates its own classes only)"
         )
     rows = []
     for class_dir in class_dirs:
@@ -151,15 +151,21 @@ def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
                 rows.append((path.stem, str(path.absolute()), class_dir.name, labels[class_dir.name]))
     if not rows:
         raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders")
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    # image_id is the file name without extension (ISIC_0000000), unless that name occurs twice in the tree
+    # (nevus/001.jpg and melanoma/001.jpg): then the path under root, without extension, keeps ids unique
+    clash = frame["image_id"].duplicated(keep=False)
+    frame.loc[clash, "image_id"] = [Path(f).relative_to(root.absolute()).with_suffix("").as_posix()
+                                    for f in frame.loc[clash, "filepath"]]
+    return frame
 
 
-def read_csv_checked(path: str | Path, required: Iterable[str]) -> pd.DataFrame:
+def read_csv_checked(path: str | Path, required: Iterable[str], dtype: type | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=dtype)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
     missing = [c for c in required if c not in frame.columns]
@@ -176,25 +182,65 @@ def index_isic_csv(csv_path: str | Path, images: str | Path, labels: dict[str, i
     Images are found by id anywhere under `images` (flat or folder-per-class). Missing images are kept with an
     empty filepath so that the caller reports them with the rest of the bad files.
     """
-    frame = read_csv_checked(csv_path, ISIC_COLUMNS)
+    frame = read_csv_checked(csv_path, ISIC_COLUMNS, dtype=str)  # cells as written, for the messages
     images = Path(images)
     if not images.is_dir():
         raise DataError(f"{images}: not a directory")
     by_id = {p.stem: p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
+    empty = frame["image_id"].isna() | (frame["image_id"].str.strip() == "")
+    if empty.any():
+        raise DataError(f"{csv_path}: row {_row(frame, empty)}: column image_id is empty")
+    _refuse_duplicates(csv_path, frame, "image_id", frame["image_id"])
     rows = []
     for i, row in frame.iterrows():
-        try:
-            melanoma, keratosis = float(row["melanoma"]), float(row["seborrheic_keratosis"])
-        except (TypeError, ValueError):
-            raise DataError(f"{csv_path}: row {i + 2}: melanoma/seborrheic_keratosis must be 0 or 1") from None
-        diagnosis = "melanoma" if melanoma >= 0.5 else "seborrheic_keratosis" if keratosis >= 0.5 else "nevus"
+        image_id = str(row["image_id"])
+        where = f"{csv_path}: row {i + 2} ({image_id})"
+        melanoma = _isic_flag(row["melanoma"], where, "melanoma")
+        keratosis = _isic_flag(row["seborrheic_keratosis"], where, "seborrheic_keratosis")
+        if melanoma and keratosis:
+            raise DataError(f"{where}: columns melanoma and seborrheic_keratosis are both 1; an image has one "
+                            "diagnosis (both 0 means nevus)")
+        diagnosis = "melanoma" if melanoma else "seborrheic_keratosis" if keratosis else "nevus"
         if diagnosis not in labels:
             raise DataError(f"{csv_path}: diagnosis {diagnosis!r} (row {i + 2}) not in the label map {labels}")
-        image_id = str(row["image_id"])
         path = by_id.get(image_id)
         rows.append((image_id, str(path.absolute()) if path else str(images / f"{image_id}.jpg"), diagnosis,
                      labels[diagnosis]))
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _isic_flag(value: object, where: str, column: str) -> bool:
+    """One ground-truth cell: 0 or 1 (the official files write 0.0 / 1.0); anything else names the cell."""
+    if pd.isna(value) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: column {column} is empty; expected 0 or 1")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number not in (0.0, 1.0):
+        raise DataError(f"{where}: column {column} must be 0 or 1, got {_plain(value)!r}")
+    return number == 1.0
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as Python values, so that messages read 2, not np.int64(2)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _row(frame: pd.DataFrame, mask: pd.Series) -> int:
+    """The file row (the header is row 1) of the first True in `mask`."""
+    return int(np.flatnonzero(mask.to_numpy())[0]) + 2
+
+
+def _refuse_duplicates(path: str | Path, frame: pd.DataFrame, column: str, values: pd.Series) -> None:
+    """A repeated image would count twice in n and narrow every confidence interval: name it and its rows."""
+    repeated = values.duplicated(keep=False)
+    if repeated.any():
+        first = values[repeated].iloc[0]
+        rows = (np.flatnonzero((values == first).to_numpy()) + 2).tolist()
+        shown = frame.loc[values == first, column].iloc[0]
+        raise DataError(f"{path}: {column} {_plain(shown)!r} appears more than once (rows "
+                        f"{', '.join(map(str, rows))}); each image must be listed once")
 
 
 def save_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
@@ -215,17 +261,37 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
     frame = read_csv_checked(path, ["filepath", "label"])
     if frame.empty:
         raise DataError(f"{path}: manifest has no rows")
-    if not frame["label"].isin([0, 1]).all():
-        bad = frame.loc[~frame["label"].isin([0, 1]), "label"].iloc[0]
-        raise DataError(f"{path}: column label must hold 0 or 1, found {bad!r}")
+    for column in ("filepath", "label"):
+        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if empty.any():
+            raise DataError(f"{path}: row {_row(frame, empty)}: column {column} is empty")
+    bad = ~frame["label"].isin([0, 1])
+    if bad.any():
+        raise DataError(f"{path}: row {_row(frame, bad)}: column label must hold 0 or 1, found "
+                        f"{_plain(frame.loc[bad, 'label'].iloc[0])!r}")
     frame["label"] = frame["label"].astype(int)
-    if "image_id" not in frame.columns:
-        frame["image_id"] = [Path(p).stem for p in frame["filepath"]]
-    if "diagnosis" not in frame.columns:
+    if "image_id" in frame.columns:
+        _refuse_duplicates(path, frame, "image_id", frame["image_id"].astype(str))
+    else:
+        frame["image_id"] = [Path(p).stem for p in frame["filepath"].astype(str)]
+    if "diagnosis" in frame.columns:
+        _refuse_label_conflicts(path, frame)
+    else:
         frame["diagnosis"] = frame["label"].map({0: "benign", 1: "malignant"})
     base = path.parent.absolute()
     frame["filepath"] = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in frame["filepath"].astype(str)]
+    _refuse_duplicates(path, frame, "filepath", frame["filepath"])
     return frame
+
+
+def _refuse_label_conflicts(path: Path, frame: pd.DataFrame) -> None:
+    """One diagnosis, one label: melanoma rows labelled 1 and 0 in the same manifest are a labelling mistake."""
+    for diagnosis, labels in frame.dropna(subset=["diagnosis"]).groupby("diagnosis", sort=True)["label"]:
+        if labels.nunique() > 1:
+            rows = [int(np.flatnonzero((frame["diagnosis"] == diagnosis).to_numpy() & (frame["label"] == value)
+                                       .to_numpy())[0]) + 2 for value in (0, 1)]
+            raise DataError(f"{path}: diagnosis {_plain(diagnosis)!r} has label 0 (row {rows[0]}) and label 1 "
+                            f"(row {rows[1]}); one diagnosis must map to one label")
 
 
 def resolve_data(source: str | Path, labels: dict[str, int]) -> pd.DataFrame:

@@ -7,11 +7,13 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterable
@@ -32,6 +34,7 @@ ISIC2017_PARTS = ("train", "valid", "test")
 DATASETS = ("isic2017",)
 MARKER = ".skincancer-download.json"
 CHUNK = 1 << 20
+MAX_RETRY_WAIT = 30.0  # seconds; the wait grows with each retry up to this
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
@@ -52,6 +55,7 @@ class Archive:
 def isic2017_archives(base_url: str = ISIC2017_BASE_URL) -> list[Archive]:
     """The three ISIC 2017 archives (train, valid, test) under `base_url`."""
     base = base_url if base_url.endswith("/") else base_url + "/"
+    _check_url(base, "--base-url")
     return [Archive(part, f"{base}{part}.zip") for part in ISIC2017_PARTS]
 
 
@@ -60,10 +64,11 @@ def load_archive_list(path: str | Path) -> list[Archive]:
     path = Path(path)
     try:
         entries = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise DownloadError(f"{path}: cannot read the archive list ({err})") from None
-    if isinstance(entries, dict):
-        entries = [{"name": name, "url": url} for name, url in entries.items()]
+    if isinstance(entries, dict):  # {name: url} or {name: {url, sha256?, size?}}
+        entries = [{"name": name, **value} if isinstance(value, dict) else {"name": name, "url": value}
+                   for name, value in entries.items()]
     if not isinstance(entries, list) or not entries:
         raise DownloadError(f"{path}: expected a non-empty list of URLs or of {{url, name, sha256, size}}")
     archives = []
@@ -74,12 +79,16 @@ def load_archive_list(path: str | Path) -> list[Archive]:
         unknown = set(entry) - {"url", "name", "sha256", "size"}
         if unknown:
             raise DownloadError(f"{path}: entry {i + 1} has unknown key(s) {', '.join(sorted(unknown))}")
+        _check_url(entry["url"], f"{path}: entry {i + 1}")
         name = str(entry.get("name") or _archive_stem(entry["url"]))
         if not name or name != Path(name).name or name.startswith("."):
             raise DownloadError(f"{path}: entry {i + 1}: {name!r} is not a plain folder name")
-        size = entry.get("size")
-        archives.append(Archive(name, entry["url"], (entry.get("sha256") or "").lower() or None,
-                                int(size) if size is not None else None))
+        size, sha256 = entry.get("size"), str(entry.get("sha256") or "").lower() or None
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise DownloadError(f"{path}: entry {i + 1}: size must be a whole number of bytes, got {size!r}")
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise DownloadError(f"{path}: entry {i + 1}: sha256 must be 64 hexadecimal digits, got {sha256!r}")
+        archives.append(Archive(name, entry["url"], sha256, size))
     names = [a.name for a in archives]
     if len(set(names)) != len(names):
         raise DownloadError(f"{path}: archive names must be unique, got {names}")
@@ -93,6 +102,7 @@ def download_dataset(archives: Iterable[Archive], dest: str | Path, keep_archive
     Every part is tried; when some fail, the others are still completed and recorded, then a DownloadError
     lists the failures. Returns the marker's contents ({name: {url, sha256, size, files}}).
     """
+    _check_retries(retries, retry_wait)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     done = read_marker(dest)
@@ -131,6 +141,7 @@ def download_file(url: str, target: str | Path, size: int | None = None, sha256:
     The size is checked against the server's length (and `size` when given), the SHA-256 against `sha256` when
     given. Returns the file's SHA-256.
     """
+    _check_retries(retries, retry_wait)
     target = Path(target)
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -149,11 +160,14 @@ def download_file(url: str, target: str | Path, size: int | None = None, sha256:
                 total = _fetch_into(url, part, have, total, timeout, bar)
                 break
             except _Retryable as err:
+                if isinstance(err, _Refused) and attempt == 0 and have == 0:
+                    # nothing listens there: a wrong host or port, or a server that is down; waiting will not help
+                    raise DownloadError(f"{url}: {err} (is the URL right and the server up?)") from None
                 attempt += 1
                 if attempt > retries:
                     raise DownloadError(f"{url}: gave up after {retries} retries ({err})") from None
                 log.warning("%s: %s; resuming (retry %d of %d)", url, err, attempt, retries)
-                time.sleep(retry_wait * attempt)
+                time.sleep(min(retry_wait * attempt, MAX_RETRY_WAIT))
     finally:
         bar.close()
     got = part.stat().st_size
@@ -218,6 +232,28 @@ class _Retryable(Exception):
     """A broken connection or a transient server error: resume from what is on disk."""
 
 
+class _Refused(_Retryable):
+    """The connection was refused: retried only once some bytes have come through."""
+
+
+def _check_url(url: str, what: str) -> None:
+    """Only http(s) URLs with a host: anything else would fail deep inside urllib ('unknown url type')."""
+    try:
+        parsed = urllib.parse.urlparse(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and (parsed.port or 0) >= 0
+    except (TypeError, ValueError):  # not text, or a port that is not a number
+        ok = False
+    if not ok:
+        raise DownloadError(f"{what}: {url!r} is not an http:// or https:// URL")
+
+
+def _check_retries(retries: int, retry_wait: float) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise DownloadError(f"retries must be a whole number >= 0, got {retries!r}")
+    if not retry_wait >= 0:  # also refuses NaN
+        raise DownloadError(f"retry_wait must be >= 0 seconds, got {retry_wait!r}")
+
+
 def _fetch_and_unpack(archive: Archive, dest: Path, keep_archives: bool, retries: int, retry_wait: float,
                       timeout: float, progress: bool) -> dict:
     if (dest / archive.name).exists():
@@ -229,8 +265,13 @@ def _fetch_and_unpack(archive: Archive, dest: Path, keep_archives: bool, retries
         if archive.sha256 is not None and digest != archive.sha256:
             zip_path.unlink()
     if not zip_path.exists():
-        digest = download_file(archive.url, zip_path, archive.size, archive.sha256, retries, retry_wait, timeout,
-                               progress)
+        try:
+            digest = download_file(archive.url, zip_path, archive.size, archive.sha256, retries, retry_wait,
+                                   timeout, progress)
+        except DownloadError:
+            if zip_path.parent.is_dir() and not any(zip_path.parent.iterdir()):
+                zip_path.parent.rmdir()  # leave no empty .archives behind; a .part file stays for resuming
+            raise
     size = zip_path.stat().st_size
     try:
         count = extract_archive(zip_path, dest / archive.name, source=archive.url)
@@ -265,11 +306,15 @@ def _fetch_into(url: str, part: Path, have: int, total: int | None, timeout: flo
             raise _Retryable(f"HTTP {err.code} {err.reason}") from None
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
     except urllib.error.URLError as err:
+        if isinstance(err.reason, ConnectionRefusedError):
+            raise _Refused(f"connection refused ({err.reason})") from None
         if isinstance(err.reason, (TimeoutError, ConnectionError)):
             raise _Retryable(str(err.reason)) from None
         raise DownloadError(f"{url}: {err.reason}") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
         raise _Retryable(str(err)) from None
+    except ValueError as err:  # a URL urllib cannot use (no scheme, bad port...)
+        raise DownloadError(f"{url}: not a usable URL ({err})") from None
     with response:
         length = response.headers.get("Content-Length")
         length = int(length) if length is not None else None

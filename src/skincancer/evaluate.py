@@ -37,6 +37,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
+    _require_both_labels(frame["label"], data, "")
     rows = metadata_records(frame, str(data)) if use_metadata and has_metadata(frame) else None
     probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
                                              num_workers=num_workers, tta=tta, metadata=rows)
@@ -48,6 +49,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         raise DataError(f"{data}: none of the {len(frame)} images could be read")
     malignant = classifier.malignant_probability(probs)
     labels = frame["label"].to_numpy()
+    _require_both_labels(frame["label"][ok], data, " among the readable images")
 
     metrics = binary_report(labels[ok], malignant[ok], classifier.threshold, n_boot=n_boot)
     metrics["class_auc"] = {}
@@ -106,3 +108,11 @@ def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) ->
     if rows is None or not any(m.metadata_model is not None for m in members):
         return 0
     return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
+
+
+def _require_both_labels(labels, data, where: str) -> None:
+    if labels.nunique() < 2:
+        only = "malignant" if labels.iloc[0] == 1 else "benign"
+        raise DataError(f"{data}: every image{where} is {only}; AUC and specificity/sensitivity need both malignant "
+                        "and benign images (use `predict` for data without both)")
+

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import model_from_meta
-from .checkpoint import find_model_dir, load_weights_into, read_meta, read_weights
+from .backbones import BackboneError, model_from_meta
+from .checkpoint import META_FILE, CheckpointError, find_model_dir, load_weights_into, read_meta, read_weights
 from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
 from .engine import run_inference
 from .metadata import MetadataModel, normalise_rows
@@ -94,6 +94,12 @@ class Classifier:
         model = self.metadata_model
         if model is not None and rows is not None and probs.shape[1]:
             probs = model.fuse(probs, rows)
+        failed = {i for i, _ in errors}
+        broken = [i for i in np.flatnonzero(~np.isfinite(probs).all(1)) if i not in failed] if probs.shape[1] else []
+        if broken:  # never let a NaN read as 'benign'
+            probs[broken] = np.nan
+            errors = sorted([*errors, *((int(i), "the model gave a non-finite output (corrupted weights?)")
+                                        for i in broken)])
         return probs, errors
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
@@ -135,8 +141,11 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
-    model = model_from_meta(meta)
-    load_weights_into(model, read_weights(model_dir), str(model_dir))
+    try:
+        model = model_from_meta(meta)
+    except (BackboneError, ValueError) as err:
+        raise CheckpointError(f"{model_dir / META_FILE}: {err}") from None
+    load_weights_into(model, read_weights(model_dir, meta.get("weights_sha256")), str(model_dir))
     model.eval()
     runtime = None
     if engine != "torch":

@@ -39,10 +39,11 @@ from .metrics import choose_threshold, operating_point, roc_auc
 log = logging.getLogger("skincancer")
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model as `config` says; returns the run folder (with model/ inside).
 
-    resume=True continues a fine-tuning run from its last complete epoch (see `resume_config`)."""
+    resume=True continues a fine-tuning run from its last complete epoch (see `resume_config`).
+    overwrite=True replaces a finished or interrupted run in `config.out`; without it such a folder is an error."""
     if not config.train or not config.valid or not config.out:
         raise DataError("train, valid and out are all required")
     started = time.time()
@@ -51,6 +52,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if world.distributed and config.mode == "linear" and not world.is_main:
         return out  # the linear probe is one process's work (features are cached); rank 0 does it
     if world.is_main:
+        if not resume:
+            _claim_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
     try:
@@ -550,6 +553,32 @@ def _eval_transform(config: TrainConfig, prep: dict):
 
 def _counts(frame: pd.DataFrame) -> str:
     return ", ".join(f"{k} {v}" for k, v in frame["diagnosis"].value_counts().sort_index().items())
+
+
+RUN_ARTIFACTS = ("model", "checkpoints", "tensorboard", "config.yaml", "summary.csv", "train.log",
+                 "valid_predictions.csv", "valid_metrics.json")
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a run (unless `overwrite`, which clears that run's files first) or
+    anything that is not a run: a finished model or an interrupted one's checkpoints are never replaced silently."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "config.yaml").is_file():
+        raise DataError(f"{out}: not empty and not a run folder; train into a new or empty folder")
+    finished = (out / "model" / "model.json").is_file()
+    interrupted = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if (finished or interrupted) and not overwrite:
+        what = "a trained run (model/)" if finished else "an interrupted run (checkpoints/; `--resume` continues it)"
+        raise DataError(f"{out}: already holds {what}; pass --overwrite to replace it, or choose another --out")
+    for name in RUN_ARTIFACTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _require_files(frame: pd.DataFrame, source: str, split: str) -> None:
