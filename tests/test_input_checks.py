@@ -299,3 +299,37 @@ def test_predict_age_must_be_a_number(tiny_run, data_dir):
     image = sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0]
     result = CliRunner().invoke(cli.app, ["predict", str(image), "--model", str(tiny_run), "--age", "nan"])
     assert result.exit_code == 2 and "--age" in result.output, result.output
+
+
+def test_identical_images_are_reported_and_conflicting_labels_refused(tmp_path: Path, data_dir):
+    source = sorted((data_dir / "train" / "nevus").glob("*.jpg"))
+    for diagnosis, names in (("nevus", ["a", "b", "c"]), ("melanoma", ["d"])):
+        (tmp_path / "tree" / diagnosis).mkdir(parents=True)
+        for name, src in zip(names, source, strict=False):
+            (tmp_path / "tree" / diagnosis / f"{name}.jpg").write_bytes(src.read_bytes())
+    (tmp_path / "tree" / "nevus" / "copy_of_b.jpg").write_bytes(source[1].read_bytes())
+    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv")])
+    # d.jpg (melanoma) has the bytes of a.jpg (nevus)
+    assert isinstance(result.exception, DataError), result.output  # main() prints it as `error: ...`, exit 2
+    assert "labelled both malignant and benign" in str(result.exception) and "a.jpg" in str(result.exception)
+    (tmp_path / "tree" / "melanoma" / "d.jpg").write_bytes(source[5].read_bytes())
+    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv")])
+    assert result.exit_code == 0, result.output
+    assert "identical files (one image counted 2 times)" in result.output and "copy_of_b.jpg" in result.output
+
+
+def test_training_names_validation_images_that_are_training_images(tmp_path: Path, data_dir, caplog):
+    import pandas as pd
+
+    from skincancer.train import _warn_shared_images
+
+    files = sorted((data_dir / "train" / "nevus").glob("*.jpg"))[:3]
+    copy = tmp_path / "renamed.jpg"
+    copy.write_bytes(files[0].read_bytes())
+    train = pd.DataFrame({"filepath": [str(f) for f in files]})
+    with caplog.at_level("WARNING", logger="skincancer"):
+        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy)]}))
+        assert f"{copy} is also in train as {files[0]}" in caplog.text
+        caplog.clear()
+        _warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy)]}))
+        assert caplog.text == ""

@@ -17,7 +17,7 @@ from . import NOTICE
 from .backbones import BackboneError
 from .checkpoint import CheckpointError
 from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
-from .data import DataError, check_files, index_folder, index_isic_csv, save_manifest
+from .data import DataError, check_files, index_folder, index_isic_csv, refuse_conflicting_copies, save_manifest
 from .metadata import attach, parse_age, parse_sex, read_metadata_csv, records
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -102,6 +102,9 @@ def index(
     manifest = manifest[~manifest["filepath"].isin({b.path for b in bad})]
     if manifest.empty:
         _fail("no usable images left")
+    for group in refuse_conflicting_copies(manifest, str(directory or isic_csv)):
+        typer.echo(f"warning: identical files (one image counted {len(group)} times): "
+                   f"{', '.join(manifest['filepath'].iloc[i] for i in group)}", err=True)
     if patient is not None:
         manifest = attach(manifest, patient)
         known = sum(row is not None for row in records(manifest, str(metadata)))

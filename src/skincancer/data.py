@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -241,6 +242,33 @@ def _refuse_duplicates(path: str | Path, frame: pd.DataFrame, column: str, value
         shown = frame.loc[values == first, column].iloc[0]
         raise DataError(f"{path}: {column} {_plain(shown)!r} appears more than once (rows "
                         f"{', '.join(map(str, rows))}); each image must be listed once")
+
+
+def same_content(paths: Sequence[str | Path]) -> list[list[int]]:
+    """Groups (indices into `paths`) of files with byte-identical content; unreadable files are left out.
+
+    The ISIC 2017 release has such copies under different ids, within and across its splits."""
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            continue
+        groups.setdefault(digest, []).append(i)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def refuse_conflicting_copies(manifest: pd.DataFrame, source: str) -> list[list[int]]:
+    """The same image filed under two labels is an error naming both files; same-label copies come back (as row
+    groups) for the caller to report."""
+    groups = same_content(list(manifest["filepath"]))
+    labels = manifest["label"].to_numpy()
+    for group in groups:
+        if len(set(labels[group])) > 1:
+            files = ", ".join(f"{manifest['filepath'].iloc[i]} ({manifest['diagnosis'].iloc[i]})" for i in group)
+            raise DataError(f"{source}: the same image (identical bytes) is labelled both malignant and benign: "
+                            f"{files}")
+    return groups
 
 
 def save_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:

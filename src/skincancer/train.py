@@ -29,7 +29,7 @@ from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .data import DataError, ImageDataset, build_transform, check_image, resolve_data
+from .data import DataError, ImageDataset, build_transform, check_image, resolve_data, same_content
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
@@ -64,6 +64,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         valid_df = resolve_data(config.valid, config.labels)
         _require_files(train_df, config.train, "train")
         _require_files(valid_df, config.valid, "valid")
+        _warn_shared_images(train_df, valid_df)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
         log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
@@ -579,6 +580,18 @@ def _claim_out(out: Path, overwrite: bool) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
+    """Images in both splits (identical bytes, whatever their names) make validation optimistic: name them."""
+    paths = [*train_df["filepath"], *valid_df["filepath"]]
+    n = len(train_df)
+    shared = [g for g in same_content(paths) if min(g) < n <= max(g)]
+    for group in shared:
+        log.warning("valid: %s is also in train as %s (identical bytes)", ", ".join(paths[i] for i in group if i >= n),
+                    ", ".join(paths[i] for i in group if i < n))
+    if shared:
+        log.warning("%d validation image(s) are also training images: validation figures are optimistic", len(shared))
 
 
 def _require_files(frame: pd.DataFrame, source: str, split: str) -> None:
