@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
 ISIC_COLUMNS = ["image_id", "melanoma", "seborrheic_keratosis"]
@@ -277,9 +279,7 @@ def save_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = manifest.copy()
     out["filepath"] = [os.path.relpath(p, path.parent.absolute()) for p in out["filepath"]]
-    tmp = path.with_name(path.name + ".tmp")
-    out.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))  # a fresh temporary name, never a user's file
     return path
 
 
