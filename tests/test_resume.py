@@ -62,3 +62,75 @@ def test_resume_refuses_extra_flags_and_non_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not a run folder" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_finetune(small_data, tmp_path_factory):
+    from skincancer import load_config, train
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(out),
+                      mode="finetune", image_size=64, epochs=2, batch_size=6, max_steps_per_epoch=2, num_workers=0))
+    return out
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_resume_continues_the_folder_named_not_the_one_in_its_config(finished_finetune, tmp_path):
+    from skincancer import train
+    from skincancer.train import resume_config
+
+    before = (finished_finetune / "model" / "model.safetensors").stat().st_mtime_ns
+    moved = copy_run(finished_finetune, tmp_path / "moved")
+    config = resume_config(moved)
+    assert Path(config.out) == moved
+    assert train(config, resume=True) == moved
+    assert (finished_finetune / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "garbage_pointer", "no_pointer"])
+def test_damaged_checkpoint_is_named_not_a_traceback(finished_finetune, tmp_path, damage):
+    from skincancer import train
+    from skincancer.checkpoint import CheckpointError
+    from skincancer.train import resume_config
+
+    run = copy_run(finished_finetune, tmp_path / "damaged")
+    checkpoints = run / "checkpoints"
+    epoch = next(checkpoints.glob("epoch-*"))
+    if damage == "truncate_state":
+        (epoch / "state.safetensors").write_bytes((epoch / "state.safetensors").read_bytes()[:1000])
+    elif damage == "garbage_pointer":
+        (checkpoints / "last.json").write_text("[]")
+    else:
+        (checkpoints / "last.json").unlink()
+    with pytest.raises(CheckpointError, match="damaged|missing") as caught:
+        train(resume_config(run), resume=True)
+    assert str(checkpoints) in str(caught.value)
+
+
+def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_finetune, small_data, tmp_path):
+    import dataclasses
+
+    from skincancer import train
+    from skincancer.data import DataError
+    from skincancer.train import resume_config
+
+    run = copy_run(finished_finetune, tmp_path / "changed")
+    fewer = tmp_path / "fewer.csv"
+    frame = pd.read_csv(small_data["train"])
+    frame["filepath"] = [str(Path(small_data["train"]).parent / f) for f in frame["filepath"]]
+    frame.iloc[::2].to_csv(fewer, index=False)
+    with pytest.raises(DataError, match="changed since this run started"):
+        train(dataclasses.replace(resume_config(run), train=str(fewer)), resume=True)
+
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(DataError, match="nonexistent"):
+        train(dataclasses.replace(resume_config(run), train=str(tmp_path / "nonexistent.csv")), overwrite=True)
+    assert (run / "model" / "model.safetensors").read_bytes() == weights  # the old run is still whole
+    assert (run / "config.yaml").read_text() == config

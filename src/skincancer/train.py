@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
-from .checkpoint import atomic_write, save_model, unwrap, write_json
+from .checkpoint import CheckpointError, atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
 from .data import DataError, ImageDataset, build_transform, check_image, resolve_data, same_content
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
@@ -51,15 +53,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     world = init_world()
     if world.distributed and config.mode == "linear" and not world.is_main:
         return out  # the linear probe is one process's work (features are cached); rank 0 does it
+    replace = False
     if world.is_main:
         if not resume:
-            _claim_out(out, overwrite)
+            replace = _claim_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
     try:
         seed_everything(config.seed)
-        if world.is_main:
-            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
         train_df = resolve_data(config.train, config.labels)
         valid_df = resolve_data(config.valid, config.labels)
         _require_files(train_df, config.train, "train")
@@ -71,6 +72,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                  len(valid_df), _counts(valid_df))
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+        if replace:  # the inputs are readable: only now does the old run go
+            _clear_run(out)
+        if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
@@ -330,8 +335,9 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     positive = _positive_indices(config, class_names)
     valid_labels = valid_df["label"].to_numpy()
     best_auc, best_epoch, best_state, rows, start = -1.0, 0, None, [], 1
+    data = _data_fingerprint(train_df, valid_df)
     if resume:
-        state = load_training_state(out / "checkpoints", model, ema, optimizer, scheduler)
+        state = load_training_state(out / "checkpoints", model, ema, optimizer, scheduler, data=data)
         if state is not None:
             best_state, rows = state["best"], state["rows"]
             best_auc, best_epoch, start = state["best_auc"], state["best_epoch"], state["epoch"] + 1
@@ -380,7 +386,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
                 save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
         if world.is_main:
             save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
-                                {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows})
+                                {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows, "data": data})
         barrier(world)
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
                  train_loss, valid_loss, auc, " *kept*" if improved else "", row["seconds"])
@@ -423,14 +429,33 @@ def save_training_state(directory: Path, epoch: int, model: nn.Module, ema, opti
 
 
 def load_training_state(directory: Path, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
-                        scheduler) -> dict | None:
-    """Restore what save_training_state wrote; None when no epoch has completed yet."""
+                        scheduler, data: str | None = None) -> dict | None:
+    """Restore what save_training_state wrote; None when no epoch has completed yet.
+
+    data: _data_fingerprint of the manifests now; a run whose training or validation images changed since it
+    started cannot be continued (the replay would not be the run it claims to be)."""
     pointer = directory / "last.json"
     if not pointer.is_file():
+        if any(directory.glob("epoch-*")):
+            raise CheckpointError(f"{pointer}: missing, though {directory} holds epochs: the checkpoint is damaged; "
+                                  "start a new run (or train --overwrite into this folder)")
         log.info("no complete epoch in %s: starting from the beginning", directory)
         return None
+    try:
+        return _restore(directory, pointer, model, ema, optimizer, scheduler, data)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"{directory}: damaged checkpoint, cannot resume ({type(err).__name__}: {err}); "
+                              "start a new run (or train --overwrite into this folder)") from None
+
+
+def _restore(directory: Path, pointer: Path, model: nn.Module, ema, optimizer, scheduler, data: str | None) -> dict:
     source = directory / json.loads(pointer.read_text())["path"]
     state = json.loads((source / "state.json").read_text())
+    if data is not None and state.get("data") not in (None, data):
+        raise DataError(f"{directory.parent}: the training or validation manifest changed since this run started "
+                        "(other images, labels or classes); resume needs the same data: start a new run instead")
     tensors = load_file(str(source / "state.safetensors"))
 
     def part(prefix: str) -> dict:
@@ -448,12 +473,26 @@ def load_training_state(directory: Path, model: nn.Module, ema, optimizer: torch
     return {**state, "best": part("best.")}
 
 
+def _data_fingerprint(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> str:
+    """Which images, with which labels, a run trains and validates on (ids, not paths: a moved data folder is the
+    same data)."""
+    digest = hashlib.sha1()
+    for name, frame in (("train", train_df), ("valid", valid_df)):
+        digest.update(name.encode())
+        for row in frame[["image_id", "diagnosis", "label"]].astype(str).itertuples(index=False):
+            digest.update("\t".join(row).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def resume_config(run: str | Path) -> TrainConfig:
     """The configuration an interrupted run was started with (its config.yaml)."""
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise DataError(f"{run}: not a run folder to resume (no config.yaml)")
-    return load_config(path)
+    config = load_config(path)
+    if Path(config.out).absolute() != Path(run).absolute():  # a copied or moved run: resume it where it is now
+        log.info("%s: resuming in %s (config.yaml says out: %s)", path, run, config.out)
+    return dataclasses.replace(config, out=str(run))
 
 
 # ---------------------------------------------------------------- metadata
@@ -560,22 +599,30 @@ RUN_ARTIFACTS = ("model", "checkpoints", "tensorboard", "config.yaml", "summary.
                  "valid_predictions.csv", "valid_metrics.json")
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds a run (unless `overwrite`, which clears that run's files first) or
-    anything that is not a run: a finished model or an interrupted one's checkpoints are never replaced silently."""
+def _claim_out(out: Path, overwrite: bool) -> bool:
+    """Refuse to train into a folder that holds a run (unless `overwrite`) or anything that is not a run: a finished
+    model or an interrupted one's checkpoints are never replaced silently. True: a run there is to be replaced
+    (by _clear_run, once the new run's inputs have been checked)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not (out / "config.yaml").is_file():
+        return False
+    if not (out / "train.log").is_file():  # every run, even one that failed at once, starts its train.log
         raise DataError(f"{out}: not empty and not a run folder; train into a new or empty folder")
     finished = (out / "model" / "model.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     if (finished or interrupted) and not overwrite:
         what = "a trained run (model/)" if finished else "an interrupted run (checkpoints/; `--resume` continues it)"
         raise DataError(f"{out}: already holds {what}; pass --overwrite to replace it, or choose another --out")
+    return True
+
+
+def _clear_run(out: Path) -> None:
+    """Delete a previous run's results (config.yaml and train.log are being rewritten by the new run)."""
     for name in RUN_ARTIFACTS:
         path = out / name
+        if name in ("config.yaml", "train.log"):
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
