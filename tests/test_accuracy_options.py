@@ -52,6 +52,17 @@ def test_ensemble_refuses_models_with_other_classes(tiny_run, tmp_path):
                other / "model")
     with pytest.raises(CheckpointError, match="differ"):
         load_models([tiny_run, other])
+    renamed = tmp_path / "renamed"
+    save_model(classifier.model, dict(classifier.meta, positive_name="cancer", negative_name="harmless"),
+               renamed / "model")
+    with pytest.raises(CheckpointError, match="name them alike"):
+        load_models([tiny_run, renamed])
+    twin = tmp_path / "twin"
+    save_model(classifier.model, classifier.meta, twin / "model")
+    for content in ("", "label,malignant\n1,0.5\n"):  # empty; no image_id column
+        (twin / "valid_predictions.csv").write_text(content)
+        with pytest.raises(CheckpointError, match="valid_predictions.csv"):
+            load_models([tiny_run, twin])
 
 
 def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):

@@ -28,6 +28,13 @@ class Ensemble(Classifier):
                 raise CheckpointError(
                     f"{member.source}: classes {member.class_names} differ from {first.source}'s {first.class_names}"
                 )
+            names, first_names = ((m.positive_name, m.negative_name) for m in (member, first))
+            if names != first_names:
+                raise CheckpointError(f"{member.source}: calls its outcomes {' / '.join(names)}, {first.source} "
+                                      f"{' / '.join(first_names)}; ensemble members must name them alike")
+            if member.meta.get("head", "diagnosis") != first.meta.get("head", "diagnosis"):
+                raise CheckpointError(f"{member.source}: head {member.meta.get('head')!r} differs from "
+                                      f"{first.source}'s {first.meta.get('head')!r}")
         self.members = list(members)
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
         meta.pop("metadata_model", None)  # each member fuses its own
@@ -52,7 +59,7 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
         path = Path(member.source).parent / "valid_predictions.csv"
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; the ensemble's threshold is chosen on validation predictions")
-        tables.append(pd.read_csv(path).set_index("image_id"))
+        tables.append(_validation_table(path, member.positive_name))
     # Members may hold predictions for different images (a linear head fitted on train+valid keeps out-of-fold
     # predictions for both); the threshold is chosen on the images every member predicted without seeing them.
     common = set(tables[0].index)
@@ -73,6 +80,17 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
     point = operating_point(labels[ok], malignant[ok], threshold)
     return threshold, {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
                        "sensitivity": point["sensitivity"], "specificity": point["specificity"]}
+
+
+def _validation_table(path: Path, positive: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); retrain the run to recreate it") from None
+    missing = [c for c in ("image_id", "label", positive) if c not in table.columns]
+    if missing:
+        raise CheckpointError(f"{path}: no column {', '.join(missing)}; retrain the run to recreate it")
+    return table.set_index("image_id")
 
 
 def load_models(runs: Sequence[str | Path], engine: str = "auto") -> Classifier:
