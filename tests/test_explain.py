@@ -50,14 +50,20 @@ def test_predict_cam_writes_one_overlay_per_readable_image(tiny_run, data_dir, t
     same_name.write_bytes(images[0].read_bytes())
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not the rest of a JPEG")
+    clash = tmp_path / f"{images[0].stem}_2.jpg"  # the name the numbering would give the second copy
+    clash.write_bytes(images[1].read_bytes())
     cam_dir = tmp_path / "cams"
-    result = CliRunner().invoke(app, ["predict", *map(str, [*images, same_name, broken]), "--model", str(tiny_run),
-                                      "--engine", "torch", "--cam", str(cam_dir), "-o", str(tmp_path / "p.csv")])
+    result = CliRunner().invoke(app, ["predict", *map(str, [*images, same_name, broken, clash]), "--model",
+                                      str(tiny_run), "--engine", "torch", "--cam", str(cam_dir),
+                                      "-o", str(tmp_path / "p.csv")])
     assert result.exit_code == 1, result.output  # one unreadable file: named, not fatal, but not success
     assert "broken.jpg" in result.output
     written = sorted(p.name for p in cam_dir.iterdir())
     assert written == sorted([f"{images[0].stem}_0_cam.png", f"{images[1].stem}_cam.png",
-                              f"{images[0].stem}_2_cam.png"])
+                              f"{images[0].stem}_3_cam.png", f"{images[0].stem}_2_cam.png"])  # none overwritten
+    assert "wrote 4 Grad-CAM overlay(s)" in result.output
+    assert f"{same_name} -> {cam_dir / (images[0].stem + '_3_cam.png')}" in result.output
+    assert all(p.stat().st_mode & 0o044 for p in cam_dir.iterdir())  # readable by others, as the umask allows
     for png in cam_dir.iterdir():
         with Image.open(png) as picture:
             assert picture.format == "PNG" and picture.size == (256, 256) and picture.mode == "RGB"

@@ -20,6 +20,10 @@ WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 META_REQUIRED = ("backbone", "class_names", "labels", "image_size", "mean", "std", "threshold")
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once (os.umask can only be read by setting it)
+
+
 class CheckpointError(RuntimeError):
     pass
 
@@ -34,6 +38,7 @@ def atomic_write(path: Path, write) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -297,7 +297,11 @@ def predict(
         from .explain import write_overlays
 
         written = write_overlays(classifier, [f for f, e in zip(files, table["error"], strict=True) if not e], cam)
-        typer.echo(f"wrote {len(written)} Grad-CAM overlay(s) to {cam}", err=True)
+        made = [f"{source} -> {png}" for source, png in written.items() if not png.startswith("error:")]
+        if made:
+            typer.echo("Grad-CAM overlays:\n  " + "\n  ".join(made), err=True)
+        note = " (of the first model of the ensemble)" if len(model) > 1 else ""
+        typer.echo(f"wrote {len(made)} Grad-CAM overlay(s){note} to {cam}", err=True)
     if not failed.empty:
         raise typer.Exit(1)
 

@@ -78,6 +78,7 @@ def write_overlays(classifier: Classifier, paths: Sequence[str | Path], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in paths]
     uses = Counter(stems)
+    taken = {stem for stem, n in uses.items() if n == 1}
     written: dict[str, str] = {}
     for i, path in enumerate(paths):
         try:
@@ -85,7 +86,13 @@ def write_overlays(classifier: Classifier, paths: Sequence[str | Path], out_dir:
         except ImageError as err:
             written[str(path)] = f"error: {err.reason}"
             continue
-        name = stems[i] if uses[stems[i]] == 1 else f"{stems[i]}_{i}"  # same name in two folders
+        name = stems[i]
+        if uses[name] > 1:  # the same name in two folders: number them, never onto another image's name
+            number = i
+            while f"{stems[i]}_{number}" in taken:
+                number += 1
+            name = f"{stems[i]}_{number}"
+            taken.add(name)
         target = out_dir / f"{name}_cam.png"
         picture = explain(classifier, image)
         atomic_write(target, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
