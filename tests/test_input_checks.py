@@ -333,3 +333,21 @@ def test_training_names_validation_images_that_are_training_images(tmp_path: Pat
         caplog.clear()
         _warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy)]}))
         assert caplog.text == ""
+
+
+def test_python_api_names_odd_image_inputs(tiny_run):
+    import numpy as np
+
+    from skincancer import load_model
+
+    classifier = load_model(tiny_run, engine="torch")
+    for images, error, message in [
+        ([np.full((64, 64, 3), np.nan, np.float32)], ValueError, "image 0: array holds NaN"),
+        ([np.zeros((3, 64, 64), np.uint8)], ValueError, "channels-first"),
+        ([None], TypeError, "image 0: expected a path"),
+        (None, TypeError, "got None"),
+    ]:
+        with pytest.raises(error, match=message):
+            classifier.predict(images)
+    table = classifier.predict([np.zeros((64, 64, 3), np.float32)])
+    assert table["error"].iloc[0] == "" and 0 <= table["malignant"].iloc[0] <= 1

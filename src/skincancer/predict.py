@@ -83,7 +83,9 @@ class Classifier:
         sex columns); fused with the image probabilities when the model has a metadata model, ignored otherwise."""
         tta = self.meta.get("tta", 1) if tta is None else tta
         rows = normalise_rows(metadata, len(images))
-        sources = [_as_source(image) for image in images]
+        if images is None or isinstance(images, (str, bytes)):
+            raise TypeError("images: expected a list of paths, PIL images or arrays")
+        sources = [_as_source(image, i) for i, image in enumerate(images)]
         dataset = ImageDataset(sources, None, self.transform())
         if self.engine is not None:
             probs, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -108,6 +110,8 @@ class Classifier:
         model's threshold, and an error message for files that could not be read.
 
         metadata: see predict_proba; one dict (or None) per image, a single dict for a single image."""
+        if images is None:
+            raise TypeError("images: expected an image or a list of paths, PIL images or arrays, got None")
         if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
             images = [images]
             metadata = [metadata] if isinstance(metadata, dict) else metadata
@@ -179,14 +183,21 @@ def _is_batch_array(images) -> bool:
     return isinstance(images, np.ndarray) and images.ndim == 4
 
 
-def _as_source(image: ImageInput):
+def _as_source(image: ImageInput, index: int = 0):
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
-        array = image if image.dtype == np.uint8 else np.clip(image * (255 if image.max() <= 1 else 1), 0, 255)
-        return to_rgb(Image.fromarray(np.ascontiguousarray(array).astype(np.uint8)))
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
+        if image.dtype != np.uint8:
+            if image.size and not np.isfinite(image).all():
+                raise ValueError(f"image {index}: array holds NaN or infinity")
+            image = np.clip(image * (255 if image.size and image.max() <= 1 else 1), 0, 255)
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image).astype(np.uint8)))
     if isinstance(image, torch.Tensor):
         raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"image {index}: expected a path, a PIL image or an array, got {type(image).__name__}")
     return str(image)
 
 
