@@ -47,3 +47,28 @@ def test_two_process_gloo_training(small_data, cache_dir, tmp_path):
     table = load_model(out, engine="torch").predict(paths)
     assert table["error"].eq("").all()
     assert roc_auc(valid["label"], table["malignant"]) == pytest.approx(logged, abs=1e-5)
+
+
+def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(small_data, data_dir, tmp_path):
+    import shutil
+
+    from skincancer import index_folder, save_manifest
+    from skincancer.config import DEFAULT_LABELS
+
+    root = tmp_path / "train"
+    for diagnosis in DEFAULT_LABELS:
+        (root / diagnosis).mkdir(parents=True)
+        for src in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:2]:
+            shutil.copy(src, root / diagnosis / src.name)
+    manifest = save_manifest(index_folder(root, DEFAULT_LABELS), tmp_path / "train.csv")
+    for path in sorted(root.rglob("*.jpg")):
+        path.write_text("<html>gone</html>")  # every training image unreadable (after indexing)
+    result = subprocess.run(
+        [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--train", str(manifest),
+         "--valid", str(small_data["valid"]), "--out", str(tmp_path / "ddp"), "--mode", "finetune",
+         "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1",
+         "--num-workers", "0"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {manifest}: none of the 6 train images can be read" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]

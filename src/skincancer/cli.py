@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -423,9 +424,24 @@ def _launch_torchrun(nproc: int) -> None:
         elif not arg.startswith("--nproc="):
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "skincancer", *args]
+               "--local-ranks-filter=0", "-m", "skincancer", *args]  # the workers' output: rank 0's
     typer.echo(f"launching: {' '.join(command)}", err=True)
-    raise typer.Exit(subprocess.call(command))
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    held: list[str] = []  # torchrun's own report of a failed worker: shown only if the worker said nothing clear
+    named = False
+    for line in process.stderr:
+        if held or re.match(r"[WE]\d{4} \d\d:\d\d", line) or line.startswith("Traceback (most recent call last)"):
+            held.append(line)
+            continue
+        named = named or line.startswith("error: ")
+        sys.stderr.write(line)
+    code = process.wait()
+    if code == 0:
+        sys.stderr.writelines(held)
+        raise typer.Exit(0)
+    if not named:
+        sys.stderr.writelines(held)
+    _fail(f"training stopped (torchrun exit code {code}){'; the error is above' if named else ''}")
 
 
 def main() -> None:

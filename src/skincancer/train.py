@@ -31,7 +31,7 @@ from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .checkpoint import CheckpointError, atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .data import DataError, ImageDataset, build_transform, check_image, resolve_data, same_content
+from .data import DataError, ImageDataset, build_transform, check_files, check_image, resolve_data, same_content
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
@@ -65,6 +65,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         valid_df = resolve_data(config.valid, config.labels)
         _require_files(train_df, config.train, "train")
         _require_files(valid_df, config.valid, "valid")
+        # every file decoded once up front (about 1 ms each): every process drops the same unreadable files, and a
+        # split with none left stops here, not inside an epoch (or one process of a multi-process run)
+        train_df = _readable(train_df, config.train, "train")
+        valid_df = _readable(valid_df, config.valid, "valid")
         _warn_shared_images(train_df, valid_df)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
@@ -639,6 +643,18 @@ def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
                     ", ".join(paths[i] for i in group if i < n))
     if shared:
         log.warning("%d validation image(s) are also training images: validation figures are optimistic", len(shared))
+
+
+def _readable(frame: pd.DataFrame, source: str, split: str) -> pd.DataFrame:
+    bad = check_files(list(frame["filepath"]), desc=f"checking {split} images")
+    if not bad:
+        return frame
+    for item in bad:
+        log.warning("%s: skipped %s: %s", split, item.path, item.reason)
+    if len(bad) == len(frame):
+        raise DataError(f"{source}: none of the {len(frame)} {split} images can be read (listed above)")
+    log.warning("%s: %d of %d images cannot be read and are left out", source, len(bad), len(frame))
+    return frame[~frame["filepath"].isin({item.path for item in bad})].reset_index(drop=True)
 
 
 def _require_files(frame: pd.DataFrame, source: str, split: str) -> None:
