@@ -161,3 +161,13 @@ def test_non_finite_outputs_are_errors_not_benign(tiny_run, small_data, tmp_path
     table = classifier.predict(images)
     assert table["label"].tolist() == ["", ""]
     assert table["error"].str.contains("non-finite output").all()
+
+
+def test_a_model_saved_mid_training_is_flagged_when_loaded(tiny_run, finetune_run, tmp_path, caplog):
+    assert "unfinished" not in json.loads((Path(finetune_run) / "model" / "model.json").read_text())
+    run = copy_model(tiny_run, tmp_path / "killed")
+    meta = json.loads((run / "model" / "model.json").read_text())
+    (run / "model" / "model.json").write_text(json.dumps({**meta, "unfinished": True, "epoch": 3}))
+    with caplog.at_level("WARNING", logger="skincancer"):
+        load_model(run, engine="torch")
+    assert "has not finished" in caplog.text and "--resume" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from .metadata import MetadataModel, normalise_rows
 
 if TYPE_CHECKING:
     from .export import OnnxEngine
+
+log = logging.getLogger("skincancer")
 
 ImageInput = str | Path | Image.Image | np.ndarray
 ENGINES = ("auto", "onnx", "torch")
@@ -151,6 +154,10 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         raise CheckpointError(f"{model_dir / META_FILE}: {err}") from None
     load_weights_into(model, read_weights(model_dir, meta.get("weights_sha256")), str(model_dir))
     model.eval()
+    if meta.get("unfinished"):
+        log.warning("%s: saved during training (epoch %s) by a run that has not finished: its threshold (%s) is a "
+                    "placeholder, not chosen on validation; finish it with `skincancer train --resume`",
+                    model_dir, meta.get("epoch"), meta["threshold"])
     runtime = None
     if engine != "torch":
         from .export import find_export

@@ -387,7 +387,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
             best_auc, best_epoch = auc, epoch
             best_state = {k: v.detach().clone() for k, v in unwrap(evaluated).state_dict().items()}
             if world.is_main:
-                save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}}, out / "model")
+                save_model(evaluated, {**meta, "epoch": epoch, "validation": {"auc": auc}, "unfinished": True},
+                           out / "model")
         if world.is_main:
             save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
                                 {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows, "data": data})
