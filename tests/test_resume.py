@@ -74,10 +74,15 @@ def finished_finetune(small_data, tmp_path_factory):
     return out
 
 
-def copy_run(run: Path, dest: Path) -> Path:
+def copy_run(run: Path, dest: Path, interrupted: bool = True) -> Path:
+    """A copy of a finished run; interrupted=True makes it look killed after its last epoch (model.json marked
+    unfinished, as the per-epoch save writes it)."""
     import shutil
 
     shutil.copytree(run, dest)
+    if interrupted:
+        card = dest / "model" / "model.json"
+        card.write_text(json.dumps({**json.loads(card.read_text()), "unfinished": True}))
     return dest
 
 
@@ -134,3 +139,13 @@ def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_
         train(dataclasses.replace(resume_config(run), train=str(tmp_path / "nonexistent.csv")), overwrite=True)
     assert (run / "model" / "model.safetensors").read_bytes() == weights  # the old run is still whole
     assert (run / "config.yaml").read_text() == config
+
+
+def test_resuming_a_finished_run_changes_nothing(finished_finetune, tmp_path):
+    from skincancer import train
+    from skincancer.train import resume_config
+
+    run = copy_run(finished_finetune, tmp_path / "done", interrupted=False)
+    card = (run / "model" / "model.json").read_bytes()
+    assert train(resume_config(run), resume=True) == run
+    assert (run / "model" / "model.json").read_bytes() == card

@@ -53,6 +53,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     world = init_world()
     if world.distributed and config.mode == "linear" and not world.is_main:
         return out  # the linear probe is one process's work (features are cached); rank 0 does it
+    if resume and _finished(out):
+        log.info("%s: the run has finished already; nothing to resume", out)
+        return out
+    if resume and config.mode == "linear":
+        log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
     replace = False
     if world.is_main:
         if not resume:
@@ -602,6 +607,14 @@ def _counts(frame: pd.DataFrame) -> str:
 
 RUN_ARTIFACTS = ("model", "checkpoints", "tensorboard", "config.yaml", "summary.csv", "train.log",
                  "valid_predictions.csv", "valid_metrics.json")
+
+
+def _finished(out: Path) -> bool:
+    try:
+        meta = json.loads((out / "model" / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and not meta.get("unfinished") and "train_seconds" in meta
 
 
 def _claim_out(out: Path, overwrite: bool) -> bool:
