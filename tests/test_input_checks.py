@@ -351,3 +351,53 @@ def test_python_api_names_odd_image_inputs(tiny_run):
             classifier.predict(images)
     table = classifier.predict([np.zeros((64, 64, 3), np.float32)])
     assert table["error"].iloc[0] == "" and 0 <= table["malignant"].iloc[0] <= 1
+
+
+def test_predict_never_overwrites_a_file_it_did_not_write_and_honours_format(tiny_run, small_data, data_dir,
+                                                                            tmp_path: Path):
+    import json
+
+    image = str(sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(Path(small_data["test"]).read_bytes())
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "-o", str(manifest)])
+    assert result.exit_code == 2 and "not a table this command wrote" in result.output, result.output
+    assert manifest.read_bytes() == Path(small_data["test"]).read_bytes()
+    table = tmp_path / "p.csv"
+    for _ in range(2):  # its own table it may replace
+        result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "-o", str(table)])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert rows[0]["source"] == image
+
+
+def test_an_unfinished_model_is_flagged_by_the_api_and_the_report(tiny_run, small_data, tmp_path: Path):
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from skincancer import evaluate, load_model
+    from skincancer.serve import create_app
+
+    run = tmp_path / "killed"
+    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    card = run / "model" / "model.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "unfinished": True, "epoch": 2}))
+    with TestClient(create_app(run)) as client:
+        assert "warning" in client.get("/api/health").json()
+        assert client.get("/api/model").json()["unfinished"] is True
+        frame = __import__("pandas").read_csv(small_data["test"])
+        photo = Path(small_data["test"]).parent / frame["filepath"].iloc[0]
+        answer = client.post("/api/predict", files={"file": ("x.jpg", photo.read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200 and "has not finished" in answer.json()["warning"]
+        answer = client.post("/api/predict", files={"file": ("x.jpg", photo.read_bytes(), "image/jpeg")},
+                             data={"age": "nan"})
+        assert answer.status_code == 422 and "age" in answer.json()["detail"]
+    metrics = evaluate(load_model(run, engine="torch"), small_data["test"], tmp_path / "eval", num_workers=0,
+                       n_boot=20)
+    assert metrics["unfinished_models"] == [str(run / "model")]
+    assert "Unfinished training" in (tmp_path / "eval" / "report.html").read_text()

@@ -51,9 +51,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = "--out") -> None:
+def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = "--out",
+                 replaces: str | None = None) -> None:
     """Fail before any work when `out` cannot be the file this command writes: wrong kind of name (so that a
-    slip never turns an image or a manifest into a CSV), a folder, or one of the command's own inputs."""
+    slip never turns an image or a manifest into a CSV), a folder, one of the command's own inputs, or (with
+    `replaces`, the first field of this command's own tables) an existing file this command did not write."""
     if out.suffix.lower() not in suffixes:
         _fail(f"{option} {out}: expected a {' or '.join(suffixes)} file name")
     if out.is_dir():
@@ -61,6 +63,12 @@ def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = 
     target = os.path.realpath(out)  # realpath, unlike Path.resolve, does not raise on a symlink loop
     if any(os.path.realpath(path) == target for path in inputs if path is not None):
         _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
+    if replaces and out.is_file() and out.stat().st_size:
+        with open(out, "rb") as f:
+            head = f.read(200).decode("utf-8", "replace").lstrip("\ufeff[{ \n\"")
+        if not head.startswith(replaces):
+            _fail(f"{option} {out}: already exists and is not a table this command wrote; remove it or choose "
+                  "another name")
 
 
 def _check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
@@ -84,7 +92,7 @@ def index(
         help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
-    _output_file(out, (".csv",), inputs=[isic_csv, metadata])
+    _output_file(out, (".csv",), inputs=[isic_csv, metadata], replaces="image_id")
     label_map = parse_labels(labels)
     patient = read_metadata_csv(metadata) if metadata is not None else None
     if isic_csv is not None:
@@ -231,7 +239,8 @@ def evaluate(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
-    format: Annotated[str, typer.Option("--format", help="csv | json (for several images)")] = "csv",
+    format: Annotated[str | None, typer.Option("--format", help=(
+        "csv | json: a table even for one image (default: a sentence for one image, CSV for several)"))] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
     tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
                    ] = None,
@@ -260,6 +269,8 @@ def predict(
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
 
+    table_asked = format is not None
+    format = format or "csv"
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
     if engine not in ENGINES:
@@ -268,7 +279,7 @@ def predict(
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
     if out is not None:
-        _output_file(out, (f".{format}",), inputs=[*files, metadata])
+        _output_file(out, (f".{format}",), inputs=[*files, metadata], replaces="source")
     classifier = load_models(model, engine=engine)
     if age is not None and not math.isfinite(age):
         _fail(f"--age: expected an age in years, got {age}")
@@ -281,7 +292,7 @@ def predict(
     for _, row in failed.iterrows():
         typer.echo(f"error: {row['source']}: {row['error']}", err=True)
     single = len(files) == 1 and not any(p.is_dir() for p in paths)
-    if single and out is None and failed.empty:
+    if single and out is None and failed.empty and not table_asked:
         row = table.iloc[0]
         typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
                             classifier.negative_name))

@@ -78,6 +78,11 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     if all(t in classifier.class_names for t in ISIC_TASKS):  # the challenge's submission format
         isic = table.loc[ok, ["image_id", *ISIC_TASKS]]
         atomic_write(out / "isic_predictions.csv", lambda tmp: isic.to_csv(tmp, index=False))
+    elif (out / "isic_predictions.csv").exists():
+        (out / "isic_predictions.csv").unlink()  # an earlier evaluation's, of another model: never leave it stale
+    unfinished = [str(m.source) for m in getattr(classifier, "members", [classifier]) if m.meta.get("unfinished")]
+    if unfinished:
+        metrics["unfinished_models"] = unfinished  # the report says their threshold is a placeholder
     write_json(out / "metrics.json", metrics)
 
     curves = {classifier.positive_name: (labels[ok], malignant[ok], metrics["auc"])}

@@ -101,6 +101,11 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
                     for k, v in metrics.get("class_auc", {}).items())
     model = metrics.get("model", {})
     skipped = metrics.get("skipped", [])
+    unfinished = metrics.get("unfinished_models")
+    threshold_note = (
+        f'<strong class="notice">Unfinished training: {html.escape(", ".join(unfinished))} was saved before its '
+        "run finished; the threshold is a placeholder, not chosen on validation.</strong>" if unfinished else
+        f"The threshold was chosen on the validation split ({html.escape(str(model.get('threshold_policy', '')))}).")
     skipped_html = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -113,7 +118,7 @@ table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid
 <p>Model: {html.escape(str(model.get('backbone', '')))} ({html.escape(str(model.get('mode', '')))}),
 classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.escape(str(metrics.get('data', '')))}.
 AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
-The threshold was chosen on the validation split ({html.escape(str(model.get('threshold_policy', '')))}).</p>
+{threshold_note}</p>
 <table>{rows}</table>
 {''.join(_img_tag(p) for p in plots)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}

@@ -81,8 +81,13 @@ def model_card(classifier: Classifier) -> dict:
         "mode": meta.get("mode"),
         "validation": meta.get("validation", {}),
         "metadata": classifier.metadata_model is not None,  # age/sex fused with the image where given
+        "unfinished": bool(meta.get("unfinished")),
         "notice": NOTICE,
     }
+
+
+UNFINISHED = ("this model was saved by a training run that has not finished: its threshold is a placeholder, not "
+              "chosen on validation")
 
 
 def decode_upload(data: bytes, filename: str) -> Image.Image:
@@ -127,7 +132,10 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
 
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "engine": classifier.engine_name, "model": card["name"]}
+        health = {"status": "ok", "engine": classifier.engine_name, "model": card["name"]}
+        if card["unfinished"]:
+            health["warning"] = UNFINISHED
+        return health
 
     @app.get("/api/model")
     def model() -> dict:
@@ -141,6 +149,8 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
         """Probabilities per class, the malignant probability and the label at the model's threshold."""
         started = time.perf_counter()
         name = file.filename or "upload"
+        if age is not None and age.strip().lower() == "nan":
+            raise HTTPException(422, "age: 'nan' is not an age in years (leave the field out when unknown)")
         try:
             patient = {"age": parse_age(age, "age"), "sex": parse_sex(sex, "sex")}
         except MetadataError as err:
@@ -171,6 +181,8 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
             "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
             "notice": NOTICE,
         }
+        if card["unfinished"]:
+            answer["warning"] = UNFINISHED
         if cam:
             from .explain import explain
 
