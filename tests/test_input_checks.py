@@ -41,27 +41,16 @@ def test_non_finite_floats_and_seed_out_of_range_name_the_field(overrides, field
     assert load_config(None, seed=2**32 - 1).seed == 2**32 - 1
 
 
-def test_nan_in_yaml_names_the_field(tmp_path: Path):
+@pytest.mark.parametrize(("content", "message"), [
+    ("weight_decay: .nan\n", "weight_decay: must be a finite number"),
+    ("mode: finetune  # r\xe9glage\n".encode("latin-1"), r"c\.yaml: not UTF-8"),
+    ("lr: 0.001\nepochs: 3\nlr: 0.01\n", r"c\.yaml: key 'lr' given twice \(lines 1 and 3\)"),
+    ("labels: {melanoma: 1, nevus: 0, melanoma: 0}\n", "key 'melanoma' given twice"),
+], ids=["nan", "not-utf8", "key-twice", "nested-key-twice"])
+def test_bad_yaml_names_the_file_or_field(tmp_path: Path, content, message):
     path = tmp_path / "c.yaml"
-    path.write_text("weight_decay: .nan\n")
-    with pytest.raises(ConfigError, match="weight_decay: must be a finite number"):
-        load_config(path)
-
-
-def test_yaml_that_is_not_utf8_names_the_file(tmp_path: Path):
-    path = tmp_path / "latin1.yaml"
-    path.write_bytes("mode: finetune  # r\xe9glage\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8"):
-        load_config(path)
-
-
-def test_yaml_key_given_twice_is_named(tmp_path: Path):
-    path = tmp_path / "c.yaml"
-    path.write_text("lr: 0.001\nepochs: 3\nlr: 0.01\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: key 'lr' given twice \(lines 1 and 3\)"):
-        load_config(path)
-    path.write_text("labels: {melanoma: 1, nevus: 0, melanoma: 0}\n")
-    with pytest.raises(ConfigError, match="key 'melanoma' given twice"):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 

@@ -47,11 +47,12 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON: NaN and infinity (an AUC with one class absent) are written as null."""
-    text = json.dumps(_strict(data), indent=2, default=_jsonable, allow_nan=False)
+    text = json.dumps(_strict(data), indent=2, allow_nan=False)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
 def _strict(value: Any) -> Any:
+    """Plain JSON values: numpy/torch scalars and arrays as Python numbers and lists, non-finite floats as None."""
     if isinstance(value, dict):
         return {k: _strict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -63,14 +64,6 @@ def _strict(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from .backbones import BackboneError
 from .checkpoint import CheckpointError
 from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
 from .data import DataError, check_files, index_folder, index_isic_csv, refuse_conflicting_copies, save_manifest
-from .metadata import attach, parse_age, parse_sex, read_metadata_csv, records
+from .metadata import MetadataError, attach, parse_age, parse_sex, read_metadata_csv, records
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
@@ -35,7 +35,10 @@ def _patient_metadata(files: list[str], csv: Path | None, age: float | None, sex
     if age is not None or sex is not None:
         if len(files) != 1:
             _fail("--age/--sex describe one image; for several use --metadata CSV")
-        return [{"age": parse_age(age, "--age"), "sex": parse_sex(sex, "--sex")}]
+        try:
+            return [{"age": parse_age(age, "--age", typed=True), "sex": parse_sex(sex, "--sex")}]
+        except MetadataError as err:
+            _fail(str(err))
     if csv is None:
         return None
     table = read_metadata_csv(csv)
@@ -136,7 +139,6 @@ def preview(
 
     if n < 1:
         _fail(f"--n: expected 1 or more images, got {n}")
-    _output_file(out, (".png",))
     data = resolve_data(manifest, DEFAULT_LABELS)
     _output_file(out, (".png",), inputs=list(data["filepath"]))
     preview_grid(data, out, n=n, seed=seed)
@@ -281,8 +283,6 @@ def predict(
     if out is not None:
         _output_file(out, (f".{format}",), inputs=[*files, metadata], replaces="source")
     classifier = load_models(model, engine=engine)
-    if age is not None and not math.isfinite(age):
-        _fail(f"--age: expected an age in years, got {age}")
     rows = _patient_metadata(files, metadata, age, sex)
     if rows is not None and classifier.metadata_model is None and not any(
             m.metadata_model is not None for m in getattr(classifier, "members", [])):

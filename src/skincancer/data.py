@@ -251,13 +251,21 @@ def same_content(paths: Sequence[str | Path]) -> list[list[int]]:
 
     The ISIC 2017 release has such copies under different ids, within and across its splits."""
     groups: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        try:
-            digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-        except OSError:
-            continue
-        groups.setdefault(digest, []).append(i)
+    for i, key in enumerate(content_keys(paths)):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
     return [group for group in groups.values() if len(group) > 1]
+
+
+def content_keys(paths: Iterable[str | Path]) -> list[str | None]:
+    """SHA-1 of each file's bytes (the feature cache's key); None where the file cannot be read."""
+    keys: list[str | None] = []
+    for path in paths:
+        try:
+            keys.append(hashlib.sha1(Path(path).read_bytes()).hexdigest())
+        except OSError:
+            keys.append(None)
+    return keys
 
 
 def refuse_conflicting_copies(manifest: pd.DataFrame, source: str) -> list[list[int]]:

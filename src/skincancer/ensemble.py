@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoint import CheckpointError
+from .data import DataError, read_csv_checked
 from .metrics import choose_threshold, operating_point, roc_auc
 from .predict import Classifier, load_model
 
@@ -84,13 +85,9 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
 
 def _validation_table(path: Path, positive: str) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err}); retrain the run to recreate it") from None
-    missing = [c for c in ("image_id", "label", positive) if c not in table.columns]
-    if missing:
-        raise CheckpointError(f"{path}: no column {', '.join(missing)}; retrain the run to recreate it")
-    return table.set_index("image_id")
+        return read_csv_checked(path, ["image_id", "label", positive]).set_index("image_id")
+    except DataError as err:  # the run's own file, not the user's data: say how to get it back
+        raise CheckpointError(f"{err}; retrain the run to recreate it") from None
 
 
 def load_models(runs: Sequence[str | Path], engine: str = "auto") -> Classifier:

@@ -29,12 +29,17 @@ class MetadataError(DataError):
     """Metadata that cannot be read or understood; the message names the file, row or field."""
 
 
-def parse_age(value, where: str = "age") -> float | None:
-    """An age in years (None where unknown); rejects text that is neither a number nor 'unknown'."""
+def parse_age(value, where: str = "age", typed: bool = False) -> float | None:
+    """An age in years (None where unknown); rejects text that is neither a number nor 'unknown'.
+
+    typed: a value a person typed (a flag, a form field), where NaN is a mistake, not a CSV's empty cell."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if typed and (text == "nan" or (isinstance(value, float) and math.isnan(value))):
+        raise MetadataError(f"{where}: 'nan' is not an age in years (leave it out when unknown)")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, str):
-        if value.strip().lower() in MISSING:
+    if text is not None:
+        if text in MISSING:
             return None
         try:
             value = float(value)

@@ -149,10 +149,8 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
         """Probabilities per class, the malignant probability and the label at the model's threshold."""
         started = time.perf_counter()
         name = file.filename or "upload"
-        if age is not None and age.strip().lower() == "nan":
-            raise HTTPException(422, "age: 'nan' is not an age in years (leave the field out when unknown)")
         try:
-            patient = {"age": parse_age(age, "age"), "sex": parse_sex(sex, "sex")}
+            patient = {"age": parse_age(age, "age", typed=True), "sex": parse_sex(sex, "sex")}
         except MetadataError as err:
             raise HTTPException(422, str(err)) from None
         use_metadata = classifier.metadata_model is not None and any(v is not None for v in patient.values())

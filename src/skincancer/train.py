@@ -31,7 +31,16 @@ from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .checkpoint import CheckpointError, atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .data import DataError, ImageDataset, build_transform, check_files, check_image, resolve_data, same_content
+from .data import (
+    DataError,
+    ImageDataset,
+    build_transform,
+    check_files,
+    check_image,
+    content_keys,
+    resolve_data,
+    same_content,
+)
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
@@ -68,8 +77,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         seed_everything(config.seed)
         train_df = resolve_data(config.train, config.labels)
         valid_df = resolve_data(config.valid, config.labels)
-        _require_files(train_df, config.train, "train")
-        _require_files(valid_df, config.valid, "valid")
         # every file decoded once up front (about 1 ms each): every process drops the same unreadable files, and a
         # split with none left stops here, not inside an epoch (or one process of a multi-process run)
         train_df = _readable(train_df, config.train, "train")
@@ -245,17 +252,6 @@ def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
     return root / "features" / f"{config.backbone}-{config.image_size}-v{view}-{digest}"
 
 
-def content_keys(paths: pd.Series) -> list[str | None]:
-    """SHA-1 of each file's bytes (the feature cache's key); None where the file cannot be read."""
-    keys: list[str | None] = []
-    for path in paths:
-        try:
-            keys.append(hashlib.sha1(Path(path).read_bytes()).hexdigest())
-        except OSError:
-            keys.append(None)
-    return keys
-
-
 def cached_features(model: nn.Module, paths: pd.Series, config: TrainConfig, prep: dict, view: int,
                     split: str, keys: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features for each file (computed once, then read from the cache); second value: mask of usable rows.
@@ -374,7 +370,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         probs = gather_rows(world, probs, shard, len(valid_set))
         errors = [(int(shard[i]), reason) for i, reason in errors]
         ok = ~np.isnan(probs).any(1)
-        if not ok.any():  # the files went bad during training; _require_files saw them at the start
+        if not ok.any():  # the files went bad during training; _readable decoded them at the start
             _report_bad(errors, valid_df["filepath"], "valid")
             raise DataError(f"{config.valid}: no validation image could be read in epoch {epoch} (listed above)")
         valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
@@ -605,8 +601,7 @@ def _counts(frame: pd.DataFrame) -> str:
     return ", ".join(f"{k} {v}" for k, v in frame["diagnosis"].value_counts().sort_index().items())
 
 
-RUN_ARTIFACTS = ("model", "checkpoints", "tensorboard", "config.yaml", "summary.csv", "train.log",
-                 "valid_predictions.csv", "valid_metrics.json")
+RUN_RESULTS = ("model", "checkpoints", "tensorboard", "summary.csv", "valid_predictions.csv", "valid_metrics.json")
 
 
 def _finished(out: Path) -> bool:
@@ -637,10 +632,8 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
 
 def _clear_run(out: Path) -> None:
     """Delete a previous run's results (config.yaml and train.log are being rewritten by the new run)."""
-    for name in RUN_ARTIFACTS:
+    for name in RUN_RESULTS:
         path = out / name
-        if name in ("config.yaml", "train.log"):
-            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -660,29 +653,20 @@ def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
 
 
 def _readable(frame: pd.DataFrame, source: str, split: str) -> pd.DataFrame:
+    """The manifest's rows whose files decode; unreadable ones are named and left out. None left is an error, and
+    a manifest none of whose files exists says so (moved or deleted since indexing)."""
+    if not any(os.path.isfile(path) for path in frame["filepath"]):
+        shown = "\n  ".join(frame["filepath"][:5]) + ("\n  ..." if len(frame) > 5 else "")
+        raise DataError(f"{source}: none of the {split} manifest's {len(frame)} files exists (moved or deleted "
+                        f"since indexing? re-run `skincancer index`):\n  {shown}")
     bad = check_files(list(frame["filepath"]), desc=f"checking {split} images")
     if not bad:
         return frame
-    for item in bad:
-        log.warning("%s: skipped %s: %s", split, item.path, item.reason)
+    _report_bad([(i, item.reason) for i, item in enumerate(bad)], pd.Series([item.path for item in bad]), split)
     if len(bad) == len(frame):
         raise DataError(f"{source}: none of the {len(frame)} {split} images can be read (listed above)")
     log.warning("%s: %d of %d images cannot be read and are left out", source, len(bad), len(frame))
     return frame[~frame["filepath"].isin({item.path for item in bad})].reset_index(drop=True)
-
-
-def _require_files(frame: pd.DataFrame, source: str, split: str) -> None:
-    """Stop before any work when none of a manifest's files exists (moved or deleted since indexing); warn when
-    some are missing (they are skipped, and named, as training meets them)."""
-    missing = [path for path in frame["filepath"] if not os.path.isfile(path)]
-    if not missing:
-        return
-    shown = "\n  ".join(missing[:5]) + ("\n  ..." if len(missing) > 5 else "")
-    if len(missing) == len(frame):
-        raise DataError(f"{source}: none of the {split} manifest's {len(frame)} files exists (moved or deleted "
-                        f"since indexing? re-run `skincancer index`):\n  {shown}")
-    log.warning("%s: %d of %d %s files are missing and will be skipped:\n  %s", source, len(missing), len(frame),
-                split, shown)
 
 
 def _report_bad(errors: list, paths: pd.Series, split: str) -> None:
