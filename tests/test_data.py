@@ -135,3 +135,17 @@ def test_dataset_reports_bad_files_without_raising(bad_files, data_dir):
     assert batch["image"].shape == (2, 3, 64, 64)
     assert batch["index"].tolist() == [0, 2]
     assert batch["errors"][0][0] == 1 and "not an image" in batch["errors"][0][1]
+
+
+def test_every_format_a_single_file_opens_is_found_in_a_folder(tmp_path):
+    """`predict DIR` and `index DIR` must not skip formats that `predict FILE` reads (.gif was skipped)."""
+    from skincancer.predict import expand_inputs
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for suffix in ("jpg", "png", "gif", "bmp", "tiff", "webp"):
+        image.save(tmp_path / f"a.{suffix}")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = [Path(p).name for p in expand_inputs([tmp_path])]
+    assert sorted(found) == sorted(f"a.{s}" for s in ("jpg", "png", "gif", "bmp", "tiff", "webp"))
+    for path in found:
+        assert load_image(tmp_path / path).mode == "RGB"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
 ISIC_COLUMNS = ["image_id", "melanoma", "seborrheic_keratosis"]
 MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
