@@ -72,3 +72,50 @@ def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(small_d
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {manifest}: none of the 6 train images can be read" in result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+
+
+WORKER = '''
+import datetime, json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from skincancer.engine import train_one_epoch
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+generator = torch.Generator().manual_seed(rank)
+
+def batch(bad):
+    if bad:  # every file of this batch turned unreadable mid-run, on this rank only
+        return {"image": None, "target": None, "index": torch.empty(0), "errors": [(0, "truncated")]}
+    return {"image": torch.randn(3, 4, generator=generator), "target": torch.tensor([0, 1, 0]),
+            "index": torch.arange(3), "errors": []}
+
+loader = [batch(rank == 1 and step == 1) for step in range(4)]
+loss, errors = train_one_epoch(model, loader, optimizer, scheduler, nn.CrossEntropyLoss(), epoch=1)
+weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(weights) for _ in range(2)]
+dist.all_gather(gathered, weights)
+json.dump({"steps": scheduler.last_epoch, "errors": len(errors), "same": bool(torch.equal(*gathered))},
+          open(sys.argv[1] + f".{rank}", "w"))
+del model, optimizer  # a DDP model still alive at destroy_process_group aborts the process (gloo)
+dist.destroy_process_group()
+'''
+
+
+def test_a_bad_batch_on_one_rank_does_not_desynchronise_ddp(tmp_path):
+    """A batch whose files all fail on one rank only: every rank skips that step (before, the other rank's gradient
+    all-reduce paired with the next step's and the run hung)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert [r["steps"] for r in ranks] == [3, 3]  # 4 batches, the bad one skipped on both ranks
+    assert [r["errors"] for r in ranks] == [0, 1]
+    assert all(r["same"] for r in ranks)  # both ranks hold the same weights

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .data import collate
+from .distributed import every_rank
 
 log = logging.getLogger("skincancer")
 
@@ -109,13 +110,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         errors.extend(batch["errors"])
         progress.update(1)
-        if batch["image"] is None:
-            continue
+        if not every_rank(batch["image"] is not None, device):
+            continue  # a batch of unreadable files on any rank: every rank skips the step, so DDP stays in step
         with autocast(device):
             logits = model(batch["image"].to(device, non_blocking=True))
             loss = loss_fn(logits.float(), batch["target"].to(device))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr")
+        if not every_rank(math.isfinite(loss.item()), device):
+            raise FloatingPointError(f"epoch {epoch} step {step}: loss is {loss.item()} (on this or another rank); "
+                                     "lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
