@@ -77,3 +77,18 @@ def test_overlay_keeps_small_photos_at_their_size():
     assert picture.size == (100, 80)
     pixels = np.asarray(picture, dtype=int)
     assert pixels[0, 0, 2] > pixels[0, 0, 0] and pixels[-1, -1, 0] > pixels[-1, -1, 2]  # cold blue, hot red
+
+
+def test_an_ensembles_heatmap_is_the_mean_of_its_members(tiny_run, finetune_run, data_dir):
+    """Before, `predict --cam` with several --model explained the first model only."""
+    from skincancer.ensemble import load_models
+
+    image = load_image(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0])
+    members = [load_model(run, engine="torch") for run in (tiny_run, finetune_run)]
+    maps = [malignant_heatmap(member, image) for member in members]
+    assert [m.shape for m in maps] == [(224, 224), (96, 96)]  # each member on its own input grid
+    combined = malignant_heatmap(load_models([tiny_run, finetune_run], engine="torch"), image)
+    assert combined.shape == (224, 224) and combined.dtype == np.float32
+    small = np.asarray(Image.fromarray(maps[1], mode="F").resize((224, 224), Image.BILINEAR)).clip(0, 1)
+    np.testing.assert_allclose(combined, (maps[0] + small) / 2, atol=1e-6)
+    assert np.abs(combined - maps[0]).mean() > 1e-3  # not the first member's map

@@ -312,7 +312,7 @@ def predict(
         made = [f"{source} -> {png}" for source, png in written.items() if not png.startswith("error:")]
         if made:
             typer.echo("Grad-CAM overlays:\n  " + "\n  ".join(made), err=True)
-        note = " (of the first model of the ensemble)" if len(model) > 1 else ""
+        note = f" (mean of the {len(model)} models' maps)" if len(model) > 1 else ""
         typer.echo(f"wrote {len(made)} Grad-CAM overlay(s){note} to {cam}", err=True)
     if not failed.empty:
         raise typer.Exit(1)

@@ -45,13 +45,27 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
-    """Grad-CAM of the malignant score for one RGB image: [S, S] float32 in [0, 1] on the model's input grid."""
+    """Grad-CAM of the malignant score for one RGB image: [S, S] float32 in [0, 1] on the model's input grid.
+
+    An ensemble's map is the mean of its members' maps (each on its own input grid, brought to the largest), as its
+    probability is the mean of theirs."""
+    members = getattr(classifier, "members", None)
+    if members:
+        maps = [malignant_heatmap(member, image) for member in members]
+        side = max(m.shape[0] for m in maps)
+        return np.mean([_resized(m, side) for m in maps], axis=0).astype(np.float32)
     from pytorch_grad_cam import GradCAM
 
     x = classifier.transform()(image).unsqueeze(0)
     with _HOOK_LOCK, GradCAM(model=classifier.model, target_layers=[target_layer(classifier.model)]) as cam:
         heatmap = cam(input_tensor=x, targets=[MalignantTarget(classifier.positive_indices)])[0]
     return np.nan_to_num(heatmap.astype(np.float32))
+
+
+def _resized(heatmap: np.ndarray, side: int) -> np.ndarray:
+    if heatmap.shape == (side, side):
+        return heatmap
+    return np.asarray(Image.fromarray(heatmap, mode="F").resize((side, side), Image.BILINEAR)).clip(0, 1)
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
