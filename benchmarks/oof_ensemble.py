@@ -21,6 +21,11 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 CLASSES = ("melanoma", "nevus", "seborrheic_keratosis")
+COMBINE = {
+    "prob": lambda p: p,
+    "logit": lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6))),
+    "rank": lambda p: np.argsort(np.argsort(p, axis=0), axis=0) / len(p),  # per class column
+}
 
 
 def main() -> None:
@@ -28,6 +33,8 @@ def main() -> None:
     parser.add_argument("--cv", required=True, help="cv_search.py --out folder")
     parser.add_argument("--linear", nargs="*", default=[], help="runs fitted with linear_fit: train+valid")
     parser.add_argument("--tta", type=int, choices=(1, 8), default=8)
+    parser.add_argument("--combine", choices=("prob", "logit", "rank"), default="prob",
+                        help="average probabilities (what evaluate does), their logits, or their ranks")
     args = parser.parse_args()
 
     cv = Path(args.cv)
@@ -54,7 +61,7 @@ def main() -> None:
     rows = []
     for size in range(1, len(members) + 1):
         for names in itertools.combinations(members, size):
-            p = np.mean([members[n] for n in names], axis=0)
+            p = np.mean([COMBINE[args.combine](members[n]) for n in names], axis=0)
             mel, sk = roc_auc_score(melanoma, p[:, 0]), roc_auc_score(keratosis, p[:, 2])
             rows.append({"members": list(names), "melanoma_auc": round(mel, 4), "sk_auc": round(sk, 4),
                          "mean": round((mel + sk) / 2, 4)})
