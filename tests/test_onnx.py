@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -142,3 +144,53 @@ def test_probability_model_matches_softmax_of_logits(tiny_run):
     with torch.no_grad():
         np.testing.assert_allclose(ProbabilityModel(classifier.model)(x).numpy(),
                                    classifier.model(x).softmax(1).numpy(), atol=1e-6)
+
+
+def test_a_graph_that_is_not_this_runs_export_is_never_used(tiny_run, finetune_run, real_images, tmp_path, caplog):
+    """The sidecar records the graph's SHA-256 as well as the weights': a model.onnx copied in from another run (or
+    damaged) used to pass the check and give other answers silently ("94% benign" for a malignant call)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    other = copy_run(tiny_run, tmp_path / "other")
+    small = copy_run(finetune_run, tmp_path / "small")  # 96 px, another network
+    classifier = load_model(other, engine="torch")
+    with torch.no_grad():
+        classifier.model.get_classifier().bias += 3.0
+    save_model(classifier.model, classifier.meta, other / "model")
+    for source in (run, other, small):
+        export_onnx(source)
+    graph = run / "model" / ONNX_FILE
+    own = graph.read_bytes()
+    for foreign, reason in ((other, "not the one exported from this run"), (small, "not the one exported")):
+        shutil.copy(foreign / "model" / ONNX_FILE, graph)
+        with pytest.raises(ExportError, match=reason):
+            load_model(run, engine="onnx")
+        caplog.clear()
+        assert load_model(run, engine="auto").engine_name == "torch"
+        assert "using PyTorch" in caplog.text and caplog.records[-1].levelname == "WARNING"
+
+    graph.write_bytes(own[: len(own) // 2])  # truncated: auto falls back instead of failing
+    assert load_model(run, engine="auto").engine_name == "torch"
+    with pytest.raises(ExportError, match="replaced or damaged"):
+        load_model(run, engine="onnx")
+
+    # a sidecar edited to vouch for a foreign graph: the shapes still give it away
+    shutil.copy(small / "model" / ONNX_FILE, graph)
+    sidecar = graph.with_name(ONNX_FILE + ".json")
+    meta = json.loads(sidecar.read_text())
+    meta["onnx"]["onnx_sha256"] = hashlib.sha256(graph.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="takes 96x96 images, the model 224x224"):
+        load_model(run, engine="onnx")
+
+    del meta["onnx"]["onnx_sha256"]  # an export from before the graph was hashed
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="older version"):
+        load_model(run, engine="onnx")
+    graph.write_bytes(own)
+
+
+def test_export_never_writes_into_another_runs_model_folder(tiny_run, finetune_run, tmp_path):
+    run, other = copy_run(tiny_run, tmp_path / "run"), copy_run(finetune_run, tmp_path / "other")
+    result = CliRunner().invoke(app, ["export", "--model", str(run), "-o", str(other / "model" / ONNX_FILE)])
+    assert result.exit_code == 2 and "another run's model folder" in result.output
+    assert not (other / "model" / ONNX_FILE).exists()

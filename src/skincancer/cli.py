@@ -321,13 +321,19 @@ def predict(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="run folder")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="ONNX file (default RUN/model/model.onnx)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "-o", "--out", help="ONNX file (default RUN/model/model.onnx, the one predict/serve --engine onnx use; "
+                            "elsewhere, for other runtimes)")] = None,
 ) -> None:
     """Export a run to ONNX (dynamic batch, probabilities out) for fast CPU inference with ONNX Runtime."""
+    from .checkpoint import find_model_dir
     from .export import export_onnx
 
     if out is not None:
         _output_file(out, (".onnx",))
+        if (out.parent / "model.json").is_file() and out.parent.resolve() != find_model_dir(model).resolve():
+            _fail(f"--out {out}: that is another run's model folder ({out.parent}); its predictions would come "
+                  "from this run's graph")
     path = export_onnx(model, out)
     typer.echo(f"wrote {path} and {path.name}.json (checked against PyTorch)")
 

@@ -63,7 +63,8 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPS
         **classifier.meta, "onnx": {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
                                     "input_layout": "NCHW float32, resized and normalised with mean/std",
                                     "max_difference_to_torch": diff,
-                                    "weights_sha256": weights_digest(classifier.source)}})
+                                    "weights_sha256": weights_digest(classifier.source),
+                                    "onnx_sha256": file_digest(out)}})
     log.info("exported %s (opset %d); max difference to PyTorch %s", out, opset, diff)
     return out
 
@@ -95,35 +96,57 @@ def write_onnx(model: nn.Module, image_size: int, out: str | Path, opset: int = 
     return diff
 
 
-def weights_digest(model_dir: Path) -> str:
-    """SHA-256 of the run's safetensors weights: tells whether an export still matches its run."""
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(model_dir / WEIGHTS_FILE, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def find_export(model_dir: Path, required: bool) -> OnnxEngine | None:
-    """The ONNX engine for a run's model folder when a current export exists. A missing or stale export (weights
-    changed since) is an error when `required`, else None (the caller falls back to PyTorch)."""
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of the run's safetensors weights: tells whether an export still matches its run."""
+    return file_digest(model_dir / WEIGHTS_FILE)
+
+
+def find_export(model_dir: Path, required: bool, image_size: int | None = None,
+                classes: int | None = None) -> OnnxEngine | None:
+    """The ONNX engine for a run's model folder when a current export exists: its sidecar records the SHA-256 of
+    the run's weights and of the graph itself, so an export made before retraining, or a graph copied in from
+    another run, is never used. A missing export is an error when `required`, else None (the caller falls back to
+    PyTorch); a stale, foreign or broken one is an error when `required`, else a warning and None."""
     path = model_dir / ONNX_FILE
-    problem = None
+    again = f"run `skincancer export --model {model_dir.parent}` again"
     if not path.is_file():
-        problem = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first"
+        problem, stale = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first", False
     else:
-        try:
-            recorded = json.loads(path.with_name(path.name + ".json").read_text())["onnx"]["weights_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
-        if recorded != weights_digest(model_dir):
-            problem = (f"{path}: export does not match {model_dir / WEIGHTS_FILE} (missing metadata or retrained "
-                       f"since); run `skincancer export --model {model_dir.parent}` again")
+        problem, stale = _export_problem(path, model_dir, again), True
     if problem is None:
-        return OnnxEngine(path)
+        try:
+            engine = OnnxEngine(path)
+            problem = engine.shape_problem(image_size, classes, again)
+        except ExportError as err:
+            problem = str(err)
+        if problem is None:
+            return engine
     if required:
         raise ExportError(problem)
-    log.info("%s; using PyTorch", problem)
+    (log.warning if stale else log.info)("%s; using PyTorch", problem)
+    return None
+
+
+def _export_problem(path: Path, model_dir: Path, again: str) -> str | None:
+    try:
+        recorded = json.loads(path.with_name(path.name + ".json").read_text())["onnx"]
+        weights, graph = recorded["weights_sha256"], recorded.get("onnx_sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path}: its metadata ({path.name}.json) is missing or unreadable; {again}"
+    if weights != weights_digest(model_dir):
+        return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}"
+    if graph is None:
+        return f"{path}: made by an older version that did not record the graph's checksum; {again}"
+    if graph != file_digest(path):
+        return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}"
     return None
 
 
@@ -189,6 +212,16 @@ class OnnxEngine:
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ExportError(f"{self.path}: expected one image input [batch, 3, H, W], found {inputs}")
         self.input_name = inputs[0].name
+
+    def shape_problem(self, image_size: int | None, classes: int | None, advice: str) -> str | None:
+        """What makes this graph unfit for a model of `image_size` px and `classes` outputs (None: fit)."""
+        height, width = self.session.get_inputs()[0].shape[2:]
+        outputs = self.session.get_outputs()[0].shape
+        if image_size is not None and (height, width) != (image_size, image_size):
+            return f"{self.path}: takes {height}x{width} images, the model {image_size}x{image_size}; {advice}"
+        if classes is not None and (len(outputs) != 2 or outputs[1] != classes):
+            return f"{self.path}: gives outputs {outputs}, the model has {classes} classes; {advice}"
+        return None
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Normalised images [N, 3, S, S] float32 -> probabilities [N, classes]."""

@@ -162,7 +162,8 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
     if engine != "torch":
         from .export import find_export
 
-        runtime = find_export(model_dir, required=engine == "onnx")
+        runtime = find_export(model_dir, required=engine == "onnx", image_size=int(meta["image_size"]),
+                              classes=len(meta["class_names"]))
     return Classifier(model=model, meta=meta, source=model_dir, engine=runtime)
 
 
