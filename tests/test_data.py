@@ -149,3 +149,34 @@ def test_every_format_a_single_file_opens_is_found_in_a_folder(tmp_path):
     assert sorted(found) == sorted(f"a.{s}" for s in ("jpg", "png", "gif", "bmp", "tiff", "webp"))
     for path in found:
         assert load_image(tmp_path / path).mode == "RGB"
+
+
+def test_class_folder_nested_in_another_class_is_refused(data_dir, tmp_path):
+    """melanoma/nevus/x.jpg was silently labelled melanoma: a benign folder misplaced inside a malignant one."""
+    root = make_tree(data_dir, tmp_path / "tree")
+    nested = root / "melanoma" / "batch1" / " Nevus "
+    nested.mkdir(parents=True)
+    shutil.copy(next((root / "nevus").glob("*.jpg")), nested / "x.jpg")
+    with pytest.raises(DataError, match="misplaced class folder") as raised:
+        index_folder(root, DEFAULT_LABELS)
+    assert str(nested) in str(raised.value)
+
+
+def test_nested_folder_without_a_class_name_keeps_the_parent_label(data_dir, tmp_path):
+    root = make_tree(data_dir, tmp_path / "tree")
+    (root / "melanoma" / "batch1").mkdir()
+    (root / "melanoma" / "Melanoma").mkdir()  # the same class nested, as some archives unpack: labels stay right
+    shutil.copy(next((root / "nevus").glob("*.jpg")), root / "melanoma" / "batch1" / "x.jpg")
+    shutil.copy(next((root / "nevus").glob("*.jpg")), root / "melanoma" / "Melanoma" / "y.jpg")
+    manifest = index_folder(root, DEFAULT_LABELS)
+    for stem in ("x", "y"):
+        row = manifest.loc[manifest.image_id == stem].iloc[0]
+        assert (row.diagnosis, row.label) == ("melanoma", 1)
+    assert len(manifest) == 8
+
+
+def test_unknown_class_folder_name_is_quoted(data_dir, tmp_path):
+    root = make_tree(data_dir, tmp_path / "tree")
+    (root / "nevus").rename(root / "nevus ")
+    with pytest.raises(DataError, match=r"class folder\(s\) 'nevus ' not in the label map"):
+        index_folder(root, DEFAULT_LABELS)

@@ -144,14 +144,22 @@ def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     unknown = [p.name for p in class_dirs if p.name not in labels]
     if unknown:
         raise DataError(
-            f"{root}: class folder(s) {', '.join(unknown)} not in the label map {labels}; "
+            f"{root}: class folder(s) {', '.join(map(repr, unknown))} not in the label map {labels}; "
             "index or train with --labels NAME=0|1,... to include them (a model evaluates its own classes only)"
         )
+    # every class folder is in the label map by now, so its names are all the class names there are
+    class_names = {name.strip().casefold() for name in labels}
     rows = []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
             if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
                 rows.append((path.stem, str(path.absolute()), class_dir.name, labels[class_dir.name]))
+            elif path.name.strip().casefold() in class_names - {class_dir.name.strip().casefold()} and path.is_dir():
+                # melanoma/nevus/x.jpg would silently be labelled melanoma; melanoma/batch1/x.jpg and the
+                # melanoma/melanoma/x.jpg some archives unpack to are fine
+                raise DataError(f"{path}: folder named like a class inside class folder {class_dir.name!r}; it "
+                                f"looks like a misplaced class folder (its images would be labelled "
+                                f"{class_dir.name!r}): move it to {root} or rename it")
     if not rows:
         raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders")
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 from pathlib import Path
 
@@ -19,28 +20,47 @@ from .checkpoint import atomic_write  # noqa: E402
 from .data import ImageError, load_image  # noqa: E402
 
 
+def _literal(text: object) -> str:
+    """User-controlled text (folder, class and file names) as written: matplotlib reads text between two `$` as
+    mathtext, so a folder `tiny_$1_$2` crashed the plots; an escaped `\\$` is drawn as a plain `$`."""
+    return str(text).replace("$", r"\$")
+
+
+def _plain_text(plot):
+    """Run a plot with TeX rendering off: a matplotlibrc with text.usetex would fail on `_` and `^` in names."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context({"text.usetex": False}):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
 def _save(fig, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 
 
+@_plain_text
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], operating_point: tuple[float, float] | None,
              path: Path, title: str = "ROC") -> Path:
     """curves: name -> (labels, scores, auc). operating_point: (1 - specificity, sensitivity) at the threshold."""
     fig, ax = plt.subplots(figsize=(5, 5))
+    lines = []
     for name, (labels, scores, auc) in curves.items():
         fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc:.3f})")
+        lines += ax.plot(fpr, tpr, lw=2, label=f"{_literal(name)} (AUC {auc:.3f})")
     if operating_point is not None:
-        ax.plot(*operating_point, "o", color="black", label="chosen threshold")
+        lines += ax.plot(*operating_point, "o", color="black", label="chosen threshold")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", title=title,
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title=_literal(title), xlim=(0, 1), ylim=(0, 1.01))
+    # explicit handles: left to itself, legend() drops labels that start with "_" (a class named "_x")
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
     return _save(fig, path)
 
 
+@_plain_text
 def plot_confusion(counts: dict[str, int], names: tuple[str, str], path: Path) -> Path:
     """Counts and row-normalised rates side by side; rows are the truth, columns the prediction."""
     matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]], dtype=float)
@@ -53,11 +73,12 @@ def plot_confusion(counts: dict[str, int], names: tuple[str, str], path: Path) -
         for (i, j), v in np.ndenumerate(values):
             ax.text(j, i, fmt.format(v), ha="center", va="center", color="white" if values[i, j] > values.max() / 2
                     else "black", fontsize=13)
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names, xlabel="predicted",
-               ylabel="true", title=title)
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=[_literal(n) for n in names],
+               yticklabels=[_literal(n) for n in names], xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
 
 
+@_plain_text
 def preview_grid(manifest: pd.DataFrame, path: Path, n: int = 16, seed: int = 0, columns: int = 4) -> Path:
     """A grid of sample images with their diagnosis and label (the tutorial's show_batch)."""
     sample = manifest.sample(min(n, len(manifest)), random_state=seed) if len(manifest) > n else manifest
@@ -68,9 +89,10 @@ def preview_grid(manifest: pd.DataFrame, path: Path, n: int = 16, seed: int = 0,
     for ax, (_, row) in zip(axes.ravel(), sample.iterrows(), strict=False):
         try:
             ax.imshow(load_image(row["filepath"]))
-            ax.set_title(f"{row['diagnosis']} ({'malignant' if row['label'] == 1 else 'benign'})", fontsize=9)
+            verdict = "malignant" if row["label"] == 1 else "benign"
+            ax.set_title(f"{_literal(row['diagnosis'])} ({verdict})", fontsize=9)
         except ImageError as err:
-            ax.set_title(f"unreadable: {err.reason}", fontsize=8, color="red")
+            ax.set_title(f"unreadable: {_literal(err.reason)}", fontsize=8, color="red")
     return _save(fig, path)
 
 

@@ -1,0 +1,42 @@
+"""Names that matplotlib could read as mathtext ($...$) or HTML (<b>) are drawn and shown as written."""
+
+import html
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skincancer.report import html_report, plot_confusion, plot_roc, preview_grid
+
+NAMES = ["tiny_$1_$2", "<b>bold</b>", "_^{x}"]
+
+
+def written(path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plots_and_report_with_odd_names(tmp_path, name):
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    roc = plot_roc({name: (labels, scores, 0.9), f"{name} vs rest": (1 - labels, 1 - scores, 0.9)}, (0.3, 0.6),
+                   tmp_path / "roc.png", title=f"ROC on {name} (n=6)")
+    confusion = plot_confusion({"tn": 2, "fp": 1, "fn": 0, "tp": 3}, (f"not {name}", name),
+                               tmp_path / "confusion_matrix.png")
+    assert written(roc) and written(confusion)
+
+    metrics = {"n": 6, "auc": 0.9, "data": f"/data/{name}", "class_auc": {name: 0.9},
+               "model": {"backbone": "b", "mode": "linear", "class_names": [name, "nevus"]}}
+    page = html_report(metrics, [roc, confusion], tmp_path / "report.html").read_text()
+    assert html.escape(name) in page
+    assert "<b>bold</b>" not in page
+    assert page.count("data:image/png;base64,") == 2
+
+
+def test_preview_grid_with_odd_names(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(image)
+    manifest = pd.DataFrame({"image_id": NAMES, "filepath": [str(image)] * 2 + [str(tmp_path / "$1_$2.jpg")],
+                             "diagnosis": NAMES, "label": [1, 0, 0]})
+    assert written(preview_grid(manifest, tmp_path / "grid.png"))
