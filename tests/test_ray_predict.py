@@ -84,3 +84,47 @@ def test_bad_arguments_fail_before_ray_starts(tiny_run, image_folder, tmp_path):
         predict_with_ray(tiny_run, [image_folder], tmp_path / "out.csv", engine="tensorrt")
     with pytest.raises(CheckpointError, match="no-run: no such run or model folder"):
         predict_with_ray(tmp_path / "no-run", [image_folder], tmp_path / "out.csv")
+
+
+def test_ray_cli_checks_its_output_and_options_before_ray_starts(tiny_run, image_folder, tmp_path):
+    """Found by review: --ray -o replaced any CSV (a manifest), ran the whole job before finding -o was a folder
+    (leaving .NAME.part behind), and ignored --cam and --format json."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image_id,filepath,diagnosis,label\nISIC_1,a.jpg,nevus,0\n")
+    folder = tmp_path / "d.csv"
+    folder.mkdir()
+    runner = CliRunner()
+    base = ["predict", str(image_folder), "--model", str(tiny_run), "--ray", "--tta", "1"]
+    for extra, message in ((["-o", str(manifest)], "not a table this command wrote"),
+                           (["-o", str(folder)], "is a folder"),
+                           (["-o", str(tmp_path / "p.csv"), "--cam", str(tmp_path / "cams")], "--cam without --ray"),
+                           (["--format", "json"], "not --format json")):
+        result = runner.invoke(cli.app, [*base, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert manifest.read_text().startswith("image_id,filepath")
+    assert sorted(tmp_path.iterdir()) == sorted([manifest, folder])  # nothing written, no .part left
+
+
+def test_unreachable_cluster_and_missing_ray_are_named(tiny_run, image_folder, tmp_path, monkeypatch):
+    from skincancer.ray_predict import _check_reachable
+
+    with pytest.raises(RayPredictError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1", timeout=5)  # Ray itself retried such an address for minutes
+    with pytest.raises(RayPredictError, match="expected HOST:PORT"):
+        _check_reachable("my-cluster")
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as without the [ray] extra
+    with pytest.raises(RayPredictError, match=r"pip install 'skincancer\[ray\]'"):
+        predict_with_ray(tiny_run, [image_folder], tmp_path / "out.csv")
+
+
+def test_a_stream_that_fails_midway_leaves_no_file(tmp_path):
+    from skincancer.ray_predict import write_stream
+
+    def batches():
+        yield pd.DataFrame({"source": ["a.jpg"], "malignant": [0.5], "error": [""]})
+        raise RuntimeError("worker died")
+
+    for name in ("out.csv", "out.parquet"):
+        with pytest.raises(RuntimeError, match="worker died"):
+            write_stream(batches(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

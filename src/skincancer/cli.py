@@ -67,8 +67,16 @@ def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = 
     if any(os.path.realpath(path) == target for path in inputs if path is not None):
         _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
     if replaces and out.is_file() and out.stat().st_size:
-        with open(out, "rb") as f:
-            head = f.read(200).decode("utf-8", "replace").lstrip("\ufeff[{ \n\"")
+        if out.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                head = pq.read_schema(out).names[0]
+            except Exception:  # not a Parquet file, or an empty schema: not ours either way
+                head = ""
+        else:
+            with open(out, "rb") as f:
+                head = f.read(200).decode("utf-8", "replace").lstrip("\ufeff[{ \n\"")
         if not head.startswith(replaces):
             _fail(f"{option} {out}: already exists and is not a table this command wrote; remove it or choose "
                   "another name")
@@ -267,6 +275,10 @@ def predict(
             _fail("--ray predicts with one --model")
         if metadata is not None or age is not None or sex is not None:
             _fail("--ray predicts from images only; drop --metadata/--age/--sex")
+        if cam is not None:
+            _fail("--ray writes predictions only; run --cam without --ray")
+        if format not in (None, "csv"):
+            _fail(f"--ray writes CSV or Parquet (by the -o suffix), not --format {format}")
         return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
@@ -412,7 +424,10 @@ def download(
 
 def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int | None,
                     batch_size: int) -> None:
-    from .ray_predict import RayPredictError, predict_with_ray
+    from .ray_predict import OUTPUT_FORMATS, RayPredictError, predict_with_ray
+
+    if out is not None:  # before Ray starts: never over an input, a folder or a file this command did not write
+        _output_file(out, OUTPUT_FORMATS, inputs=paths, replaces="source")
 
     def report(source: str, reason: str) -> None:
         typer.echo(f"error: {source}: {reason}", err=True)

@@ -1,7 +1,8 @@
 """Ray batch prediction: a run's Classifier in Ray Data actors over a lazy stream of image paths, to a file.
 
 Each actor loads the model once and runs `Classifier.predict_proba` and `Classifier.table` on its batches, so the
-preprocessing, the engine (ONNX or torch) and the output columns are those of the single-process `predict`.
+preprocessing, the engine (ONNX or torch) and the output columns are those of the single-process `predict`
+(sources as absolute paths, which the workers resolved).
 Folders are listed inside Ray tasks and results are written as they arrive: neither the list of images nor
 the table of results is ever held whole by the driver. Workers must see the images and the run folder at the
 paths given (a shared file system on a multi-node cluster).
@@ -33,7 +34,10 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
     actors: a fixed number of model actors; None lets Ray scale between 1 and the cluster's CPUs.
     on_error(source, reason) is called for each unreadable file. Returns (rows written, rows with an error).
     """
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RayPredictError("Ray is not installed: pip install 'skincancer[ray]'") from None
 
     from .checkpoint import find_model_dir
     from .predict import ENGINES, load_model
@@ -47,6 +51,8 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
     model_dir = find_model_dir(run).resolve()
     load_model(model_dir, engine=engine)  # fail here, with a clear message, rather than inside every actor
     started = not ray.is_initialized()
+    if started and address not in (None, "auto"):
+        _check_reachable(address)
     if started:
         runtime_env = None if address is None else {"py_modules": [str(Path(__file__).resolve().parent)]}
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
@@ -91,12 +97,15 @@ def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
 
     rows = failed = 0
     path = Path(out) if out is not None else None
+    if path is not None and path.is_dir():
+        raise RayPredictError(f"{path}: is a folder; name a .parquet or .csv file")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     parquet = path is not None and path.suffix.lower() == ".parquet"
     tmp = path.with_name(f".{path.name}.part") if path is not None else None
     writer = None
     handle = sys.stdout if path is None else None
+    done = False
     try:
         for table in batches:
             if on_error is not None:
@@ -114,17 +123,33 @@ def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
                 table.to_csv(handle, index=False, header=rows == 0)
             rows += len(table)
             failed += int((table["error"] != "").sum())
+        done = True
     finally:
         if writer is not None:
             writer.close()
         if handle is not None and handle is not sys.stdout:
             handle.close()
+        if not done and tmp is not None:
+            tmp.unlink(missing_ok=True)  # a failed run leaves neither a half table nor its temporary file
     if tmp is not None and tmp.exists():
         tmp.replace(path)  # a finished table or none: an interrupted run leaves no half file under the name
     return rows, failed
 
 
 # ---------------------------------------------------------------- internals
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Ray keeps retrying an address nobody answers at (for minutes, warning each time): try it once first."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayPredictError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayPredictError(f"cannot reach a Ray cluster at {address} ({err.strerror or err})") from None
 
 
 def _batches(dataset) -> Iterator[pd.DataFrame]:
