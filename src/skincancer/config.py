@@ -55,7 +55,7 @@ class TrainConfig:
     # linear
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)
-    feature_flips: bool = True  # train the head on each image and its mirror image
+    feature_views: int = 2  # dihedral views of each image the head is trained on: 1, 2 (+ mirror), 4 or 8
     # train: C by k-fold CV on train, threshold on valid. train+valid: C by k-fold CV on both together, threshold and
     # validation figures from the out-of-fold predictions, final head fitted on both
     linear_fit: str = "train"
@@ -99,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta: must be 1, 2, 4 or 8, got {self.tta}")
+        if self.feature_views not in (1, 2, 4, 8):
+            raise ConfigError(f"feature_views: must be 1, 2, 4 or 8, got {self.feature_views}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.linear_c or any(c <= 0 for c in self.linear_c):

@@ -166,21 +166,28 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
 
     C is chosen by stratified k-fold cross-validation (more stable than 150 validation images). With
     linear_fit='train+valid' the folds span both splits, the head is fitted on both, and the out-of-fold
-    probabilities (with the rows they belong to) come back for choosing the threshold; otherwise None."""
+    probabilities (with the rows they belong to) come back for choosing the threshold; otherwise None.
+
+    The head is trained on `feature_views` dihedral views of each image; held-out images are scored as the model
+    will score them, by the mean of their first `tta` views' probabilities."""
     pooled = config.linear_fit == "train+valid"
     fit_df = pd.concat([train_df, valid_df], ignore_index=True) if pooled else train_df
     targets = np.concatenate([train_targets, valid_targets]) if pooled else train_targets
-    views = [0, 1] if config.feature_flips else [0]  # identity and horizontal flip as training views
+    views, scored = config.feature_views, config.tta
     split = "train+valid" if pooled else "train"
     keys = content_keys(fit_df["filepath"])
-    per_view = [cached_features(model, fit_df["filepath"], config, prep, view, split, keys) for view in views]
+    per_view = [cached_features(model, fit_df["filepath"], config, prep, view, split, keys)
+                for view in range(max(views, scored))]
     ok = np.logical_and.reduce([mask for _, mask in per_view])
     x = np.stack([features[ok] for features, _ in per_view])  # [views, N, D]
     y = targets[ok]
     if not pooled:
-        valid_x, valid_ok = cached_features(model, valid_df["filepath"], config, prep, 0, "valid",
-                                            content_keys(valid_df["filepath"]))
-        valid_x, valid_labels = valid_x[valid_ok], valid_df["label"].to_numpy()[valid_ok]
+        valid_keys = content_keys(valid_df["filepath"])
+        per_view = [cached_features(model, valid_df["filepath"], config, prep, view, "valid", valid_keys)
+                    for view in range(scored)]
+        valid_ok = np.logical_and.reduce([mask for _, mask in per_view])
+        valid_x = np.stack([features[valid_ok] for features, _ in per_view])
+        valid_labels = valid_df["label"].to_numpy()[valid_ok]
     positive = _positive_indices(config, class_names)
     is_positive = np.isin(y, positive).astype(int)
     weight = None if config.class_balance == "none" else "balanced"
@@ -188,12 +195,13 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     def fit(rows: np.ndarray, c: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
         mean, std = x[0, rows].mean(0), x[0, rows].std(0) + 1e-6
         clf = LogisticRegression(C=c, class_weight=weight, max_iter=3000)
-        clf.fit(((x[:, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[rows], len(views)))
+        clf.fit(((x[:views, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[rows], views))
         return clf, mean, std
 
     def proba(fitted: tuple, features: np.ndarray) -> np.ndarray:
+        """features [views, N, D] -> probabilities [N, classes], the mean over the first `tta` views."""
         clf, mean, std = fitted
-        return clf.predict_proba((features - mean) / std)
+        return np.mean([clf.predict_proba((features[v] - mean) / std) for v in range(scored)], axis=0)
 
     folds = min(5, int(np.bincount(y).min()))
     if pooled and folds < 2:
@@ -203,7 +211,7 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         cv_auc, oof = float("nan"), np.full((len(y), len(class_names)), np.nan)
         if folds >= 2:
             for kept, held in StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(y, y):
-                oof[held] = proba(fit(kept, c), x[0, held])
+                oof[held] = proba(fit(kept, c), x[:, held])
             cv_auc = roc_auc(is_positive, oof[:, positive].sum(1))
         row = {"C": c, "cv_auc": cv_auc}
         fitted = fit(np.arange(len(y)), c)
