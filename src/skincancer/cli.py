@@ -140,6 +140,8 @@ def preview(
     out: Annotated[Path, typer.Option("-o", "--out")] = Path("grid.png"),
     n: Annotated[int, typer.Option(help="number of images")] = 16,
     seed: int = 0,
+    labels: Annotated[str, typer.Option(help="diagnosis=0|1 pairs for a folder-per-class tree; 1 = malignant")
+                      ] = DEFAULT_LABELS_TEXT,
 ) -> None:
     """Save a grid of sample images with their labels."""
     from .data import resolve_data
@@ -147,7 +149,7 @@ def preview(
 
     if n < 1:
         _fail(f"--n: expected 1 or more images, got {n}")
-    data = resolve_data(manifest, DEFAULT_LABELS)
+    data = resolve_data(manifest, parse_labels(labels))
     _output_file(out, (".png",), inputs=list(data["filepath"]))
     preview_grid(data, out, n=n, seed=seed)
     typer.echo(f"wrote {out}")
