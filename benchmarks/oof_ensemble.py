@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import logit
 from sklearn.metrics import roc_auc_score
 
 CLASSES = ("melanoma", "nevus", "seborrheic_keratosis")
 COMBINE = {
     "prob": lambda p: p,
-    "logit": lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6))),
+    "logit": lambda p: logit(np.clip(p, 1e-6, 1 - 1e-6)),
     "rank": lambda p: np.argsort(np.argsort(p, axis=0), axis=0) / len(p),  # per class column
 }
 

@@ -62,3 +62,12 @@ def test_threshold_policies():
     assert parse_threshold_policy("youden") == ("youden", None)
     assert parse_threshold_policy("sensitivity:0.95") == ("sensitivity", 0.95)
     assert parse_threshold_policy("fixed:0.5") == ("fixed", 0.5)
+
+
+def test_runs_saved_with_the_older_feature_flips_key_still_load(tmp_path):
+    """Every run's config.yaml holds all fields; runs made before feature_views say feature_flips (--resume reads
+    them back)."""
+    for flips, views in ((True, 2), (False, 1)):
+        path = tmp_path / f"{flips}.yaml"
+        path.write_text(f"mode: linear\nfeature_flips: {str(flips).lower()}\n")
+        assert load_config(path).feature_views == views

@@ -98,7 +98,8 @@ def test_ray_cli_checks_its_output_and_options_before_ray_starts(tiny_run, image
     for extra, message in ((["-o", str(manifest)], "not a table this command wrote"),
                            (["-o", str(folder)], "is a folder"),
                            (["-o", str(tmp_path / "p.csv"), "--cam", str(tmp_path / "cams")], "--cam without --ray"),
-                           (["--format", "json"], "not --format json")):
+                           (["--format", "json"], "drop --format json"),
+                           (["--format", "csv", "-o", str(tmp_path / "p.parquet")], "drop --format csv")):
         result = runner.invoke(cli.app, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert manifest.read_text().startswith("image_id,filepath")
@@ -110,6 +111,11 @@ def test_unreachable_cluster_and_missing_ray_are_named(tiny_run, image_folder, t
 
     with pytest.raises(RayPredictError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
         _check_reachable("127.0.0.1:1", timeout=5)  # Ray itself retried such an address for minutes
+    for address in ("ray://127.0.0.1:1", "[::1]:1"):
+        with pytest.raises(RayPredictError, match="cannot reach a Ray cluster"):
+            _check_reachable(address, timeout=5)
+    for address in (None, "auto", "local"):  # a Ray started here, or Ray's own lookup: nothing to probe
+        _check_reachable(address)
     with pytest.raises(RayPredictError, match="expected HOST:PORT"):
         _check_reachable("my-cluster")
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as without the [ray] extra

@@ -17,11 +17,18 @@ def written(path) -> bool:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_plots_and_report_with_odd_names(tmp_path, name):
+def test_plots_and_report_with_odd_names(tmp_path, name, monkeypatch):
+    from skincancer import report
+
+    figures, save = [], report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
     labels = np.array([0, 0, 1, 1, 0, 1])
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
     roc = plot_roc({name: (labels, scores, 0.9), f"{name} vs rest": (1 - labels, 1 - scores, 0.9)}, (0.3, 0.6),
                    tmp_path / "roc.png", title=f"ROC on {name} (n=6)")
+    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    shown = name.replace("$", r"\$")  # drawn as a literal $
+    assert legend == [f"{shown} (AUC 0.900)", f"{shown} vs rest (AUC 0.900)", "chosen threshold"]  # none dropped
     confusion = plot_confusion({"tn": 2, "fp": 1, "fn": 0, "tp": 3}, (f"not {name}", name),
                                tmp_path / "confusion_matrix.png")
     assert written(roc) and written(confusion)

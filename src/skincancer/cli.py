@@ -68,10 +68,11 @@ def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = 
         _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
     if replaces and out.is_file() and out.stat().st_size:
         if out.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
             try:
+                import pyarrow.parquet as pq
+
                 head = pq.read_schema(out).names[0]
+                head = head if head == replaces else ""
             except Exception:  # not a Parquet file, or an empty schema: not ours either way
                 head = ""
         else:
@@ -279,8 +280,8 @@ def predict(
             _fail("--ray predicts from images only; drop --metadata/--age/--sex")
         if cam is not None:
             _fail("--ray writes predictions only; run --cam without --ray")
-        if format not in (None, "csv"):
-            _fail(f"--ray writes CSV or Parquet (by the -o suffix), not --format {format}")
+        if format not in (None, "csv") or (format == "csv" and out is not None and out.suffix.lower() != ".csv"):
+            _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
         return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
@@ -340,12 +341,12 @@ def export(
                             "elsewhere, for other runtimes)")] = None,
 ) -> None:
     """Export a run to ONNX (dynamic batch, probabilities out) for fast CPU inference with ONNX Runtime."""
-    from .checkpoint import find_model_dir
+    from .checkpoint import META_FILE, find_model_dir
     from .export import export_onnx
 
     if out is not None:
         _output_file(out, (".onnx",))
-        if (out.parent / "model.json").is_file() and out.parent.resolve() != find_model_dir(model).resolve():
+        if (out.parent / META_FILE).is_file() and out.parent.resolve() != find_model_dir(model).resolve():
             _fail(f"--out {out}: that is another run's model folder ({out.parent}); its predictions would come "
                   "from this run's graph")
     path = export_onnx(model, out)

@@ -243,6 +243,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "feature_flips" in values:  # the older name, still in the config.yaml of runs made before feature_views
+        flips = values.pop("feature_flips")
+        values.setdefault("feature_views", 2 if flips else 1)
     unknown = sorted(set(values) - config_fields())
     if unknown:
         source = f" in {path}" if path is not None else ""

@@ -151,10 +151,11 @@ def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     class_names = {name.strip().casefold() for name in labels}
     rows = []
     for class_dir in class_dirs:
+        others = class_names - {class_dir.name.strip().casefold()}
         for path in sorted(class_dir.rglob("*")):
             if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
                 rows.append((path.stem, str(path.absolute()), class_dir.name, labels[class_dir.name]))
-            elif path.name.strip().casefold() in class_names - {class_dir.name.strip().casefold()} and path.is_dir():
+            elif path.name.strip().casefold() in others and path.is_dir():
                 # melanoma/nevus/x.jpg would silently be labelled melanoma; melanoma/batch1/x.jpg and the
                 # melanoma/melanoma/x.jpg some archives unpack to are fine
                 raise DataError(f"{path}: folder named like a class inside class folder {class_dir.name!r}; it "

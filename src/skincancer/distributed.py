@@ -60,10 +60,8 @@ def gather_rows(world: World, rows: np.ndarray, indices: np.ndarray, total: int)
 
 
 def every_rank(flag: bool, device: torch.device) -> bool:
-    """True when the flag is True on every rank (one tiny all-reduce under torchrun; the flag itself otherwise).
-
-    Ranks must take the same branch around collective calls: if one skipped a step that the others take, DDP's
-    gradient all-reduces would pair up across different steps and the run would hang."""
+    """True when the flag is True on every rank (one tiny all-reduce under torchrun; the flag itself otherwise),
+    so that all ranks take the same branch around a collective call."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     value = torch.tensor([int(flag)], device=device)

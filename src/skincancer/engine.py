@@ -102,6 +102,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     on_step(step, loss) runs after each optimiser step (EMA updates, logging)."""
     model.train()
     device = next(model.parameters()).device
+    # Under DDP, ranks must take the same branch around the gradient all-reduce: if one skipped a step the others
+    # take, the all-reduces would pair up across different steps and the run would hang.
+    agreed = every_rank if isinstance(model, nn.parallel.DistributedDataParallel) else (lambda flag, _: flag)
     total, count, errors = 0.0, 0, []
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     progress = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
@@ -110,13 +113,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         errors.extend(batch["errors"])
         progress.update(1)
-        if not every_rank(batch["image"] is not None, device):
+        if not agreed(batch["image"] is not None, device):
             continue  # a batch of unreadable files on any rank: every rank skips the step, so DDP stays in step
         with autocast(device):
             logits = model(batch["image"].to(device, non_blocking=True))
             loss = loss_fn(logits.float(), batch["target"].to(device))
-        if not every_rank(math.isfinite(loss.item()), device):
-            raise FloatingPointError(f"epoch {epoch} step {step}: loss is {loss.item()} (on this or another rank); "
+        if not agreed(math.isfinite(loss.item()), device):
+            raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss (this process: {loss.item()}); "
                                      "lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

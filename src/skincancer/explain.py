@@ -53,7 +53,7 @@ def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
     if members:
         maps = [malignant_heatmap(member, image) for member in members]
         side = max(m.shape[0] for m in maps)
-        return np.mean([_resized(m, side) for m in maps], axis=0).astype(np.float32)
+        return np.mean([_resized(m, (side, side)) for m in maps], axis=0).astype(np.float32)
     from pytorch_grad_cam import GradCAM
 
     x = classifier.transform()(image).unsqueeze(0)
@@ -62,10 +62,11 @@ def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
     return np.nan_to_num(heatmap.astype(np.float32))
 
 
-def _resized(heatmap: np.ndarray, side: int) -> np.ndarray:
-    if heatmap.shape == (side, side):
+def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map stretched (bilinear) to size = (width, height)."""
+    if heatmap.shape == size[::-1]:
         return heatmap
-    return np.asarray(Image.fromarray(heatmap, mode="F").resize((side, side), Image.BILINEAR)).clip(0, 1)
+    return np.asarray(Image.fromarray(heatmap, mode="F").resize(size, Image.BILINEAR)).clip(0, 1)
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
@@ -76,7 +77,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX
     scale = min(1.0, max_side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     photo = image.convert("RGB").resize(size, Image.BICUBIC)
-    heat = np.asarray(Image.fromarray(heatmap, mode="F").resize(size, Image.BILINEAR)).clip(0, 1)
+    heat = _resized(heatmap, size)
     blended = show_cam_on_image(np.asarray(photo, dtype=np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
     return Image.fromarray(blended)
 

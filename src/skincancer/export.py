@@ -118,9 +118,9 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None,
     path = model_dir / ONNX_FILE
     again = f"run `skincancer export --model {model_dir.parent}` again"
     if not path.is_file():
-        problem, stale = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first", False
+        problem, present = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first", False
     else:
-        problem, stale = _export_problem(path, model_dir, again), True
+        problem, present = _export_problem(path, model_dir, again), True
     if problem is None:
         try:
             engine = OnnxEngine(path)
@@ -131,7 +131,7 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None,
             return engine
     if required:
         raise ExportError(problem)
-    (log.warning if stale else log.info)("%s; using PyTorch", problem)
+    (log.warning if present else log.info)("%s; using PyTorch", problem)
     return None
 
 

@@ -51,9 +51,8 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
     model_dir = find_model_dir(run).resolve()
     load_model(model_dir, engine=engine)  # fail here, with a clear message, rather than inside every actor
     started = not ray.is_initialized()
-    if started and address not in (None, "auto"):
-        _check_reachable(address)
     if started:
+        _check_reachable(address)
         runtime_env = None if address is None else {"py_modules": [str(Path(__file__).resolve().parent)]}
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
@@ -139,10 +138,13 @@ def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
 # ---------------------------------------------------------------- internals
 
 
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Ray keeps retrying an address nobody answers at (for minutes, warning each time): try it once first."""
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Ray keeps retrying an address nobody answers at (for minutes, warning each time): try it once first.
+    None and 'local' start a Ray here; 'auto' finds the cluster of `ray start` on this machine (Ray's own check)."""
     import socket
 
+    if address in (None, "auto", "local"):
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise RayPredictError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")

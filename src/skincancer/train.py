@@ -174,19 +174,18 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     fit_df = pd.concat([train_df, valid_df], ignore_index=True) if pooled else train_df
     targets = np.concatenate([train_targets, valid_targets]) if pooled else train_targets
     views, scored = config.feature_views, config.tta
-    split = "train+valid" if pooled else "train"
-    keys = content_keys(fit_df["filepath"])
-    per_view = [cached_features(model, fit_df["filepath"], config, prep, view, split, keys)
-                for view in range(max(views, scored))]
-    ok = np.logical_and.reduce([mask for _, mask in per_view])
-    x = np.stack([features[ok] for features, _ in per_view])  # [views, N, D]
+
+    def view_features(paths: pd.Series, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """[n views, usable images, D] and the mask of usable images (readable in every view)."""
+        keys = content_keys(paths)
+        per_view = [cached_features(model, paths, config, prep, view, split, keys) for view in range(n)]
+        ok = np.logical_and.reduce([mask for _, mask in per_view])
+        return np.stack([features[ok] for features, _ in per_view]), ok
+
+    x, ok = view_features(fit_df["filepath"], "train+valid" if pooled else "train", max(views, scored))
     y = targets[ok]
     if not pooled:
-        valid_keys = content_keys(valid_df["filepath"])
-        per_view = [cached_features(model, valid_df["filepath"], config, prep, view, "valid", valid_keys)
-                    for view in range(scored)]
-        valid_ok = np.logical_and.reduce([mask for _, mask in per_view])
-        valid_x = np.stack([features[valid_ok] for features, _ in per_view])
+        valid_x, valid_ok = view_features(valid_df["filepath"], "valid", scored)
         valid_labels = valid_df["label"].to_numpy()[valid_ok]
     positive = _positive_indices(config, class_names)
     is_positive = np.isin(y, positive).astype(int)
