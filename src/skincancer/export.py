@@ -117,10 +117,9 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None,
     PyTorch); a stale, foreign or broken one is an error when `required`, else a warning and None."""
     path = model_dir / ONNX_FILE
     again = f"run `skincancer export --model {model_dir.parent}` again"
-    if not path.is_file():
-        problem, present = f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first", False
-    else:
-        problem, present = _export_problem(path, model_dir, again), True
+    present = path.is_file()
+    problem = (_export_problem(path, model_dir, again) if present
+               else f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first")
     if problem is None:
         try:
             engine = OnnxEngine(path)

@@ -46,6 +46,8 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
         raise RayPredictError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
         raise RayPredictError(f"{out}: the output must end in {' or '.join(OUTPUT_FORMATS)}")
+    if out is not None and Path(out).is_dir():
+        raise RayPredictError(f"{out}: is a folder; name a .parquet or .csv file")
     if not inputs:
         raise RayPredictError("no inputs: give image files and/or folders")
     model_dir = find_model_dir(run).resolve()
@@ -96,8 +98,6 @@ def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
 
     rows = failed = 0
     path = Path(out) if out is not None else None
-    if path is not None and path.is_dir():
-        raise RayPredictError(f"{path}: is a folder; name a .parquet or .csv file")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     parquet = path is not None and path.suffix.lower() == ".parquet"
