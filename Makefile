@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/isic2017
 RUN ?= runs/demo
+RUN_DATA = $(RUN)-data# the manifests; beside the run, since train never writes a run into a folder holding other files
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint benchmark-accuracy clean
@@ -19,15 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/skincancer index $(DATA)/train -o $(RUN)/data/train.csv \
+	$(BIN)/skincancer index $(DATA)/train -o $(RUN_DATA)/train.csv \
 		--metadata $(DATA)/ISIC-2017_Training_Data_metadata.csv
-	$(BIN)/skincancer index $(DATA)/valid -o $(RUN)/data/valid.csv \
+	$(BIN)/skincancer index $(DATA)/valid -o $(RUN_DATA)/valid.csv \
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
-		-o $(RUN)/data/test.csv
-	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(RUN)/data/train.csv \
-		--valid $(RUN)/data/valid.csv --out $(RUN)
-	$(BIN)/skincancer evaluate --model $(RUN) --data $(RUN)/data/test.csv --out $(RUN)/test
+		-o $(RUN_DATA)/test.csv
+	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(RUN_DATA)/train.csv \
+		--valid $(RUN_DATA)/valid.csv --out $(RUN)
+	$(BIN)/skincancer evaluate --model $(RUN) --data $(RUN_DATA)/test.csv --out $(RUN)/test
 
 # The headline model of issue 3: an ensemble of the linear probe (configs/linear.yaml) and two fine-tunes
 # (configs/isic2017.yaml: Lite0; configs/isic2017-lite2.yaml: Lite2), each member and the ensemble evaluated once on
@@ -60,4 +61,4 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-data
