@@ -1,9 +1,10 @@
 """Cross-validated comparison of training recipes on train+valid (never the test split).
 
 For each named recipe (overrides of a base config) and each of K stratified folds of the union of the training and
-validation manifests, train on K-1 folds and predict the held-out fold (with 1 and 8 dihedral TTA views). Prints one
-JSON line per recipe with the pooled out-of-fold melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the
-same for the averages (ensembles) of recipe pairs. Out-of-fold predictions are written to --out.
+validation manifests, train on K-1 folds and predict the held-out fold (with 1 and 8 dihedral TTA views, and with 8
+views at each resolution of --eval-sizes). Prints one JSON line per fold and per recipe with the pooled out-of-fold
+melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of recipe pairs.
+Out-of-fold predictions are written to --out.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
         --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these recipes")
     parser.add_argument("--out", default="runs/cv", help="out-of-fold predictions (<recipe>_oof.npy, oof_index.csv)")
     parser.add_argument("--work", help="where the fold runs go (default: --out)")
+    parser.add_argument("--eval-sizes", type=int, nargs="*", default=[],
+                        help="also predict the held-out folds at these sizes (8 views; the eval_image_size lever)")
+    parser.add_argument("--num-workers", type=int, help="override the recipes' num_workers (e.g. 2 on this CPU)")
     args = parser.parse_args()
 
     recipes = yaml.safe_load(Path(args.recipes).read_text())
@@ -57,8 +61,9 @@ def main() -> None:
             fold_dir = work / name / f"fold{k}"
             train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
             held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
-            config = load_config(None, **{**base, **overrides, "train": str(train_csv), "valid": str(held_csv),
-                                          "out": str(fold_dir / "run")})
+            workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
+            config = load_config(None, **{**base, **overrides, **workers, "train": str(train_csv),
+                                          "valid": str(held_csv), "out": str(fold_dir / "run")})
             run = train(config, overwrite=True)  # a re-run of the search replaces its fold runs
             classifier = load_model(run)
             if torch.cuda.is_available():
@@ -68,18 +73,32 @@ def main() -> None:
                                                     batch_size=64, tta=tta)
                 order = [classifier.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
                 oof[name][tta][held] = probs[:, order]
+            for size in args.eval_sizes:  # the same weights, images resized to `size` (what eval_image_size sets)
+                sized = load_model(run)
+                sized.meta["image_size"] = size
+                if torch.cuda.is_available():
+                    sized.model.cuda()
+                probs, _ = sized.predict_proba(list(data["filepath"].iloc[held]), num_workers=config.num_workers,
+                                               batch_size=64, tta=8)
+                order = [sized.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
+                oof[name].setdefault(f"8@{size}", np.zeros((len(data), 3)))[held] = probs[:, order]
+            fold = {t: p[held] for t, p in oof[name].items()}
+            print(json.dumps({"recipe": name, "fold": k, **scores(data.iloc[held], fold),
+                              "seconds": round(time.time() - tic)}), flush=True)
         np.save(out / f"{name}_oof.npy", np.stack([oof[name][1], oof[name][8]]))
+        for size in args.eval_sizes:
+            np.save(out / f"{name}_oof_size{size}.npy", oof[name][f"8@{size}"])
         print(json.dumps({"recipe": name, **scores(data, oof[name]), "seconds": round(time.time() - tic)}),
               flush=True)
     for a, b in itertools.combinations(oof, 2):
-        mean = {t: (oof[a][t] + oof[b][t]) / 2 for t in (1, 8)}
+        mean = {t: (oof[a][t] + oof[b][t]) / 2 for t in oof[a]}
         print(json.dumps({"recipe": f"{a}+{b}", **scores(data, mean)}), flush=True)
     if len(oof) > 2:
-        mean = {t: np.mean([oof[n][t] for n in oof], axis=0) for t in (1, 8)}
+        mean = {t: np.mean([oof[n][t] for n in oof], axis=0) for t in oof[next(iter(oof))]}
         print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
 
 
-def scores(data: pd.DataFrame, probs: dict[int, np.ndarray]) -> dict:
+def scores(data: pd.DataFrame, probs: dict[int | str, np.ndarray]) -> dict:
     melanoma = (data["diagnosis"] == "melanoma").to_numpy()
     keratosis = (data["diagnosis"] == "seborrheic_keratosis").to_numpy()
     result = {}
