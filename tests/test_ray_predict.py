@@ -134,3 +134,42 @@ def test_a_stream_that_fails_midway_leaves_no_file(tmp_path):
         with pytest.raises(RuntimeError, match="worker died"):
             write_stream(batches(), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_cli_num_workers_sets_the_model_actors(tiny_run, image_folder, tmp_path, monkeypatch):
+    """--num-workers was silently ignored under --ray; there it sets the number of model actors (0 is refused)."""
+    import skincancer.ray_predict
+
+    asked = {}
+
+    def fake(run, inputs, out, **kwargs):
+        asked.update(kwargs)
+        return 1, 0
+
+    monkeypatch.setattr(skincancer.ray_predict, "predict_with_ray", fake)
+    base = ["predict", str(image_folder), "--model", str(tiny_run), "--ray", "-o", str(tmp_path / "p.csv")]
+    runner = CliRunner()
+    assert runner.invoke(cli.app, [*base, "--num-workers", "3"]).exit_code == 0
+    assert asked["actors"] == 3
+    assert runner.invoke(cli.app, base).exit_code == 0
+    assert asked["actors"] is None  # Ray sizes the pool
+    result = runner.invoke(cli.app, [*base, "--num-workers", "0"])
+    assert result.exit_code == 2 and "counts model actors" in result.output
+
+
+def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tmp_path):
+    """A run from a script (stderr not a terminal) printed ~200 lines of Ray Data execution plans and progress
+    tables for one image; stderr now carries the command's own lines (and Ray's warnings), the file the rows."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    image = sorted(image_folder.glob("*.jpg"))[1]
+    done = subprocess.run([sys.executable, "-m", "skincancer", "predict", str(image), "--model", str(tiny_run),
+                           "--ray", "--num-workers", "1", "--tta", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(pd.read_csv(out)["source"]) == [str(image)]
+    noise = [line for line in done.stderr.splitlines() if " INFO " in line or "Running Dataset" in line]
+    assert noise == [], "\n".join(noise[:10])
+    assert f"wrote {out}: 1 predicted, 0 failed" in done.stderr

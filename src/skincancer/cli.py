@@ -258,7 +258,9 @@ def predict(
     tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
                    ] = None,
     batch_size: int = 32,
-    num_workers: Annotated[int, typer.Option(help="loader processes decoding images while the model runs")] = 1,
+    num_workers: Annotated[int | None, typer.Option(help=(
+        "loader processes decoding images while the model runs (default 1); with --ray, the number of model "
+        "actors (default: as many as Ray's CPUs allow)"))] = None,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
     cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="predict on Ray Data actors; -o out.parquet|csv")] = False,
@@ -270,7 +272,9 @@ def predict(
     sex: Annotated[str | None, typer.Option(help="patient's sex: male | female (one image)")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
-    _check_inference_options(tta, batch_size, num_workers)
+    if ray and num_workers == 0:
+        _fail("--num-workers: with --ray it counts model actors; expected 1 or more, got 0")
+    _check_inference_options(tta, batch_size, 1 if num_workers is None else num_workers)
     if cam is not None and cam.exists() and not cam.is_dir():
         _fail(f"--cam {cam}: is a file; name a folder for the overlays")
     if ray:
@@ -282,10 +286,12 @@ def predict(
             _fail("--ray writes predictions only; run --cam without --ray")
         if format not in (None, "csv") or (format == "csv" and out is not None and out.suffix.lower() != ".csv"):
             _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
-        return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size)
+        return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
+                               actors=num_workers)
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
 
+    num_workers = 1 if num_workers is None else num_workers
     table_asked = format is not None
     format = format or "csv"
     if format not in ("csv", "json"):
@@ -426,7 +432,7 @@ def download(
 
 
 def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int | None,
-                    batch_size: int) -> None:
+                    batch_size: int, actors: int | None = None) -> None:
     from .ray_predict import OUTPUT_FORMATS, RayPredictError, predict_with_ray
 
     if out is not None:  # before Ray starts: never over an input, a folder or a file this command did not write
@@ -437,7 +443,7 @@ def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: s
 
     try:
         rows, failed = predict_with_ray(model, paths, out, address=address, engine=engine, tta=tta,
-                                        batch_size=batch_size, on_error=report)
+                                        batch_size=batch_size, actors=actors, on_error=report)
     except RayPredictError as err:
         _fail(str(err))
     if out is not None:

@@ -10,6 +10,7 @@ paths given (a shared file system on a multi-node cluster).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -77,7 +78,9 @@ def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: s
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come out in the order `predict` would give them
-    context.enable_progress_bars = progress
+    # bars on a terminal; elsewhere Ray Data would log a progress table every few seconds instead
+    context.enable_progress_bars = progress and sys.stderr.isatty()
+    _quiet_ray_data()
     if actors is None:
         cpus = int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_actor, 1e-3))
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))
@@ -152,6 +155,14 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
         raise RayPredictError(f"cannot reach a Ray cluster at {address} ({err.strerror or err})") from None
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's INFO lines (execution plans, log folders, progress tables) stay in its session log files; warnings
+    and errors still reach stderr, beside the command's own messages."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def _batches(dataset) -> Iterator[pd.DataFrame]:
