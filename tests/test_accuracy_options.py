@@ -172,3 +172,31 @@ def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, ca
                                        out=str(tmp_path / "two"), mode="linear", cache_dir=str(cache_dir),
                                        linear_c=[0.3], num_workers=0)), engine="torch")
     assert not torch.equal(two.model.get_classifier().weight, model.model.get_classifier().weight)
+
+
+def test_eval_image_size_validates_and_predicts_larger_than_it_trained(small_data, cache_dir, tmp_path):
+    """eval_image_size (FixRes): trained on 64 px crops, the model is validated, thresholded, saved and exported for
+    80 px images; its validation predictions are the saved model's own, and they differ from those at 64 px."""
+    from skincancer.config import ConfigError
+    from skincancer.export import export_onnx
+
+    with pytest.raises(ConfigError, match="eval_image_size: a linear probe"):
+        load_config(None, mode="linear", image_size=224, eval_image_size=256)
+    with pytest.raises(ConfigError, match="eval_image_size: must be 0"):
+        load_config(None, mode="finetune", eval_image_size=8)
+    run = train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]),
+                            out=str(tmp_path / "fixres"), mode="finetune", image_size=64, eval_image_size=80,
+                            epochs=1, max_steps_per_epoch=2, batch_size=8, num_workers=0, cache_dir=str(cache_dir),
+                            keep="last", patience=0))
+    model = load_model(run, engine="torch")
+    assert (model.meta["image_size"], model.meta["train_image_size"]) == (80, 64)
+    valid = load_manifest(small_data["valid"])
+    probs, _ = model.predict_proba(list(valid["filepath"]))
+    saved = pd.read_csv(Path(run) / "valid_predictions.csv")
+    np.testing.assert_allclose(saved["malignant"], model.malignant_probability(probs), atol=1e-5)
+    model.meta["image_size"] = 64
+    at_train_size, _ = model.predict_proba(list(valid["filepath"]))
+    assert np.abs(at_train_size - probs).max() > 1e-3
+    export_onnx(run)
+    onnx = load_model(run, engine="onnx")  # the graph takes the 80 px inputs the model predicts on
+    np.testing.assert_allclose(onnx.predict_proba(list(valid["filepath"]))[0], probs, atol=1e-4)

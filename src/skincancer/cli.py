@@ -165,6 +165,8 @@ def train(
     mode: Annotated[str | None, typer.Option(help="linear | finetune")] = None,
     backbone: Annotated[str | None, typer.Option(help="timm model name")] = None,
     image_size: Annotated[int | None, typer.Option()] = None,
+    eval_image_size: Annotated[int | None, typer.Option(
+        help="fine-tune: size for validation and prediction (default: --image-size)")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
@@ -202,7 +204,8 @@ def train(
         typer.echo(f"run saved to {run}")
         return
     cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone, image_size=image_size,
-                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, head=head,
+                      eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                      head=head,
                       labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,
                       augment=augment, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
                       pretrained=pretrained, metadata=metadata)

@@ -29,6 +29,9 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     image_size: int = 224
+    # finetune: the size validation and prediction resize images to; 0 = image_size. Random crops enlarge lesions in
+    # training, so a fine-tuned model can see whole images best a little larger than it trained (FixRes)
+    eval_image_size: int = 0
     head: str = "diagnosis"  # diagnosis: one output per diagnosis (3-class on ISIC); binary: malignant vs benign
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     positive_name: str = "malignant"
@@ -80,6 +83,12 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.image_size < 32 or self.image_size > 1024:
             raise ConfigError(f"image_size: must be between 32 and 1024, got {self.image_size}")
+        if self.eval_image_size and not 32 <= self.eval_image_size <= 1024:
+            raise ConfigError(f"eval_image_size: must be 0 (= image_size) or between 32 and 1024, "
+                              f"got {self.eval_image_size}")
+        if self.mode == "linear" and self.eval_image_size not in (0, self.image_size):
+            raise ConfigError(f"eval_image_size: a linear probe predicts at the size its features were computed "
+                              f"(image_size {self.image_size}); leave eval_image_size unset")
         for name in ("num_workers", "patience", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -120,6 +129,11 @@ class TrainConfig:
         if set(self.labels.values()) != {0, 1}:
             raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
         parse_threshold_policy(self.threshold_policy)
+
+    @property
+    def inference_size(self) -> int:
+        """The size validation and the saved model resize images to."""
+        return self.eval_image_size or self.image_size
 
 
 def parse_threshold_policy(policy: str) -> tuple[str, float | None]:

@@ -100,8 +100,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         meta = {
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
-            "image_size": config.image_size, **prep, "threshold": 0.5, "threshold_policy": config.threshold_policy,
-            "tta": config.tta, "pooling": config.pooling,
+            "image_size": config.inference_size, "train_image_size": config.image_size, **prep, "threshold": 0.5,
+            "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
             "skincancer_version": __version__,
         }
         if world.is_main:
@@ -601,7 +601,7 @@ def _positive_indices(config: TrainConfig, class_names: list[str]) -> list[int]:
 
 
 def _eval_transform(config: TrainConfig, prep: dict):
-    return build_transform(config.image_size, prep["mean"], prep["std"], "none")
+    return build_transform(config.inference_size, prep["mean"], prep["std"], "none")
 
 
 def _counts(frame: pd.DataFrame) -> str:
@@ -685,10 +685,12 @@ def _print_summary(model: nn.Module, config: TrainConfig) -> None:
     total, trainable = count_parameters(model)
     if config.mode == "linear":
         trainable = sum(p.numel() for p in unwrap(model).get_classifier().parameters())
+    size = config.inference_size
+    sized = f" (validated and saved for {size} px)" if size != config.image_size else ""
     tqdm.write(
         f"Model: {config.backbone} ({'ImageNet weights' if config.pretrained else 'random init'}), "
         f"mode {config.mode}, head {config.head}\n"
-        f"Input: 3 x {config.image_size} x {config.image_size}\n"
+        f"Input: 3 x {config.image_size} x {config.image_size}{sized}\n"
         f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}"
     )
 
