@@ -68,9 +68,41 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
 
 
 def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
-    image = sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]
-    result = cli("predict", "--model", tiny_run, image)
-    assert re.fullmatch(r"This image is \d+\.\d\d% (malignant|benign)\.\n", result.stdout)
+    """Always the malignant probability, with the model's call at its threshold: a review found '11.39% malignant'
+    printed for an image the model flagged (threshold 8.45%), and '95.93% benign' for the other side."""
+    classifier = load_model(tiny_run)
+    for image in sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[:4]:
+        result = cli("predict", "--model", tiny_run, image)
+        match = re.fullmatch(r"This image is (\d+\.\d\d)% malignant: (above|below) the model's threshold of "
+                             r"(\d+\.\d\d)%, so it is (flagged malignant|called benign)\.\n", result.stdout)
+        assert match, result.stdout
+        probability = classifier.predict(str(image))["malignant"].item()
+        assert float(match[1]) == pytest.approx(probability * 100, abs=0.006)
+        assert float(match[3]) == pytest.approx(classifier.threshold * 100, abs=0.006)
+        flagged = probability >= classifier.threshold
+        assert (match[2], match[4]) == (("above", "flagged malignant") if flagged else ("below", "called benign"))
+        assert "not a medical device" in result.stderr
+
+
+def test_predict_one_unreadable_image_prints_only_its_error(tiny_run, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    result = cli("predict", "--model", tiny_run, broken, check=False)
+    assert result.returncode == 1 and result.stdout == ""  # it printed a one-row CSV table
+    assert f"error: {broken}" in result.stderr
+
+
+def test_predict_json_by_suffix_and_files_passed_over_are_named(tiny_run, data_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:2]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("field notes")
+    out = tmp_path / "pred.json"
+    result = cli("predict", "--model", tiny_run, folder, "-o", out)  # refused before: "expected a .csv file name"
+    assert [Path(row["source"]).name for row in json.loads(out.read_text())] == sorted(
+        p.name for p in folder.glob("*.jpg"))
+    assert "1 file(s) in the folder(s) not predicted" in result.stderr and "notes.txt" in result.stderr
 
 
 def test_predict_many_with_a_bad_file(tiny_run, data_dir, tmp_path):

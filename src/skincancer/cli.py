@@ -18,7 +18,15 @@ from . import NOTICE
 from .backbones import BackboneError
 from .checkpoint import CheckpointError
 from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
-from .data import DataError, check_files, index_folder, index_isic_csv, refuse_conflicting_copies, save_manifest
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    check_files,
+    index_folder,
+    index_isic_csv,
+    refuse_conflicting_copies,
+    save_manifest,
+)
 from .metadata import MetadataError, attach, parse_age, parse_sex, read_metadata_csv, records
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -296,12 +304,19 @@ def predict(
 
     num_workers = 1 if num_workers is None else num_workers
     table_asked = format is not None
+    if format is None and out is not None and out.suffix.lower() == ".json":
+        format = "json"  # -o preds.json says it
     format = format or "csv"
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    files = expand_inputs(paths)
+    passed_over: list[str] = []
+    files = expand_inputs(paths, passed_over)
+    if passed_over:
+        shown = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
+        typer.echo(f"note: {len(passed_over)} file(s) in the folder(s) not predicted, not having an image "
+                   f"extension ({', '.join(IMAGE_EXTENSIONS)}): {shown}", err=True)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
     if out is not None:
@@ -316,10 +331,12 @@ def predict(
     for _, row in failed.iterrows():
         typer.echo(f"error: {row['source']}: {row['error']}", err=True)
     single = len(files) == 1 and not any(p.is_dir() for p in paths)
-    if single and out is None and failed.empty and not table_asked:
-        row = table.iloc[0]
-        typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
-                            classifier.negative_name))
+    if single and out is None and not table_asked:
+        if failed.empty:  # one unreadable image: its error above is the whole answer
+            row = table.iloc[0]
+            typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
+                                classifier.negative_name))
+            typer.echo(f"note: {NOTICE}", err=True)
     else:
         text = table.to_csv(index=False) if format == "csv" else json.dumps(
             json.loads(table.to_json(orient="records")), indent=2) + "\n"

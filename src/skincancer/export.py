@@ -130,7 +130,7 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None,
             return engine
     if required:
         raise ExportError(problem)
-    (log.warning if present else log.info)("%s; using PyTorch", problem)
+    (log.warning if present else log.debug)("%s; using PyTorch", problem)  # no export at all is the usual case
     return None
 
 

@@ -169,19 +169,27 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
 
 def sentence(probability: float, threshold: float, positive_name: str = "malignant",
              negative_name: str = "benign") -> str:
-    """The tutorial's sentence: 'This image is 68.04% malignant.' (or '...% benign.' below the threshold)."""
-    if probability >= threshold:
-        return f"This image is {probability * 100:.2f}% {positive_name}."
-    return f"This image is {(1 - probability) * 100:.2f}% {negative_name}."
+    """The tutorial's sentence with the model's call: 'This image is 68.04% malignant: above the model's threshold
+    of 8.45%, so it is flagged malignant.' The probability is always the malignant one, so that '11% malignant' can
+    never be read as a benign call when the threshold (chosen for sensitivity) sits lower."""
+    flagged = probability >= threshold
+    return (f"This image is {probability * 100:.2f}% {positive_name}: {'above' if flagged else 'below'} the model's "
+            f"threshold of {threshold * 100:.2f}%, so it is "
+            f"{f'flagged {positive_name}' if flagged else f'called {negative_name}'}.")
 
 
-def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
-    """Files as given; folders expanded (recursively) to the image files inside them, sorted."""
+def expand_inputs(paths: Sequence[str | Path], passed_over: list[str] | None = None) -> list[str]:
+    """Files as given; folders expanded (recursively) to the image files inside them, sorted.
+
+    passed_over: if given, collects the files inside the folders that were left out for not being images."""
     files: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(str(p) for p in sorted(path.rglob("*"))
-                         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            for p in sorted(path.rglob("*")):
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                    files.append(str(p))
+                elif passed_over is not None and p.is_file() and not p.name.startswith("."):
+                    passed_over.append(str(p))
         else:
             files.append(str(path))
     return files
