@@ -165,3 +165,39 @@ def test_evaluate_api_returns_class_aucs(tiny_run, small_data, tmp_path):
     metrics = evaluate(tiny_run, small_data["test"], tmp_path / "e", num_workers=0, n_boot=200)
     assert set(metrics["class_auc"]) == {"melanoma", "nevus", "seborrheic_keratosis"}
     assert "isic_mean_auc" in metrics
+
+
+def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, small_data, tmp_path, caplog):
+    """A review found `evaluate` on the demo's own train+valid images reporting AUC 0.94 (1.0 via the API) without
+    a word. The run records its images' content hashes; evaluate counts the images it scores that are among them,
+    under any name (the ISIC 2017 test split holds byte-copies of training images)."""
+    import logging
+    import shutil
+
+    from skincancer import load_manifest
+
+    assert len(json.loads((Path(tiny_run) / "model" / "fitted_images.json").read_text())["train"]) == 30
+    valid = load_manifest(small_data["valid"])
+    with caplog.at_level(logging.WARNING, logger="skincancer"):
+        metrics = evaluate(tiny_run, small_data["valid"], tmp_path / "on_valid")
+    assert metrics["seen_in_fitting"]["train"] == 0 and metrics["seen_in_fitting"]["valid"] == len(valid)
+    assert "figures on them are optimistic" in caplog.text
+    assert "were validation images" in (tmp_path / "on_valid" / "report.html").read_text()
+
+    test = load_manifest(small_data["test"])
+    clean = evaluate(tiny_run, small_data["test"], tmp_path / "on_test")
+    assert clean["seen_in_fitting"] == {"train": 0, "valid": 0, "examples": []}
+    assert "optimistic" not in (tmp_path / "on_test" / "report.html").read_text()
+
+    copied = tmp_path / "renamed_copy.jpg"  # a training image under another name
+    train_image = load_manifest(small_data["train"]).iloc[0]
+    shutil.copy(train_image["filepath"], copied)
+    mixed = pd.concat([test, pd.DataFrame([{**train_image.to_dict(), "image_id": "copy", "filepath": str(copied)}])])
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    seen = evaluate(tiny_run, tmp_path / "mixed.csv", tmp_path / "on_mixed")["seen_in_fitting"]
+    assert seen == {"train": 1, "valid": 0, "examples": [str(copied)]}
+
+    old = tmp_path / "old_run"  # saved before runs recorded their images: no claim either way
+    shutil.copytree(Path(tiny_run) / "model", old / "model")
+    (old / "model" / "fitted_images.json").unlink()
+    assert "seen_in_fitting" not in evaluate(old, small_data["test"], tmp_path / "old_eval")

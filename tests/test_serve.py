@@ -96,7 +96,9 @@ def test_health_model_page_and_docs(client):
     card = client.get("/api/model").json()
     assert card["backbone"] == "tf_efficientnet_lite0" and card["engine"] == "onnx"
     assert set(card["validation"]) >= {"auc", "sensitivity", "specificity"} and card["notice"] == NOTICE
+    assert card["validation_source"] == "valid"  # the page and card say where the figures come from
     page = client.get("/")
+    assert "Validation figures (the validation split)" in page.text
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert NOTICE in page.text and f"{card['validation']['auc']:.3f}" in page.text
     assert 'id="file"' in page.text and 'id="overlay"' in page.text

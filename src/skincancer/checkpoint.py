@@ -17,6 +17,7 @@ from torch import nn
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+FITTED_IMAGES_FILE = "fitted_images.json"  # content hashes of the images a run trained and validated on
 META_REQUIRED = ("backbone", "class_names", "labels", "image_size", "mean", "std", "threshold")
 
 

@@ -40,6 +40,7 @@ class Ensemble(Classifier):
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
         meta.pop("metadata_model", None)  # each member fuses its own
         meta["threshold"], meta["validation"] = _ensemble_threshold(self.members)
+        meta["validation_source"] = "valid (the images every member held out)"
         super().__init__(model=first.model, meta=meta, source=first.source)
 
     def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None,

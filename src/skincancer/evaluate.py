@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_write, write_json
-from .data import DataError, resolve_data
+from .checkpoint import FITTED_IMAGES_FILE, atomic_write, write_json
+from .data import DataError, content_keys, resolve_data
 from .ensemble import Ensemble, load_models
 from .metadata import has_metadata
 from .metadata import records as metadata_records
@@ -64,7 +65,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "n_with_metadata": _metadata_used(classifier, rows, ok),
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
-                                                         "threshold", "threshold_policy", "validation")},
+                                                         "threshold", "threshold_policy", "validation_source",
+                                                         "validation")},
     })
 
     table = pd.DataFrame({
@@ -80,6 +82,13 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         atomic_write(out / "isic_predictions.csv", lambda tmp: isic.to_csv(tmp, index=False))
     elif (out / "isic_predictions.csv").exists():
         (out / "isic_predictions.csv").unlink()  # an earlier evaluation's, of another model: never leave it stale
+    seen = seen_in_fitting(classifier, frame["filepath"])
+    if seen is not None:
+        metrics["seen_in_fitting"] = seen
+        if seen["train"] or seen["valid"]:
+            log.warning("%s: %d of the %d images were training images and %d validation images of the model "
+                        "(identical bytes, e.g. %s): figures on them are optimistic", data, seen["train"], len(frame),
+                        seen["valid"], ", ".join(seen["examples"]))
     unfinished = [str(m.source) for m in getattr(classifier, "members", [classifier]) if m.meta.get("unfinished")]
     if unfinished:
         metrics["unfinished_models"] = unfinished  # the report says their threshold is a placeholder
@@ -99,6 +108,31 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     ]
     html_report(metrics, plots, out / "report.html")
     return metrics
+
+
+def seen_in_fitting(classifier: Classifier, paths: Sequence[str]) -> dict | None:
+    """How many of `paths` have the bytes of an image the model (any ensemble member) trained on, or was validated
+    on (its threshold, epoch or regularisation chosen there); None for runs saved before this was recorded."""
+    fitted: dict[str, set] = {"train": set(), "valid": set()}
+    recorded = False
+    for member in getattr(classifier, "members", [classifier]):
+        path = Path(member.source) / FITTED_IMAGES_FILE
+        if not path.is_file():
+            continue
+        try:
+            hashes = json.loads(path.read_text())
+            for split in fitted:
+                fitted[split].update(str(k) for k in hashes.get(split, []))
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            log.warning("%s: unreadable (%s); not checking which images the model was fitted on", path, err)
+            continue
+        recorded = True
+    if not recorded:
+        return None
+    keys = content_keys(paths)
+    train = [p for p, k in zip(paths, keys, strict=True) if k in fitted["train"]]
+    valid = [p for p, k in zip(paths, keys, strict=True) if k in fitted["valid"] and k not in fitted["train"]]
+    return {"train": len(train), "valid": len(valid), "examples": [str(p) for p in (train + valid)[:5]]}
 
 
 def _tta_used(classifier: Classifier, tta: int | None) -> int | str:

@@ -124,10 +124,19 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
     model = metrics.get("model", {})
     skipped = metrics.get("skipped", [])
     unfinished = metrics.get("unfinished_models")
+    source = str(model.get("validation_source") or "valid")
+    where = ("on out-of-fold predictions over the training and validation images" if source.startswith("out-of-fold")
+             else "on the validation split")
     threshold_note = (
         f'<strong class="notice">Unfinished training: {html.escape(", ".join(unfinished))} was saved before its '
         "run finished; the threshold is a placeholder, not chosen on validation.</strong>" if unfinished else
-        f"The threshold was chosen on the validation split ({html.escape(str(model.get('threshold_policy', '')))}).")
+        f"The threshold was chosen {where} ({html.escape(str(model.get('threshold_policy', '')))}).")
+    seen = metrics.get("seen_in_fitting") or {}
+    if seen.get("train") or seen.get("valid"):
+        threshold_note += (
+            f' <strong class="notice">{seen["train"]} of these images were training images of the model and '
+            f'{seen["valid"]} were validation images (identical files, e.g. '
+            f'{html.escape(", ".join(seen.get("examples", [])))}): the figures are optimistic.</strong>')
     skipped_html = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

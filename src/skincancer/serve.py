@@ -80,6 +80,7 @@ def model_card(classifier: Classifier) -> dict:
         "image_size": meta["image_size"],
         "mode": meta.get("mode"),
         "validation": meta.get("validation", {}),
+        "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
         "metadata": classifier.metadata_model is not None,  # age/sex fused with the image where given
         "unfinished": bool(meta.get("unfinished")),
         "notice": NOTICE,
@@ -207,6 +208,8 @@ def render_page(card: dict, file_limit: int) -> str:
         engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
         limit_mb=f"{file_limit / MB:g}", size=card["image_size"], patient="" if card["metadata"] else " hidden",
+        source=e("out-of-fold predictions over the training and validation images"
+                 if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
     )
 
 
@@ -247,7 +250,7 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 <h2>The model</h2>
 <p>{name}: {backbone} at {size} px, classes {classes}; threshold {threshold} ({policy});
 skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
-<h3>Validation figures</h3>
+<h3>Validation figures ({source})</h3>
 <table id="validation">{rows}</table>
 <script>
 const drop = document.getElementById("drop"), input = document.getElementById("file");

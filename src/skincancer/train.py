@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
-from .checkpoint import CheckpointError, atomic_write, save_model, unwrap, write_json
+from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
 from .data import (
     DataError,
@@ -141,6 +141,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                                                           config))
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
+        write_fitted_images(out / "model", train_df, valid_df)
         save_model(model, meta, out / "model")
         writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
         writer.close()
@@ -645,6 +646,15 @@ def _clear_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def write_fitted_images(model_dir: Path, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
+    """model/fitted_images.json: the SHA-1 of every training and validation image's bytes, so that `evaluate` can
+    say when it is scoring images this model was fitted or tuned on (whatever their names or folders)."""
+    keys = {split: sorted({k for k in content_keys(frame["filepath"]) if k is not None})
+            for split, frame in (("train", train_df), ("valid", valid_df))}
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_json(model_dir / FITTED_IMAGES_FILE, {"hash": "sha1", **keys})
 
 
 def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
