@@ -200,3 +200,23 @@ def test_eval_image_size_validates_and_predicts_larger_than_it_trained(small_dat
     export_onnx(run)
     onnx = load_model(run, engine="onnx")  # the graph takes the 80 px inputs the model predicts on
     np.testing.assert_allclose(onnx.predict_proba(list(valid["filepath"]))[0], probs, atol=1e-4)
+
+
+def test_linear_head_on_few_images_gives_no_extreme_probabilities(cache_dir, tmp_path):
+    """Found by review: 18 training images gave validation probabilities from 5e-34 to 1 and folded weights up to
+    1237, hence a threshold of 0 and 'This image is 0.00% malignant': near-constant features, standardised by their
+    tiny spread, were scaled up thousands of times. Their spread is now floored at a tenth of the median."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import subset
+
+    train_csv = save_manifest(subset("train", 6), tmp_path / "train.csv")
+    valid_csv = save_manifest(subset("valid", 4), tmp_path / "valid.csv")
+    run = train(load_config(None, train=str(train_csv), valid=str(valid_csv), out=str(tmp_path / "run"),
+                            mode="linear", cache_dir=str(cache_dir), num_workers=0))
+    model = load_model(run, engine="torch")
+    assert model.model.get_classifier().weight.abs().max().item() < 20
+    saved = pd.read_csv(Path(run) / "valid_predictions.csv")["malignant"]
+    assert saved.between(1e-3, 1 - 1e-3).all(), saved.describe()
+    assert model.threshold > 1e-3

@@ -193,7 +193,10 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     weight = None if config.class_balance == "none" else "balanced"
 
     def fit(rows: np.ndarray, c: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
-        mean, std = x[0, rows].mean(0), x[0, rows].std(0) + 1e-6
+        mean, std = x[0, rows].mean(0), x[0, rows].std(0)
+        # a near-constant feature (std 2e-4 against a median of 0.4 in the demo's) would be scaled up thousands of
+        # times, and a new image that moves it a little would swing the logits to 0 or 1: floor the spread
+        std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
         clf = LogisticRegression(C=c, class_weight=weight, max_iter=3000)
         clf.fit(((x[:views, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[rows], views))
         return clf, mean, std
