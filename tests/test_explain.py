@@ -92,3 +92,47 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members(tiny_run, finetune_run,
     small = np.asarray(Image.fromarray(maps[1], mode="F").resize((224, 224), Image.BILINEAR)).clip(0, 1)
     np.testing.assert_allclose(combined, (maps[0] + small) / 2, atol=1e-6)
     assert np.abs(combined - maps[0]).mean() > 1e-3  # not the first member's map
+
+
+@pytest.fixture(scope="module")
+def multiscale_run(small_data, cache_dir, tmp_path_factory):
+    """A linear probe on pooled stages 3-7 + head (the demo's `pooling: multiscale`)."""
+    from skincancer import load_config, train
+
+    out = tmp_path_factory.mktemp("runs") / "multiscale"
+    return train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(out),
+                             mode="linear", pooling="multiscale", cache_dir=str(cache_dir), linear_c=[0.1],
+                             num_workers=0))
+
+
+def test_a_multiscale_models_heatmap_covers_every_pooled_stage(multiscale_run, data_dir):
+    """Found by review: the demo's model pools stages 3-7 and its head, but Grad-CAM looked at the head's map only.
+    A head that reads the stages alone gave the old method a blank map; one that reads the head's map alone must
+    give what Grad-CAM on that map gives."""
+    from pytorch_grad_cam import GradCAM
+
+    classifier = load_model(multiscale_run, engine="torch")
+    image = load_image(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[1])
+    head = classifier.model.classifier
+    last = classifier.model.backbone.num_features  # the head's own map's features come last
+    original = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight[:, -last:] = 0  # the stages alone
+        stages_only = malignant_heatmap(classifier, image)
+        assert stages_only.shape == (224, 224) and stages_only.std() > 0.01
+        with torch.no_grad():
+            head.weight.copy_(original)
+            head.weight[:, :-last] = 0  # the head's map alone: plain Grad-CAM on bn2
+        head_only = malignant_heatmap(classifier, image)
+        x = classifier.transform()(image).unsqueeze(0)
+        with GradCAM(model=classifier.model, target_layers=[classifier.model.bn2]) as cam:
+            reference = cam(input_tensor=x, targets=[MalignantTarget(classifier.positive_indices)])[0]
+        assert np.corrcoef(head_only.ravel(), reference.ravel())[0, 1] > 0.98
+        with torch.no_grad():
+            head.weight.copy_(original)
+        both = malignant_heatmap(classifier, image)
+        assert np.corrcoef(both.ravel(), head_only.ravel())[0, 1] < 0.99  # the stages change the picture
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(original)

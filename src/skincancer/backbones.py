@@ -89,16 +89,20 @@ class MultiScaleClassifier(nn.Module):
     def bn2(self) -> nn.Module:  # the last spatial map, where Grad-CAM looks
         return self.backbone.bn2
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The spatial maps whose averages are the features: later stages' outputs, then the head's."""
         net = self.backbone
         x = net.bn1(net.conv_stem(x))
-        pooled = []
+        maps = []
         for i, stage in enumerate(net.blocks):
             x = stage(x)
             if i >= self.FIRST_STAGE:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
-        return torch.cat(pooled, dim=1)
+                maps.append(x)
+        maps.append(net.bn2(net.conv_head(x)))
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.mean((2, 3)) for m in self.feature_maps(x)], dim=1)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return features if pre_logits else self.classifier(features)

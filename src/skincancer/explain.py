@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backbones import MultiScaleClassifier
 from .checkpoint import atomic_write
 from .data import ImageError, load_image
 from .predict import Classifier
@@ -57,9 +58,32 @@ def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
     from pytorch_grad_cam import GradCAM
 
     x = classifier.transform()(image).unsqueeze(0)
+    if isinstance(classifier.model, MultiScaleClassifier):
+        return multiscale_heatmap(classifier.model, x, MalignantTarget(classifier.positive_indices))
     with _HOOK_LOCK, GradCAM(model=classifier.model, target_layers=[target_layer(classifier.model)]) as cam:
         heatmap = cam(input_tensor=x, targets=[MalignantTarget(classifier.positive_indices)])[0]
     return np.nan_to_num(heatmap.astype(np.float32))
+
+
+def multiscale_heatmap(model: MultiScaleClassifier, x: torch.Tensor, target: MalignantTarget) -> np.ndarray:
+    """Grad-CAM over every map a multiscale model pools (later stages and head), not the head's alone.
+
+    Its score depends on the maps only through their averages, so with g_s the gradient of the score with respect
+    to map s's averaged features, sum_c g_sc * A_sc(h, w) is that map's contribution at (h, w) (Grad-CAM's
+    weighting, exact for a linear head). Each is brought to the input grid (bilinear, which keeps its mean), the
+    contributions are summed, and the positive part is scaled to [0, 1]."""
+    with torch.enable_grad():
+        maps = model.feature_maps(x)
+        pooled = [m.mean((2, 3)) for m in maps]
+        score = target(model.classifier(torch.cat(pooled, dim=1)))[0]
+        grads = torch.autograd.grad(score, pooled)
+    side = x.shape[-1]
+    total = sum(nn.functional.interpolate((g[:, :, None, None] * m).sum(1, keepdim=True), size=(side, side),
+                                          mode="bilinear", align_corners=False)
+                for g, m in zip(grads, maps, strict=True))[0, 0].detach()
+    heatmap = total.clamp(min=0).numpy()
+    peak = heatmap.max()
+    return np.nan_to_num(heatmap / peak if peak > 0 else heatmap).astype(np.float32)
 
 
 def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
