@@ -169,8 +169,10 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
     metrics = evaluate(run, manifests["valid"], tmp_path / "with", num_workers=0, n_boot=50)
     without = evaluate(run, manifests["valid"], tmp_path / "without", num_workers=0, n_boot=50, use_metadata=False)
     assert metrics["n_with_metadata"] > 0 and without["n_with_metadata"] == 0
-    assert metrics["auc"] == pytest.approx(json.loads((Path(run) / "model" / "model.json").read_text())
-                                           ["validation"]["auc_with_metadata"], abs=1e-6)
+    validation = json.loads((Path(run) / "model" / "model.json").read_text())["validation"]
+    assert metrics["auc"] == pytest.approx(validation["auc_with_metadata"], abs=1e-6)
+    # and its like-for-like partner: the same images scored without their metadata
+    assert without["auc"] == pytest.approx(validation["auc_same_images_without_metadata"], abs=1e-6)
     image = load_manifest(manifests["valid"])["filepath"].iloc[0]
     old = runner.invoke(app, ["predict", image, "--model", str(run), "--engine", "torch", "--age", "85",
                               "--sex", "male", "--format", "json"])

@@ -540,12 +540,15 @@ def metadata_validation(model: MetadataModel, valid_probs: np.ndarray, valid_df:
     labels = valid_df["label"].to_numpy()
     positive = _positive_indices(config, class_names)
     figures = {"n_with_metadata": int(sum(r is not None for r, good in zip(rows, ok, strict=True) if good)),
-               "auc_with_metadata": roc_auc(labels[ok], fused[ok][:, positive].sum(1))}
+               "auc_with_metadata": roc_auc(labels[ok], fused[ok][:, positive].sum(1)),
+               # the same images without their metadata: the like-for-like comparison
+               "auc_same_images_without_metadata": roc_auc(labels[ok], valid_probs[ok][:, positive].sum(1))}
     if config.head == "diagnosis":
         for c, name in enumerate(class_names):
             is_class = (valid_df["diagnosis"].to_numpy() == name)[ok]
             figures[f"auc_{name}_with_metadata"] = roc_auc(is_class.astype(int), fused[ok, c])
-    log.info("validation AUC with metadata fused: %.4f (%d images with metadata)", figures["auc_with_metadata"],
+    log.info("validation AUC with metadata fused: %.4f, without: %.4f (the same %d images; %d with metadata)",
+             figures["auc_with_metadata"], figures["auc_same_images_without_metadata"], int(ok.sum()),
              figures["n_with_metadata"])
     return figures
 
