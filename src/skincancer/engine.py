@@ -81,7 +81,7 @@ def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.nda
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     result: np.ndarray | None = None
     errors: list = []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2):  # none for one batch
         errors.extend(batch["errors"])
         if batch["image"] is None:
             continue
