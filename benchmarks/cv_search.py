@@ -84,7 +84,7 @@ def main() -> None:
                 oof[name].setdefault(f"8@{size}", np.zeros((len(data), 3)))[held] = probs[:, order]
             fold = {t: p[held] for t, p in oof[name].items()}
             print(json.dumps({"recipe": name, "fold": k, **scores(data.iloc[held], fold),
-                              "seconds": round(time.time() - tic)}), flush=True)
+                              "seconds_since_recipe_start": round(time.time() - tic)}), flush=True)
         np.save(out / f"{name}_oof.npy", np.stack([oof[name][1], oof[name][8]]))
         for size in args.eval_sizes:
             np.save(out / f"{name}_oof_size{size}.npy", oof[name][f"8@{size}"])

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from skincancer import load_manifest, load_model
@@ -32,7 +33,9 @@ def main() -> None:
             model.meta["image_size"] = size  # what eval_image_size makes the saved model do
             tic = time.time()
             probs, _ = model.predict_proba(list(data["filepath"]), tta=args.tta, num_workers=args.num_workers)
-            aucs = {name: round(roc_auc_score(data["diagnosis"] == name, probs[:, model.class_names.index(name)]), 4)
+            ok = ~np.isnan(probs).any(1)  # unreadable files are left out
+            aucs = {name: round(roc_auc_score(data["diagnosis"][ok] == name,
+                                              probs[ok, model.class_names.index(name)]), 4)
                     for name in ("melanoma", "seborrheic_keratosis")}
             print(json.dumps({"model": run, "size": size, "tta": args.tta, **aucs,
                               "seconds": round(time.time() - tic)}), flush=True)

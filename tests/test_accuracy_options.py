@@ -1,5 +1,6 @@
 """Options for accuracy: test-time augmentation, ensembles, EMA of weights, the 3-class head."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,19 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     mean = (valid_only["malignant"] + pooled["malignant"]) / 2
     assert ensemble.meta["validation"]["n"] == 15
     assert ensemble.threshold == pytest.approx(choose_threshold(valid_only["label"], mean, "sensitivity:0.90"))
+    assert ensemble.meta["validation_source"] == "valid"
+    # two probes fitted on train+valid share out-of-fold rows of training images: the ensemble says so
+    twin = train(load_config(None, out=str(tmp_path / "pooled2"), linear_fit="train+valid", seed=1, **common))
+    assert load_models([run, twin]).meta["validation_source"] == "out-of-fold (train+valid)"
+    # the validation images were fitted on, not just used to choose: recorded as such for `evaluate`
+    fitted = json.loads((Path(run) / "model" / "fitted_images.json").read_text())
+    assert (len(fitted["train"]), len(fitted["valid"])) == (45, 0)
+    # a run saved before validation_source was recorded: read from its validation table
+    meta_path = Path(twin) / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["validation_source"]
+    meta_path.write_text(json.dumps(meta))
+    assert load_model(twin).meta["validation_source"] == "out-of-fold (train+valid)"
     trained_on_train = load_model(tiny_run).model.get_classifier().weight
     assert not torch.allclose(classifier.model.get_classifier().weight, trained_on_train)
     # class_balance: none fits the head without class weights (which only matter when the classes are unbalanced)

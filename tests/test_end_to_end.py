@@ -199,5 +199,10 @@ def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, s
 
     old = tmp_path / "old_run"  # saved before runs recorded their images: no claim either way
     shutil.copytree(Path(tiny_run) / "model", old / "model")
+    shutil.copy(Path(tiny_run) / "valid_predictions.csv", old)
     (old / "model" / "fitted_images.json").unlink()
     assert "seen_in_fitting" not in evaluate(old, small_data["test"], tmp_path / "old_eval")
+    # an ensemble with such a member: the others are checked, the old one is named as unchecked
+    mixed_seen = evaluate([tiny_run, old], tmp_path / "mixed.csv", tmp_path / "mixed_eval")["seen_in_fitting"]
+    assert mixed_seen["train"] == 1 and mixed_seen["unchecked_models"] == [str(old / "model")]
+    assert "Not checked for images they were fitted on" in (tmp_path / "mixed_eval" / "report.html").read_text()

@@ -164,12 +164,15 @@ def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tm
     import sys
 
     out = tmp_path / "p.csv"
-    image = sorted(image_folder.glob("*.jpg"))[1]
-    done = subprocess.run([sys.executable, "-m", "skincancer", "predict", str(image), "--model", str(tiny_run),
-                           "--ray", "--num-workers", "1", "--tta", "1", "-o", str(out)],
+    images = sorted(image_folder.glob("*.jpg"))[1:4]
+    # --num-workers 2 on a 2-CPU machine: a fixed pool of 2 one-CPU actors left the folder-listing task no CPU and
+    # the run hung (found by review); the pool now grows from one actor up to 2
+    done = subprocess.run([sys.executable, "-m", "skincancer", "predict", *map(str, images), "--model", str(tiny_run),
+                           "--ray", "--num-workers", "2", "--tta", "1", "-o", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert list(pd.read_csv(out)["source"]) == [str(image)]
-    noise = [line for line in done.stderr.splitlines() if " INFO " in line or "Running Dataset" in line]
+    assert list(pd.read_csv(out)["source"]) == list(map(str, images))
+    noise = [line for line in done.stderr.splitlines()
+             if " INFO " in line or "Running Dataset" in line or "Progress bars" in line]
     assert noise == [], "\n".join(noise[:10])
-    assert f"wrote {out}: 1 predicted, 0 failed" in done.stderr
+    assert f"wrote {out}: 3 predicted, 0 failed" in done.stderr

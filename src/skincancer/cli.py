@@ -264,7 +264,8 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     format: Annotated[str | None, typer.Option("--format", help=(
-        "csv | json: a table even for one image (default: a sentence for one image, CSV for several)"))] = None,
+        "csv | json: a table even for one image (default: a sentence for one image, else CSV, or JSON for "
+        "-o x.json)"))] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
     tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
                    ] = None,
@@ -283,8 +284,8 @@ def predict(
     sex: Annotated[str | None, typer.Option(help="patient's sex: male | female (one image)")] = None,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
-    if ray and num_workers == 0:
-        _fail("--num-workers: with --ray it counts model actors; expected 1 or more, got 0")
+    if ray and num_workers is not None and num_workers < 1:
+        _fail(f"--num-workers: with --ray it counts model actors; expected 1 or more, got {num_workers}")
     _check_inference_options(tta, batch_size, 1 if num_workers is None else num_workers)
     if cam is not None and cam.exists() and not cam.is_dir():
         _fail(f"--cam {cam}: is a file; name a folder for the overlays")

@@ -39,8 +39,7 @@ class Ensemble(Classifier):
         self.members = list(members)
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
         meta.pop("metadata_model", None)  # each member fuses its own
-        meta["threshold"], meta["validation"] = _ensemble_threshold(self.members)
-        meta["validation_source"] = "valid (the images every member held out)"
+        meta["threshold"], meta["validation"], meta["validation_source"] = _ensemble_threshold(self.members)
         super().__init__(model=first.model, meta=meta, source=first.source)
 
     def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None,
@@ -54,8 +53,9 @@ class Ensemble(Classifier):
         return probs, results[0][1]
 
 
-def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
-    """Choose the ensemble's threshold the way each member's was chosen: on the members' validation predictions."""
+def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str]:
+    """Choose the ensemble's threshold the way each member's was chosen: on the members' validation predictions.
+    Returns the threshold, the figures there, and where they come from (as model.json's validation_source)."""
     tables = []
     for member in members:
         path = Path(member.source).parent / "valid_predictions.csv"
@@ -80,8 +80,11 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict]:
     policy = members[0].meta.get("threshold_policy", "sensitivity:0.90")
     threshold = choose_threshold(labels[ok], malignant[ok], policy)
     point = operating_point(labels[ok], malignant[ok], threshold)
+    # only probes fitted on train+valid share training images' predictions: those rows are out of fold
+    out_of_fold = "split" in tables[0] and (tables[0].loc[ids, "split"] == "train").any()
+    source = "out-of-fold (train+valid)" if out_of_fold else "valid"
     return threshold, {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
-                       "sensitivity": point["sensitivity"], "specificity": point["specificity"]}
+                       "sensitivity": point["sensitivity"], "specificity": point["specificity"]}, source
 
 
 def _validation_table(path: Path, positive: str) -> pd.DataFrame:

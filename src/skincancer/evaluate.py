@@ -114,25 +114,30 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str]) -> dict | None
     """How many of `paths` have the bytes of an image the model (any ensemble member) trained on, or was validated
     on (its threshold, epoch or regularisation chosen there); None for runs saved before this was recorded."""
     fitted: dict[str, set] = {"train": set(), "valid": set()}
-    recorded = False
-    for member in getattr(classifier, "members", [classifier]):
+    members = getattr(classifier, "members", [classifier])
+    unchecked = []
+    for member in members:
         path = Path(member.source) / FITTED_IMAGES_FILE
-        if not path.is_file():
-            continue
         try:
             hashes = json.loads(path.read_text())
             for split in fitted:
                 fitted[split].update(str(k) for k in hashes.get(split, []))
+        except FileNotFoundError:
+            unchecked.append(str(member.source))
         except (OSError, ValueError, TypeError, AttributeError) as err:
             log.warning("%s: unreadable (%s); not checking which images the model was fitted on", path, err)
-            continue
-        recorded = True
-    if not recorded:
+            unchecked.append(str(member.source))
+    if len(unchecked) == len(members):
         return None
     keys = content_keys(paths)
     train = [p for p, k in zip(paths, keys, strict=True) if k in fitted["train"]]
     valid = [p for p, k in zip(paths, keys, strict=True) if k in fitted["valid"] and k not in fitted["train"]]
-    return {"train": len(train), "valid": len(valid), "examples": [str(p) for p in (train + valid)[:5]]}
+    seen = {"train": len(train), "valid": len(valid), "examples": [str(p) for p in (train + valid)[:5]]}
+    if unchecked:  # members saved before runs recorded their images: no claim about them
+        seen["unchecked_models"] = unchecked
+        log.warning("%s: saved without a record of its training images; not checked for overlap",
+                    ", ".join(unchecked))
+    return seen
 
 
 def _tta_used(classifier: Classifier, tta: int | None) -> int | str:

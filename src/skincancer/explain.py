@@ -68,20 +68,22 @@ def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
 def multiscale_heatmap(model: MultiScaleClassifier, x: torch.Tensor, target: MalignantTarget) -> np.ndarray:
     """Grad-CAM over every map a multiscale model pools (later stages and head), not the head's alone.
 
-    Its score depends on the maps only through their averages, so with g_s the gradient of the score with respect
-    to map s's averaged features, sum_c g_sc * A_sc(h, w) is that map's contribution at (h, w) (Grad-CAM's
-    weighting, exact for a linear head). Each is brought to the input grid (bilinear, which keeps its mean), the
-    contributions are summed, and the positive part is scaled to [0, 1]."""
-    with torch.enable_grad():
-        maps = model.feature_maps(x)
-        pooled = [m.mean((2, 3)) for m in maps]
+    The score depends on the maps only through their averages: with g_s the gradient of the score with respect to
+    map s's averaged features, sum_c g_sc * A_sc(h, w) is that map's share at (h, w) (Grad-CAM's weighting; for a
+    linear head and one malignant class the shares add up to the logit, less its bias). Each is brought to the
+    input grid (bilinear), the shares are summed, and the positive part is scaled to [0, 1]."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(False), torch.no_grad():  # callable from inside inference_mode or no_grad
+        maps = model.feature_maps(x.clone().to(device))
+    with torch.inference_mode(False), torch.enable_grad():
+        pooled = [m.mean((2, 3)).requires_grad_() for m in maps]  # the graph is the head's only
         score = target(model.classifier(torch.cat(pooled, dim=1)))[0]
         grads = torch.autograd.grad(score, pooled)
     side = x.shape[-1]
     total = sum(nn.functional.interpolate((g[:, :, None, None] * m).sum(1, keepdim=True), size=(side, side),
                                           mode="bilinear", align_corners=False)
-                for g, m in zip(grads, maps, strict=True))[0, 0].detach()
-    heatmap = total.clamp(min=0).numpy()
+                for g, m in zip(grads, maps, strict=True))[0, 0]
+    heatmap = total.clamp(min=0).float().cpu().numpy()
     peak = heatmap.max()
     return np.nan_to_num(heatmap / peak if peak > 0 else heatmap).astype(np.float32)
 

@@ -148,6 +148,8 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
+    if "validation_source" not in meta:  # runs saved before it was recorded
+        meta["validation_source"] = _validation_source(model_dir)
     try:
         model = model_from_meta(meta)
     except (BackboneError, ValueError) as err:
@@ -165,6 +167,17 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         runtime = find_export(model_dir, required=engine == "onnx", image_size=int(meta["image_size"]),
                               classes=len(meta["class_names"]))
     return Classifier(model=model, meta=meta, source=model_dir, engine=runtime)
+
+
+def _validation_source(model_dir: Path) -> str:
+    """Where an older run's threshold was chosen: out of fold when its validation table has a `split` column (a
+    probe fitted on train+valid), else the validation split."""
+    try:
+        with open(model_dir.parent / "valid_predictions.csv") as f:
+            header = f.readline().strip().split(",")
+    except OSError:
+        return "valid"
+    return "out-of-fold (train+valid)" if "split" in header else "valid"
 
 
 def sentence(probability: float, threshold: float, positive_name: str = "malignant",

@@ -78,15 +78,16 @@ def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: s
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come out in the order `predict` would give them
-    # bars on a terminal; elsewhere Ray Data would log a progress table every few seconds instead
-    context.enable_progress_bars = progress and sys.stderr.isatty()
+    # bars on a terminal; elsewhere Ray Data logs progress tables at INFO, which stay in its log files
+    context.enable_progress_bars = progress
     _quiet_ray_data()
-    if actors is None:
-        cpus = int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_actor, 1e-3))
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))
-    else:
-        pool = ray.data.ActorPoolStrategy(size=actors)
-    paths = ray.data.from_items([{"input": str(Path(p).absolute())} for p in inputs]).flat_map(_expand_input)
+    cpus = int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_actor, 1e-3))
+    # at most `actors`, starting from one: a fixed pool of as many actors as CPUs left the listing task none (hang)
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors or cpus))
+    # folders are listed in light tasks; rows are cut into blocks of one batch so that every actor gets work
+    paths = (ray.data.from_items([{"input": str(Path(p).absolute())} for p in inputs])
+             .flat_map(_expand_input, num_cpus=0.1)
+             .repartition(target_num_rows_per_block=batch_size))
     return paths.map_batches(_ClassifierActor, batch_size=batch_size, batch_format="pandas", compute=pool,
                              num_cpus=cpus_per_actor,
                              fn_constructor_kwargs={"run": str(model_dir), "engine": engine, "batch_size": batch_size,

@@ -137,6 +137,9 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
             f' <strong class="notice">{seen["train"]} of these images were training images of the model and '
             f'{seen["valid"]} were validation images (identical files, e.g. '
             f'{html.escape(", ".join(seen.get("examples", [])))}): the figures are optimistic.</strong>')
+    if seen.get("unchecked_models"):
+        threshold_note += (f" Not checked for images they were fitted on (saved before runs recorded them): "
+                           f"{html.escape(', '.join(seen['unchecked_models']))}.")
     skipped_html = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -92,6 +92,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             _clear_run(out)
         if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
+            # from the start, so that a model saved by an interrupted run is covered too
+            write_fitted_images(out / "model", train_df, valid_df,
+                                fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
@@ -141,7 +144,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                                                           config))
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
-        write_fitted_images(out / "model", train_df, valid_df)
         save_model(model, meta, out / "model")
         writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
         writer.close()
@@ -654,11 +656,16 @@ def _clear_run(out: Path) -> None:
             path.unlink()
 
 
-def write_fitted_images(model_dir: Path, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
+def write_fitted_images(model_dir: Path, train_df: pd.DataFrame, valid_df: pd.DataFrame,
+                        fitted_on_valid: bool = False) -> None:
     """model/fitted_images.json: the SHA-1 of every training and validation image's bytes, so that `evaluate` can
-    say when it is scoring images this model was fitted or tuned on (whatever their names or folders)."""
+    say when it is scoring images this model was fitted or tuned on (whatever their names or folders).
+
+    "train": the images the weights were fitted on (validation images too for a probe fitted on train+valid);
+    "valid": the images only used to choose the threshold, epoch or regularisation."""
+    fitted = pd.concat([train_df, valid_df]) if fitted_on_valid else train_df
     keys = {split: sorted({k for k in content_keys(frame["filepath"]) if k is not None})
-            for split, frame in (("train", train_df), ("valid", valid_df))}
+            for split, frame in (("train", fitted), ("valid", valid_df.iloc[:0] if fitted_on_valid else valid_df))}
     model_dir.mkdir(parents=True, exist_ok=True)
     write_json(model_dir / FITTED_IMAGES_FILE, {"hash": "sha1", **keys})
 
