@@ -22,6 +22,15 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def nevus_folder(data_dir: Path, tmp_path: Path, n: int) -> Path:
+    """tmp_path/images holding copies of the first n test nevi."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:n]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    return folder
+
+
 def test_run_folder_describes_itself(tiny_run):
     run = Path(tiny_run)
     for name in ("config.yaml", "summary.csv", "train.log", "valid_predictions.csv", "model/model.json",
@@ -93,10 +102,7 @@ def test_predict_one_unreadable_image_prints_only_its_error(tiny_run, tmp_path):
 
 
 def test_predict_json_by_suffix_and_files_passed_over_are_named(tiny_run, data_dir, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for src in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:2]:
-        (folder / src.name).write_bytes(src.read_bytes())
+    folder = nevus_folder(data_dir, tmp_path, 2)
     (folder / "notes.txt").write_text("field notes")
     out = tmp_path / "pred.json"
     result = cli("predict", "--model", tiny_run, folder, "-o", out)  # refused before: "expected a .csv file name"
@@ -106,10 +112,7 @@ def test_predict_json_by_suffix_and_files_passed_over_are_named(tiny_run, data_d
 
 
 def test_predict_many_with_a_bad_file(tiny_run, data_dir, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for src in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]:
-        (folder / src.name).write_bytes(src.read_bytes())
+    folder = nevus_folder(data_dir, tmp_path, 3)
     (folder / "broken.jpg").write_text("not an image")
     out = tmp_path / "pred.csv"
     result = cli("predict", "--model", tiny_run, folder, "-o", out, check=False)
