@@ -259,8 +259,13 @@ def same_content(paths: Sequence[str | Path]) -> list[list[int]]:
     """Groups (indices into `paths`) of files with byte-identical content; unreadable files are left out.
 
     The ISIC 2017 release has such copies under different ids, within and across its splits."""
+    return same_key(content_keys(paths))
+
+
+def same_key(keys: Sequence[str | None]) -> list[list[int]]:
+    """Groups (indices) of equal keys, as from content_keys; None keys are left out."""
     groups: dict[str, list[int]] = {}
-    for i, key in enumerate(content_keys(paths)):
+    for i, key in enumerate(keys):
         if key is not None:
             groups.setdefault(key, []).append(i)
     return [group for group in groups.values() if len(group) > 1]

@@ -39,7 +39,7 @@ from .data import (
     check_image,
     content_keys,
     resolve_data,
-    same_content,
+    same_key,
 )
 from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
@@ -81,7 +81,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         # split with none left stops here, not inside an epoch (or one process of a multi-process run)
         train_df = _readable(train_df, config.train, "train")
         valid_df = _readable(valid_df, config.valid, "valid")
-        _warn_shared_images(train_df, valid_df)
+        keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
+        _warn_shared_images(train_df, valid_df, keys)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
         log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
@@ -93,7 +94,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
             # from the start, so that a model saved by an interrupted run is covered too
-            write_fitted_images(out / "model", train_df, valid_df,
+            write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
                                 fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
@@ -656,25 +657,26 @@ def _clear_run(out: Path) -> None:
             path.unlink()
 
 
-def write_fitted_images(model_dir: Path, train_df: pd.DataFrame, valid_df: pd.DataFrame,
-                        fitted_on_valid: bool = False) -> None:
+def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False) -> None:
     """model/fitted_images.json: the SHA-1 of every training and validation image's bytes, so that `evaluate` can
     say when it is scoring images this model was fitted or tuned on (whatever their names or folders).
 
     "train": the images the weights were fitted on (validation images too for a probe fitted on train+valid);
     "valid": the images only used to choose the threshold, epoch or regularisation."""
-    fitted = pd.concat([train_df, valid_df]) if fitted_on_valid else train_df
-    keys = {split: sorted({k for k in content_keys(frame["filepath"]) if k is not None})
-            for split, frame in (("train", fitted), ("valid", valid_df.iloc[:0] if fitted_on_valid else valid_df))}
+    fitted, tuned = (train_keys + valid_keys, []) if fitted_on_valid else (train_keys, valid_keys)
+    keys = {split: sorted({k for k in chosen if k is not None}) for split, chosen in (("train", fitted),
+                                                                                      ("valid", tuned))}
     model_dir.mkdir(parents=True, exist_ok=True)
     write_json(model_dir / FITTED_IMAGES_FILE, {"hash": "sha1", **keys})
 
 
-def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
-    """Images in both splits (identical bytes, whatever their names) make validation optimistic: name them."""
+def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame, keys: list | None = None) -> None:
+    """Images in both splits (identical bytes, whatever their names) make validation optimistic: name them.
+    keys: content_keys of the training then the validation files (computed when not given)."""
     paths = [*train_df["filepath"], *valid_df["filepath"]]
+    keys = content_keys(paths) if keys is None else keys
     n = len(train_df)
-    shared = [g for g in same_content(paths) if min(g) < n <= max(g)]
+    shared = [g for g in same_key(keys) if min(g) < n <= max(g)]
     for group in shared:
         log.warning("valid: %s is also in train as %s (identical bytes)", ", ".join(paths[i] for i in group if i >= n),
                     ", ".join(paths[i] for i in group if i < n))
