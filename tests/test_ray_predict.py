@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray  # in the dev extra: CI runs this module, never skips it
+import ray.data
 from typer.testing import CliRunner
 
 from skincancer import cli
@@ -38,9 +40,15 @@ def image_folder(data_dir, tmp_path_factory) -> Path:
     return root
 
 
+def _console_levels() -> list[int]:
+    return [handler.level for handler in logging.getLogger("ray.data").handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+
+
 def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):
     out = tmp_path / "predictions.parquet"
     failures = []
+    levels = _console_levels()
     rows, failed = predict_with_ray(tiny_run, [image_folder], out, batch_size=3, progress=False,
                                     on_error=lambda source, reason: failures.append((source, reason)))
     classifier = load_model(tiny_run)
@@ -59,6 +67,8 @@ def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_
     assert (table.loc[table["source"] != broken, "error"] == "").all()
     assert failures == [(broken, table.loc[table["source"] == broken, "error"].item())]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]  # no temp file left behind
+    # Ray Data's console lines are quieted while predicting only: a Python caller gets its INFO lines back
+    assert levels and _console_levels() == levels
 
 
 def test_cli_predict_ray_writes_csv_and_names_unreadable_files(local_ray, tiny_run, image_folder, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -60,9 +61,10 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
     try:
-        dataset = build_dataset(model_dir, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
-                                cpus_per_actor=cpus_per_actor, progress=progress)
-        rows, failed = write_stream(_batches(dataset), out, on_error)
+        with _quiet_ray_data():
+            dataset = build_dataset(model_dir, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
+                                    cpus_per_actor=cpus_per_actor, progress=progress)
+            rows, failed = write_stream(_batches(dataset), out, on_error)
     finally:
         if started:
             ray.shutdown()
@@ -80,7 +82,6 @@ def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: s
     context.execution_options.preserve_order = True  # rows come out in the order `predict` would give them
     # bars on a terminal; elsewhere Ray Data logs progress tables at INFO, which stay in its log files
     context.enable_progress_bars = progress
-    _quiet_ray_data()
     cpus = int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_actor, 1e-3))
     # at most `actors`, starting from one: a fixed pool of as many actors as CPUs left the listing task none (hang)
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors or cpus))
@@ -158,12 +159,23 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
         raise RayPredictError(f"cannot reach a Ray cluster at {address} ({err.strerror or err})") from None
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data's INFO lines (execution plans, log folders, progress tables) stay in its session log files; warnings
-    and errors still reach stderr, beside the command's own messages."""
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """While predicting, Ray Data's INFO lines (execution plans, log folders, progress tables) stay in its session log
+    files; warnings and errors still reach stderr, beside the command's own messages. The console handlers get their
+    levels back afterwards, for Python callers that want Ray's INFO lines."""
+    import ray.data  # its import sets up the handlers
+
+    handlers = [handler for handler in logging.getLogger("ray.data").handlers
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    levels = [handler.level for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
 
 
 def _batches(dataset) -> Iterator[pd.DataFrame]:
