@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import re
 import shutil
 import struct
 import zlib
@@ -154,6 +156,19 @@ def test_malformed_requests_are_4xx(client):
                                headers={"content-type": "multipart/form-data; boundary=nope"}), (400, 422))
 
 
+def test_each_request_gets_one_access_log_line(client, lesion, caplog):
+    """A service operator sees every request (client, method, path, status, time), refused uploads included; health
+    polls stay at DEBUG, and query strings (which may name a patient) never reach the log."""
+    with caplog.at_level(logging.INFO, logger="skincancer"):
+        assert upload(client, lesion.read_bytes(), patient="jane-doe").status_code == 200
+        assert upload(client, b"\xff" * (2 * LIMIT_MB * 1024 * 1024)).status_code == 413
+        assert client.get("/api/health").status_code == 200
+    lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    assert [re.sub(r"\d+ ms$", "N ms", line) for line in lines if '"' in line] == [
+        'testclient "POST /api/predict" 200 N ms', 'testclient "POST /api/predict" 413 N ms']
+    assert not any("jane" in line for line in lines)
+
+
 def test_live_server_binds_loopback_and_survives_bad_uploads(served_run, lesion):
     with serving(served_run, "--max-upload-mb", str(LIMIT_MB)) as (url, process):
         with httpx.Client(base_url=url, timeout=30) as http:
@@ -174,6 +189,7 @@ def test_live_server_binds_loopback_and_survives_bad_uploads(served_run, lesion)
             assert process.poll() is None
     output = process.stdout.read()
     assert "http://127.0.0.1:" in output and "Research aid only" in output
+    assert '127.0.0.1 "POST /api/predict" 200' in output and '"POST /api/predict" 415' in output  # access lines
 
 
 def test_probabilities_are_finite(client, data_dir):

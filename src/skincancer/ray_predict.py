@@ -164,7 +164,7 @@ def _quiet_ray_data() -> Iterator[None]:
     """While predicting, Ray Data's INFO lines (execution plans, log folders, progress tables) stay in its session log
     files; warnings and errors still reach stderr, beside the command's own messages. The console handlers get their
     levels back afterwards, for Python callers that want Ray's INFO lines."""
-    import ray.data  # its import sets up the handlers
+    import ray.data  # noqa: F401  (its import sets up the handlers)
 
     handlers = [handler for handler in logging.getLogger("ray.data").handlers
                 if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]

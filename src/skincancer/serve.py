@@ -63,6 +63,34 @@ class UploadLimit:
         await self.app(scope, counted_receive, send)
 
 
+class AccessLog:
+    """ASGI middleware: one log line per request, `client "METHOD /path" status milliseconds`, on the skincancer
+    logger (INFO; health checks at DEBUG, since load balancers poll them). Paths only: no query strings, no uploads."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # 500 unless a response starts
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client = scope.get("client")
+            path = scope.get("path", "")
+            log.log(logging.DEBUG if path == "/api/health" else logging.INFO, '%s "%s %s" %d %.0f ms',
+                    client[0] if client else "-", scope.get("method", ""), path, status,
+                    (time.perf_counter() - started) * 1000)
+
+
 def model_card(classifier: Classifier) -> dict:
     """What GET /api/model says: the model's name, version, classes, threshold and validation figures."""
     meta = classifier.meta
@@ -124,6 +152,7 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
     app = FastAPIOffline(title="skincancer", version=__version__,
                          description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
     app.add_middleware(UploadLimit, limit=file_limit + MULTIPART_SLACK, file_limit=file_limit)
+    app.add_middleware(AccessLog)  # outermost: it also logs the uploads UploadLimit refuses
     app.state.classifier = classifier
     page = render_page(card, file_limit)
 
