@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -10,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray  # in the dev extra: CI runs this module, never skips it
-import ray.data
 from typer.testing import CliRunner
 
 from skincancer import cli
 from skincancer.checkpoint import CheckpointError
 from skincancer.predict import expand_inputs, load_model
-from skincancer.ray_predict import RayPredictError, predict_with_ray
+from skincancer.ray_predict import RayPredictError, predict_with_ray, ray_data_console_handlers
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,7 @@ def image_folder(data_dir, tmp_path_factory) -> Path:
 
 
 def _console_levels() -> list[int]:
-    return [handler.level for handler in logging.getLogger("ray.data").handlers
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    return [handler.level for handler in ray_data_console_handlers()]
 
 
 def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):

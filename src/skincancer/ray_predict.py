@@ -159,15 +159,20 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
         raise RayPredictError(f"cannot reach a Ray cluster at {address} ({err.strerror or err})") from None
 
 
+def ray_data_console_handlers() -> list[logging.Handler]:
+    """Ray Data's handlers that write to the console (not its session log files)."""
+    import ray.data  # noqa: F401  (its import sets up the handlers)
+
+    return [handler for handler in logging.getLogger("ray.data").handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+
+
 @contextmanager
 def _quiet_ray_data() -> Iterator[None]:
     """While predicting, Ray Data's INFO lines (execution plans, log folders, progress tables) stay in its session log
     files; warnings and errors still reach stderr, beside the command's own messages. The console handlers get their
     levels back afterwards, for Python callers that want Ray's INFO lines."""
-    import ray.data  # noqa: F401  (its import sets up the handlers)
-
-    handlers = [handler for handler in logging.getLogger("ray.data").handlers
-                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    handlers = ray_data_console_handlers()
     levels = [handler.level for handler in handlers]
     for handler in handlers:
         handler.setLevel(max(handler.level, logging.WARNING))
