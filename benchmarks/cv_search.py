@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--eval-sizes", type=int, nargs="*", default=[],
                         help="also predict the held-out folds at these sizes (8 views; the eval_image_size lever)")
     parser.add_argument("--num-workers", type=int, help="override the recipes' num_workers (e.g. 2 on this CPU)")
+    parser.add_argument("--fold", type=int, nargs="*",
+                        help="run only these folds (0-based) and print their lines; pooled scores and *_oof.npy need "
+                             "every fold, so they are skipped")
     args = parser.parse_args()
 
     recipes = yaml.safe_load(Path(args.recipes).read_text())
@@ -53,11 +56,15 @@ def main() -> None:
     # rows of every <recipe>_oof.npy: [1-view, 8-view] x image x (melanoma, nevus, seborrheic_keratosis)
     data[["image_id", "diagnosis"]].to_csv(out / "oof_index.csv", index=False)  # manifests carry image_id
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
+    if args.fold and not set(args.fold) <= set(range(args.folds)):
+        parser.error(f"--fold: each fold must be between 0 and {args.folds - 1}, got {args.fold}")
     oof: dict[str, dict[int, np.ndarray]] = {}
     for name, overrides in recipes.items():
         tic = time.time()
         oof[name] = {1: np.zeros((len(data), 3)), 8: np.zeros((len(data), 3))}
         for k, (kept, held) in enumerate(folds):
+            if args.fold and k not in args.fold:
+                continue
             fold_dir = work / name / f"fold{k}"
             train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
             held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
@@ -85,11 +92,15 @@ def main() -> None:
             fold = {t: p[held] for t, p in oof[name].items()}
             print(json.dumps({"recipe": name, "fold": k, **scores(data.iloc[held], fold),
                               "seconds_since_recipe_start": round(time.time() - tic)}), flush=True)
+        if args.fold:
+            continue
         np.save(out / f"{name}_oof.npy", np.stack([oof[name][1], oof[name][8]]))
         for size in args.eval_sizes:
             np.save(out / f"{name}_oof_size{size}.npy", oof[name][f"8@{size}"])
         print(json.dumps({"recipe": name, **scores(data, oof[name]), "seconds": round(time.time() - tic)}),
               flush=True)
+    if args.fold:
+        return
     for a, b in itertools.combinations(oof, 2):
         mean = {t: (oof[a][t] + oof[b][t]) / 2 for t in oof[a]}
         print(json.dumps({"recipe": f"{a}+{b}", **scores(data, mean)}), flush=True)
