@@ -162,19 +162,26 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     assert not torch.allclose(*weights, atol=1e-4)
 
 
-def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, cache_dir, tmp_path):
+def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, cache_dir, tmp_path, monkeypatch):
     """feature_views: the head is trained on 8 dihedral views of each image; held-out images are scored by the mean
     of their `tta` views, exactly what the saved model does with that TTA: the validation AUC logged for the chosen
-    C equals the AUC of the saved model's own 8-view predictions."""
+    C equals the AUC of the saved model's own 8-view predictions. Each file is hashed once for the whole run."""
+    import importlib
+
     from skincancer.config import ConfigError
     from skincancer.metrics import roc_auc
 
     with pytest.raises(ConfigError, match="feature_views: must be 1, 2, 4 or 8"):
         load_config(None, feature_views=3)
+    train_module = importlib.import_module("skincancer.train")  # the package's `train` is the function
+    hashed = []
+    monkeypatch.setattr(train_module, "content_keys",
+                        lambda paths, real=train_module.content_keys: hashed.extend(paths) or real(paths))
     run = train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]),
                             out=str(tmp_path / "eight"), mode="linear", cache_dir=str(cache_dir), linear_c=[0.3],
                             feature_views=8, tta=8, num_workers=0))
     valid = load_manifest(small_data["valid"])
+    assert sorted(hashed) == sorted([*load_manifest(small_data["train"])["filepath"], *valid["filepath"]])
     model = load_model(run, engine="torch")
     assert model.meta["tta"] == 8
     table = model.predict(list(valid["filepath"]))  # the model's own default: 8 views

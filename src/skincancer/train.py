@@ -114,7 +114,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         held_out = None
         if config.mode == "linear":
             held_out = fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
-                                  out, writer)
+                                  out, writer, keys)
             epoch = 0
         else:
             epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
@@ -165,7 +165,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
 def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], out: Path,
-               writer: SummaryWriter) -> tuple[np.ndarray, pd.DataFrame] | None:
+               writer: SummaryWriter, keys: list[str | None] | None = None) -> tuple[np.ndarray, pd.DataFrame] | None:
     """Frozen backbone; logistic regression on cached features; its weights become the model's classifier.
 
     C is chosen by stratified k-fold cross-validation (more stable than 150 validation images). With
@@ -173,23 +173,29 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     probabilities (with the rows they belong to) come back for choosing the threshold; otherwise None.
 
     The head is trained on `feature_views` dihedral views of each image; held-out images are scored as the model
-    will score them, by the mean of their first `tta` views' probabilities."""
+    will score them, by the mean of their first `tta` views' probabilities.
+
+    keys: content_keys of the training then the validation files, when the caller has them (hashed once a run)."""
     pooled = config.linear_fit == "train+valid"
     fit_df = pd.concat([train_df, valid_df], ignore_index=True) if pooled else train_df
     targets = np.concatenate([train_targets, valid_targets]) if pooled else train_targets
     views, scored = config.feature_views, config.tta
 
-    def view_features(paths: pd.Series, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if keys is None:
+        keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])
+    train_keys, valid_keys = keys[:len(train_df)], keys[len(train_df):]
+
+    def view_features(paths: pd.Series, split: str, n: int, keys: list) -> tuple[np.ndarray, np.ndarray]:
         """[n views, usable images, D] and the mask of usable images (readable in every view)."""
-        keys = content_keys(paths)
         per_view = [cached_features(model, paths, config, prep, view, split, keys) for view in range(n)]
         ok = np.logical_and.reduce([mask for _, mask in per_view])
         return np.stack([features[ok] for features, _ in per_view]), ok
 
-    x, ok = view_features(fit_df["filepath"], "train+valid" if pooled else "train", max(views, scored))
+    x, ok = view_features(fit_df["filepath"], "train+valid" if pooled else "train", max(views, scored),
+                          keys if pooled else train_keys)
     y = targets[ok]
     if not pooled:
-        valid_x, valid_ok = view_features(valid_df["filepath"], "valid", scored)
+        valid_x, valid_ok = view_features(valid_df["filepath"], "valid", scored, valid_keys)
         valid_labels = valid_df["label"].to_numpy()[valid_ok]
     positive = _positive_indices(config, class_names)
     is_positive = np.isin(y, positive).astype(int)
