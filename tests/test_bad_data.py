@@ -176,8 +176,11 @@ def test_evaluate_cli_on_the_whole_bad_corpus_with_loader_workers(corpus, linear
     result = cli("evaluate", "--model", linear_run, "--data", root, "--out", tmp_path / "eval", "--num-workers", "2",
                  preexec=unprivileged_preexec())
     no_traceback(result)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"warning: {len(bad_names())} unreadable file(s) skipped" in result.stderr
+    # everything is written, and the exit status says the figures leave images out
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (f"error: {len(bad_names())} of {len(files)} images could not be read (named above and in metrics.json); "
+            f"the figures are on the other {len(files) - len(bad_names())}") in result.stderr
+    assert (tmp_path / "eval" / "report.html").is_file()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     skipped = {item["path"]: item["reason"] for item in metrics["skipped"]}
     assert set(skipped) == {str(files[name]) for name in bad_names()}

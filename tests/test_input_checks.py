@@ -238,7 +238,7 @@ def test_evaluate_needs_both_labels_and_writes_strict_json(tiny_run, small_data,
 @pytest.mark.parametrize(("args", "message"), [
     (["preview", "{manifest}", "-o", "{image}"], "expected a .png file name"),
     (["preview", "{manifest}", "--n", "0"], "--n: expected 1 or more"),
-    (["predict", "{image}", "--model", "{run}", "-o", "{image}"], "expected a .csv file name"),
+    (["predict", "{image}", "--model", "{run}", "-o", "{image}"], "expected a .csv or .json file name"),
     (["predict", "{image}", "--model", "{run}", "--format", "json", "-o", "{copy}.json"], None),
     (["predict", "{image}", "--model", "{run}", "--tta", "3"], "--tta: must be 1, 2, 4 or 8"),
     (["predict", "{image}", "--model", "{run}", "--batch-size", "0"], "--batch-size: expected 1 or more"),
@@ -315,13 +315,17 @@ def test_training_names_validation_images_that_are_training_images(tmp_path: Pat
     files = sorted((data_dir / "train" / "nevus").glob("*.jpg"))[:3]
     copy = tmp_path / "renamed.jpg"
     copy.write_bytes(files[0].read_bytes())
+    other = str(sorted((data_dir / "valid" / "nevus").glob("*.jpg"))[0])
     train = pd.DataFrame({"filepath": [str(f) for f in files]})
     with caplog.at_level("WARNING", logger="skincancer"):
-        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy)]}))
+        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), other]}))
         assert f"{copy} is also in train as {files[0]}" in caplog.text
         caplog.clear()
-        _warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy)]}))
+        _warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy), other]}))
         assert caplog.text == ""
+    # validation made only of training images (--valid the same as --train): nothing could be chosen honestly
+    with pytest.raises(DataError, match="v.csv: every validation image is also a training image"):
+        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), str(files[1])]}), valid_source="v.csv")
 
 
 def test_python_api_names_odd_image_inputs(tiny_run):

@@ -63,10 +63,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = "--out",
-                 replaces: str | None = None) -> None:
+                 replaces: tuple[str, ...] = ()) -> None:
     """Fail before any work when `out` cannot be the file this command writes: wrong kind of name (so that a
-    slip never turns an image or a manifest into a CSV), a folder, one of the command's own inputs, or (with
-    `replaces`, the first field of this command's own tables) an existing file this command did not write."""
+    slip never turns an image or a manifest into a CSV), a folder, one of the command's own inputs, a read-only
+    file, or (with `replaces`, the leading column names of this command's own tables) an existing file this
+    command did not write."""
     if out.suffix.lower() not in suffixes:
         _fail(f"{option} {out}: expected a {' or '.join(suffixes)} file name")
     if out.is_dir():
@@ -74,21 +75,27 @@ def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = 
     target = os.path.realpath(out)  # realpath, unlike Path.resolve, does not raise on a symlink loop
     if any(os.path.realpath(path) == target for path in inputs if path is not None):
         _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
-    if replaces and out.is_file() and out.stat().st_size:
-        if out.suffix.lower() == ".parquet":
-            try:
-                import pyarrow.parquet as pq
+    if out.is_file() and not out.stat().st_mode & 0o222:  # by its mode bits: root may write anything
+        _fail(f"{option} {out}: is read-only; it stays as it is (choose another name)")
+    if replaces and out.is_file() and out.stat().st_size and _leading_columns(out)[:len(replaces)] != list(replaces):
+        _fail(f"{option} {out}: already exists and is not a table this command wrote; remove it or choose "
+              "another name")
 
-                head = pq.read_schema(out).names[0]
-                head = head if head == replaces else ""
-            except Exception:  # not a Parquet file, or an empty schema: not ours either way
-                head = ""
-        else:
-            with open(out, "rb") as f:
-                head = f.read(200).decode("utf-8", "replace").lstrip("\ufeff[{ \n\"")
-        if not head.startswith(replaces):
-            _fail(f"{option} {out}: already exists and is not a table this command wrote; remove it or choose "
-                  "another name")
+
+def _leading_columns(path: Path) -> list[str]:
+    """The first column names of a CSV, JSON records or Parquet table ([] when it is none of them)."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        except Exception:  # not a Parquet file: not ours
+            return []
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff")
+    if path.suffix.lower() == ".json":
+        return re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', head.split("}")[0])  # the keys of the first record
+    return [name.strip().strip('"') for name in head.splitlines()[0].split(",")] if head.strip() else []
 
 
 def _check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
@@ -112,7 +119,8 @@ def index(
         help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
-    _output_file(out, (".csv",), inputs=[isic_csv, metadata], replaces="image_id")
+    # "image_id,filepath": a manifest; an ISIC ground-truth or metadata CSV starts with image_id alone
+    _output_file(out, (".csv",), inputs=[isic_csv, metadata], replaces=("image_id", "filepath"))
     label_map = parse_labels(labels)
     patient = read_metadata_csv(metadata) if metadata is not None else None
     if isic_csv is not None:
@@ -138,6 +146,9 @@ def index(
         manifest = attach(manifest, patient)
         known = sum(row is not None for row in records(manifest, str(metadata)))
         typer.echo(f"metadata: age or sex known for {known} of {len(manifest)} images")
+        if not known:
+            typer.echo(f"warning: {metadata} gives age or sex for none of these images (matched on image_id); is it "
+                       "this data set's metadata?", err=True)
     save_manifest(manifest, out)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["diagnosis"].value_counts().sort_index().items())
     typer.echo(f"wrote {out}: {len(manifest)} images ({counts}); {len(bad)} skipped")
@@ -208,6 +219,11 @@ def train(
             _fail("--resume continues the run in its folder; --overwrite would replace it: choose one")
         if given:
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
+        from .train import is_finished
+
+        if is_finished(resume):
+            typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
+            return
         run = run_training(resume_config(resume), resume=True)
         typer.echo(f"run saved to {run}")
         return
@@ -255,8 +271,9 @@ def evaluate(
     for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
         typer.echo(f"{key:<36}{metrics[key]:.4f}")
     typer.echo(f"report: {out / 'report.html'}")
-    if metrics["skipped"]:
-        typer.echo(f"warning: {len(metrics['skipped'])} unreadable file(s) skipped (see metrics.json)", err=True)
+    if metrics["skipped"]:  # everything is written; the exit status says the figures cover only part of the data
+        _fail(f"{len(metrics['skipped'])} of {metrics['n'] + len(metrics['skipped'])} images could not be read "
+              f"(named above and in metrics.json); the figures are on the other {metrics['n']}", code=1)
 
 
 @app.command()
@@ -321,7 +338,8 @@ def predict(
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
     if out is not None:
-        _output_file(out, (f".{format}",), inputs=[*files, metadata], replaces="source")
+        _output_file(out, (f".{format}",) if table_asked else (".csv", ".json"), inputs=[*files, metadata],
+                     replaces=("source",))
     classifier = load_models(model, engine=engine)
     rows = _patient_metadata(files, metadata, age, sex)
     if rows is not None and classifier.metadata_model is None and not any(
@@ -457,7 +475,7 @@ def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: s
     from .ray_predict import OUTPUT_FORMATS, RayPredictError, predict_with_ray
 
     if out is not None:  # before Ray starts: never over an input, a folder or a file this command did not write
-        _output_file(out, OUTPUT_FORMATS, inputs=paths, replaces="source")
+        _output_file(out, OUTPUT_FORMATS, inputs=paths, replaces=("source",))
 
     def report(source: str, reason: str) -> None:
         typer.echo(f"error: {source}: {reason}", err=True)

@@ -347,6 +347,8 @@ def _refuse_label_conflicts(path: Path, frame: pd.DataFrame) -> None:
 def resolve_data(source: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     """A manifest CSV or a folder-per-class directory (indexed on the fly) -> manifest."""
     source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
     if source.is_dir():
         return index_folder(source, labels)
     if source.suffix.lower() == ".csv":

@@ -36,6 +36,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     else:
         classifier = load_models([model] if isinstance(model, (str, Path)) else list(model))
     out = Path(out)
+    _claim_out(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     _require_both_labels(frame["label"], data, "")
@@ -152,6 +153,16 @@ def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) ->
     if rows is None or not any(m.metadata_model is not None for m in members):
         return 0
     return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
+
+
+def _claim_out(out: Path) -> None:
+    """An evaluation goes into a new or empty folder, or replaces an earlier evaluation (a folder with
+    metrics.json); never into a folder of other files (a user's documents, a run, an image tree)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: a file is in the way of the evaluation folder (choose another --out)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise DataError(f"{out}: not empty and not an earlier evaluation (no metrics.json); evaluate into a new or "
+                        "empty folder")
 
 
 def _require_both_labels(labels, data, where: str) -> None:

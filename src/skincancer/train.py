@@ -62,7 +62,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     world = init_world()
     if world.distributed and config.mode == "linear" and not world.is_main:
         return out  # the linear probe is one process's work (features are cached); rank 0 does it
-    if resume and _finished(out):
+    if resume and is_finished(out):
         log.info("%s: the run has finished already; nothing to resume", out)
         return out
     if resume and config.mode == "linear":
@@ -72,6 +72,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if not resume:
             replace = _claim_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
+    old_log = (out / "train.log").stat().st_size if world.is_main and (out / "train.log").is_file() else 0
     file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
     try:
         seed_everything(config.seed)
@@ -82,15 +83,16 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         train_df = _readable(train_df, config.train, "train")
         valid_df = _readable(valid_df, config.valid, "valid")
         keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
-        _warn_shared_images(train_df, valid_df, keys)
+        _warn_shared_images(train_df, valid_df, keys, config.valid)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
         log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
                  len(valid_df), _counts(valid_df))
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
-        if replace:  # the inputs are readable: only now does the old run go
+        if replace:  # the inputs are readable: only now does the old run go, its log lines too
             _clear_run(out)
+            _drop_log_head(file_log, out / "train.log", old_log)
         if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
             # from the start, so that a model saved by an interrupted run is covered too
@@ -596,6 +598,11 @@ def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataF
     present = set(train_df["diagnosis"])
     names = [name for name in config.labels if name in present]
     unknown = sorted(set(valid_df["diagnosis"]) - set(names))
+    unmapped = [name for name in unknown if name not in config.labels]
+    if unmapped:
+        raise DataError(f"{config.valid}: diagnosis {', '.join(unmapped)} is not in the label map "
+                        f"({', '.join(f'{k}={v}' for k, v in config.labels.items())}); add it to --labels "
+                        "(or labels: in the config)")
     if unknown:
         raise DataError(f"{config.valid}: diagnosis {', '.join(unknown)} not among the training classes {names}")
     if len(names) < 2:
@@ -627,7 +634,8 @@ def _counts(frame: pd.DataFrame) -> str:
 RUN_RESULTS = ("model", "checkpoints", "tensorboard", "summary.csv", "valid_predictions.csv", "valid_metrics.json")
 
 
-def _finished(out: Path) -> bool:
+def is_finished(out: Path) -> bool:
+    """A saved, complete model (not the placeholder an interrupted run keeps)."""
     try:
         meta = json.loads((out / "model" / "model.json").read_text())
     except (OSError, ValueError):
@@ -654,13 +662,31 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
 
 
 def _clear_run(out: Path) -> None:
-    """Delete a previous run's results (config.yaml and train.log are being rewritten by the new run)."""
+    """Delete a previous run's results (config.yaml and train.log are being rewritten by the new run). Evaluations
+    saved inside the run folder are the user's: they stay, with a warning that they describe the old model."""
     for name in RUN_RESULTS:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for path in sorted(out.iterdir()):
+        if path.is_dir() and (path / "metrics.json").is_file():
+            log.warning("%s: an evaluation of the replaced run; its figures do not describe the new one", path)
+
+
+def _drop_log_head(handler: logging.Handler, path: Path, start: int) -> None:
+    """Keep only the bytes of train.log from `start` on (this run's lines): a replaced run's log goes with it.
+    The handler appends, so its next lines follow what is kept."""
+    if not start:
+        return
+    handler.flush()
+    with open(path, "r+b") as f:
+        f.seek(start)
+        kept = f.read()
+        f.seek(0)
+        f.write(kept)
+        f.truncate()
 
 
 def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False) -> None:
@@ -676,18 +702,25 @@ def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fit
     write_json(model_dir / FITTED_IMAGES_FILE, {"hash": "sha1", **keys})
 
 
-def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame, keys: list | None = None) -> None:
-    """Images in both splits (identical bytes, whatever their names) make validation optimistic: name them.
+def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame, keys: list | None = None,
+                        valid_source: str = "valid") -> None:
+    """Images in both splits (identical bytes, whatever their names) make validation optimistic: name them (the
+    first ten). Validation made only of training images would choose nothing honestly: an error.
     keys: content_keys of the training then the validation files (computed when not given)."""
     paths = [*train_df["filepath"], *valid_df["filepath"]]
     keys = content_keys(paths) if keys is None else keys
     n = len(train_df)
     shared = [g for g in same_key(keys) if min(g) < n <= max(g)]
-    for group in shared:
+    if len({i for group in shared for i in group if i >= n}) == len(valid_df):
+        raise DataError(f"{valid_source}: every validation image is also a training image (identical bytes); "
+                        "validation needs images the model is not trained on")
+    for group in shared[:10]:
         log.warning("valid: %s is also in train as %s (identical bytes)", ", ".join(paths[i] for i in group if i >= n),
                     ", ".join(paths[i] for i in group if i < n))
     if shared:
-        log.warning("%d validation image(s) are also training images: validation figures are optimistic", len(shared))
+        more = f" ({len(shared) - 10} not listed)" if len(shared) > 10 else ""
+        log.warning("%d validation image(s) are also training images%s: validation figures are optimistic",
+                    len(shared), more)
 
 
 def _readable(frame: pd.DataFrame, source: str, split: str) -> pd.DataFrame:
