@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -57,6 +58,17 @@ def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(tiny_run,
     assert result.exit_code != 0 and (documents / "report.html").read_text() == "mine"
     with pytest.raises(DataError, match="report.html: a file is in the way"):
         evaluate(tiny_run, small_data["test"], documents / "report.html", num_workers=0, n_boot=20)
+    (documents / "report.html").unlink()
+    (documents / "metrics.json").write_text('{"accuracy": 1}')  # another tool's metrics.json
+    with pytest.raises(DataError, match="documents: not empty and not an earlier evaluation"):
+        evaluate(tiny_run, small_data["test"], documents, num_workers=0, n_boot=20)
+    tree = tmp_path / "tree"
+    for row in pd.read_csv(small_data["test"]).itertuples():
+        (tree / row.diagnosis).mkdir(parents=True, exist_ok=True)
+        shutil.copy(small_data["test"].parent / row.filepath, tree / row.diagnosis)
+    with pytest.raises(DataError, match="eval: inside the image folder"):
+        evaluate(tiny_run, tree, tree / "eval", num_workers=0, n_boot=20)
+    assert not (tree / "eval").exists()
     out = tmp_path / "eval"
     first = evaluate(tiny_run, small_data["test"], out, num_workers=0, n_boot=20)
     again = evaluate(tiny_run, small_data["test"], out, num_workers=0, n_boot=20)  # an evaluation is replaced
@@ -83,6 +95,10 @@ def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small
     assert log[0] == first and log.count(first) == 1, "lines of the replaced run are still in train.log"
     assert any("an evaluation of the replaced run" in line for line in log)
     assert any("linear head C=3" in line for line in log) and not any("C=0.1" in line for line in log), log
+    # a replacement refused on its inputs (a training diagnosis missing from the label map) clears nothing
+    with pytest.raises(DataError, match="train.csv: diagnosis seborrheic_keratosis is not in the label map"):
+        train(load_config(None, **settings, labels={"melanoma": 1, "nevus": 0}), overwrite=True)
+    assert (run / "model" / "model.json").is_file() and messages()[:len(log)] == log
 
 
 def test_messages_name_the_real_mistake(tiny_run, small_data, data_dir, tmp_path):
@@ -93,7 +109,8 @@ def test_messages_name_the_real_mistake(tiny_run, small_data, data_dir, tmp_path
     result = invoke("train", "--train", small_data["train"], "--valid", small_data["valid"], "--out", tmp_path / "r",
                     "--labels", "melanoma=1,bcc=1,nevus=0")
     message = str(result.exception or result.output)
-    assert "seborrheic_keratosis is not in the label map (melanoma=1, bcc=1, nevus=0); add it to --labels" in message
+    assert (f"{small_data['train']}: diagnosis seborrheic_keratosis is not in the label map (melanoma=1, bcc=1, "
+            "nevus=0); add it to --labels") in message
     # resuming a finished run says so, and does not claim to have saved it
     result = invoke("train", "--resume", tiny_run)
     assert result.exit_code == 0 and "has finished already" in result.output and "run saved" not in result.output

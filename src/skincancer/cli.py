@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -75,7 +76,7 @@ def _output_file(out: Path, suffixes: tuple[str, ...], inputs=(), option: str = 
     target = os.path.realpath(out)  # realpath, unlike Path.resolve, does not raise on a symlink loop
     if any(os.path.realpath(path) == target for path in inputs if path is not None):
         _fail(f"{option} {out}: is one of this command's inputs; writing there would destroy it")
-    if out.is_file() and not out.stat().st_mode & 0o222:  # by its mode bits: root may write anything
+    if out.is_file() and (not out.stat().st_mode & 0o222 or not os.access(out, os.W_OK)):  # root may write anything
         _fail(f"{option} {out}: is read-only; it stays as it is (choose another name)")
     if replaces and out.is_file() and out.stat().st_size and _leading_columns(out)[:len(replaces)] != list(replaces):
         _fail(f"{option} {out}: already exists and is not a table this command wrote; remove it or choose "
@@ -95,7 +96,7 @@ def _leading_columns(path: Path) -> list[str]:
         head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff")
     if path.suffix.lower() == ".json":
         return re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', head.split("}")[0])  # the keys of the first record
-    return [name.strip().strip('"') for name in head.splitlines()[0].split(",")] if head.strip() else []
+    return next(csv.reader(head.splitlines()[:1]), [])
 
 
 def _check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
@@ -205,25 +206,23 @@ def train(
         "--metadata/--no-metadata", help="also fit an age/sex model from the manifest (fused where given)")] = None,
 ) -> None:
     """Train a model and write a self-describing run folder (config, summary, TensorBoard, model/)."""
-    if nproc is not None and nproc < 1:
-        _fail(f"--nproc: expected 1 or more processes, got {nproc}")
-    if nproc is not None and nproc > 1:
-        _launch_torchrun(nproc)
     given = [name for name, value in locals().items()
              if name not in ("resume", "nproc", "overwrite") and value is not None]
-    from .train import resume_config
+    if nproc is not None and nproc < 1:
+        _fail(f"--nproc: expected 1 or more processes, got {nproc}")
+    from .train import is_finished, resume_config
     from .train import train as run_training
 
+    if resume is not None and is_finished(resume):  # before torchrun starts N processes to say so
+        typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
+        return
+    if nproc is not None and nproc > 1:
+        _launch_torchrun(nproc)
     if resume is not None:
         if overwrite:
             _fail("--resume continues the run in its folder; --overwrite would replace it: choose one")
         if given:
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
-        from .train import is_finished
-
-        if is_finished(resume):
-            typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
-            return
         run = run_training(resume_config(resume), resume=True)
         typer.echo(f"run saved to {run}")
         return
@@ -252,12 +251,14 @@ def evaluate(
 ) -> None:
     """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
     from .ensemble import load_models
+    from .evaluate import check_out_folder
     from .evaluate import evaluate as run_evaluation
     from .predict import ENGINES
 
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     _check_inference_options(tta, batch_size, num_workers)
+    check_out_folder(out, data)  # before the models load
     metrics = run_evaluation(load_models(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
                              num_workers=num_workers, use_metadata=metadata)
     lo, hi = metrics["auc_ci95"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,12 +32,12 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
     `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
     `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model."""
+    out = Path(out)
+    check_out_folder(out, data)
     if isinstance(model, Classifier):
         classifier = model
     else:
         classifier = load_models([model] if isinstance(model, (str, Path)) else list(model))
-    out = Path(out)
-    _claim_out(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     _require_both_labels(frame["label"], data, "")
@@ -155,14 +156,26 @@ def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) ->
     return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
 
 
-def _claim_out(out: Path) -> None:
-    """An evaluation goes into a new or empty folder, or replaces an earlier evaluation (a folder with
-    metrics.json); never into a folder of other files (a user's documents, a run, an image tree)."""
+def check_out_folder(out: str | Path, data: str | Path) -> None:
+    """An evaluation goes into a new or empty folder, or replaces an earlier evaluation (a folder whose
+    metrics.json `evaluate` wrote); never into a folder of other files (a user's documents, a run) nor inside a
+    folder-per-class image tree being evaluated (its plots would become images of it)."""
+    out, data = Path(out), Path(data)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: a file is in the way of the evaluation folder (choose another --out)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
-        raise DataError(f"{out}: not empty and not an earlier evaluation (no metrics.json); evaluate into a new or "
-                        "empty folder")
+    if data.is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
+        raise DataError(f"{out}: inside the image folder {data}; evaluate into a folder outside it")
+    if out.is_dir() and any(out.iterdir()) and not _is_evaluation(out / "metrics.json"):
+        raise DataError(f"{out}: not empty and not an earlier evaluation (no metrics.json of `evaluate`); evaluate "
+                        "into a new or empty folder")
+
+
+def _is_evaluation(path: Path) -> bool:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"auc", "n", "threshold", "skipped"} <= metrics.keys()
 
 
 def _require_both_labels(labels, data, where: str) -> None:

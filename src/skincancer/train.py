@@ -185,6 +185,8 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
 
     if keys is None:
         keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])
+    if len(keys) != len(train_df) + len(valid_df):
+        raise ValueError(f"fit_linear: {len(keys)} content keys for {len(train_df)} + {len(valid_df)} files")
     train_keys, valid_keys = keys[:len(train_df)], keys[len(train_df):]
 
     def view_features(paths: pd.Series, split: str, n: int, keys: list) -> tuple[np.ndarray, np.ndarray]:
@@ -595,14 +597,15 @@ def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_nam
 def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> list[str]:
     if config.head == "binary":
         return [config.negative_name, config.positive_name]
+    label_map = ", ".join(f"{k}={v}" for k, v in config.labels.items())
+    for source, frame in ((config.train, train_df), (config.valid, valid_df)):
+        unmapped = sorted(set(frame["diagnosis"]) - set(config.labels))
+        if unmapped:
+            raise DataError(f"{source}: diagnosis {', '.join(map(str, unmapped))} is not in the label map "
+                            f"({label_map}); add it to --labels (or labels: in the config)")
     present = set(train_df["diagnosis"])
     names = [name for name in config.labels if name in present]
     unknown = sorted(set(valid_df["diagnosis"]) - set(names))
-    unmapped = [name for name in unknown if name not in config.labels]
-    if unmapped:
-        raise DataError(f"{config.valid}: diagnosis {', '.join(unmapped)} is not in the label map "
-                        f"({', '.join(f'{k}={v}' for k, v in config.labels.items())}); add it to --labels "
-                        "(or labels: in the config)")
     if unknown:
         raise DataError(f"{config.valid}: diagnosis {', '.join(unknown)} not among the training classes {names}")
     if len(names) < 2:
@@ -653,10 +656,12 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
         return False
     if not (out / "train.log").is_file():  # every run, even one that failed at once, starts its train.log
         raise DataError(f"{out}: not empty and not a run folder; train into a new or empty folder")
-    finished = (out / "model" / "model.json").is_file()
+    finished = is_finished(out)
     interrupted = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    if (finished or interrupted) and not overwrite:
-        what = "a trained run (model/)" if finished else "an interrupted run (checkpoints/; `--resume` continues it)"
+    if (finished or interrupted or (out / "model" / "model.json").is_file()) and not overwrite:
+        what = ("a trained run (model/)" if finished else
+                "an interrupted run (checkpoints/; `--resume` continues it)" if interrupted else
+                "an unfinished run's model (model/)")
         raise DataError(f"{out}: already holds {what}; pass --overwrite to replace it, or choose another --out")
     return True
 
@@ -678,7 +683,7 @@ def _clear_run(out: Path) -> None:
 def _drop_log_head(handler: logging.Handler, path: Path, start: int) -> None:
     """Keep only the bytes of train.log from `start` on (this run's lines): a replaced run's log goes with it.
     The handler appends, so its next lines follow what is kept."""
-    if not start:
+    if not start or path.is_symlink():  # a linked log may be shared with other runs: leave it whole
         return
     handler.flush()
     with open(path, "r+b") as f:
@@ -711,16 +716,17 @@ def _warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame, keys: li
     keys = content_keys(paths) if keys is None else keys
     n = len(train_df)
     shared = [g for g in same_key(keys) if min(g) < n <= max(g)]
-    if len({i for group in shared for i in group if i >= n}) == len(valid_df):
+    in_train = {i for group in shared for i in group if i >= n}  # validation images with a training twin
+    if len(in_train) == len(valid_df):
         raise DataError(f"{valid_source}: every validation image is also a training image (identical bytes); "
                         "validation needs images the model is not trained on")
     for group in shared[:10]:
         log.warning("valid: %s is also in train as %s (identical bytes)", ", ".join(paths[i] for i in group if i >= n),
                     ", ".join(paths[i] for i in group if i < n))
     if shared:
-        more = f" ({len(shared) - 10} not listed)" if len(shared) > 10 else ""
+        more = f" (those of {len(shared) - 10} more groups not listed)" if len(shared) > 10 else ""
         log.warning("%d validation image(s) are also training images%s: validation figures are optimistic",
-                    len(shared), more)
+                    len(in_train), more)
 
 
 def _readable(frame: pd.DataFrame, source: str, split: str) -> pd.DataFrame:
