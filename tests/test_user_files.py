@@ -136,3 +136,18 @@ def test_predict_json_output_replaces_only_its_own_tables(tiny_run, data_dir, pr
     assert result.exit_code == 2 and "not a table this command wrote" in result.output
     result = invoke("predict", image, "--model", tiny_run, "-o", predictions.with_suffix(".png"))
     assert "expected a .csv or .json file name" in result.output
+
+
+def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
+    """A train.log that is a link (say, to a log several runs share) is never cut by --overwrite."""
+    shared = tmp_path / "shared.log"
+    shared.write_text("2026-01-01 00:00:00,000 INFO another run's line\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").symlink_to(shared)
+    settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(run), mode="linear",
+                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1])
+    train(load_config(None, **settings))
+    train(load_config(None, **settings), overwrite=True)
+    assert shared.read_text().startswith("2026-01-01 00:00:00,000 INFO another run's line\n")
+    assert shared.read_text().count("linear head C=0.1") == 2
