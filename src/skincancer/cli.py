@@ -250,17 +250,14 @@ def evaluate(
         "fuse the manifest's age/sex columns for models trained with metadata"))] = True,
 ) -> None:
     """Evaluate a run: AUC with 95% CI, operating points, ROC, confusion matrix, HTML report."""
-    from .ensemble import load_models
-    from .evaluate import check_out_folder
     from .evaluate import evaluate as run_evaluation
     from .predict import ENGINES
 
     if engine not in ENGINES:
         _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     _check_inference_options(tta, batch_size, num_workers)
-    check_out_folder(out, data)  # before the models load
-    metrics = run_evaluation(load_models(model, engine=engine), data, out, tta=tta, batch_size=batch_size,
-                             num_workers=num_workers, use_metadata=metadata)
+    metrics = run_evaluation(model, data, out, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                             use_metadata=metadata, engine=engine)  # checks --out before the models load
     lo, hi = metrics["auc_ci95"]
     typer.echo(f"{'n':<36}{metrics['n']} ({metrics['n_positive']} malignant)")
     typer.echo(f"{'AUC (95% CI)':<36}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")

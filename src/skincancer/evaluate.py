@@ -26,18 +26,19 @@ ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
 
 def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | Path, out: str | Path,
              tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000,
-             use_metadata: bool = True) -> dict:
+             use_metadata: bool = True, engine: str = "auto") -> dict:
     """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
     `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
-    `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model."""
+    `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model.
+    `engine`: how runs given as paths are loaded (onnx | torch | auto), once `out` is known to be usable."""
     out = Path(out)
-    check_out_folder(out, data)
+    _check_out_folder(out, data)
     if isinstance(model, Classifier):
         classifier = model
     else:
-        classifier = load_models([model] if isinstance(model, (str, Path)) else list(model))
+        classifier = load_models([model] if isinstance(model, (str, Path)) else list(model), engine=engine)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     _require_both_labels(frame["label"], data, "")
@@ -156,7 +157,7 @@ def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) ->
     return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
 
 
-def check_out_folder(out: str | Path, data: str | Path) -> None:
+def _check_out_folder(out: str | Path, data: str | Path) -> None:
     """An evaluation goes into a new or empty folder, or replaces an earlier evaluation (a folder whose
     metrics.json `evaluate` wrote); never into a folder of other files (a user's documents, a run) nor inside a
     folder-per-class image tree being evaluated (its plots would become images of it)."""

@@ -167,7 +167,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
 def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], out: Path,
-               writer: SummaryWriter, keys: list[str | None] | None = None) -> tuple[np.ndarray, pd.DataFrame] | None:
+               writer: SummaryWriter, keys: list[str | None]) -> tuple[np.ndarray, pd.DataFrame] | None:
     """Frozen backbone; logistic regression on cached features; its weights become the model's classifier.
 
     C is chosen by stratified k-fold cross-validation (more stable than 150 validation images). With
@@ -177,21 +177,19 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     The head is trained on `feature_views` dihedral views of each image; held-out images are scored as the model
     will score them, by the mean of their first `tta` views' probabilities.
 
-    keys: content_keys of the training then the validation files, when the caller has them (hashed once a run)."""
+    keys: content_keys of the training then the validation files (hashed once a run, by `train`)."""
     pooled = config.linear_fit == "train+valid"
     fit_df = pd.concat([train_df, valid_df], ignore_index=True) if pooled else train_df
     targets = np.concatenate([train_targets, valid_targets]) if pooled else train_targets
     views, scored = config.feature_views, config.tta
 
-    if keys is None:
-        keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])
     if len(keys) != len(train_df) + len(valid_df):
         raise ValueError(f"fit_linear: {len(keys)} content keys for {len(train_df)} + {len(valid_df)} files")
     train_keys, valid_keys = keys[:len(train_df)], keys[len(train_df):]
 
-    def view_features(paths: pd.Series, split: str, n: int, keys: list) -> tuple[np.ndarray, np.ndarray]:
+    def view_features(paths: pd.Series, split: str, n: int, file_keys: list) -> tuple[np.ndarray, np.ndarray]:
         """[n views, usable images, D] and the mask of usable images (readable in every view)."""
-        per_view = [cached_features(model, paths, config, prep, view, split, keys) for view in range(n)]
+        per_view = [cached_features(model, paths, config, prep, view, split, file_keys) for view in range(n)]
         ok = np.logical_and.reduce([mask for _, mask in per_view])
         return np.stack([features[ok] for features, _ in per_view]), ok
 
@@ -658,7 +656,7 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
         raise DataError(f"{out}: not empty and not a run folder; train into a new or empty folder")
     finished = is_finished(out)
     interrupted = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    if (finished or interrupted or (out / "model" / "model.json").is_file()) and not overwrite:
+    if (interrupted or (out / "model" / "model.json").is_file()) and not overwrite:  # finished: model.json too
         what = ("a trained run (model/)" if finished else
                 "an interrupted run (checkpoints/; `--resume` continues it)" if interrupted else
                 "an unfinished run's model (model/)")
