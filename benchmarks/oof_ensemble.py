@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--cv", required=True, help="cv_search.py --out folder")
     parser.add_argument("--linear", nargs="*", default=[], help="runs fitted with linear_fit: train+valid")
     parser.add_argument("--tta", type=int, choices=(1, 8), default=8)
+    parser.add_argument("--eval-size", type=int, help="use the fine-tunes' 8-view predictions at this size "
+                        "(<recipe>_oof_size<N>.npy from cv_search.py --eval-sizes N) instead")
     parser.add_argument("--combine", choices=("prob", "logit", "rank"), default="prob",
                         help="average probabilities (what evaluate does), their logits, or their ranks")
     args = parser.parse_args()
@@ -44,7 +46,11 @@ def main() -> None:
     index = pd.read_csv(cv / "oof_index.csv")
     members: dict[str, np.ndarray] = {}
     for path in sorted(cv.glob("*_oof.npy")):
-        members[path.name.removesuffix("_oof.npy")] = np.load(path)[0 if args.tta == 1 else 1]
+        name = path.name.removesuffix("_oof.npy")
+        if args.eval_size:
+            members[name] = np.load(cv / f"{name}_oof_size{args.eval_size}.npy")
+        else:
+            members[name] = np.load(path)[0 if args.tta == 1 else 1]
     for run in args.linear:
         if not (Path(run) / "valid_predictions.csv").is_file():
             raise SystemExit(f"{run}: no valid_predictions.csv here; pass a finished linear run's folder")
