@@ -20,11 +20,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(run: Path, *extra: str, timeout: float = 90.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yield (base URL, process) once GET /api/health answers; the default host is left to the CLI."""
+def serving(run: Path | list[Path], *extra: str, timeout: float = 90.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield (base URL, process) once GET /api/health answers; the default host is left to the CLI. Several runs:
+    an ensemble (`--model` repeated)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "skincancer", "serve", "--model", str(run), "--port", str(port),
-                                *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    models = [arg for r in (run if isinstance(run, list) else [run]) for arg in ("--model", str(r))]
+    process = subprocess.Popen([sys.executable, "-m", "skincancer", "serve", *models, "--port", str(port), *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

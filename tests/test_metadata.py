@@ -220,3 +220,23 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run):
         assert 'id="patient" hidden' in client.get("/").text
         answer = client.post("/api/predict", files=files, data={"age": "85"}).json()
         assert answer["metadata_used"] is False
+
+
+def test_web_api_fuses_age_and_sex_in_an_ensemble_with_a_metadata_member(metadata_run, tiny_run):
+    from fastapi.testclient import TestClient
+
+    from skincancer.ensemble import load_models
+    from skincancer.serve import create_app
+
+    run, manifests = metadata_run
+    image = Path(load_manifest(manifests["valid"])["filepath"].iloc[0])
+    ensemble = load_models([run, tiny_run], engine="torch")
+    assert ensemble.uses_metadata and not load_model(tiny_run).uses_metadata
+    expected, _ = ensemble.predict_proba([str(image)], metadata=[{"age": 85, "sex": "male"}])
+    with TestClient(create_app(ensemble)) as client:
+        assert client.get("/api/model").json()["metadata"] is True
+        assert 'id="patient" hidden' not in client.get("/").text
+        files = {"file": ("lesion.jpg", image.read_bytes(), "image/jpeg")}
+        answer = client.post("/api/predict", files=files, data={"age": "85", "sex": "male"}).json()
+    assert answer["metadata_used"] is True
+    assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-5)

@@ -19,6 +19,7 @@ from live_server import serving
 from PIL import Image
 
 from skincancer import NOTICE
+from skincancer.ensemble import load_models
 from skincancer.export import export_onnx
 from skincancer.predict import load_model
 from skincancer.serve import create_app
@@ -31,6 +32,7 @@ LIMIT_MB = 1
 def served_run(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("serve") / "run"
     shutil.copytree(Path(tiny_run) / "model", run / "model")
+    shutil.copy(Path(tiny_run) / "valid_predictions.csv", run)  # an ensemble's threshold is chosen on it
     export_onnx(run)
     return run
 
@@ -196,3 +198,32 @@ def test_probabilities_are_finite(client, data_dir):
     for path in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]:
         answer = upload(client, path.read_bytes()).json()
         assert np.isfinite(list(answer["probabilities"].values())).all()
+
+
+def test_an_ensemble_is_served_like_evaluate_scores_it(served_run, finetune_run, lesion):
+    """Several runs: probabilities averaged and the threshold re-chosen, as `predict`/`evaluate` do; the card and
+    the page name every member."""
+    ensemble = load_models([served_run, finetune_run], engine="torch")
+    expected = ensemble.predict([str(lesion)]).iloc[0]
+    with TestClient(create_app([served_run, finetune_run], engine="torch")) as client:
+        card = client.get("/api/model").json()
+        assert card["mode"] == "ensemble" and card["name"] == f"run + {Path(finetune_run).name}"
+        assert [m["backbone"] for m in card["members"]] == ["tf_efficientnet_lite0"] * 2
+        assert [m["image_size"] for m in card["members"]] == [224, 96]
+        assert card["threshold"] == pytest.approx(ensemble.threshold) and card["engine"] == "torch"
+        assert "an ensemble of 2 runs" in client.get("/").text
+        answer = upload(client, lesion.read_bytes(), cam="true").json()
+    for name, p in answer["probabilities"].items():
+        assert p == pytest.approx(expected[name], abs=1e-5)
+    assert answer["threshold"] == pytest.approx(ensemble.threshold) and answer["label"] == expected["label"]
+    assert answer["model"]["name"] == card["name"] and answer["cam_png_base64"]
+
+
+def test_serve_cli_takes_several_models(served_run, finetune_run, lesion):
+    with serving([served_run, finetune_run], "--engine", "torch") as (url, process):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert len(http.get("/api/model").json()["members"]) == 2
+            good = http.post("/api/predict", files={"file": (lesion.name, lesion.read_bytes(), "image/jpeg")})
+            assert good.status_code == 200 and 0 <= good.json()["malignant_probability"] <= 1
+    output = process.stdout.read()
+    assert f"serving {served_run / 'model'}, {Path(finetune_run) / 'model'} (torch)" in output

@@ -340,8 +340,7 @@ def predict(
                      replaces=("source",))
     classifier = load_models(model, engine=engine)
     rows = _patient_metadata(files, metadata, age, sex)
-    if rows is not None and classifier.metadata_model is None and not any(
-            m.metadata_model is not None for m in getattr(classifier, "members", [])):
+    if rows is not None and not classifier.uses_metadata:
         typer.echo("note: this model was trained without metadata; age/sex are ignored", err=True)
     table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
     failed = table[table["error"] != ""]
@@ -398,7 +397,7 @@ def export(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="run folder")],
+    model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
     port: int = 8000,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
@@ -418,8 +417,10 @@ def serve(
         _fail(f"--max-upload-mb: expected a positive number of megabytes, got {max_upload_mb}")
     _check_can_bind(host, port)
     application = create_app(model, max_upload_mb=max_upload_mb, engine=engine)
-    typer.echo(f"serving {application.state.classifier.source} ({application.state.classifier.engine_name}) "
-               f"on http://{host}:{port}/  (API docs: /docs). {NOTICE}", err=True)
+    classifier = application.state.classifier
+    served = ", ".join(str(m.source) for m in getattr(classifier, "members", [classifier]))
+    typer.echo(f"serving {served} ({classifier.engine_name}) on http://{host}:{port}/  (API docs: /docs). {NOTICE}",
+               err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 

@@ -39,8 +39,18 @@ class Ensemble(Classifier):
         self.members = list(members)
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
         meta.pop("metadata_model", None)  # each member fuses its own
+        meta["unfinished"] = any(m.meta.get("unfinished") for m in members)
         meta["threshold"], meta["validation"], meta["validation_source"] = _ensemble_threshold(self.members)
         super().__init__(model=first.model, meta=meta, source=first.source)
+
+    @property
+    def engine_name(self) -> str:
+        names = [m.engine_name for m in self.members]
+        return names[0] if len(set(names)) == 1 else "+".join(names)
+
+    @property
+    def uses_metadata(self) -> bool:
+        return any(m.uses_metadata for m in self.members)
 
     def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None,
                       metadata=None):

@@ -151,8 +151,7 @@ def _tta_used(classifier: Classifier, tta: int | None) -> int | str:
 
 def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) -> int:
     """Evaluated images whose age/sex were fused into the prediction (0 when the model has no metadata model)."""
-    members = getattr(classifier, "members", [classifier])
-    if rows is None or not any(m.metadata_model is not None for m in members):
+    if rows is None or not classifier.uses_metadata:
         return 0
     return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
 

@@ -77,6 +77,11 @@ class Classifier:
         values = self.meta.get("metadata_model")
         return MetadataModel.from_dict(values) if values else None
 
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether age/sex given with an image change its prediction (an ensemble: any member's)."""
+        return self.metadata_model is not None
+
     def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
                       tta: int | None = None, metadata=None) -> tuple[np.ndarray, list]:
         """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures.

@@ -10,6 +10,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
@@ -20,8 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import NOTICE, __version__
 from .data import ImageError, load_image
+from .ensemble import load_models
 from .metadata import MetadataError, parse_age, parse_sex
-from .predict import Classifier, load_model, sentence
+from .predict import Classifier, sentence
 
 log = logging.getLogger("skincancer")
 MB = 1024 * 1024
@@ -92,10 +94,12 @@ class AccessLog:
 
 
 def model_card(classifier: Classifier) -> dict:
-    """What GET /api/model says: the model's name, version, classes, threshold and validation figures."""
+    """What GET /api/model says: the model's name, version, classes, threshold and validation figures; for an
+    ensemble, also each member's name, backbone, input size, engine and test-time views."""
     meta = classifier.meta
+    members = getattr(classifier, "members", [])
     return {
-        "name": classifier.source.parent.name if classifier.source.name == "model" else classifier.source.name,
+        "name": " + ".join(_run_name(m) for m in members) if members else _run_name(classifier),
         "backbone": meta["backbone"],
         "version": meta.get("skincancer_version", __version__),
         "engine": classifier.engine_name,
@@ -107,12 +111,19 @@ def model_card(classifier: Classifier) -> dict:
         "threshold_policy": meta.get("threshold_policy"),
         "image_size": meta["image_size"],
         "mode": meta.get("mode"),
+        "members": [{"name": _run_name(m), "backbone": m.meta["backbone"], "image_size": m.meta["image_size"],
+                     "engine": m.engine_name, "tta": m.meta.get("tta", 1)} for m in members],
         "validation": meta.get("validation", {}),
         "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
-        "metadata": classifier.metadata_model is not None,  # age/sex fused with the image where given
-        "unfinished": bool(meta.get("unfinished")),
+        "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
+        "unfinished": any(m.meta.get("unfinished") for m in members or [classifier]),
         "notice": NOTICE,
     }
+
+
+def _run_name(classifier: Classifier) -> str:
+    source = classifier.source
+    return source.parent.name if source.name == "model" else source.name
 
 
 UNFINISHED = ("this model was saved by a training run that has not finished: its threshold is a placeholder, not "
@@ -141,9 +152,14 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine: str = "auto") -> FastAPI:
-    """The web app over one trained run (folder or loaded Classifier)."""
-    classifier = run if isinstance(run, Classifier) else load_model(run, engine=engine)
+def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_mb: float = 20.0,
+               engine: str = "auto") -> FastAPI:
+    """The web app over a trained run (folder or loaded Classifier), or an ensemble of runs (a list of folders:
+    probabilities averaged, threshold re-chosen on their validation predictions, as `evaluate` does)."""
+    if isinstance(run, Classifier):
+        classifier = run
+    else:
+        classifier = load_models([run] if isinstance(run, (str, Path)) else list(run), engine=engine)
     card = model_card(classifier)
     file_limit = int(max_upload_mb * MB)
     inference_lock = threading.Lock()  # one batch at a time: each already uses every core
@@ -183,7 +199,7 @@ def create_app(run: str | Path | Classifier, max_upload_mb: float = 20.0, engine
             patient = {"age": parse_age(age, "age", typed=True), "sex": parse_sex(sex, "sex")}
         except MetadataError as err:
             raise HTTPException(422, str(err)) from None
-        use_metadata = classifier.metadata_model is not None and any(v is not None for v in patient.values())
+        use_metadata = classifier.uses_metadata and any(v is not None for v in patient.values())
         data = file.file.read(file_limit + 1)
         if len(data) > file_limit:
             raise UploadTooLarge(file_limit)
@@ -232,11 +248,16 @@ def render_page(card: dict, file_limit: int) -> str:
         else f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{e(str(v))}</td></tr>"
         for k, v in validation.items()
     ) or "<tr><td>no validation figures recorded</td></tr>"
+    if card["members"]:
+        architecture = f"an ensemble of {len(card['members'])} runs, their probabilities averaged (" + "; ".join(
+            f"{m['name']}: {m['backbone']} at {m['image_size']} px, {m['tta']} view(s)" for m in card["members"]) + ")"
+    else:
+        architecture = f"{card['backbone']} at {card['image_size']} px"
     return PAGE.format(
-        notice=e(NOTICE), name=e(card["name"]), backbone=e(card["backbone"]), version=e(str(card["version"])),
+        notice=e(NOTICE), name=e(card["name"]), architecture=e(architecture), version=e(str(card["version"])),
         engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
-        limit_mb=f"{file_limit / MB:g}", size=card["image_size"], patient="" if card["metadata"] else " hidden",
+        limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden",
         source=e("out-of-fold predictions over the training and validation images"
                  if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
     )
@@ -277,7 +298,7 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
   </div>
 </section>
 <h2>The model</h2>
-<p>{name}: {backbone} at {size} px, classes {classes}; threshold {threshold} ({policy});
+<p>{name}: {architecture}, classes {classes}; threshold {threshold} ({policy});
 skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
 <h3>Validation figures ({source})</h3>
 <table id="validation">{rows}</table>
