@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
+from .progress import progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
@@ -123,7 +123,7 @@ def check_image(path: str | Path) -> str | None:
 
 def check_files(paths: Sequence[str | Path], desc: str = "checking images") -> list[BadFile]:
     bad = []
-    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 50):
+    for path in progress(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 50):
         reason = check_image(path)
         if reason is not None:
             bad.append(BadFile(str(path), reason))

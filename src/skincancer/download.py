@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS
+from .progress import progress as progress_bar
 
 log = logging.getLogger("skincancer")
 
@@ -147,7 +148,8 @@ def download_file(url: str, target: str | Path, size: int | None = None, sha256:
     target.parent.mkdir(parents=True, exist_ok=True)
     total = size
     attempt = 0
-    bar = tqdm(desc=target.name, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, leave=False)
+    bar = progress_bar(desc=target.name, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                       leave=False)
     try:
         while True:
             have = part.stat().st_size if part.exists() else 0

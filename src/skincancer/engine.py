@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from .data import collate
 from .distributed import every_rank
+from .progress import progress
 
 log = logging.getLogger("skincancer")
 
@@ -81,7 +81,7 @@ def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.nda
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     result: np.ndarray | None = None
     errors: list = []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2):  # none for one batch
+    for batch in progress(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2):  # none for one batch
         errors.extend(batch["errors"])
         if batch["image"] is None:
             continue
@@ -107,12 +107,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     agreed = every_rank if isinstance(model, nn.parallel.DistributedDataParallel) else (lambda flag, _: flag)
     total, count, errors = 0.0, 0, []
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    progress = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
+    bar = progress(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
     for step, batch in enumerate(loader):
         if step >= steps:
             break
         errors.extend(batch["errors"])
-        progress.update(1)
+        bar.update(1)
         if not agreed(batch["image"] is not None, device):
             continue  # a batch of unreadable files on any rank: every rank skips the step, so DDP stays in step
         with autocast(device):
@@ -127,8 +127,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         scheduler.step()
         n = len(batch["target"])
         total, count = total + loss.item() * n, count + n
-        progress.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if on_step is not None:
             on_step(step, loss.item())
-    progress.close()
+    bar.close()
     return (total / count if count else float("nan")), errors

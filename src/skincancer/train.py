@@ -46,6 +46,7 @@ from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
 from .metrics import choose_threshold, operating_point, roc_auc
+from .progress import progress
 
 log = logging.getLogger("skincancer")
 
@@ -221,7 +222,7 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     if pooled and folds < 2:
         raise DataError(f"{config.train} + {config.valid}: too few images of a class for cross-validation")
     rows, best = [], None
-    for c in tqdm(config.linear_c, desc="fitting linear head", unit="C", leave=False):
+    for c in progress(config.linear_c, desc="fitting linear head", unit="C", leave=False):
         cv_auc, oof = float("nan"), np.full((len(y), len(class_names)), np.nan)
         if folds >= 2:
             for kept, held in StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(y, y):
