@@ -100,7 +100,7 @@ def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, 
     import sys
 
     result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--model",
-                             str(finetune_run), "--data", str(small_data["test"]), "--out", str(tmp_path / "e"),
+                             str(finetune_run), "--data", str(small_data["test"]), "-o", str(tmp_path / "e"),
                              "--num-workers", "0", "--engine", "torch"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     metrics = __import__("json").loads((tmp_path / "e" / "metrics.json").read_text())

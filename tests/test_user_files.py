@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def test_messages_name_the_real_mistake(tiny_run, small_data, data_dir, tmp_path
     message = str(result.exception or result.output)
     assert (f"{small_data['train']}: diagnosis seborrheic_keratosis is not in the label map (melanoma=1, bcc=1, "
             "nevus=0); add it to --labels") in message
+    assert not (tmp_path / "r").exists()  # neither failed start left a folder behind
     # resuming a finished run says so, and does not claim to have saved it
     result = invoke("train", "--resume", tiny_run)
     assert result.exit_code == 0 and "has finished already" in result.output and "run saved" not in result.output
@@ -151,3 +153,27 @@ def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     train(load_config(None, **settings), overwrite=True)
     assert shared.read_text().startswith("2026-01-01 00:00:00,000 INFO another run's line\n")
     assert shared.read_text().count("linear head C=0.1") == 2
+
+
+def test_a_failed_start_leaves_nothing_and_a_stopped_run_logs_why(small_data, cache_dir, tmp_path, monkeypatch):
+    """A start refused on its inputs left a folder holding an empty train.log; a run that stopped later had no word
+    of why in its log (only on the console)."""
+    settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear",
+                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1])
+    bad_labels = {"melanoma": 1, "nevus": 0}  # seborrheic_keratosis missing: refused before the run begins
+    new, empty = tmp_path / "new" / "run", tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):
+        with pytest.raises(DataError, match="not in the label map"):
+            train(load_config(None, **settings, out=str(out), labels=bad_labels))
+    assert not new.exists() and empty.is_dir() and not any(empty.iterdir())  # the user's own folder stays
+
+    training = importlib.import_module("skincancer.train")  # the module; skincancer.train is also the function
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(training, "fit_linear", failing_fit)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(load_config(None, **settings, out=str(new)))
+    assert (new / "config.yaml").is_file()  # the run had begun: its folder stays, and its log says why it stopped
+    assert (new / "train.log").read_text().splitlines()[-1].endswith("ERROR training stopped: disk full")

@@ -240,7 +240,7 @@ def train(
 def evaluate(
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     data: Annotated[Path, typer.Option(help="labelled manifest CSV or folder-per-class directory")],
-    out: Annotated[Path, typer.Option(help="folder for metrics.json, predictions, plots, report.html")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for metrics.json, predictions, plots, report.html")],
     tta: Annotated[int | None, typer.Option(help="test-time augmentation views: 1, 2, 4 or 8 (default: the model's)")
                    ] = None,
     batch_size: int = 32,

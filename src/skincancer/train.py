@@ -69,12 +69,16 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     if resume and config.mode == "linear":
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
     replace = False
+    # a folder this call makes is removed again if the inputs do not check out: a failed start leaves nothing
+    created = world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))
+    existed = out.is_dir()
     if world.is_main:
         if not resume:
             replace = _claim_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     old_log = (out / "train.log").stat().st_size if world.is_main and (out / "train.log").is_file() else 0
     file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
+    begun = False  # the inputs checked out and the run's config.yaml is written
     try:
         seed_everything(config.seed)
         train_df = resolve_data(config.train, config.labels)
@@ -99,6 +103,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             # from the start, so that a model saved by an interrupted run is covered too
             write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
                                 fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
+        begun = True
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
@@ -157,10 +162,19 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                  meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
                  meta["train_seconds"])
         return out
+    except BaseException as err:
+        if begun:  # the log of a run that stopped says why (the console already shows the error)
+            file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "training stopped: %s",
+                                           (str(err) or type(err).__name__,), None))
+        raise
     finally:
         log.removeHandler(file_log)
         file_log.close()
         shutdown(world)
+        if created and not begun:
+            (out / "train.log").unlink(missing_ok=True)
+            if not existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
 
 
 # ---------------------------------------------------------------- linear probe
@@ -653,7 +667,7 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
         return False
-    if not (out / "train.log").is_file():  # every run, even one that failed at once, starts its train.log
+    if not (out / "train.log").is_file():  # every run keeps its train.log (a refused start leaves no folder)
         raise DataError(f"{out}: not empty and not a run folder; train into a new or empty folder")
     finished = is_finished(out)
     interrupted = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
