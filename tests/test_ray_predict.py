@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from skincancer import cli
 from skincancer.checkpoint import CheckpointError
+from skincancer.ensemble import load_models
 from skincancer.predict import expand_inputs, load_model
 from skincancer.ray_predict import RayPredictError, predict_with_ray, ray_data_console_handlers
 
@@ -183,3 +184,16 @@ def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tm
              if " INFO " in line or "Running Dataset" in line or "Progress bars" in line]
     assert noise == [], "\n".join(noise[:10])
     assert f"wrote {out}: 3 predicted, 0 failed" in done.stderr
+
+
+def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_run, image_folder, tmp_path):
+    """Several --model under --ray: each actor holds every member; the rows are `predict`'s ensemble rows."""
+    out = tmp_path / "ensemble.csv"
+    result = CliRunner().invoke(cli.app, ["predict", "--model", str(tiny_run), "--model", str(finetune_run), "--ray",
+                                          str(image_folder / "more"), "--engine", "torch", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = load_models([tiny_run, finetune_run], engine="torch").predict(expand_inputs([image_folder / "more"]))
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table["source"]) == [str(Path(s).absolute()) for s in expected["source"]] and len(table) == 2
+    np.testing.assert_allclose(table["malignant"], expected["malignant"], atol=1e-5)
+    assert list(table["label"]) == list(expected["label"])

@@ -305,15 +305,13 @@ def predict(
     if cam is not None and cam.exists() and not cam.is_dir():
         _fail(f"--cam {cam}: is a file; name a folder for the overlays")
     if ray:
-        if len(model) > 1:
-            _fail("--ray predicts with one --model")
         if metadata is not None or age is not None or sex is not None:
             _fail("--ray predicts from images only; drop --metadata/--age/--sex")
         if cam is not None:
             _fail("--ray writes predictions only; run --cam without --ray")
         if format not in (None, "csv") or (format == "csv" and out is not None and out.suffix.lower() != ".csv"):
             _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
-        return _predict_on_ray(paths, model[0], out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
+        return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
                                actors=num_workers)
     from .ensemble import load_models
     from .predict import ENGINES, expand_inputs, sentence
@@ -469,8 +467,8 @@ def download(
         typer.echo(f"{dest / archive.name}: {done[archive.name]['files']} images")
 
 
-def _predict_on_ray(paths: list[Path], model: Path, out: Path | None, address: str | None, engine: str, tta: int | None,
-                    batch_size: int, actors: int | None = None) -> None:
+def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, address: str | None, engine: str,
+                    tta: int | None, batch_size: int, actors: int | None = None) -> None:
     from .ray_predict import OUTPUT_FORMATS, RayPredictError, predict_with_ray
 
     if out is not None:  # before Ray starts: never over an input, a folder or a file this command did not write

@@ -25,11 +25,14 @@ class RayPredictError(ValueError):
     """Bad arguments for a Ray prediction; the message names the file or address."""
 
 
-def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None,
-                     address: str | None = None, engine: str = "auto", batch_size: int = 32, tta: int = 1,
-                     actors: int | None = None, cpus_per_actor: float = 1.0, num_cpus: int | None = None,
+def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[str | Path],
+                     out: str | Path | None = None, address: str | None = None, engine: str = "auto",
+                     batch_size: int = 32, tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0,
+                     num_cpus: int | None = None,
                      on_error: Callable[[str, str], None] | None = None, progress: bool = True) -> tuple[int, int]:
     """Predict every image in `inputs` (files and folders) on Ray and write one row per image to `out`.
+
+    run: a run folder, or several for an ensemble (probabilities averaged, as `predict --model A --model B`).
 
     out: a .parquet or .csv file (None: CSV on stdout). address: a Ray cluster ('auto', 'ray://host:10001');
     None starts a local Ray (with `num_cpus` CPUs) unless this process is already connected to one.
@@ -42,7 +45,8 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
         raise RayPredictError("Ray is not installed: pip install 'skincancer[ray]'") from None
 
     from .checkpoint import find_model_dir
-    from .predict import ENGINES, load_model
+    from .ensemble import load_models
+    from .predict import ENGINES
 
     if engine not in ENGINES:
         raise RayPredictError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -52,8 +56,8 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
         raise RayPredictError(f"{out}: is a folder; name a .parquet or .csv file")
     if not inputs:
         raise RayPredictError("no inputs: give image files and/or folders")
-    model_dir = find_model_dir(run).resolve()
-    load_model(model_dir, engine=engine)  # fail here, with a clear message, rather than inside every actor
+    model_dirs = [find_model_dir(r).resolve() for r in ([run] if isinstance(run, (str, Path)) else run)]
+    load_models(model_dirs, engine=engine)  # fail here, with a clear message, rather than inside every actor
     started = not ray.is_initialized()
     if started:
         _check_reachable(address)
@@ -62,7 +66,7 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
                  runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
     try:
         with _quiet_ray_data():
-            dataset = build_dataset(model_dir, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
+            dataset = build_dataset(model_dirs, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
                                     cpus_per_actor=cpus_per_actor, progress=progress)
             rows, failed = write_stream(_batches(dataset), out, on_error)
     finally:
@@ -73,9 +77,11 @@ def predict_with_ray(run: str | Path, inputs: Sequence[str | Path], out: str | P
     return rows, failed
 
 
-def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: str = "auto", batch_size: int = 32,
-                  tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0, progress: bool = True):
-    """The lazy Ray Dataset: inputs -> image paths (listed in tasks) -> prediction rows (in model actors)."""
+def build_dataset(model_dirs: Sequence[str | Path], inputs: Sequence[str | Path], engine: str = "auto",
+                  batch_size: int = 32, tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0,
+                  progress: bool = True):
+    """The lazy Ray Dataset: inputs -> image paths (listed in tasks) -> prediction rows (in model actors, each
+    holding every run of `model_dirs`)."""
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -91,8 +97,9 @@ def build_dataset(model_dir: str | Path, inputs: Sequence[str | Path], engine: s
              .repartition(target_num_rows_per_block=batch_size))
     return paths.map_batches(_ClassifierActor, batch_size=batch_size, batch_format="pandas", compute=pool,
                              num_cpus=cpus_per_actor,
-                             fn_constructor_kwargs={"run": str(model_dir), "engine": engine, "batch_size": batch_size,
-                                                    "tta": tta, "threads": max(1, int(cpus_per_actor))})
+                             fn_constructor_kwargs={"runs": [str(d) for d in model_dirs], "engine": engine,
+                                                    "batch_size": batch_size, "tta": tta,
+                                                    "threads": max(1, int(cpus_per_actor))})
 
 
 def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
@@ -195,15 +202,16 @@ def _expand_input(row: dict) -> list[dict]:
 
 
 class _ClassifierActor:
-    """Holds one loaded model; called with a batch of paths, returns their rows of `Classifier.table`."""
+    """Holds one loaded model (or ensemble); called with a batch of paths, returns their rows of
+    `Classifier.table`."""
 
-    def __init__(self, run: str, engine: str, batch_size: int, tta: int, threads: int = 1):
+    def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int, threads: int = 1):
         import torch
 
-        from .predict import load_model
+        from .ensemble import load_models
 
         torch.set_num_threads(threads)
-        self.classifier = load_model(run, engine=engine)
+        self.classifier = load_models(runs, engine=engine)
         self.batch_size, self.tta = batch_size, tta
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
