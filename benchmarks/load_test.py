@@ -4,6 +4,7 @@ Starts the server itself on a free 127.0.0.1 port (or uses --url, which must be 
 JPEGs, and prints one JSON line per concurrency level: p50/p90/p99 latency in ms, errors, requests per second.
 
     .venv/bin/python benchmarks/load_test.py --model runs/linear224 --requests 500 --concurrency 1,8
+    .venv/bin/python benchmarks/load_test.py --model runs/a --model runs/b --requests 50   # an ensemble
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def check_loopback(url: str) -> None:
     raise SystemExit(f"{url}: this load test only targets loopback addresses (127.0.0.0/8, ::1, localhost)")
 
 
-def start_server(model: str, engine: str, timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
+def start_server(models: list[str], engine: str, timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "skincancer", "serve", "--model", model, "--port", str(port),
-                                "--engine", engine], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [arg for model in models for arg in ("--model", model)]
+    process = subprocess.Popen([sys.executable, "-m", "skincancer", "serve", *runs, "--port", str(port), "--engine",
+                                engine],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,7 +104,8 @@ async def run_load(url: str, photos: list[tuple[str, bytes]], requests: int, con
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/linear224", help="run folder to serve")
+    parser.add_argument("--model", action="append", help="run folder to serve (default runs/linear224); repeat for "
+                        "an ensemble")
     parser.add_argument("--url", help="an already running server on loopback instead of starting one")
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--images", default="../shared/data/isic2017/test", help="folder of JPEGs to send")
@@ -118,12 +122,13 @@ def main() -> None:
         check_loopback(args.url)
         url = args.url
     else:
-        url, process = start_server(args.model, args.engine)
+        url, process = start_server(args.model or ["runs/linear224"], args.engine)
     try:
         model = httpx.get(f"{url}/api/model", timeout=10).json()
         for level in (int(c) for c in args.concurrency.split(",")):
             result = asyncio.run(run_load(url, photos, args.requests, level, args.cam))
-            result.update({"engine": model["engine"], "model": model["backbone"], "image_size": model["image_size"],
+            sizes = [m["image_size"] for m in model.get("members", [])] or model["image_size"]
+            result.update({"engine": model["engine"], "model": model["backbone"], "image_size": sizes,
                            "server_alive": process is None or process.poll() is None,
                            "load_average_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()})
             print(json.dumps(result), flush=True)
