@@ -25,5 +25,7 @@ def test_a_log_gets_lines_and_a_terminal_gets_a_bar(monkeypatch):
         if isinstance(stream, Terminal):
             assert "\r" in text and "|" in text  # the redrawn bar
         else:
-            assert "\r" not in text and text.splitlines()[0].startswith("epoch 3: 0/4 [")
-            assert all(line.startswith("epoch 3: ") for line in text.splitlines())
+            lines = text.splitlines()
+            assert "\r" not in text and lines[0].startswith("epoch 3: 0/4 [")
+            assert lines[-1].startswith("epoch 3: 4/4 [") and "loss=0.5000" in lines[-1]  # a closing line
+            assert len(lines) == 2  # nothing between: the next line would come 30 s on

@@ -100,6 +100,7 @@ def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small
     with pytest.raises(DataError, match="train.csv: diagnosis seborrheic_keratosis is not in the label map"):
         train(load_config(None, **settings, labels={"melanoma": 1, "nevus": 0}), overwrite=True)
     assert (run / "model" / "model.json").is_file() and messages()[:len(log)] == log
+    assert messages()[-1].startswith("ERROR training stopped: ") and "not in the label map" in messages()[-1]
 
 
 def test_messages_name_the_real_mistake(tiny_run, small_data, data_dir, tmp_path):
@@ -166,7 +167,8 @@ def test_a_failed_start_leaves_nothing_and_a_stopped_run_logs_why(small_data, ca
     for out in (new, empty):
         with pytest.raises(DataError, match="not in the label map"):
             train(load_config(None, **settings, out=str(out), labels=bad_labels))
-    assert not new.exists() and empty.is_dir() and not any(empty.iterdir())  # the user's own folder stays
+    assert not new.parent.exists()  # the folders the start made, its parent too
+    assert empty.is_dir() and not any(empty.iterdir())  # the user's own folder stays
 
     training = importlib.import_module("skincancer.train")  # the module; skincancer.train is also the function
     def failing_fit(*args, **kwargs):

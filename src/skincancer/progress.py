@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import TextIO
 
 from tqdm.auto import tqdm
+from tqdm.notebook import tqdm as notebook_tqdm
 
 LOG_INTERVAL_S = 30.0
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # no time left to tell
+CURSOR_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _Lines:
     """A stream for tqdm that turns each redraw into a line of its own: a bar redrawn with carriage returns is
-    one unreadable line of megabytes in a log file (and a torchrun worker's stderr is a pipe)."""
+    one unreadable line of megabytes in a log file."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
 
     def write(self, text: str) -> None:
-        for piece in text.replace("\n", "\r").split("\r"):
+        for piece in CURSOR_CODES.sub("", text).replace("\n", "\r").split("\r"):
             if piece.strip():  # tqdm clears a finished bar with spaces: nothing to log
                 self.stream.write(piece.rstrip() + "\n")
 
@@ -28,8 +32,11 @@ class _Lines:
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
-    """tqdm(iterable, **kwargs) on stderr, drawn as a bar on a terminal (or a notebook), as timed lines elsewhere."""
+    """tqdm(iterable, **kwargs) on stderr: a bar on a terminal or in a notebook; elsewhere a line every 30 s and
+    one when the bar closes (its final count), whatever `leave` says."""
     stream = sys.stderr
-    if "notebook" not in tqdm.__module__ and not getattr(stream, "isatty", lambda: False)():
-        kwargs = {"file": _Lines(stream), "mininterval": LOG_INTERVAL_S, "bar_format": LOG_FORMAT, **kwargs}
+    if not issubclass(tqdm, notebook_tqdm) and not getattr(stream, "isatty", lambda: False)():
+        total = kwargs.get("total", len(iterable) if hasattr(iterable, "__len__") else None)
+        kwargs = {"file": _Lines(stream), "mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S,
+                  "bar_format": LOG_FORMAT if total is not None else LOG_FORMAT_NO_TOTAL, **kwargs, "leave": True}
     return tqdm(iterable, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,14 +72,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     replace = False
     # a folder this call makes is removed again if the inputs do not check out: a failed start leaves nothing
     created = world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))
-    existed = out.is_dir()
+    made = _first_missing(out)  # the outermost folder `mkdir` is about to make (None: `out` exists)
     if world.is_main:
         if not resume:
             replace = _claim_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     old_log = (out / "train.log").stat().st_size if world.is_main and (out / "train.log").is_file() else 0
     file_log = _log_to(out / "train.log") if world.is_main else logging.NullHandler()
-    begun = False  # the inputs checked out and the run's config.yaml is written
+    begun = False  # the inputs checked out: the run writes its files
     try:
         seed_everything(config.seed)
         train_df = resolve_data(config.train, config.labels)
@@ -98,12 +99,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if replace:  # the inputs are readable: only now does the old run go, its log lines too
             _clear_run(out)
             _drop_log_head(file_log, out / "train.log", old_log)
+        begun = True
         if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
             # from the start, so that a model saved by an interrupted run is covered too
             write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
                                 fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
-        begun = True
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
@@ -163,7 +164,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                  meta["train_seconds"])
         return out
     except BaseException as err:
-        if begun:  # the log of a run that stopped says why (the console already shows the error)
+        if not (created and not begun):  # a log that stays says why the run stopped (the console shows it too)
             file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "training stopped: %s",
                                            (str(err) or type(err).__name__,), None))
         raise
@@ -172,9 +173,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         file_log.close()
         shutdown(world)
         if created and not begun:
-            (out / "train.log").unlink(missing_ok=True)
-            if not existed and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
+            _remove_start(out, made)
 
 
 # ---------------------------------------------------------------- linear probe
@@ -677,6 +676,28 @@ def _claim_out(out: Path, overwrite: bool) -> bool:
                 "an unfinished run's model (model/)")
         raise DataError(f"{out}: already holds {what}; pass --overwrite to replace it, or choose another --out")
     return True
+
+
+def _first_missing(path: Path) -> Path | None:
+    made = None
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path, made = path.parent, path
+    return made
+
+
+def _remove_start(out: Path, made: Path | None) -> None:
+    """Undo a start refused on its inputs: its train.log, and the folders it made if they are empty; never hide the
+    refusal behind an error of this clean-up."""
+    with contextlib.suppress(OSError):
+        (out / "train.log").unlink(missing_ok=True)
+        if made is None:
+            return
+        for folder in [out, *out.parents]:
+            if any(folder.iterdir()):
+                return
+            folder.rmdir()
+            if folder == made:
+                return
 
 
 def _clear_run(out: Path) -> None:
