@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import yaml
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from skincancer import load_config, load_manifest, load_model, save_manifest, train
 
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--eval-sizes", type=int, nargs="*", default=[],
                         help="also predict the held-out folds at these sizes (8 views; the eval_image_size lever)")
     parser.add_argument("--num-workers", type=int, help="override the recipes' num_workers (e.g. 2 on this CPU)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="train each fold on this stratified fraction of its training images (a learning curve); "
+                             "the held-out fold stays whole")
     parser.add_argument("--fold", type=int, nargs="*",
                         help="run only these folds (0-based) and print their lines; pooled scores and *_oof.npy need "
                              "every fold, so they are skipped")
@@ -66,6 +69,9 @@ def main() -> None:
             if args.fold and k not in args.fold:
                 continue
             fold_dir = work / name / f"fold{k}"
+            if args.train_fraction < 1:
+                kept, _ = train_test_split(kept, train_size=args.train_fraction, stratify=data["diagnosis"].iloc[kept],
+                                           random_state=0)
             train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
             held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
             workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
@@ -90,7 +96,7 @@ def main() -> None:
                 order = [sized.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
                 oof[name].setdefault(f"8@{size}", np.zeros((len(data), 3)))[held] = probs[:, order]
             fold = {t: p[held] for t, p in oof[name].items()}
-            print(json.dumps({"recipe": name, "fold": k, **scores(data.iloc[held], fold),
+            print(json.dumps({"recipe": name, "fold": k, "train_images": len(kept), **scores(data.iloc[held], fold),
                               "seconds_since_recipe_start": round(time.time() - tic)}), flush=True)
         if args.fold:
             continue
