@@ -196,14 +196,17 @@ def test_records_reads_manifest_columns():
     assert records(frame) == [{"age": 40.0, "sex": "male"}, None, {"age": None, "sex": "female"}]
 
 
-def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run):
+@pytest.mark.parametrize("ensemble", [False, True], ids=["model", "ensemble_with_a_metadata_member"])
+def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
     from fastapi.testclient import TestClient
 
+    from skincancer.ensemble import load_models
     from skincancer.serve import create_app
 
     run, manifests = metadata_run
     image = Path(load_manifest(manifests["valid"])["filepath"].iloc[0])
-    classifier = load_model(run, engine="torch")
+    classifier = load_models([run, tiny_run], engine="torch") if ensemble else load_model(run, engine="torch")
+    assert classifier.uses_metadata and not load_model(tiny_run).uses_metadata
     expected, _ = classifier.predict_proba([str(image)], metadata=[{"age": 85, "sex": "male"}])
     with TestClient(create_app(classifier)) as client:
         assert client.get("/api/model").json()["metadata"] is True
@@ -221,22 +224,3 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run):
         answer = client.post("/api/predict", files=files, data={"age": "85"}).json()
         assert answer["metadata_used"] is False
 
-
-def test_web_api_fuses_age_and_sex_in_an_ensemble_with_a_metadata_member(metadata_run, tiny_run):
-    from fastapi.testclient import TestClient
-
-    from skincancer.ensemble import load_models
-    from skincancer.serve import create_app
-
-    run, manifests = metadata_run
-    image = Path(load_manifest(manifests["valid"])["filepath"].iloc[0])
-    ensemble = load_models([run, tiny_run], engine="torch")
-    assert ensemble.uses_metadata and not load_model(tiny_run).uses_metadata
-    expected, _ = ensemble.predict_proba([str(image)], metadata=[{"age": 85, "sex": "male"}])
-    with TestClient(create_app(ensemble)) as client:
-        assert client.get("/api/model").json()["metadata"] is True
-        assert 'id="patient" hidden' not in client.get("/").text
-        files = {"file": ("lesion.jpg", image.read_bytes(), "image/jpeg")}
-        answer = client.post("/api/predict", files=files, data={"age": "85", "sex": "male"}).json()
-    assert answer["metadata_used"] is True
-    assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-5)

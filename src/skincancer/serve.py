@@ -116,7 +116,7 @@ def model_card(classifier: Classifier) -> dict:
         "validation": meta.get("validation", {}),
         "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
         "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
-        "unfinished": any(m.meta.get("unfinished") for m in members or [classifier]),
+        "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
         "notice": NOTICE,
     }
 
