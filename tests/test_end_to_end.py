@@ -57,8 +57,8 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     out = tmp_path / "eval"
     result = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0")
     assert "AUC (95% CI)" in result.stdout
-    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "report.html",
-                 "isic_predictions.csv"):
+    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "calibration.png",
+                 "report.html", "isic_predictions.csv"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     required = {"auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
@@ -70,10 +70,16 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert metrics["auc"] == pytest.approx(roc_auc_score(predictions["label"], predictions["malignant"]))
     low, high = metrics["auc_ci95"]
     assert low <= metrics["auc"] <= high
+    brier = ((predictions["malignant"] - predictions["label"]) ** 2).mean()
+    assert metrics["calibration"]["brier"] == pytest.approx(brier)
+    assert sum(b["n"] for b in metrics["calibration"]["bins"]) == 18
+    assert f"{brier:.4f}" in result.stdout
     assert metrics["threshold"] == pytest.approx(load_model(tiny_run).threshold)
     isic = pd.read_csv(out / "isic_predictions.csv")
     assert list(isic.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]
-    assert "not a medical device" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "not a medical device" in page and "expected calibration error" in page
+    assert page.count("data:image/png;base64,") == 3  # ROC, confusion matrix, calibration
 
 
 def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):

@@ -5,6 +5,7 @@ from sklearn.metrics import roc_auc_score
 from skincancer.metrics import (
     binary_report,
     bootstrap_auc_ci,
+    calibration,
     choose_threshold,
     operating_point,
     roc_auc,
@@ -76,3 +77,29 @@ def test_report_auc_is_from_probabilities_not_labels():
     assert report["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS))
     assert report["auc"] != pytest.approx(thresholded)
     assert set(report["specificity_at_sensitivity"]) == {"0.82", "0.89", "0.95"}
+
+
+def test_calibration_by_hand():
+    # PROBS fall in bins 1 (0.1), 3 (0.35, 0.3), 4 (0.4), 7 (0.7), 8 (0.8), 9 (0.9)
+    result = calibration(LABELS, PROBS)
+    assert result["brier"] == pytest.approx(np.mean((PROBS - LABELS) ** 2))
+    assert result["brier_reference"] == pytest.approx(3 / 7 * 4 / 7)
+    assert [b["n"] for b in result["bins"]] == [1, 2, 1, 1, 1, 1]
+    third = result["bins"][1]
+    assert (third["low"], third["high"]) == pytest.approx((0.3, 0.4))
+    assert third["mean_probability"] == pytest.approx(0.325) and third["observed"] == pytest.approx(0.5)
+    gaps = [0.1, 2 * 0.175, 0.4, 0.3, 0.8, 0.1]  # |observed - mean probability| per bin, weighted by its count
+    assert result["ece"] == pytest.approx(sum(gaps) / 7)
+    assert calibration([0, 1], [0.0, 1.0])["bins"][-1]["high"] == 1.0  # 1.0 falls in the last bin, not an 11th
+
+
+def test_calibration_tells_honest_from_overconfident_probabilities():
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0, 1, 20_000)
+    labels = (rng.uniform(0, 1, probs.size) < probs).astype(int)  # malignant with exactly the stated probability
+    honest = calibration(labels, probs)
+    assert honest["ece"] < 0.02
+    assert honest["brier"] < honest["brier_reference"]
+    overconfident = calibration(labels, np.where(probs > 0.5, 0.99, 0.01))  # same ranking, extreme numbers
+    assert overconfident["ece"] > 0.2
+    assert "calibration" in binary_report(labels[:200], probs[:200], 0.5, n_boot=10)

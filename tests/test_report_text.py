@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skincancer.report import html_report, plot_confusion, plot_roc, preview_grid
+from skincancer.metrics import calibration
+from skincancer.report import html_report, plot_calibration, plot_confusion, plot_roc, preview_grid
 
 NAMES = ["tiny_$1_$2", "<b>bold</b>", "_^{x}"]
 
@@ -31,7 +32,10 @@ def test_plots_and_report_with_odd_names(tmp_path, name, monkeypatch):
     assert legend == [f"{shown} (AUC 0.900)", f"{shown} vs rest (AUC 0.900)", "chosen threshold"]  # none dropped
     confusion = plot_confusion({"tn": 2, "fp": 1, "fn": 0, "tp": 3}, (f"not {name}", name),
                                tmp_path / "confusion_matrix.png")
-    assert written(roc) and written(confusion)
+    reliability = plot_calibration(calibration(labels, scores), tmp_path / "calibration.png",
+                                   title=f"Calibration on {name} (n=6)")
+    assert figures[-1].axes[0].get_title() == f"Calibration on {shown} (n=6)"
+    assert written(roc) and written(confusion) and written(reliability)
 
     metrics = {"n": 6, "auc": 0.9, "data": f"/data/{name}", "class_auc": {name: 0.9},
                "model": {"backbone": "b", "mode": "linear", "class_names": [name, "nevus"]}}

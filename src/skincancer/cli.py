@@ -268,6 +268,10 @@ def evaluate(
     typer.echo(f"{'threshold':<36}{metrics['threshold']:.4f}")
     for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
         typer.echo(f"{key:<36}{metrics[key]:.4f}")
+    calibration = metrics["calibration"]
+    brier, reference = calibration["brier"], calibration["brier_reference"]
+    typer.echo(f"{'Brier score (prevalence alone)':<36}{brier:.4f} ({reference:.4f})")
+    typer.echo(f"{'calibration error (ECE)':<36}{calibration['ece']:.4f}")
     typer.echo(f"report: {out / 'report.html'}")
     if metrics["skipped"]:  # everything is written; the exit status says the figures cover only part of the data
         _fail(f"{len(metrics['skipped'])} of {metrics['n'] + len(metrics['skipped'])} images could not be read "

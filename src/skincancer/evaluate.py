@@ -18,7 +18,7 @@ from .metadata import has_metadata
 from .metadata import records as metadata_records
 from .metrics import binary_report, roc_auc
 from .predict import Classifier
-from .report import html_report, plot_confusion, plot_roc
+from .report import html_report, plot_calibration, plot_confusion, plot_roc
 
 log = logging.getLogger("skincancer")
 ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
@@ -108,6 +108,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
                  title=f"ROC on {Path(str(data)).name} (n={metrics['n']})"),
         plot_confusion(metrics["confusion"], (classifier.negative_name, classifier.positive_name),
                        out / "confusion_matrix.png"),
+        plot_calibration(metrics["calibration"], out / "calibration.png",
+                         title=f"Calibration on {Path(str(data)).name} (n={metrics['n']})"),
     ]
     html_report(metrics, plots, out / "report.html")
     return metrics

@@ -1,4 +1,5 @@
-"""Metrics: ROC AUC from probabilities, bootstrap confidence intervals, operating points and threshold choice."""
+"""Metrics: ROC AUC from probabilities, bootstrap confidence intervals, operating points, threshold choice and
+calibration."""
 
 from __future__ import annotations
 
@@ -126,6 +127,38 @@ def choose_threshold(labels, probs, policy: str = "sensitivity:0.90") -> float:
     return float(candidates[int(np.argmax(sens + spec - 1))])
 
 
+def calibration(labels, probs, n_bins: int = 10) -> dict:
+    """How far the probabilities can be read as frequencies: of the images given about 30%, are about 30% malignant?
+
+    brier            mean squared error of the probabilities (0 is perfect)
+    brier_reference  the Brier score of always answering the data's prevalence (a model that knows nothing)
+    ece              expected calibration error: the |observed - predicted| gap of `n_bins` equal-width bins,
+                     weighted by their share of the images
+    bins             per non-empty bin: its range, image count, mean probability and observed malignant share
+    """
+    labels, probs = _check(labels, probs)
+    prevalence = float(labels.mean())
+    # bin i holds [i/n, (i+1)/n), the last bin includes 1.0
+    index = np.clip((probs * n_bins).astype(int), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for i in range(n_bins):
+        inside = index == i
+        if not inside.any():
+            continue
+        predicted, observed = float(probs[inside].mean()), float(labels[inside].mean())
+        ece += inside.mean() * abs(observed - predicted)
+        bins.append({"low": i / n_bins, "high": (i + 1) / n_bins, "n": int(inside.sum()),
+                     "mean_probability": predicted, "observed": observed})
+    return {
+        "brier": float(np.mean((probs - labels) ** 2)),
+        "brier_reference": prevalence * (1 - prevalence),
+        "ece": float(ece),
+        "mean_probability": float(probs.mean()),
+        "prevalence": prevalence,
+        "bins": bins,
+    }
+
+
 def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int = 0) -> dict:
     """Everything evaluate writes to metrics.json for one binary task."""
     labels, probs = _check(labels, probs)
@@ -142,5 +175,6 @@ def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int
         "specificity_at_sensitivity": {
             f"{s:.2f}": specificity_at_sensitivity(labels, probs, s) for s in ISIC_SENSITIVITIES
         },
+        "calibration": calibration(labels, probs),
     }
     return report

@@ -1,4 +1,4 @@
-"""Report: ROC and confusion-matrix plots, the sample grid, and the HTML evaluation report."""
+"""Report: ROC, confusion-matrix and calibration plots, the sample grid, and the HTML evaluation report."""
 
 from __future__ import annotations
 
@@ -79,6 +79,23 @@ def plot_confusion(counts: dict[str, int], names: tuple[str, str], path: Path) -
 
 
 @_plain_text
+def plot_calibration(calibration: dict, path: Path, title: str = "Calibration") -> Path:
+    """Reliability diagram (observed malignant share against mean probability, per bin) over the bins' image counts.
+    `calibration`: metrics.calibration's result."""
+    bins = calibration["bins"]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    ax.plot([b["mean_probability"] for b in bins], [b["observed"] for b in bins], "o-", lw=2,
+            label=f"model (ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f})")
+    ax.set(ylabel="observed share malignant", title=_literal(title), xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left")
+    counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["n"] for b in bins],
+               width=[0.9 * (b["high"] - b["low"]) for b in bins], color="#8aa")
+    counts.set(xlabel="predicted probability of malignancy", ylabel="images")
+    return _save(fig, path)
+
+
+@_plain_text
 def preview_grid(manifest: pd.DataFrame, path: Path, n: int = 16, seed: int = 0, columns: int = 4) -> Path:
     """A grid of sample images with their diagnosis and label (the tutorial's show_batch)."""
     sample = manifest.sample(min(n, len(manifest)), random_state=seed) if len(manifest) > n else manifest
@@ -109,6 +126,14 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _calibration_note(calibration: dict) -> str:
+    return (f"<p>Calibration: a probability of 30% should mean that about 30 in 100 such images are malignant; the "
+            "calibration plot shows how far that held here (expected calibration error "
+            f"{_fmt(calibration['ece'])}). It holds at most for data like this, where "
+            f"{100 * calibration['prevalence']:.1f}% of the images are malignant: where melanoma is rarer (a general "
+            "clinic), the same image is less likely to be malignant than its probability says.</p>")
+
+
 def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation") -> Path:
     """One self-contained HTML page (plots embedded) with the headline metrics and the notice."""
     headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "specificity", "ppv", "npv",
@@ -121,6 +146,13 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
                     for k, v in metrics.get("specificity_at_sensitivity", {}).items())
     rows += "".join(f"<tr><th>AUC {html.escape(k)} vs rest</th><td>{_fmt(v)}</td></tr>"
                     for k, v in metrics.get("class_auc", {}).items())
+    calibration = metrics.get("calibration")
+    if calibration:
+        rows += (f"<tr><th>Brier score (always answering the prevalence: {_fmt(calibration['brier_reference'])})</th>"
+                 f"<td>{_fmt(calibration['brier'])}</td></tr>"
+                 f"<tr><th>expected calibration error (10 bins)</th><td>{_fmt(calibration['ece'])}</td></tr>"
+                 f"<tr><th>mean probability / share malignant</th><td>{_fmt(calibration['mean_probability'])} / "
+                 f"{_fmt(calibration['prevalence'])}</td></tr>")
     model = metrics.get("model", {})
     skipped = metrics.get("skipped", [])
     unfinished = metrics.get("unfinished_models")
@@ -153,6 +185,7 @@ table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid
 classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.escape(str(metrics.get('data', '')))}.
 AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
 {threshold_note}</p>
+{_calibration_note(calibration) if calibration else ''}
 <table>{rows}</table>
 {''.join(_img_tag(p) for p in plots)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
