@@ -136,6 +136,7 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     pooled = held_out.set_index("image_id").loc[valid_only.index]
     mean = (valid_only["malignant"] + pooled["malignant"]) / 2
     assert ensemble.meta["validation"]["n"] == 15
+    assert ensemble.meta["validation"]["brier"] == pytest.approx(((mean - valid_only["label"]) ** 2).mean())
     assert ensemble.threshold == pytest.approx(choose_threshold(valid_only["label"], mean, "sensitivity:0.90"))
     assert ensemble.meta["validation_source"] == "valid"
     # two probes fitted on train+valid share out-of-fold rows of training images: the ensemble says so

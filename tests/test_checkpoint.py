@@ -3,6 +3,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from skincancer.checkpoint import CheckpointError, atomic_write, read_meta, save
 
 def test_round_trip_gives_identical_predictions(tiny_run, small_data, tmp_path):
     classifier = load_model(tiny_run)
-    images = list(__import__("pandas").read_csv(small_data["test"])["filepath"])[:4]
+    images = list(pd.read_csv(small_data["test"])["filepath"])[:4]
     images = [str((small_data["test"].parent / p).resolve()) for p in images]
     before, _ = classifier.predict_proba(images)
     copy = tmp_path / "copy"
@@ -30,6 +31,9 @@ def test_model_json_describes_the_model(tiny_run):
     assert meta["image_size"] == 224 and meta["mean"] == [0.5, 0.5, 0.5]
     assert 0 < meta["threshold"] < 1
     assert {"auc", "sensitivity", "specificity"} <= set(meta["validation"])
+    valid = pd.read_csv(Path(tiny_run) / "valid_predictions.csv")  # calibration on the same validation images
+    assert meta["validation"]["brier"] == pytest.approx(((valid["malignant"] - valid["label"]) ** 2).mean())
+    assert 0 <= meta["validation"]["ece"] <= 1
 
 
 class WritesMarker:
@@ -157,7 +161,7 @@ def test_non_finite_outputs_are_errors_not_benign(tiny_run, small_data, tmp_path
     classifier = load_model(tiny_run, engine="torch")
     with torch.no_grad():  # finite weights whose logits overflow to infinity: softmax gives NaN
         classifier.model.get_classifier().weight.mul_(3e38)
-    images = list(__import__("pandas").read_csv(small_data["test"])["filepath"])[:2]
+    images = list(pd.read_csv(small_data["test"])["filepath"])[:2]
     table = classifier.predict(images)
     assert table["label"].tolist() == ["", ""]
     assert table["error"].str.contains("non-finite output").all()

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .checkpoint import CheckpointError
 from .data import DataError, read_csv_checked
-from .metrics import choose_threshold, operating_point, roc_auc
+from .metrics import choose_threshold, validation_summary
 from .predict import Classifier, load_model
 
 log = logging.getLogger("skincancer")
@@ -89,12 +89,10 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str
     ok = ~np.isnan(malignant)
     policy = members[0].meta.get("threshold_policy", "sensitivity:0.90")
     threshold = choose_threshold(labels[ok], malignant[ok], policy)
-    point = operating_point(labels[ok], malignant[ok], threshold)
     # only probes fitted on train+valid share training images' predictions: those rows are out of fold
     out_of_fold = "split" in tables[0] and (tables[0].loc[ids, "split"] == "train").any()
     source = "out-of-fold (train+valid)" if out_of_fold else "valid"
-    return threshold, {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
-                       "sensitivity": point["sensitivity"], "specificity": point["specificity"]}, source
+    return threshold, validation_summary(labels[ok], malignant[ok], threshold), source
 
 
 def _validation_table(path: Path, positive: str) -> pd.DataFrame:

@@ -159,6 +159,15 @@ def calibration(labels, probs, n_bins: int = 10) -> dict:
     }
 
 
+def validation_summary(labels, probs, threshold: float) -> dict:
+    """The validation figures a model card records: AUC, the operating point at the chosen threshold, calibration."""
+    labels, probs = _check(labels, probs)
+    point, calibrated = operating_point(labels, probs, threshold), calibration(labels, probs)
+    return {"n": int(len(labels)), "auc": roc_auc(labels, probs),
+            **{k: point[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy")},
+            "brier": calibrated["brier"], "ece": calibrated["ece"]}
+
+
 def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int = 0) -> dict:
     """Everything evaluate writes to metrics.json for one binary task."""
     labels, probs = _check(labels, probs)

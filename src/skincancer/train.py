@@ -46,7 +46,7 @@ from .distributed import ShardedSampler, World, barrier, device_for, gather_rows
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
-from .metrics import choose_threshold, operating_point, roc_auc
+from .metrics import choose_threshold, roc_auc, validation_summary
 from .progress import progress
 
 log = logging.getLogger("skincancer")
@@ -589,9 +589,7 @@ def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_nam
     malignant = valid_probs[:, positive].sum(1)
     labels = valid_df["label"].to_numpy()
     threshold = choose_threshold(labels[ok], malignant[ok], config.threshold_policy)
-    point = operating_point(labels[ok], malignant[ok], threshold)
-    validation = {"n": int(ok.sum()), "auc": roc_auc(labels[ok], malignant[ok]),
-                  **{k: point[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy")}}
+    validation = validation_summary(labels[ok], malignant[ok], threshold)
     if config.head == "diagnosis" and "diagnosis" in valid_df:
         for c, name in enumerate(class_names):
             is_class = (valid_df["diagnosis"].to_numpy() == name)[ok]
