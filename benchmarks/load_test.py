@@ -1,10 +1,11 @@
-"""Load test: a bounded number of POST /api/predict requests against `skincancer serve` on loopback; latency, errors.
+"""Load test: a bounded number of POST /api/predict (or /batch) requests to `skincancer serve`; latency, errors.
 
 Starts the server itself on a free 127.0.0.1 port (or uses --url, which must be a loopback address), sends real ISIC
 JPEGs, and prints one JSON line per concurrency level: p50/p90/p99 latency in ms, errors, requests per second.
 
     .venv/bin/python benchmarks/load_test.py --model runs/linear224 --requests 500 --concurrency 1,8
     .venv/bin/python benchmarks/load_test.py --model runs/a --model runs/b --requests 50   # an ensemble
+    .venv/bin/python benchmarks/load_test.py --model runs/a --requests 20 --batch 32   # POST /api/predict/batch
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def start_server(models: list[str], engine: str, timeout: float = 120.0) -> tupl
     raise SystemExit(f"server did not answer on {url} within {timeout:.0f} s")
 
 
-async def run_load(url: str, photos: list[tuple[str, bytes]], requests: int, concurrency: int, cam: bool) -> dict:
+async def run_load(url: str, photos: list[tuple[str, bytes]], requests: int, concurrency: int, cam: bool,
+                   batch: int = 1) -> dict:
     latencies: list[float] = []
     failures: dict[str, int] = {}
     next_request = 0
@@ -71,13 +73,19 @@ async def run_load(url: str, photos: list[tuple[str, bytes]], requests: int, con
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal next_request
         while next_request < requests:
-            name, data = photos[next_request % len(photos)]
+            sent = [photos[(next_request * batch + i) % len(photos)] for i in range(batch)]
             next_request += 1
             start = time.perf_counter()
             try:
-                response = await client.post("/api/predict", params={"cam": "true"} if cam else None,
-                                             files={"file": (name, data, "image/jpeg")})
-                ok = response.status_code == 200 and "malignant_probability" in response.json()
+                if batch > 1:
+                    response = await client.post("/api/predict/batch", files=[
+                        ("files", (name, data, "image/jpeg")) for name, data in sent])
+                    ok = response.status_code == 200 and response.json()["n_failed"] == 0
+                else:
+                    name, data = sent[0]
+                    response = await client.post("/api/predict", params={"cam": "true"} if cam else None,
+                                                 files={"file": (name, data, "image/jpeg")})
+                    ok = response.status_code == 200 and "malignant_probability" in response.json()
                 reason = f"HTTP {response.status_code}"
             except httpx.HTTPError as err:
                 ok, reason = False, type(err).__name__
@@ -94,7 +102,8 @@ async def run_load(url: str, photos: list[tuple[str, bytes]], requests: int, con
         wall = time.perf_counter() - start
     ms = np.array(latencies)
     return {
-        "requests": len(latencies), "concurrency": concurrency, "cam": cam, "errors": sum(failures.values()),
+        "requests": len(latencies), "batch": batch, "concurrency": concurrency, "cam": cam,
+        "errors": sum(failures.values()), "images_per_s": round(len(latencies) * batch / wall, 1),
         "error_kinds": failures, "p50_ms": round(float(np.percentile(ms, 50)), 1),
         "p90_ms": round(float(np.percentile(ms, 90)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "max_ms": round(float(ms.max()), 1), "requests_per_s": round(len(latencies) / wall, 1),
@@ -112,11 +121,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", default="1,8", help="comma-separated levels, each a separate run")
     parser.add_argument("--cam", action="store_true", help="ask for the Grad-CAM overlay too")
+    parser.add_argument("--batch", type=int, default=1, help="images per request; above 1, POST /api/predict/batch")
     args = parser.parse_args()
 
     photos = [(p.name, p.read_bytes()) for p in sorted(Path(args.images).rglob("*.jpg"))[:64]]
     if not photos:
         raise SystemExit(f"{args.images}: no JPEG files")
+    if args.batch < 1 or (args.cam and args.batch > 1):
+        raise SystemExit("--batch: expected 1 or more images per request (and 1 with --cam: the batch has no maps)")
     process = None
     if args.url:
         check_loopback(args.url)
@@ -126,7 +138,7 @@ def main() -> None:
     try:
         model = httpx.get(f"{url}/api/model", timeout=10).json()
         for level in (int(c) for c in args.concurrency.split(",")):
-            result = asyncio.run(run_load(url, photos, args.requests, level, args.cam))
+            result = asyncio.run(run_load(url, photos, args.requests, level, args.cam, args.batch))
             sizes = [m["image_size"] for m in model.get("members", [])] or model["image_size"]
             result.update({"engine": model["engine"], "model": model["backbone"], "image_size": sizes,
                            "server_alive": process is None or process.poll() is None,

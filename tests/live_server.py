@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +29,17 @@ def serving(run: Path | list[Path], *extra: str, timeout: float = 90.0) -> Itera
     models = [arg for r in (run if isinstance(run, list) else [run]) for arg in ("--model", str(r))]
     process = subprocess.Popen([sys.executable, "-m", "skincancer", "serve", *models, "--port", str(port), *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # read the server's output as it comes: a full pipe (64 KB of access-log lines) would block the server
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()}")
+                reader.join(timeout=10)
+                raise RuntimeError(f"server exited with {process.returncode}: {''.join(lines)}")
             try:
                 if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
                     break
@@ -49,3 +56,5 @@ def serving(run: Path | list[Path], *extra: str, timeout: float = 90.0) -> Itera
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        reader.join(timeout=10)
+        process.stdout = io.StringIO("".join(lines))  # what the tests read afterwards, as from the pipe

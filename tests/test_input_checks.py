@@ -249,6 +249,7 @@ def test_evaluate_needs_both_labels_and_writes_strict_json(tiny_run, small_data,
     (["index", "{tree}", "-o", "{image}"], "expected a .csv file name"),
     (["serve", "--model", "{run}", "--port", "70000"], "--port: expected 0-65535"),
     (["serve", "--model", "{run}", "--max-upload-mb", "-5"], "--max-upload-mb"),
+    (["serve", "--model", "{run}", "--max-batch", "0"], "--max-batch: expected 1-1000 files"),
     (["train", "--train", "{manifest}", "--valid", "{manifest}", "--out", "{tmp}/r", "--nproc", "0"], "--nproc"),
 ])
 def test_cli_options_and_output_paths_are_checked_before_any_work(tiny_run, small_data, data_dir, tmp_path: Path,

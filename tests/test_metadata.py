@@ -219,6 +219,11 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
         assert plain["metadata_used"] is False and plain["probabilities"] != answer["probabilities"]
         bad = client.post("/api/predict", files=files, data={"sex": "robot"})
         assert bad.status_code == 422 and "sex: 'robot'" in bad.json()["detail"]
+        several = client.post("/api/predict/batch", files=[("files", files["file"])] * 2,
+                              data={"age": ["85", ""], "sex": ["male", ""]}).json()["results"]
+        assert [r["metadata_used"] for r in several] == [True, False]
+        assert several[0]["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-5)
+        assert several[1]["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-5)
     with TestClient(create_app(load_model(tiny_run, engine="torch"))) as client:
         assert 'id="patient" hidden' in client.get("/").text
         answer = client.post("/api/predict", files=files, data={"age": "85"}).json()

@@ -151,6 +151,58 @@ def test_uploads_over_the_limit_are_413(client, lesion):
     assert upload(client, lesion.read_bytes()).status_code == 200  # and the next good upload still works
 
 
+def batch(client, files: list[tuple[str, bytes]], **data) -> httpx.Response:
+    return client.post("/api/predict/batch", files=[("files", (name, raw, "image/jpeg")) for name, raw in files],
+                       data=data)
+
+
+def test_batch_answers_each_file_like_a_single_upload(client, data_dir, monkeypatch):
+    from skincancer import serve
+
+    monkeypatch.setattr(serve, "BATCH_CHUNK", 2)  # 5 files: predicted in chunks of 2, 2 and 1
+    images = sorted((data_dir / "test").rglob("*.jpg"))[:4]
+    files = [(p.name, p.read_bytes()) for p in images] + [("again.jpg", images[0].read_bytes())]
+    response = batch(client, files)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["n"] == 5 and answer["n_failed"] == 0 and answer["notice"] == NOTICE
+    assert [r["filename"] for r in answer["results"]] == [name for name, _ in files]  # in order
+    for (name, raw), result in zip(files, answer["results"], strict=True):
+        single = upload(client, raw, name).json()
+        assert result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+        assert (result["label"], result["sentence"]) == (single["label"], single["sentence"])
+    assert answer["results"][0]["probabilities"] == answer["results"][4]["probabilities"]
+
+
+def test_batch_answers_the_good_files_beside_the_bad(client, lesion):
+    good = lesion.read_bytes()
+    files = [("a.jpg", good), ("notes.txt", b"hello"), ("empty.jpg", b""), ("cut.jpg", good[: len(good) // 3]),
+             ("b.jpg", good)]
+    answer = batch(client, files).json()
+    assert answer["n"] == 5 and answer["n_failed"] == 3
+    results = answer["results"]
+    assert "error" not in results[0] and results[0]["probabilities"] == results[4]["probabilities"]
+    assert (results[1]["status"], results[2]["status"], results[3]["status"]) == (415, 422, 422)
+    assert results[1]["error"].startswith("notes.txt: not an image") and "empty file" in results[2]["error"]
+    assert results[3]["error"].startswith("cut.jpg:")
+
+
+def test_batch_limits_and_form_fields(client, lesion):
+    good = lesion.read_bytes()
+    limit = LIMIT_MB * 1024 * 1024
+    over = batch(client, [("big.jpg", b"\xff" * (limit + 10)), ("ok.jpg", good)])  # under the request's limit
+    assert over.status_code == 200 and over.json()["results"][0]["status"] == 413
+    assert "error" not in over.json()["results"][1]
+    assert_refused(batch(client, [("a.jpg", good)] * 33), 413, "at most 32 per request")
+    assert_refused(batch(client, [("a.jpg", b"\xff" * limit)] * 40), 413, "per file, 32 files per request")
+    assert_refused(batch(client, [("a.jpg", good)] * 2, age=["50"]), 422, "age: 1 values for 2 files")
+    answer = batch(client, [("a.jpg", good)] * 2, age=["50", "old"], sex=["", "female"]).json()
+    assert "error" not in answer["results"][0]  # the model has no metadata model: age/sex checked, not used
+    assert answer["results"][0]["metadata_used"] is False
+    assert answer["results"][1]["status"] == 422 and "age of a.jpg: 'old'" in answer["results"][1]["error"]
+    assert_refused(client.post("/api/predict/batch"), 422)
+
+
 def test_malformed_requests_are_4xx(client):
     assert_refused(client.post("/api/predict"), 422)
     assert_refused(client.post("/api/predict", files={"photo": ("a.jpg", b"abc", "image/jpeg")}), 422)

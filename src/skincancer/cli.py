@@ -403,9 +403,11 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
     port: int = 8000,
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
-    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload")] = 20.0,
+    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload (per file)")] = 20.0,
+    max_batch: Annotated[int, typer.Option(help="most files in one POST /api/predict/batch")] = 32,
 ) -> None:
-    """Serve the web page and the REST API (POST /api/predict, GET /api/health, /api/model, /docs)."""
+    """Serve the web page and the REST API (POST /api/predict and /api/predict/batch, GET /api/health, /api/model,
+    /docs)."""
     import uvicorn
 
     from .predict import ENGINES
@@ -417,8 +419,10 @@ def serve(
         _fail(f"--port: expected 0-65535, got {port}")
     if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
         _fail(f"--max-upload-mb: expected a positive number of megabytes, got {max_upload_mb}")
+    if not 1 <= max_batch <= 1000:  # Starlette's multipart parser refuses more than 1000 files
+        _fail(f"--max-batch: expected 1-1000 files, got {max_batch}")
     _check_can_bind(host, port)
-    application = create_app(model, max_upload_mb=max_upload_mb, engine=engine)
+    application = create_app(model, max_upload_mb=max_upload_mb, engine=engine, max_batch=max_batch)
     classifier = application.state.classifier
     served = ", ".join(str(m.source) for m in getattr(classifier, "members", [classifier]))
     typer.echo(f"serving {served} ({classifier.engine_name}) on http://{host}:{port}/  (API docs: /docs). {NOTICE}",

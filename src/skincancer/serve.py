@@ -29,26 +29,32 @@ log = logging.getLogger("skincancer")
 MB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file itself
 NOT_AN_IMAGE = "not an image"
+BATCH_PATH = "/api/predict/batch"
+BATCH_CHUNK = 16  # images decoded and predicted together within a batch request
 
 
 class UploadTooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"upload larger than the limit of {limit / MB:g} MB")
+    def __init__(self, limit: int, files: int = 1):
+        per_file = f" per file, {files} files per request" if files > 1 else ""
+        super().__init__(413, f"upload larger than the limit of {limit / MB:g} MB{per_file}")
 
 
 class UploadLimit:
-    """ASGI middleware: refuse a body over `limit` bytes, by its Content-Length header before reading anything,
-    and by counting the bytes as they arrive (chunked uploads, lying headers) without ever holding more."""
+    """ASGI middleware: refuse a body over the limit (`file_limit` per file, `files[path]` files for the paths that
+    take several), by its Content-Length header before reading anything, and by counting the bytes as they arrive
+    (chunked uploads, lying headers) without ever holding more."""
 
-    def __init__(self, app: ASGIApp, limit: int, file_limit: int):
-        self.app, self.limit, self.file_limit = app, limit, file_limit
+    def __init__(self, app: ASGIApp, file_limit: int, files: dict[str, int] | None = None):
+        self.app, self.file_limit, self.files = app, file_limit, files or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        files = self.files.get(scope.get("path", ""), 1)
+        limit = files * (self.file_limit + MULTIPART_SLACK)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"detail": UploadTooLarge(self.file_limit).detail}, status_code=413,
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": UploadTooLarge(self.file_limit, files).detail}, status_code=413,
                                     headers={"Connection": "close"})
             return await response(scope, receive, send)
         received = 0
@@ -58,8 +64,8 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise UploadTooLarge(self.file_limit)  # FastAPI turns it into a JSON 413
+                if received > limit:
+                    raise UploadTooLarge(self.file_limit, files)  # FastAPI turns it into a JSON 413
             return message
 
         await self.app(scope, counted_receive, send)
@@ -153,9 +159,10 @@ def png_base64(image: Image.Image) -> str:
 
 
 def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_mb: float = 20.0,
-               engine: str = "auto") -> FastAPI:
+               engine: str = "auto", max_batch: int = 32) -> FastAPI:
     """The web app over a trained run (folder or loaded Classifier), or an ensemble of runs (a list of folders:
-    probabilities averaged, threshold re-chosen on their validation predictions, as `evaluate` does)."""
+    probabilities averaged, threshold re-chosen on their validation predictions, as `evaluate` does).
+    `max_upload_mb`: per file; `max_batch`: files per POST /api/predict/batch."""
     if isinstance(run, Classifier):
         classifier = run
     else:
@@ -167,7 +174,7 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     # /docs with Swagger UI served from the package, not a CDN: works offline and sends nothing elsewhere
     app = FastAPIOffline(title="skincancer", version=__version__,
                          description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
-    app.add_middleware(UploadLimit, limit=file_limit + MULTIPART_SLACK, file_limit=file_limit)
+    app.add_middleware(UploadLimit, file_limit=file_limit, files={BATCH_PATH: max_batch})
     app.add_middleware(AccessLog)  # outermost: it also logs the uploads UploadLimit refuses
     app.state.classifier = classifier
     page = render_page(card, file_limit)
@@ -200,28 +207,15 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         except MetadataError as err:
             raise HTTPException(422, str(err)) from None
         use_metadata = classifier.uses_metadata and any(v is not None for v in patient.values())
-        data = file.file.read(file_limit + 1)
-        if len(data) > file_limit:
-            raise UploadTooLarge(file_limit)
-        if not data:
-            raise HTTPException(422, f"{name}: empty file (0 bytes)")
-        image = decode_upload(data, name)
+        image = read_upload(file, file_limit, name)
         with inference_lock:
             probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0,
                                                      metadata=[patient] if use_metadata else None)
         if errors:
             raise HTTPException(422, f"{name}: {errors[0][1]}")
-        malignant = float(classifier.malignant_probability(probs)[0])
-        label = classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name
         answer = {
-            "filename": name,
-            "probabilities": {c: float(p) for c, p in zip(classifier.class_names, probs[0], strict=True)},
-            "malignant_probability": malignant,
-            "label": label,
+            **prediction(classifier, name, probs[0], use_metadata),
             "threshold": classifier.threshold,
-            "metadata_used": use_metadata,
-            "sentence": sentence(malignant, classifier.threshold, classifier.positive_name,
-                                 classifier.negative_name),
             "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
             "notice": NOTICE,
         }
@@ -236,7 +230,91 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return answer
 
+    @app.post(BATCH_PATH)
+    def predict_batch(
+            files: list[UploadFile] = File(..., description=f"up to {max_batch} dermoscopy photographs"),
+            age: list[str] | None = Form(None, description="one per file, in order, empty where unknown (optional)"),
+            sex: list[str] | None = Form(None, description="one per file, in order, empty where unknown (optional)"),
+    ) -> dict:
+        """Several images in one request, predicted in batches: one result per file, in order. A file that cannot
+        be read (or whose age/sex is invalid) gets its own `error` and `status`; the others are still answered."""
+        started = time.perf_counter()
+        if len(files) > max_batch:
+            raise HTTPException(413, f"{len(files)} files: at most {max_batch} per request")
+        for field, values in (("age", age), ("sex", sex)):
+            if values is not None and len(values) != len(files):
+                raise HTTPException(422, f"{field}: {len(values)} values for {len(files)} files (give one per file, "
+                                         "in order, empty where unknown)")
+        results: list[dict] = []
+        pending: list[tuple[int, str, Image.Image, dict | None]] = []  # decoded, not yet predicted
+
+        def predict_pending() -> None:
+            with inference_lock:
+                metadata = [patient for *_, patient in pending] if classifier.uses_metadata else None
+                probs, errors = classifier.predict_proba([image for _, _, image, _ in pending], num_workers=0,
+                                                         batch_size=BATCH_CHUNK, metadata=metadata)
+            failed = dict(errors)
+            for row, (index, name, _, patient) in enumerate(pending):
+                fused = metadata is not None and patient is not None
+                results[index] = ({"filename": name, "error": f"{name}: {failed[row]}", "status": 422}
+                                  if row in failed else prediction(classifier, name, probs[row], fused))
+            pending.clear()
+
+        for index, file in enumerate(files):
+            name = file.filename or f"file {index + 1}"
+            results.append({"filename": name})
+            try:
+                patient = {"age": parse_age(age[index], f"age of {name}", typed=True) if age else None,
+                           "sex": parse_sex(sex[index], f"sex of {name}") if sex else None}
+                image = read_upload(file, file_limit, name)
+            except MetadataError as err:
+                results[index].update(error=str(err), status=422)
+                continue
+            except HTTPException as err:
+                results[index].update(error=err.detail, status=err.status_code)
+                continue
+            pending.append((index, name, image, patient if any(v is not None for v in patient.values()) else None))
+            if len(pending) == BATCH_CHUNK:  # bounded memory: decoded photos are held a chunk at a time
+                predict_pending()
+        if pending:
+            predict_pending()
+        answer = {
+            "results": results,
+            "n": len(results),
+            "n_failed": sum("error" in r for r in results),
+            "threshold": classifier.threshold,
+            "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
+            "notice": NOTICE,
+        }
+        if card["unfinished"]:
+            answer["warning"] = UNFINISHED
+        answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        return answer
+
     return app
+
+
+def read_upload(file: UploadFile, file_limit: int, name: str) -> Image.Image:
+    """An uploaded file -> RGB image; 413 over the limit, 415 not an image, 422 empty or unreadable."""
+    data = file.file.read(file_limit + 1)
+    if len(data) > file_limit:
+        raise UploadTooLarge(file_limit)
+    if not data:
+        raise HTTPException(422, f"{name}: empty file (0 bytes)")
+    return decode_upload(data, name)
+
+
+def prediction(classifier: Classifier, name: str, probs, metadata_used: bool) -> dict:
+    """One image's answer: probabilities per class, the malignant probability, the label at the threshold."""
+    malignant = float(classifier.malignant_probability(probs[None])[0])
+    return {
+        "filename": name,
+        "probabilities": {c: float(p) for c, p in zip(classifier.class_names, probs, strict=True)},
+        "malignant_probability": malignant,
+        "label": classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name,
+        "metadata_used": metadata_used,
+        "sentence": sentence(malignant, classifier.threshold, classifier.positive_name, classifier.negative_name),
+    }
 
 
 def render_page(card: dict, file_limit: int) -> str:
