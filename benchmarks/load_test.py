@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", default="1,8", help="comma-separated levels, each a separate run")
     parser.add_argument("--cam", action="store_true", help="ask for the Grad-CAM overlay too")
-    parser.add_argument("--batch", type=int, default=1, help="images per request; above 1, POST /api/predict/batch")
+    parser.add_argument("--batch", type=int, default=1, help="images per request; above 1, POST /api/predict/batch "
+                        "(at most the server's --max-batch, 32 by default)")
     args = parser.parse_args()
 
     photos = [(p.name, p.read_bytes()) for p in sorted(Path(args.images).rglob("*.jpg"))[:64]]

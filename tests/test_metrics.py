@@ -91,6 +91,8 @@ def test_calibration_by_hand():
     gaps = [0.1, 2 * 0.175, 0.4, 0.3, 0.8, 0.1]  # |observed - mean probability| per bin, weighted by its count
     assert result["ece"] == pytest.approx(sum(gaps) / 7)
     assert calibration([0, 1], [0.0, 1.0])["bins"][-1]["high"] == 1.0  # 1.0 falls in the last bin, not an 11th
+    with pytest.raises(ValueError, match="probabilities in"):
+        calibration([0, 1], [0.2, float("nan")])  # would land in bin 0 and make every figure NaN
 
 
 def test_calibration_tells_honest_from_overconfident_probabilities():

@@ -171,7 +171,24 @@ def test_batch_answers_each_file_like_a_single_upload(client, data_dir, monkeypa
         single = upload(client, raw, name).json()
         assert result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
         assert (result["label"], result["sentence"]) == (single["label"], single["sentence"])
-    assert answer["results"][0]["probabilities"] == answer["results"][4]["probabilities"]
+    assert answer["results"][0]["probabilities"] == pytest.approx(answer["results"][4]["probabilities"], abs=1e-6)
+
+
+def test_batch_holds_a_bounded_number_of_decoded_pixels(client, data_dir, monkeypatch):
+    from skincancer import serve
+
+    classifier, sizes = client.app.state.classifier, []
+    predict_proba = classifier.predict_proba
+    monkeypatch.setattr(classifier, "predict_proba", lambda images, **kw: (sizes.append(len(images)),
+                                                                           predict_proba(images, **kw))[1])
+    images = sorted((data_dir / "test").rglob("*.jpg"))[:5]  # 256 x 256 photos
+    monkeypatch.setattr(serve, "BATCH_PIXELS", 2 * 256 * 256)
+    answer = batch(client, [(p.name, p.read_bytes()) for p in images]).json()
+    assert answer["n_failed"] == 0 and sizes == [2, 2, 1]
+    sizes.clear()
+    monkeypatch.setattr(serve, "BATCH_PIXELS", 256 * 256 - 1)  # a photo over the budget is still answered, alone
+    assert batch(client, [(p.name, p.read_bytes()) for p in images[:2]]).json()["n_failed"] == 0
+    assert sizes == [1, 1]
 
 
 def test_batch_answers_the_good_files_beside_the_bad(client, lesion):
@@ -194,6 +211,7 @@ def test_batch_limits_and_form_fields(client, lesion):
     assert over.status_code == 200 and over.json()["results"][0]["status"] == 413
     assert "error" not in over.json()["results"][1]
     assert_refused(batch(client, [("a.jpg", good)] * 33), 413, "at most 32 per request")
+    assert over.json()["results"][0]["error"].startswith("big.jpg: upload larger than the limit of 1 MB")
     assert_refused(batch(client, [("a.jpg", b"\xff" * limit)] * 40), 413, "per file, 32 files per request")
     assert_refused(batch(client, [("a.jpg", good)] * 2, age=["50"]), 422, "age: 1 values for 2 files")
     answer = batch(client, [("a.jpg", good)] * 2, age=["50", "old"], sex=["", "female"]).json()
@@ -201,6 +219,17 @@ def test_batch_limits_and_form_fields(client, lesion):
     assert answer["results"][0]["metadata_used"] is False
     assert answer["results"][1]["status"] == 422 and "age of a.jpg: 'old'" in answer["results"][1]["error"]
     assert_refused(client.post("/api/predict/batch"), 422)
+    text_part = client.post("/api/predict/batch", files=[("files", (None, "not a file")), ("files", ("a.jpg", good))])
+    assert [r.get("status") for r in text_part.json()["results"]] == [422, None]
+    assert "file 1: a form field, not a file" in text_part.json()["results"][0]["error"]
+    assert_refused(client.post("/api/predict/batch", files=[("files", (None, "x" * 5000))]), 400, "maximum size")
+    assert_refused(client.post("/api/predict/batch", files=[("files", (None, "x"))] * 33), 413, "at most 32")
+
+
+def test_a_text_part_where_a_file_belongs_is_not_echoed_back(client):
+    response = client.post("/api/predict", files={"file": (None, "x" * 200_000)})
+    assert_refused(response, 422)
+    assert len(response.content) < 2000 and "xxxx" not in response.text
 
 
 def test_malformed_requests_are_4xx(client):

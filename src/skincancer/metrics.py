@@ -137,6 +137,8 @@ def calibration(labels, probs, n_bins: int = 10) -> dict:
     bins             per non-empty bin: its range, image count, mean probability and observed malignant share
     """
     labels, probs = _check(labels, probs)
+    if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
+        raise ValueError("calibration needs probabilities in [0, 1] (leave out the images that were not predicted)")
     prevalence = float(labels.mean())
     # bin i holds [i/n, (i+1)/n), the last bin includes 1.0
     index = np.clip((probs * n_bins).astype(int), 0, n_bins - 1)

@@ -13,10 +13,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
 from PIL import Image
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import NOTICE, __version__
@@ -31,6 +36,7 @@ MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file 
 NOT_AN_IMAGE = "not an image"
 BATCH_PATH = "/api/predict/batch"
 BATCH_CHUNK = 16  # images decoded and predicted together within a batch request
+BATCH_PIXELS = 64_000_000  # decoded pixels held at once within a batch request (about 190 MB as RGB)
 
 
 class UploadTooLarge(HTTPException):
@@ -230,21 +236,33 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return answer
 
-    @app.post(BATCH_PATH)
-    def predict_batch(
-            files: list[UploadFile] = File(..., description=f"up to {max_batch} dermoscopy photographs"),
-            age: list[str] | None = Form(None, description="one per file, in order, empty where unknown (optional)"),
-            sex: list[str] | None = Form(None, description="one per file, in order, empty where unknown (optional)"),
-    ) -> dict:
-        """Several images in one request, predicted in batches: one result per file, in order. A file that cannot
-        be read (or whose age/sex is invalid) gets its own `error` and `status`; the others are still answered."""
-        started = time.perf_counter()
-        if len(files) > max_batch:
+    @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch))
+    async def predict_batch(request: Request) -> dict:
+        """Several images in one request (multipart `files`, repeated; optional `age` and `sex` once per file, in
+        order, empty where unknown), predicted in batches: one result per file, in order. A file that cannot be
+        read, or whose age/sex is invalid, gets its own `error` and `status`; the others are still answered."""
+        # the form is parsed here, not by FastAPI, to stop at max_batch files and keep text parts small: a
+        # request of 1000 parts, or of large text parts, is refused while it arrives rather than held in memory
+        try:  # fields: age and sex per file, and text parts sent as `files` (each answered with an error)
+            form = await request.form(max_files=max_batch, max_fields=3 * max_batch + 8, max_part_size=1024)
+        except StarletteHTTPException as err:  # the parser's 400s: malformed, too many parts, a text part too long
+            if str(err.detail).startswith("Too many files"):
+                raise HTTPException(413, f"more than {max_batch} files: at most {max_batch} per request") from None
+            raise
+        files = form.getlist("files")
+        if not files:
+            raise HTTPException(422, "files: no files (send each photo as a multipart part named 'files')")
+        if len(files) > max_batch:  # text parts named `files` count as fields, not files, in the parser's limit
             raise HTTPException(413, f"{len(files)} files: at most {max_batch} per request")
-        for field, values in (("age", age), ("sex", sex)):
+        ages, sexes = form.getlist("age") or None, form.getlist("sex") or None
+        for field, values in (("age", ages), ("sex", sexes)):
             if values is not None and len(values) != len(files):
                 raise HTTPException(422, f"{field}: {len(values)} values for {len(files)} files (give one per file, "
                                          "in order, empty where unknown)")
+        return await run_in_threadpool(answer_batch, files, ages, sexes)
+
+    def answer_batch(files: list, ages: list | None, sexes: list | None) -> dict:
+        started = time.perf_counter()
         results: list[dict] = []
         pending: list[tuple[int, str, Image.Image, dict | None]] = []  # decoded, not yet predicted
 
@@ -261,11 +279,13 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             pending.clear()
 
         for index, file in enumerate(files):
-            name = file.filename or f"file {index + 1}"
+            name = getattr(file, "filename", None) or f"file {index + 1}"
             results.append({"filename": name})
             try:
-                patient = {"age": parse_age(age[index], f"age of {name}", typed=True) if age else None,
-                           "sex": parse_sex(sex[index], f"sex of {name}") if sex else None}
+                if not isinstance(file, StarletteUploadFile):
+                    raise HTTPException(422, f"{name}: a form field, not a file (send the photo as a file part)")
+                patient = {"age": parse_age(ages[index], f"age of {name}", typed=True) if ages else None,
+                           "sex": parse_sex(sexes[index], f"sex of {name}") if sexes else None}
                 image = read_upload(file, file_limit, name)
             except MetadataError as err:
                 results[index].update(error=str(err), status=422)
@@ -273,9 +293,12 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             except HTTPException as err:
                 results[index].update(error=err.detail, status=err.status_code)
                 continue
-            pending.append((index, name, image, patient if any(v is not None for v in patient.values()) else None))
-            if len(pending) == BATCH_CHUNK:  # bounded memory: decoded photos are held a chunk at a time
+            # bounded memory: decoded photos wait for prediction in chunks of at most BATCH_CHUNK images and
+            # BATCH_PIXELS pixels (a 100 KB PNG can declare 80 million), never more than one large photo at a time
+            if pending and (len(pending) == BATCH_CHUNK or
+                            sum(p[2].width * p[2].height for p in pending) + image.width * image.height > BATCH_PIXELS):
                 predict_pending()
+            pending.append((index, name, image, patient if any(v is not None for v in patient.values()) else None))
         if pending:
             predict_pending()
         answer = {
@@ -291,14 +314,32 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return answer
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, without the `input` it echoes: a text part sent where a file belongs came back whole."""
+        detail = [{k: v for k, v in e.items() if k != "input"} for e in error.errors()]
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
     return app
+
+
+def batch_request_schema(max_batch: int) -> dict:
+    """The OpenAPI request body of POST /api/predict/batch, whose form the endpoint parses itself."""
+    one_per_file = {"type": "array", "items": {"type": "string"},
+                    "description": "optional: one per file, in order, empty where unknown (models with metadata)"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {"type": "array", "maxItems": max_batch,
+                                 "items": {"type": "string", "format": "binary"},
+                                 "description": f"up to {max_batch} dermoscopy photographs"},
+                       "age": one_per_file, "sex": one_per_file}}}}}}
 
 
 def read_upload(file: UploadFile, file_limit: int, name: str) -> Image.Image:
     """An uploaded file -> RGB image; 413 over the limit, 415 not an image, 422 empty or unreadable."""
     data = file.file.read(file_limit + 1)
     if len(data) > file_limit:
-        raise UploadTooLarge(file_limit)
+        raise HTTPException(413, f"{name}: {UploadTooLarge(file_limit).detail}")
     if not data:
         raise HTTPException(422, f"{name}: empty file (0 bytes)")
     return decode_upload(data, name)
