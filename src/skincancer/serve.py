@@ -183,7 +183,7 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     app.add_middleware(UploadLimit, file_limit=file_limit, files={BATCH_PATH: max_batch})
     app.add_middleware(AccessLog)  # outermost: it also logs the uploads UploadLimit refuses
     app.state.classifier = classifier
-    page = render_page(card, file_limit)
+    page = render_page(card, file_limit, max_batch)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -358,13 +358,16 @@ def prediction(classifier: Classifier, name: str, probs, metadata_used: bool) ->
     }
 
 
-def render_page(card: dict, file_limit: int) -> str:
+FIGURE_NAMES = {"auc": "AUC", "brier": "Brier score", "ece": "calibration error (ECE)"}
+
+
+def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
     """The single upload page; the model's facts are filled in here, the prediction by the page's script."""
     e = html.escape
     validation = card["validation"] or {}
     rows = "".join(
-        f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
-        else f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{e(str(v))}</td></tr>"
+        f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
+        else f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th><td>{e(str(v))}</td></tr>"
         for k, v in validation.items()
     ) or "<tr><td>no validation figures recorded</td></tr>"
     if card["members"]:
@@ -376,7 +379,7 @@ def render_page(card: dict, file_limit: int) -> str:
         notice=e(NOTICE), name=e(card["name"]), architecture=e(architecture), version=e(str(card["version"])),
         engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
-        limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden",
+        limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden", max_batch=max_batch,
         source=e("out-of-fold predictions over the training and validation images"
                  if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
     )
@@ -394,15 +397,17 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem aut
 .images {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
 .images figure {{ margin: 0; }} .images img {{ max-width: 28rem; max-height: 28rem; border-radius: 4px; }}
 #probability {{ font-size: 2rem; font-weight: 600; }}
-.malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error {{ color: #b00020; font-weight: 600; }}
+.malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error, .failed {{ color: #b00020; font-weight: 600; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15rem .75rem .15rem 0; }}
 </style></head>
 <body>
 <h1>Melanoma vs benign: dermoscopy classifier</h1>
 <p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
 <div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
-<input type="file" id="file" accept="image/*" hidden></label> (at most {limit_mb} MB)</div>
-<p id="patient"{patient}>Optional, used by this model where given: age <input type="number" id="age" min="0"
+<input type="file" id="file" accept="image/*" multiple hidden></label> (at most {limit_mb} MB; several photos,
+up to {max_batch}, give a table without Grad-CAM)</div>
+<p id="patient"{patient}>Optional, used by this model where given (for every photo sent): age
+<input type="number" id="age" min="0"
 max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unknown</option>
 <option value="female">female</option><option value="male">male</option></select></p>
 <p id="status"></p><p id="error" role="alert"></p>
@@ -415,6 +420,11 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
     <figure><img id="overlay" alt="Grad-CAM overlay"><figcaption>Grad-CAM: regions that raise the
     {positive} score</figcaption></figure>
   </div>
+</section>
+<section id="batch" hidden>
+  <p><span id="batch-summary"></span> Label at the model's threshold ({threshold}).</p>
+  <table id="batch-table"><thead><tr><th>file</th><th>malignancy probability</th><th>label</th></tr></thead>
+  <tbody></tbody></table>
 </section>
 <h2>The model</h2>
 <p>{name}: {architecture}, classes {classes}; threshold {threshold} ({policy});
@@ -429,11 +439,48 @@ drop.addEventListener("dragover", (event) => {{ event.preventDefault(); drop.cla
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {{
   event.preventDefault(); drop.classList.remove("over");
-  if (event.dataTransfer.files.length) send(event.dataTransfer.files[0]);
+  choose(event.dataTransfer.files);
 }});
-input.addEventListener("change", () => {{ if (input.files.length) send(input.files[0]); }});
+input.addEventListener("change", () => choose(input.files));
+function choose(files) {{
+  if (files.length === 1) send(files[0]);
+  else if (files.length > {max_batch}) {{
+    $("error").textContent = files.length + " files: at most {max_batch} at once"; $("result").hidden = true;
+    $("batch").hidden = true;
+  }} else if (files.length > 1) sendBatch(Array.from(files));
+}}
+async function sendBatch(files) {{
+  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
+  $("status").textContent = "analysing " + files.length + " photos...";
+  const form = new FormData();
+  for (const file of files) {{
+    form.append("files", file);
+    if (!$("patient").hidden) {{ form.append("age", $("age").value); form.append("sex", $("sex").value); }}
+  }}
+  try {{
+    const response = await fetch("/api/predict/batch", {{ method: "POST", body: form }});
+    const answer = await response.json();
+    $("status").textContent = "";
+    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
+    const body = $("batch-table").tBodies[0]; body.innerHTML = "";
+    for (const result of answer.results) {{
+      const row = body.insertRow(); row.insertCell().textContent = result.filename;
+      if (result.error) {{
+        const cell = row.insertCell(); cell.colSpan = 2; cell.className = "failed";
+        cell.textContent = "Error " + result.status + ": " + result.error;
+      }} else {{
+        row.insertCell().textContent = (result.malignant_probability * 100).toFixed(1) + "%";
+        const label = row.insertCell(); label.textContent = result.label;
+        label.className = result.label === "{positive}" ? "malignant" : "benign";
+      }}
+    }}
+    $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " unreadable.";
+    $("batch").hidden = false;
+  }} catch (err) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+}}
 async function send(file) {{
-  $("error").textContent = ""; $("result").hidden = true; $("status").textContent = "analysing " + file.name + "...";
+  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
+  $("status").textContent = "analysing " + file.name + "...";
   const form = new FormData(); form.append("file", file);
   if (!$("patient").hidden) {{
     if ($("age").value !== "") form.append("age", $("age").value);
