@@ -74,6 +74,8 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert metrics["calibration"]["brier"] == pytest.approx(brier)
     assert sum(b["n"] for b in metrics["calibration"]["bins"]) == 18
     assert f"{brier:.4f}" in result.stdout
+    low, high = metrics["sensitivity_ci95"]
+    assert low <= metrics["sensitivity"] <= high and f"({low:.4f}-{high:.4f})" in result.stdout
     assert metrics["threshold"] == pytest.approx(load_model(tiny_run).threshold)
     isic = pd.read_csv(out / "isic_predictions.csv")
     assert list(isic.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]

@@ -10,6 +10,7 @@ from skincancer.metrics import (
     operating_point,
     roc_auc,
     specificity_at_sensitivity,
+    wilson_interval,
 )
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1])
@@ -105,3 +106,18 @@ def test_calibration_tells_honest_from_overconfident_probabilities():
     overconfident = calibration(labels, np.where(probs > 0.5, 0.99, 0.01))  # same ranking, extreme numbers
     assert overconfident["ece"] > 0.2
     assert "calibration" in binary_report(labels[:200], probs[:200], 0.5, n_boot=10)
+
+
+def test_wilson_interval_by_hand_and_at_the_edges():
+    # against scipy's implementation: 106 of 117 (the headline ensemble's melanomas caught on test), and the edges
+    from scipy.stats import binomtest
+
+    for successes, trials in ((106, 117), (5, 5), (0, 5), (2, 3)):
+        expected = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(successes, trials) == pytest.approx([expected.low, expected.high], abs=1e-6)
+    low, high = wilson_interval(5, 5)
+    assert high == 1.0 and 0.5 < low < 0.6  # 5 of 5 is not certainty
+    assert wilson_interval(0, 5)[0] == 0.0
+    assert all(np.isnan(wilson_interval(0, 0)))
+    report = binary_report(LABELS, PROBS, 0.5, n_boot=10)
+    assert report["sensitivity_ci95"] == wilson_interval(2, 3) and report["specificity_ci95"] == wilson_interval(3, 4)

@@ -266,7 +266,10 @@ def evaluate(
     if metrics["n_with_metadata"]:
         typer.echo(f"{'images with age/sex fused':<36}{metrics['n_with_metadata']}")
     typer.echo(f"{'threshold':<36}{metrics['threshold']:.4f}")
-    for key in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "ppv", "npv"):
+    for key in ("sensitivity", "specificity"):
+        low, high = metrics[f"{key}_ci95"]
+        typer.echo(f"{key + ' (95% CI)':<36}{metrics[key]:.4f} ({low:.4f}-{high:.4f})")
+    for key in ("balanced_accuracy", "accuracy", "ppv", "npv"):
         typer.echo(f"{key:<36}{metrics[key]:.4f}")
     calibration = metrics["calibration"]
     brier, reference = calibration["brier"], calibration["brier_reference"]

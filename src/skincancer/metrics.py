@@ -74,6 +74,17 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float]:
+    """95% Wilson score interval of a proportion (sensitivity, specificity): unlike the normal approximation it stays
+    inside [0, 1] and is not zero-width at 0/n or n/n."""
+    if trials == 0:
+        return [float("nan"), float("nan")]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def operating_point(labels, probs, threshold: float) -> dict[str, float]:
     """Sensitivity, specificity, PPV, NPV, accuracy and balanced accuracy at one threshold."""
     c = confusion_counts(labels, probs, threshold)
@@ -181,6 +192,8 @@ def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int
         "auc_ci95": bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed),
         "threshold": float(threshold),
         **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv")},
+        "sensitivity_ci95": wilson_interval(at_threshold["tp"], at_threshold["tp"] + at_threshold["fn"]),
+        "specificity_ci95": wilson_interval(at_threshold["tn"], at_threshold["tn"] + at_threshold["fp"]),
         "confusion": {k: at_threshold[k] for k in ("tp", "fn", "tn", "fp")},
         "at_0.5": operating_point(labels, probs, 0.5),
         "specificity_at_sensitivity": {

@@ -136,8 +136,8 @@ def _calibration_note(calibration: dict) -> str:
 
 def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation") -> Path:
     """One self-contained HTML page (plots embedded) with the headline metrics and the notice."""
-    headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "specificity", "ppv", "npv",
-                "accuracy", "balanced_accuracy"]
+    headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "sensitivity_ci95", "specificity",
+                "specificity_ci95", "ppv", "npv", "accuracy", "balanced_accuracy"]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in headline if k in metrics)
     at_half = metrics.get("at_0.5", {})
     rows += "".join(f"<tr><th>{k} at 0.5</th><td>{_fmt(at_half[k])}</td></tr>"
