@@ -177,7 +177,8 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
-.notice{{background:#fff3cd;border:1px solid #e0c060;padding:10px;border-radius:4px}} img{{max-width:100%}}</style>
+.notice{{background:#fff3cd;border:1px solid #e0c060;padding:10px;border-radius:4px}} img{{max-width:100%}}
+strong.notice{{display:block;margin:.5em 0}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p class="notice"><strong>Notice.</strong> {html.escape(NOTICE)}</p>
