@@ -1,5 +1,6 @@
 import json
 import pickle
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from skincancer import load_model
+import skincancer
+from skincancer import __version__, load_manifest, load_model
 from skincancer.checkpoint import CheckpointError, atomic_write, read_meta, save_model
+from skincancer.data import content_keys
+from skincancer.provenance import data_fingerprint
 
 
 def test_round_trip_gives_identical_predictions(tiny_run, small_data, tmp_path):
@@ -34,6 +38,28 @@ def test_model_json_describes_the_model(tiny_run):
     valid = pd.read_csv(Path(tiny_run) / "valid_predictions.csv")  # calibration on the same validation images
     assert meta["validation"]["brier"] == pytest.approx(((valid["malignant"] - valid["label"]) ** 2).mean())
     assert 0 <= meta["validation"]["ece"] <= 1
+
+
+def test_model_json_records_where_the_model_came_from(tiny_run, small_data):
+    env = read_meta(Path(tiny_run) / "model")["environment"]
+    assert env["packages"]["torch"] == torch.__version__ and env["skincancer"] == __version__
+    train = load_manifest(small_data["train"])
+    assert env["data"]["train"] == {"images": 30, "fingerprint": data_fingerprint(content_keys(train["filepath"]),
+                                                                                   train["diagnosis"])}
+    assert env["data"]["valid"]["images"] == 15 and env["data"]["valid"] != env["data"]["train"]
+    repo = Path(skincancer.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("skincancer is not running from a git checkout")
+    assert env["git"]["commit"] == head.stdout.strip() and isinstance(env["git"]["dirty"], bool)
+
+
+def test_data_fingerprint_ignores_order_and_place_but_not_labels():
+    keys, diagnoses = ["a1", "b2", "c3"], ["melanoma", "nevus", "nevus"]
+    fingerprint = data_fingerprint(keys, diagnoses)
+    assert data_fingerprint(keys[::-1], diagnoses[::-1]) == fingerprint
+    assert data_fingerprint(keys, ["nevus", "nevus", "nevus"]) != fingerprint
+    assert data_fingerprint(keys[:2], diagnoses[:2]) != fingerprint
 
 
 class WritesMarker:

@@ -79,8 +79,11 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert metrics["threshold"] == pytest.approx(load_model(tiny_run).threshold)
     isic = pd.read_csv(out / "isic_predictions.csv")
     assert list(isic.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]
+    assert metrics["environment"]["data"]["images"] == 18 and len(metrics["environment"]["data"]["fingerprint"]) == 64
+    assert metrics["model"]["trained_with"][str(Path(tiny_run) / "model")]["data"]["train"]["images"] == 30
     page = (out / "report.html").read_text()
     assert "not a medical device" in page and "expected calibration error" in page
+    assert "Provenance" in page and metrics["environment"]["data"]["fingerprint"][:16] in page
     assert page.count("data:image/png;base64,") == 3  # ROC, confusion matrix, calibration
 
 

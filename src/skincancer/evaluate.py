@@ -18,6 +18,7 @@ from .metadata import has_metadata
 from .metadata import records as metadata_records
 from .metrics import binary_report, roc_auc
 from .predict import Classifier
+from .provenance import data_fingerprint, environment
 from .report import html_report, plot_calibration, plot_confusion, plot_roc
 
 log = logging.getLogger("skincancer")
@@ -85,13 +86,21 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         atomic_write(out / "isic_predictions.csv", lambda tmp: isic.to_csv(tmp, index=False))
     elif (out / "isic_predictions.csv").exists():
         (out / "isic_predictions.csv").unlink()  # an earlier evaluation's, of another model: never leave it stale
-    seen = seen_in_fitting(classifier, frame["filepath"])
+    keys = content_keys(list(frame["filepath"]))  # each file hashed once: for the fingerprint and the overlap check
+    metrics["environment"] = {**environment(), "data": {
+        "images": int(ok.sum()),
+        "fingerprint": data_fingerprint([k for k, good in zip(keys, ok, strict=True) if good],
+                                        list(frame["diagnosis"][ok]))}}
+    seen = seen_in_fitting(classifier, frame["filepath"], keys)
     if seen is not None:
         metrics["seen_in_fitting"] = seen
         if seen["train"] or seen["valid"]:
             log.warning("%s: %d of the %d images were training images and %d validation images of the model "
                         "(identical bytes, e.g. %s): figures on them are optimistic", data, seen["train"], len(frame),
                         seen["valid"], ", ".join(seen["examples"]))
+    # where each model came from (older runs did not record it: null)
+    metrics["model"]["trained_with"] = {str(m.source): m.meta.get("environment")
+                                        for m in getattr(classifier, "members", [classifier])}
     unfinished = [str(m.source) for m in getattr(classifier, "members", [classifier]) if m.meta.get("unfinished")]
     if unfinished:
         metrics["unfinished_models"] = unfinished  # the report says their threshold is a placeholder
@@ -115,7 +124,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     return metrics
 
 
-def seen_in_fitting(classifier: Classifier, paths: Sequence[str]) -> dict | None:
+def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence[str | None] | None = None
+                    ) -> dict | None:
     """How many of `paths` have the bytes of an image the model (any ensemble member) trained on, or was validated
     on (its threshold, epoch or regularisation chosen there); None for runs saved before this was recorded."""
     fitted: dict[str, set] = {"train": set(), "valid": set()}
@@ -134,7 +144,7 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str]) -> dict | None
             unchecked.append(str(member.source))
     if len(unchecked) == len(members):
         return None
-    keys = content_keys(paths)
+    keys = content_keys(paths) if keys is None else keys
     train = [p for p, k in zip(paths, keys, strict=True) if k in fitted["train"]]
     valid = [p for p, k in zip(paths, keys, strict=True) if k in fitted["valid"] and k not in fitted["train"]]
     seen = {"train": len(train), "valid": len(valid), "examples": [str(p) for p in (train + valid)[:5]]}

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from . import NOTICE  # noqa: E402
 from .checkpoint import atomic_write  # noqa: E402
 from .data import ImageError, load_image  # noqa: E402
+from .provenance import describe  # noqa: E402
 
 
 def _literal(text: object) -> str:
@@ -134,6 +135,25 @@ def _calibration_note(calibration: dict) -> str:
             "clinic), the same image is less likely to be malignant than its probability says.</p>")
 
 
+def _provenance_note(metrics: dict) -> str:
+    """Which code and data made these figures: the evaluation's environment and each model's training record."""
+    env = metrics.get("environment")
+    if not env:
+        return ""
+    data = env.get("data", {})
+    lines = [f"Evaluated {data.get('images', '?')} images (data fingerprint {str(data.get('fingerprint', ''))[:16]}) "
+             f"with {describe(env)}, {env.get('at', '')}."]
+    for run, trained in (metrics.get("model", {}).get("trained_with") or {}).items():
+        if trained:
+            splits = ", ".join(f"{split} {d['images']} images ({d['fingerprint'][:16]})"
+                               for split, d in trained.get("data", {}).items())
+            lines.append(f"{run}: trained with {describe(trained)}, {trained.get('at', '')}; {splits}.")
+        else:
+            lines.append(f"{run}: saved before runs recorded their environment.")
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f'<h2>Provenance</h2><ul class="provenance">{items}</ul>'
+
+
 def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation") -> Path:
     """One self-contained HTML page (plots embedded) with the headline metrics and the notice."""
     headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "sensitivity_ci95", "specificity",
@@ -190,6 +210,7 @@ AUC is computed from predicted probabilities (not thresholded labels); the 95% i
 <table>{rows}</table>
 {''.join(_img_tag(p) for p in plots)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
+{_provenance_note(metrics)}
 </body></html>
 """
     atomic_write(path, lambda tmp: tmp.write_text(page))

@@ -48,6 +48,7 @@ from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
 from .metrics import choose_threshold, roc_auc, validation_summary
 from .progress import progress
+from .provenance import data_fingerprint, describe, environment
 
 log = logging.getLogger("skincancer")
 
@@ -89,6 +90,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         train_df = _readable(train_df, config.train, "train")
         valid_df = _readable(valid_df, config.valid, "valid")
         keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
+        env = {**environment(), "data": {
+            split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, _truth(df))}
+            for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
+                                          ("valid", valid_df, keys[len(train_df):]))}}
+        log.info("%s; command: %s", describe(env), " ".join(env["command"]))
         _warn_shared_images(train_df, valid_df, keys, config.valid)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
@@ -115,7 +121,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.inference_size, "train_image_size": config.image_size, **prep, "threshold": 0.5,
             "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
-            "skincancer_version": __version__,
+            "skincancer_version": __version__, "environment": env,
         }
         if world.is_main:
             _print_summary(model, config)
@@ -724,6 +730,11 @@ def _drop_log_head(handler: logging.Handler, path: Path, start: int) -> None:
         f.seek(0)
         f.write(kept)
         f.truncate()
+
+
+def _truth(frame: pd.DataFrame) -> list:
+    """What a data fingerprint pairs with each image: its diagnosis where the manifest has one, else its label."""
+    return list(frame["diagnosis"] if "diagnosis" in frame else frame["label"])
 
 
 def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False) -> None:
