@@ -63,15 +63,16 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
 
         others = sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:2]
         sent = [{"name": p.name, "mimeType": "image/jpeg", "buffer": p.read_bytes()} for p in (photo, *others)]
-        page.set_input_files("#file", files=[*sent, {"name": "notes.jpg", "mimeType": "image/jpeg",
+        page.set_input_files("#file", files=[*sent, {"name": "<b>notes</b>.jpg", "mimeType": "image/jpeg",
                                                       "buffer": b"no photo"}])
         page.wait_for_selector("#batch", state="visible", timeout=60_000)
         assert page.is_hidden("#result") and page.inner_text("#error") == ""
         rows = [row.split("\t") for row in page.inner_text("#batch-table tbody").splitlines()]
-        assert [row[0] for row in rows] == [photo.name, others[0].name, others[1].name, "notes.jpg"]
+        assert [row[0] for row in rows] == [photo.name, others[0].name, others[1].name, "<b>notes</b>.jpg"]
+        assert page.locator("#batch-table b").count() == 0  # a file name is shown as text, never as markup
         assert rows[0][1:] == [probability, page.inner_text("#label")]  # as the single upload showed it
         assert "Error 415" in rows[3][1] and "not an image" in rows[3][1]
-        assert page.inner_text("#batch-summary").startswith("4 photos, 1 unreadable")
+        assert page.inner_text("#batch-summary").startswith("4 photos, 1 failed")
         page.screenshot(path=str(tmp_path / "batch.png"), full_page=True)
 
         page.goto(url + "/docs")  # Swagger UI from the package's own static files: no CDN needed

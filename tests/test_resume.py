@@ -44,6 +44,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(small_data, cache_d
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch" in result.stderr
+    env = json.loads((killed / "model" / "model.json").read_text())["environment"]
+    assert len(env["resumed"]) == 1 and env["resumed"][0]["at"] >= env["at"]  # the first start's record, kept
+    assert "data" not in env["resumed"][0]  # the same images: not repeated
 
     done, again = pd.read_csv(reference / "summary.csv"), pd.read_csv(killed / "summary.csv")
     assert list(again["epoch"]) == [1, 2, 3, 4]

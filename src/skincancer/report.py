@@ -144,10 +144,14 @@ def _provenance_note(metrics: dict) -> str:
     lines = [f"Evaluated {data.get('images', '?')} images (data fingerprint {str(data.get('fingerprint', ''))[:16]}) "
              f"with {describe(env)}, {env.get('at', '')}."]
     for run, trained in (metrics.get("model", {}).get("trained_with") or {}).items():
-        if trained:
-            splits = ", ".join(f"{split} {d['images']} images ({d['fingerprint'][:16]})"
-                               for split, d in trained.get("data", {}).items())
-            lines.append(f"{run}: trained with {describe(trained)}, {trained.get('at', '')}; {splits}.")
+        if isinstance(trained, dict):
+            data = trained.get("data") if isinstance(trained.get("data"), dict) else {}
+            splits = ", ".join(f"{split} {d.get('images', '?')} images ({str(d.get('fingerprint', '?'))[:16]})"
+                               for split, d in data.items() if isinstance(d, dict))
+            resumed = trained.get("resumed") if isinstance(trained.get("resumed"), list) else []
+            resumes = "".join(f"; resumed with {describe(r)}, {r.get('at', '')}"
+                              for r in resumed if isinstance(r, dict))
+            lines.append(f"{run}: trained with {describe(trained)}, {trained.get('at', '')}{resumes}; {splits}.")
         else:
             lines.append(f"{run}: saved before runs recorded their environment.")
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)

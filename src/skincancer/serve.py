@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import os
 import tempfile
@@ -259,7 +260,10 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             if values is not None and len(values) != len(files):
                 raise HTTPException(422, f"{field}: {len(values)} values for {len(files)} files (give one per file, "
                                          "in order, empty where unknown)")
-        return await run_in_threadpool(answer_batch, files, ages, sexes)
+        try:
+            return await run_in_threadpool(answer_batch, files, ages, sexes)
+        finally:
+            await form.close()  # the parts Starlette spooled to disk go now, not at garbage collection
 
     def answer_batch(files: list, ages: list | None, sexes: list | None) -> dict:
         started = time.perf_counter()
@@ -379,6 +383,7 @@ def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
         notice=e(NOTICE), name=e(card["name"]), architecture=e(architecture), version=e(str(card["version"])),
         engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
         classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
+        positive_js=json.dumps(card["positive_name"]).replace("<", "\\u003c"),  # a JS string, safe inside <script>
         limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden", max_batch=max_batch,
         source=e("out-of-fold predictions over the training and validation images"
                  if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
@@ -449,7 +454,9 @@ function choose(files) {{
     $("batch").hidden = true;
   }} else if (files.length > 1) sendBatch(Array.from(files));
 }}
+let latest = 0;  // only the answer to the last request sent is shown
 async function sendBatch(files) {{
+  const mine = ++latest;
   $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
   $("status").textContent = "analysing " + files.length + " photos...";
   const form = new FormData();
@@ -460,6 +467,7 @@ async function sendBatch(files) {{
   try {{
     const response = await fetch("/api/predict/batch", {{ method: "POST", body: form }});
     const answer = await response.json();
+    if (mine !== latest) return;
     $("status").textContent = "";
     if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
     const body = $("batch-table").tBodies[0]; body.innerHTML = "";
@@ -471,14 +479,17 @@ async function sendBatch(files) {{
       }} else {{
         row.insertCell().textContent = (result.malignant_probability * 100).toFixed(1) + "%";
         const label = row.insertCell(); label.textContent = result.label;
-        label.className = result.label === "{positive}" ? "malignant" : "benign";
+        label.className = result.label === {positive_js} ? "malignant" : "benign";
       }}
     }}
-    $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " unreadable.";
+    $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " failed.";
     $("batch").hidden = false;
-  }} catch (err) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+  }} catch (err) {{
+    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+  }}
 }}
 async function send(file) {{
+  const mine = ++latest;
   $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
   $("status").textContent = "analysing " + file.name + "...";
   const form = new FormData(); form.append("file", file);
@@ -489,11 +500,12 @@ async function send(file) {{
   try {{
     const response = await fetch("/api/predict?cam=true", {{ method: "POST", body: form }});
     const answer = await response.json();
+    if (mine !== latest) return;
     $("status").textContent = "";
     if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
     $("probability").textContent = (answer.malignant_probability * 100).toFixed(1) + "%";
     $("label").textContent = answer.label;
-    $("label").className = answer.label === "{positive}" ? "malignant" : "benign";
+    $("label").className = answer.label === {positive_js} ? "malignant" : "benign";
     $("sentence").textContent = answer.sentence;
     $("classes").innerHTML = "";
     for (const [name, p] of Object.entries(answer.probabilities)) {{
@@ -503,7 +515,9 @@ async function send(file) {{
     $("photo").src = URL.createObjectURL(file);
     $("overlay").src = "data:image/png;base64," + answer.cam_png_base64;
     $("result").hidden = false;
-  }} catch (err) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+  }} catch (err) {{
+    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+  }}
 }}
 </script>
 </body></html>

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
 from .metrics import choose_threshold, roc_auc, validation_summary
 from .progress import progress
-from .provenance import data_fingerprint, describe, environment
+from .provenance import ENVIRONMENT_FILE, data_fingerprint, describe, environment
 
 log = logging.getLogger("skincancer")
 
@@ -90,11 +91,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         train_df = _readable(train_df, config.train, "train")
         valid_df = _readable(valid_df, config.valid, "valid")
         keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
-        env = {**environment(), "data": {
-            split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, _truth(df))}
-            for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
-                                          ("valid", valid_df, keys[len(train_df):]))}}
-        log.info("%s; command: %s", describe(env), " ".join(env["command"]))
+        device = device_for(world, config.device)
+        env = {}  # only rank 0 saves the model: the others neither need it nor run git beside it
+        if world.is_main:
+            data = {split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, df["diagnosis"])}
+                    for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
+                                                  ("valid", valid_df, keys[len(train_df):]))}
+            env = _run_environment(out, {**environment(str(device)), "data": data}, resume)
+            log.info("%s; command: %s", describe(env), " ".join(sys.argv))
         _warn_shared_images(train_df, valid_df, keys, config.valid)
         class_names = _class_names(config, train_df, valid_df)
         train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
@@ -111,11 +115,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             # from the start, so that a model saved by an interrupted run is covered too
             write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
                                 fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
+            write_json(out / "model" / ENVIRONMENT_FILE, env)  # read back by --resume; model.json gets it too
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
         prep = preprocessing(model)
-        model.to(device_for(world, config.device))
+        model.to(device)
         meta = {
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
@@ -732,9 +737,21 @@ def _drop_log_head(handler: logging.Handler, path: Path, start: int) -> None:
         f.truncate()
 
 
-def _truth(frame: pd.DataFrame) -> list:
-    """What a data fingerprint pairs with each image: its diagnosis where the manifest has one, else its label."""
-    return list(frame["diagnosis"] if "diagnosis" in frame else frame["label"])
+def _run_environment(out: Path, env: dict, resume: bool) -> dict:
+    """model.json's `environment`: this call's, or for a resumed run the first call's (model/environment.json,
+    written when the run began) with this one appended to `resumed` (the code or libraries may have changed)."""
+    if not resume:
+        return env
+    try:
+        first = json.loads((out / "model" / ENVIRONMENT_FILE).read_text())
+    except (OSError, ValueError):
+        first = None  # a run started before runs recorded it
+    if not isinstance(first, dict):
+        return env
+    later = {k: env[k] for k in ("at", "skincancer", "git", "packages", "device") if k in env}
+    if env.get("data") != first.get("data"):
+        later["data"] = env.get("data")
+    return {**first, "resumed": [*first.get("resumed", []), later]}
 
 
 def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False) -> None:
