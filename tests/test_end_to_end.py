@@ -224,3 +224,35 @@ def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, s
     mixed_seen = evaluate([tiny_run, old], tmp_path / "mixed.csv", tmp_path / "mixed_eval")["seen_in_fitting"]
     assert mixed_seen["train"] == 1 and mixed_seen["unchecked_models"] == [str(old / "model")]
     assert "Not checked for images they were fitted on" in (tmp_path / "mixed_eval" / "report.html").read_text()
+
+
+def test_compare_two_evaluations_of_the_same_images(tiny_run, finetune_run, small_data, tmp_path):
+    first, second = tmp_path / "probe", tmp_path / "finetune"
+    metrics = [evaluate(run, small_data["test"], out, num_workers=0, n_boot=20)
+               for run, out in ((tiny_run, first), (finetune_run, second))]
+    result = cli("compare", first, second, "-o", tmp_path / "compare.json")
+    written = json.loads((tmp_path / "compare.json").read_text())
+    assert (written["auc_a"], written["auc_b"]) == pytest.approx((metrics[0]["auc"], metrics[1]["auc"]))
+    assert written["difference"] == pytest.approx(metrics[0]["auc"] - metrics[1]["auc"])
+    assert written["n"] == 18 and written["n_positive"] == 6 and 0 <= written["p_value"] <= 1
+    assert f"{written['p_value']:.4g}" in result.stdout and "18 (6 malignant)" in result.stdout
+    cli("compare", first, second, "--task", "seborrheic_keratosis", "-o", tmp_path / "sk.json")
+    keratosis = json.loads((tmp_path / "sk.json").read_text())
+    assert keratosis["auc_a"] == pytest.approx(metrics[0]["class_auc"]["seborrheic_keratosis"])
+
+    # images matched by id: a subset is compared on what both scored, and says so
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "metrics.json").write_text((second / "metrics.json").read_text())
+    pd.read_csv(second / "predictions.csv").iloc[:12].to_csv(subset / "predictions.csv", index=False)
+    partial = cli("compare", first, subset)
+    assert "images both scored          12" in partial.stdout and "6 more scored only by the first" in partial.stdout
+    # the same image with another label is not the same data
+    relabelled = pd.read_csv(second / "predictions.csv")
+    relabelled.loc[0, "label"] = 1 - relabelled.loc[0, "label"]
+    relabelled.to_csv(subset / "predictions.csv", index=False)
+    refused = cli("compare", first, subset, check=False)
+    assert refused.returncode == 2 and "labelled differently in the two evaluations" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    not_one = cli("compare", first, tmp_path, check=False)
+    assert not_one.returncode == 2 and f"{tmp_path}: not an evaluation folder" in not_one.stderr

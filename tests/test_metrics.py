@@ -7,6 +7,7 @@ from skincancer.metrics import (
     bootstrap_auc_ci,
     calibration,
     choose_threshold,
+    delong_test,
     operating_point,
     roc_auc,
     specificity_at_sensitivity,
@@ -121,3 +122,48 @@ def test_wilson_interval_by_hand_and_at_the_edges():
     assert all(np.isnan(wilson_interval(0, 0)))
     report = binary_report(LABELS, PROBS, 0.5, n_boot=10)
     assert report["sensitivity_ci95"] == wilson_interval(2, 3) and report["specificity_ci95"] == wilson_interval(3, 4)
+
+
+def brute_force_delong(labels, a, b):
+    """DeLong's variance from its definition: pairwise comparisons of every positive with every negative."""
+    pos, neg = labels == 1, labels == 0
+    components = []
+    for scores in (a, b):
+        psi = (scores[pos][:, None] > scores[neg][None, :]) + 0.5 * (scores[pos][:, None] == scores[neg][None, :])
+        components.append((psi.mean(), psi.mean(1), psi.mean(0)))
+    s10 = np.cov(np.array([c[1] for c in components]))
+    s01 = np.cov(np.array([c[2] for c in components]))
+    covariance = s10 / pos.sum() + s01 / neg.sum()
+    return components[0][0] - components[1][0], covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
+
+
+def test_delong_matches_its_definition_and_the_bootstrap():
+    rng = np.random.default_rng(1)
+    labels = (rng.uniform(size=300) < 0.25).astype(int)
+    a = np.round(labels + rng.normal(size=300), 1)  # rounded: ties within and across classes
+    b = np.round(0.6 * labels + 0.5 * a + rng.normal(size=300), 1)
+    result = delong_test(labels, a, b)
+    difference, variance = brute_force_delong(labels, a, b)
+    assert result["difference"] == pytest.approx(difference)
+    assert (result["auc_a"], result["auc_b"]) == pytest.approx((roc_auc(labels, a), roc_auc(labels, b)))
+    half = result["difference_ci95"][1] - result["difference"]
+    assert half == pytest.approx(1.959964 * np.sqrt(variance), rel=1e-6)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    boot = []
+    for _ in range(1000):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boot.append(roc_auc(labels[i], a[i]) - roc_auc(labels[i], b[i]))
+    assert np.std(boot) == pytest.approx(np.sqrt(variance), rel=0.15)
+    assert 0 < result["p_value"] < 1
+
+
+def test_delong_of_a_model_with_itself_and_of_a_clear_winner():
+    rng = np.random.default_rng(2)
+    labels = (rng.uniform(size=400) < 0.3).astype(int)
+    good = labels + rng.normal(scale=0.5, size=400)
+    same = delong_test(labels, good, good)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    noise = rng.normal(size=400)
+    assert delong_test(labels, good, noise)["p_value"] < 1e-6
+    with pytest.raises(ValueError, match="both classes"):
+        delong_test(np.ones(5), good[:5], noise[:5])

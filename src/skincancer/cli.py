@@ -282,6 +282,35 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    first: Annotated[Path, typer.Argument(help="an evaluation folder (`evaluate --out`)")],
+    second: Annotated[Path, typer.Argument(help="another evaluation of the same images")],
+    task: Annotated[str, typer.Option(help=(
+        "malignant (the malignant probability against the label) or a diagnosis such as seborrheic_keratosis "
+        "(its one-vs-rest probability)"))] = "malignant",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="also write the result as JSON")] = None,
+) -> None:
+    """Compare two models' AUC on the same images: the difference, its 95% CI and DeLong's p-value."""
+    from .checkpoint import write_json
+    from .evaluate import compare as compare_evaluations
+
+    if out is not None:
+        _output_file(out, (".json",), inputs=(first, second))
+    result = compare_evaluations(first, second, task)
+    low, high = result["difference_ci95"]
+    typer.echo(f"{'first':<28}{first}\n{'second':<28}{second}")
+    typer.echo(f"{'images both scored':<28}{result['n']} ({result['n_positive']} {task})")
+    for key, name in (("only_in_first", "first"), ("only_in_second", "second")):
+        if result[key]:
+            typer.echo(f"{'':<28}({result[key]} more scored only by the {name}: left out)")
+    typer.echo(f"{'AUC first':<28}{result['auc_a']:.4f}\n{'AUC second':<28}{result['auc_b']:.4f}")
+    typer.echo(f"{'difference (95% CI)':<28}{result['difference']:+.4f} ({low:+.4f} to {high:+.4f})")
+    typer.echo(f"{'DeLong p-value':<28}{result['p_value']:.4g}")
+    if out is not None:
+        write_json(out, result)
+
+
+@app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],

@@ -16,7 +16,7 @@ from .data import DataError, content_keys, resolve_data
 from .ensemble import Ensemble, load_models
 from .metadata import has_metadata
 from .metadata import records as metadata_records
-from .metrics import binary_report, roc_auc
+from .metrics import binary_report, delong_test, roc_auc
 from .predict import Classifier
 from .provenance import data_fingerprint, environment
 from .report import html_report, plot_calibration, plot_confusion, plot_roc
@@ -122,6 +122,53 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     ]
     html_report(metrics, plots, out / "report.html")
     return metrics
+
+
+def compare(first: str | Path, second: str | Path, task: str = "malignant") -> dict:
+    """Two evaluations of the same images (folders `evaluate` wrote): the AUC of each on the images both scored, the
+    difference first - second with its 95% interval, and DeLong's p-value of 'no difference'.
+
+    task: 'malignant' compares the malignant-vs-benign probability of each model (against `label`); a diagnosis
+    (e.g. 'seborrheic_keratosis') compares that class's one-vs-rest probability."""
+    tables = [_evaluation_table(Path(folder), task) for folder in (first, second)]
+    common = tables[0].index.intersection(tables[1].index)
+    if len(common) == 0:
+        raise DataError(f"{first} and {second}: no image scored by both (compare evaluations of the same data)")
+    truth = [t.loc[common, "truth"] for t in tables]
+    differs = common[truth[0].to_numpy() != truth[1].to_numpy()]
+    if len(differs):
+        raise DataError(f"{first} and {second}: {len(differs)} images are labelled differently in the two "
+                        f"evaluations, e.g. {differs[0]}; compare evaluations with the same labels")
+    labels = truth[0].to_numpy()
+    if labels.min() == labels.max():
+        raise DataError(f"{first} and {second}: the {len(common)} images both scored are all one class for {task}")
+    result = delong_test(labels, tables[0].loc[common, "score"], tables[1].loc[common, "score"])
+    result.update({"task": task, "first": str(first), "second": str(second),
+                   "only_in_first": int(len(tables[0]) - len(common)),
+                   "only_in_second": int(len(tables[1]) - len(common))})
+    return result
+
+
+def _evaluation_table(folder: Path, task: str) -> pd.DataFrame:
+    """image_id -> truth (0/1) and score for `task`, from an evaluation folder's predictions.csv."""
+    path = folder / "predictions.csv"
+    if not _is_evaluation(folder / "metrics.json") or not path.is_file():
+        raise DataError(f"{folder}: not an evaluation folder (no metrics.json and predictions.csv of `evaluate`)")
+    table = pd.read_csv(path)
+    if task == "malignant":
+        columns = list(table.columns)  # evaluate writes ..., label, classes..., the malignant probability, predicted
+        if "label" not in columns or "predicted" not in columns or columns.index("predicted") < 1:
+            raise DataError(f"{path}: no label and malignant-probability columns")
+        table = table.assign(truth=table["label"], score=table[columns[columns.index("predicted") - 1]])
+    else:
+        if task not in table or "diagnosis" not in table:
+            raise DataError(f"{path}: no {task!r} probability column (its model's classes do not include it)")
+        table = table.assign(truth=(table["diagnosis"] == task).astype(int), score=table[task])
+    if table["image_id"].duplicated().any():
+        raise DataError(f"{path}: image_id {table['image_id'][table['image_id'].duplicated()].iloc[0]!r} appears "
+                        "twice; images are matched by id")
+    table = table[table["score"].notna()]  # images the model could not read
+    return table.set_index("image_id")[["truth", "score"]]
 
 
 def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence[str | None] | None = None
