@@ -296,6 +296,11 @@ def compare(
 
     if out is not None:
         _output_file(out, (".json",), inputs=(first, second))
+        for folder in (first, second):
+            if os.path.realpath(out).startswith(os.path.realpath(folder) + os.sep):
+                _fail(f"--out {out}: inside the evaluation {folder}, which it would change; write it elsewhere")
+        if out.exists() and not _is_comparison(out):
+            _fail(f"--out {out}: exists and is not an earlier comparison; choose a new file name")
     result = compare_evaluations(first, second, task)
     low, high = result["difference_ci95"]
     typer.echo(f"{'first':<28}{first}\n{'second':<28}{second}")
@@ -306,8 +311,18 @@ def compare(
     typer.echo(f"{'AUC first':<28}{result['auc_a']:.4f}\n{'AUC second':<28}{result['auc_b']:.4f}")
     typer.echo(f"{'difference (95% CI)':<28}{result['difference']:+.4f} ({low:+.4f} to {high:+.4f})")
     typer.echo(f"{'DeLong p-value':<28}{result['p_value']:.4g}")
+    if math.isnan(result["p_value"]):
+        typer.echo("(no spread between the two models' rankings to test a difference against)")
     if out is not None:
         write_json(out, result)
+
+
+def _is_comparison(path: Path) -> bool:
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and {"auc_a", "auc_b", "p_value"} <= written.keys()
 
 
 @app.command()

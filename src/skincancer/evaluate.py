@@ -70,7 +70,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         "n_with_metadata": _metadata_used(classifier, rows, ok),
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
                                                          "threshold", "threshold_policy", "validation_source",
-                                                         "validation")},
+                                                         "validation")} | {"positive_name": classifier.positive_name},
     })
 
     table = pd.DataFrame({
@@ -130,6 +130,9 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
 
     task: 'malignant' compares the malignant-vs-benign probability of each model (against `label`); a diagnosis
     (e.g. 'seborrheic_keratosis') compares that class's one-vs-rest probability."""
+    models = [_evaluated_model(Path(folder)) for folder in (first, second)]
+    if any(m.get("positive_name") == task and task not in m.get("class_names", []) for m in models):
+        task = "malignant"  # a model's own name for its malignant probability, not one of its classes
     tables = [_evaluation_table(Path(folder), task) for folder in (first, second)]
     common = tables[0].index.intersection(tables[1].index)
     if len(common) == 0:
@@ -140,8 +143,9 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
         raise DataError(f"{first} and {second}: {len(differs)} images are labelled differently in the two "
                         f"evaluations, e.g. {differs[0]}; compare evaluations with the same labels")
     labels = truth[0].to_numpy()
-    if labels.min() == labels.max():
-        raise DataError(f"{first} and {second}: the {len(common)} images both scored are all one class for {task}")
+    if min(labels.sum(), len(labels) - labels.sum()) < 2:
+        raise DataError(f"{first} and {second}: of the {len(common)} images both scored, {int(labels.sum())} are "
+                        f"positive for {task}; comparing AUCs needs at least 2 of each class")
     result = delong_test(labels, tables[0].loc[common, "score"], tables[1].loc[common, "score"])
     result.update({"task": task, "first": str(first), "second": str(second),
                    "only_in_first": int(len(tables[0]) - len(common)),
@@ -152,23 +156,39 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
 def _evaluation_table(folder: Path, task: str) -> pd.DataFrame:
     """image_id -> truth (0/1) and score for `task`, from an evaluation folder's predictions.csv."""
     path = folder / "predictions.csv"
-    if not _is_evaluation(folder / "metrics.json") or not path.is_file():
-        raise DataError(f"{folder}: not an evaluation folder (no metrics.json and predictions.csv of `evaluate`)")
-    table = pd.read_csv(path)
+    model = _evaluated_model(folder)
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str, "diagnosis": str})
+    except (ValueError, OSError) as err:  # empty, truncated, not CSV
+        raise DataError(f"{path}: unreadable ({err})") from None
+    missing = [c for c in ("image_id", "diagnosis", "label", "predicted") if c not in table]
+    if missing:
+        raise DataError(f"{path}: no {', '.join(missing)} column(s); not a predictions table of `evaluate`")
+    positive = model.get("positive_name")
+    columns = list(table.columns)
     if task == "malignant":
-        columns = list(table.columns)  # evaluate writes ..., label, classes..., the malignant probability, predicted
-        if "label" not in columns or "predicted" not in columns or columns.index("predicted") < 1:
-            raise DataError(f"{path}: no label and malignant-probability columns")
-        table = table.assign(truth=table["label"], score=table[columns[columns.index("predicted") - 1]])
+        # by name where metrics.json records it; evaluations made before that: the column `evaluate` writes just
+        # before `predicted` (a class named like the positive class shares that column)
+        score = positive if positive in table else columns[columns.index("predicted") - 1]
+        table = table.assign(truth=table["label"], score=pd.to_numeric(table[score], errors="coerce"))
     else:
-        if task not in table or "diagnosis" not in table:
+        if task not in table or task in ("image_id", "diagnosis", "label", "predicted", "error"):
             raise DataError(f"{path}: no {task!r} probability column (its model's classes do not include it)")
-        table = table.assign(truth=(table["diagnosis"] == task).astype(int), score=table[task])
+        table = table.assign(truth=(table["diagnosis"] == task).astype(int),
+                             score=pd.to_numeric(table[task], errors="coerce"))
     if table["image_id"].duplicated().any():
         raise DataError(f"{path}: image_id {table['image_id'][table['image_id'].duplicated()].iloc[0]!r} appears "
                         "twice; images are matched by id")
     table = table[table["score"].notna()]  # images the model could not read
     return table.set_index("image_id")[["truth", "score"]]
+
+
+def _evaluated_model(folder: Path) -> dict:
+    """metrics.json's `model` of an evaluation folder ({} for evaluations that did not record it)."""
+    if not _is_evaluation(folder / "metrics.json") or not (folder / "predictions.csv").is_file():
+        raise DataError(f"{folder}: not an evaluation folder (no metrics.json and predictions.csv of `evaluate`)")
+    model = json.loads((folder / "metrics.json").read_text()).get("model")
+    return model if isinstance(model, dict) else {}
 
 
 def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence[str | None] | None = None

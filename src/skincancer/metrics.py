@@ -65,10 +65,12 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     p-value of 'no difference'."""
     labels, a = _check(labels, scores_a)
     _, b = _check(labels, scores_b)
-    if labels.min() == labels.max():
-        raise ValueError("comparing AUCs needs both classes")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("comparing AUCs needs a score for every image (leave out the images a model did not score)")
     positive = labels == 1
     m, n = int(positive.sum()), int((~positive).sum())
+    if min(m, n) < 2:
+        raise ValueError(f"comparing AUCs needs at least 2 images of both classes (got {m} positive, {n} negative)")
     aucs, v10, v01 = [], [], []
     for scores in (a, b):
         pos, neg = scores[positive], scores[~positive]
@@ -79,8 +81,8 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     covariance = np.cov(np.array(v10)) / m + np.cov(np.array(v01)) / n
     variance = float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
     difference = float(aucs[0] - aucs[1])
-    if variance <= 1e-15:  # identical rankings
-        p, half = (1.0 if difference == 0 else 0.0), 0.0
+    if variance <= 1e-15:  # no spread to test against: identical rankings (p 1), or nothing to say
+        p, half = (1.0, 0.0) if difference == 0 else (float("nan"), float("nan"))
     else:
         z = difference / np.sqrt(variance)
         p, half = float(2 * norm.sf(abs(z))), float(norm.ppf(0.975) * np.sqrt(variance))
