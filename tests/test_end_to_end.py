@@ -66,6 +66,7 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
                 "at_0.5", "specificity_at_sensitivity", "n", "n_positive", "threshold"}
     assert required <= set(metrics)
     assert metrics["n"] == 18 and metrics["n_positive"] == 6
+    assert "subgroups" not in metrics  # the test manifest has no age or sex
     predictions = pd.read_csv(out / "predictions.csv")
     # AUC from probabilities, never from thresholded labels
     assert metrics["auc"] == pytest.approx(roc_auc_score(predictions["label"], predictions["malignant"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
@@ -229,3 +230,27 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
         answer = client.post("/api/predict", files=files, data={"age": "85"}).json()
         assert answer["metadata_used"] is False
 
+
+
+def test_evaluate_reports_each_sex_and_age_band(metadata_run, tiny_run, tmp_path):
+    run, manifests = metadata_run
+    result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--data",
+                             str(manifests["valid"]), "--out", str(tmp_path / "eval"), "--num-workers", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    table = pd.read_csv(tmp_path / "eval" / "predictions.csv").merge(
+        load_manifest(manifests["valid"])[["image_id", "sex", "age_approximate"]], on="image_id")
+    sexes = metrics["subgroups"]["sex"]
+    assert sum(g["n"] for g in sexes.values()) == metrics["n"] == 15
+    assert set(sexes) <= {"female", "male", "unknown"} and set(sexes) & {"female", "male"}
+    for sex, group in sexes.items():
+        rows = table[table["sex"].fillna("unknown").replace("", "unknown") == sex]
+        assert group["n"] == len(rows) and group["n_positive"] == rows["label"].sum()
+        if rows["label"].nunique() == 2:
+            assert group["auc"] == pytest.approx(roc_auc_score(rows["label"], rows["malignant"]))
+            assert f"AUC sex: {sex}" in result.stdout
+    ages = metrics["subgroups"]["age"]
+    assert sum(g["n"] for g in ages.values()) == 15
+    assert set(ages) <= {"under 30", "30-49", "50-69", "70 and over", "unknown"}
+    assert "<h2>Subgroups</h2>" in (tmp_path / "eval" / "report.html").read_text()

@@ -11,6 +11,7 @@ from skincancer.metrics import (
     operating_point,
     roc_auc,
     specificity_at_sensitivity,
+    subgroup_report,
     wilson_interval,
 )
 
@@ -167,3 +168,16 @@ def test_delong_of_a_model_with_itself_and_of_a_clear_winner():
     assert delong_test(labels, good, noise)["p_value"] < 1e-6
     with pytest.raises(ValueError, match="both classes"):
         delong_test(np.ones(5), good[:5], noise[:5])
+
+
+def test_subgroup_report_by_hand():
+    groups = ["f", "f", "m", "m", "f", "m", "f"]  # LABELS 0 0 0 0 1 1 1, PROBS .1 .4 .35 .8 .3 .9 .7
+    report = subgroup_report(LABELS, PROBS, 0.5, groups)
+    assert list(report) == ["f", "m"]
+    f, m = report["f"], report["m"]
+    assert (f["n"], f["n_positive"], m["n"], m["n_positive"]) == (4, 2, 3, 1)
+    assert f["auc"] == pytest.approx(roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.3, 0.7]))  # 3 of 4 pairs
+    assert (f["sensitivity"], f["specificity"]) == (0.5, 1.0)  # 0.7 caught, 0.3 missed; 0.1 and 0.4 cleared
+    assert f["sensitivity_ci95"] == wilson_interval(1, 2)
+    assert (m["sensitivity"], m["specificity"]) == (1.0, 0.5)
+    assert np.isnan(subgroup_report([0, 0], [0.1, 0.2], 0.5, ["a", "a"])["a"]["auc"])  # one class: no AUC

@@ -16,7 +16,7 @@ from .data import DataError, content_keys, resolve_data
 from .ensemble import Ensemble, load_models
 from .metadata import has_metadata
 from .metadata import records as metadata_records
-from .metrics import binary_report, delong_test, roc_auc
+from .metrics import binary_report, delong_test, roc_auc, subgroup_report
 from .predict import Classifier
 from .provenance import data_fingerprint, environment
 from .report import html_report, plot_calibration, plot_confusion, plot_roc
@@ -43,7 +43,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     _require_both_labels(frame["label"], data, "")
-    rows = metadata_records(frame, str(data)) if use_metadata and has_metadata(frame) else None
+    patients = metadata_records(frame, str(data)) if has_metadata(frame) else None
+    rows = patients if use_metadata else None
     probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
                                              num_workers=num_workers, tta=tta, metadata=rows)
     skipped = [{"path": frame["filepath"].iloc[i], "reason": reason} for i, reason in errors]
@@ -65,6 +66,11 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         tasks = [metrics["class_auc"].get(t) for t in ISIC_TASKS]
         if all(v is not None for v in tasks):
             metrics["isic_mean_auc"] = float(np.mean(tasks))
+    if patients is not None:  # how the model does for each sex and age band, where the manifest says
+        metrics["subgroups"] = {
+            kind: subgroup_report(labels[ok], malignant[ok], classifier.threshold,
+                                  [group(p) for p, good in zip(patients, ok, strict=True) if good])
+            for kind, group in (("sex", _sex_group), ("age", _age_group))}
     metrics.update({
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "n_with_metadata": _metadata_used(classifier, rows, ok),
@@ -220,6 +226,18 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
         log.warning("%s: saved without a record of its training images; not checked for overlap",
                     ", ".join(unchecked))
     return seen
+
+
+AGE_BANDS = ((30, "under 30"), (50, "30-49"), (70, "50-69"), (float("inf"), "70 and over"))
+
+
+def _sex_group(patient: dict | None) -> str:
+    return (patient or {}).get("sex") or "unknown"
+
+
+def _age_group(patient: dict | None) -> str:
+    age = (patient or {}).get("age")
+    return "unknown" if age is None else next(name for limit, name in AGE_BANDS if age < limit)
 
 
 def _tta_used(classifier: Classifier, tta: int | None) -> int | str:

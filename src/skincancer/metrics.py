@@ -3,6 +3,8 @@ calibration."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -212,6 +214,28 @@ def validation_summary(labels, probs, threshold: float) -> dict:
     return {"n": int(len(labels)), "auc": roc_auc(labels, probs),
             **{k: point[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy")},
             "brier": calibrated["brier"], "ece": calibrated["ece"]}
+
+
+def subgroup_report(labels, probs, threshold: float, groups: Sequence[str]) -> dict:
+    """Per subgroup (e.g. sex, age band): n, positives, AUC (NaN with one class) and sensitivity / specificity with
+    Wilson intervals at the model's threshold."""
+    labels, probs = _check(labels, probs)
+    groups = np.asarray(groups, dtype=object)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups ({groups.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+    report = {}
+    for group in sorted(set(groups), key=str):
+        inside = groups == group
+        point = operating_point(labels[inside], probs[inside], threshold)
+        report[str(group)] = {
+            "n": int(inside.sum()), "n_positive": int(labels[inside].sum()),
+            "auc": roc_auc(labels[inside], probs[inside]),
+            "sensitivity": point["sensitivity"],
+            "sensitivity_ci95": wilson_interval(point["tp"], point["tp"] + point["fn"]),
+            "specificity": point["specificity"],
+            "specificity_ci95": wilson_interval(point["tn"], point["tn"] + point["fp"]),
+        }
+    return report
 
 
 def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int = 0) -> dict:

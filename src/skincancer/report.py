@@ -127,6 +127,21 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _subgroup_table(subgroups: dict | None) -> str:
+    """Per sex and age band, where the data had them: n, AUC, sensitivity and specificity with their intervals."""
+    if not subgroups:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(kind)}: {html.escape(name)}</td><td>{g['n']} ({g['n_positive']})</td>"
+        f"<td>{_fmt(g['auc'])}</td><td>{_fmt(g['sensitivity'])} {_fmt(g['sensitivity_ci95'])}</td>"
+        f"<td>{_fmt(g['specificity'])} {_fmt(g['specificity_ci95'])}</td></tr>"
+        for kind, groups in subgroups.items() for name, g in groups.items())
+    return ("<h2>Subgroups</h2><p>From the data's age and sex. Small groups give wide intervals: a difference between "
+            "groups is a question to test on more data, not a finding.</p><table><tr><th>group</th><th>images "
+            "(malignant)</th><th>AUC</th><th>sensitivity [95% CI]</th><th>specificity [95% CI]</th></tr>"
+            f"{rows}</table>")
+
+
 def _calibration_note(calibration: dict) -> str:
     return (f"<p>Calibration: a probability of 30% should mean that about 30 in 100 such images are malignant; the "
             "calibration plot shows how far that held here (expected calibration error "
@@ -211,6 +226,7 @@ classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.esca
 AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
 {threshold_note}</p>
 {_calibration_note(calibration) if calibration else ''}
+{_subgroup_table(metrics.get("subgroups"))}
 <table>{rows}</table>
 {''.join(_img_tag(p) for p in plots)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
