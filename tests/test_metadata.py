@@ -252,5 +252,26 @@ def test_evaluate_reports_each_sex_and_age_band(metadata_run, tiny_run, tmp_path
             assert f"AUC sex: {sex}" in result.stdout
     ages = metrics["subgroups"]["age"]
     assert sum(g["n"] for g in ages.values()) == 15
-    assert set(ages) <= {"under 30", "30-49", "50-69", "70 and over", "unknown"}
+    bands = ["under 30", "30-49", "50-69", "70 and over", "unknown"]
+    assert list(ages) == [band for band in bands if band in ages]  # youngest first
     assert "<h2>Subgroups</h2>" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_an_unreadable_age_skips_subgroups_under_no_metadata(metadata_run, tiny_run, tmp_path):
+    _, manifests = metadata_run
+    manifest = pd.read_csv(manifests["valid"], dtype=str)
+    manifest.loc[0, "age_approximate"] = "old"
+    manifest["filepath"] = [str((Path(manifests["valid"]).parent / p).resolve()) for p in manifest["filepath"]]
+    bad = tmp_path / "bad.csv"
+    manifest.to_csv(bad, index=False)
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--data",
+                               str(bad), "--out", str(tmp_path / f"eval{len(flags)}"), "--num-workers", "0", *flags],
+                              capture_output=True, text=True)
+
+    refused = run()
+    assert refused.returncode == 2 and "row 1, age_approximate: 'old'" in refused.stderr
+    plain = run("--no-metadata")
+    assert plain.returncode == 0 and "no subgroup figures" in plain.stderr
+    assert "subgroups" not in json.loads((tmp_path / "eval1" / "metrics.json").read_text())

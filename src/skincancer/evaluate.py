@@ -14,7 +14,7 @@ import pandas as pd
 from .checkpoint import FITTED_IMAGES_FILE, atomic_write, write_json
 from .data import DataError, content_keys, resolve_data
 from .ensemble import Ensemble, load_models
-from .metadata import has_metadata
+from .metadata import MetadataError, has_metadata
 from .metadata import records as metadata_records
 from .metrics import binary_report, delong_test, roc_auc, subgroup_report
 from .predict import Classifier
@@ -43,7 +43,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     _require_both_labels(frame["label"], data, "")
-    patients = metadata_records(frame, str(data)) if has_metadata(frame) else None
+    patients = _patients(frame, data, use_metadata)
     rows = patients if use_metadata else None
     probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
                                              num_workers=num_workers, tta=tta, metadata=rows)
@@ -71,6 +71,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
             kind: subgroup_report(labels[ok], malignant[ok], classifier.threshold,
                                   [group(p) for p, good in zip(patients, ok, strict=True) if good])
             for kind, group in (("sex", _sex_group), ("age", _age_group))}
+        ages = metrics["subgroups"]["age"]  # youngest first, not alphabetically
+        metrics["subgroups"]["age"] = {k: ages[k] for k in [name for _, name in AGE_BANDS] + ["unknown"] if k in ages}
     metrics.update({
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "n_with_metadata": _metadata_used(classifier, rows, ok),
@@ -229,6 +231,20 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
 
 
 AGE_BANDS = ((30, "under 30"), (50, "30-49"), (70, "50-69"), (float("inf"), "70 and over"))
+
+
+def _patients(frame: pd.DataFrame, data, use_metadata: bool) -> list | None:
+    """The manifest's age and sex per row (None without those columns). With --no-metadata they only group the
+    figures, so an unreadable value skips the subgroups instead of stopping the evaluation."""
+    if not has_metadata(frame):
+        return None
+    try:
+        return metadata_records(frame, str(data))
+    except MetadataError as err:
+        if use_metadata:
+            raise
+        log.warning("%s; no subgroup figures", err)
+        return None
 
 
 def _sex_group(patient: dict | None) -> str:

@@ -226,8 +226,8 @@ classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.esca
 AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
 {threshold_note}</p>
 {_calibration_note(calibration) if calibration else ''}
-{_subgroup_table(metrics.get("subgroups"))}
 <table>{rows}</table>
+{_subgroup_table(metrics.get("subgroups"))}
 {''.join(_img_tag(p) for p in plots)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
 {_provenance_note(metrics)}
