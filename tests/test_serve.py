@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import re
 import shutil
@@ -95,11 +96,13 @@ def test_predict_with_cam_returns_an_overlay_png(client, lesion):
         assert overlay.format == "PNG" and overlay.size == (256, 256)
 
 
-def test_health_model_page_and_docs(client):
+def test_health_model_page_and_docs(client, served_run):
     assert client.get("/api/health").json()["status"] == "ok"
     card = client.get("/api/model").json()
     assert card["backbone"] == "tf_efficientnet_lite0" and card["engine"] == "onnx"
     assert set(card["validation"]) >= {"auc", "sensitivity", "specificity"} and card["notice"] == NOTICE
+    recorded = json.loads((served_run / "model" / "model.json").read_text())["environment"]
+    assert card["trained"] == {"at": recorded["at"], "skincancer": recorded["skincancer"], "git": recorded["git"]}
     assert card["validation_source"] == "valid"  # the page and card say where the figures come from
     page = client.get("/")
     assert "Validation figures (the validation split)" in page.text
@@ -291,6 +294,8 @@ def test_an_ensemble_is_served_like_evaluate_scores_it(served_run, finetune_run,
         assert card["mode"] == "ensemble" and card["name"] == f"run + {Path(finetune_run).name}"
         assert [m["backbone"] for m in card["members"]] == ["tf_efficientnet_lite0"] * 2
         assert [m["image_size"] for m in card["members"]] == [224, 96]
+        trained = json.loads((Path(finetune_run) / "model" / "model.json").read_text())["environment"]["at"]
+        assert card["members"][1]["trained"]["at"] == trained and card["trained"] is None
         assert card["threshold"] == pytest.approx(ensemble.threshold) and card["engine"] == "torch"
         assert "an ensemble of 2 runs" in client.get("/").text
         answer = upload(client, lesion.read_bytes(), cam="true").json()

@@ -125,13 +125,24 @@ def model_card(classifier: Classifier) -> dict:
         "image_size": meta["image_size"],
         "mode": meta.get("mode"),
         "members": [{"name": _run_name(m), "backbone": m.meta["backbone"], "image_size": m.meta["image_size"],
-                     "engine": m.engine_name, "tta": m.meta.get("tta", 1)} for m in members],
+                     "engine": m.engine_name, "tta": m.meta.get("tta", 1), "trained": _trained(m.meta)}
+                    for m in members],
+        "trained": None if members else _trained(meta),  # an ensemble's: per member
         "validation": meta.get("validation", {}),
         "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
         "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
         "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
         "notice": NOTICE,
     }
+
+
+def _trained(meta: dict) -> dict | None:
+    """When and from which code a model was trained (model.json's `environment`, without paths); None before runs
+    recorded it."""
+    env = meta.get("environment")
+    if not isinstance(env, dict):
+        return None
+    return {"at": env.get("at"), "skincancer": env.get("skincancer"), "git": env.get("git")}
 
 
 def _run_name(classifier: Classifier) -> str:
