@@ -297,13 +297,14 @@ def compare(
     """Compare two models' AUC on the same images: the difference, its 95% CI and DeLong's p-value."""
     from .checkpoint import write_json
     from .evaluate import compare as compare_evaluations
+    from .evaluate import json_with_keys
 
     if out is not None:
         _output_file(out, (".json",), inputs=(first, second))
         for folder in (first, second):
             if os.path.realpath(out).startswith(os.path.realpath(folder) + os.sep):
                 _fail(f"--out {out}: inside the evaluation {folder}, which it would change; write it elsewhere")
-        if out.exists() and not _is_comparison(out):
+        if out.exists() and not json_with_keys(out, {"auc_a", "auc_b", "p_value"}):
             _fail(f"--out {out}: exists and is not an earlier comparison; choose a new file name")
     result = compare_evaluations(first, second, task)
     low, high = result["difference_ci95"]
@@ -320,13 +321,6 @@ def compare(
     if out is not None:
         write_json(out, result)
 
-
-def _is_comparison(path: Path) -> bool:
-    try:
-        written = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(written, dict) and {"auc_a", "auc_b", "p_value"} <= written.keys()
 
 
 @app.command()

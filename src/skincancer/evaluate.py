@@ -141,7 +141,8 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
     models = [_evaluated_model(Path(folder)) for folder in (first, second)]
     if any(m.get("positive_name") == task and task not in m.get("class_names", []) for m in models):
         task = "malignant"  # a model's own name for its malignant probability, not one of its classes
-    tables = [_evaluation_table(Path(folder), task) for folder in (first, second)]
+    tables = [_evaluation_table(Path(folder), task, model)
+              for folder, model in zip((first, second), models, strict=True)]
     common = tables[0].index.intersection(tables[1].index)
     if len(common) == 0:
         raise DataError(f"{first} and {second}: no image scored by both (compare evaluations of the same data)")
@@ -161,10 +162,10 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
     return result
 
 
-def _evaluation_table(folder: Path, task: str) -> pd.DataFrame:
-    """image_id -> truth (0/1) and score for `task`, from an evaluation folder's predictions.csv."""
+def _evaluation_table(folder: Path, task: str, model: dict) -> pd.DataFrame:
+    """image_id -> truth (0/1) and score for `task`, from an evaluation folder's predictions.csv (`model`: its
+    metrics.json's)."""
     path = folder / "predictions.csv"
-    model = _evaluated_model(folder)
     try:
         table = pd.read_csv(path, dtype={"image_id": str, "diagnosis": str})
     except (ValueError, OSError) as err:  # empty, truncated, not CSV
@@ -284,11 +285,16 @@ def _check_out_folder(out: str | Path, data: str | Path) -> None:
 
 
 def _is_evaluation(path: Path) -> bool:
+    return json_with_keys(path, {"auc", "n", "threshold", "skipped"})
+
+
+def json_with_keys(path: Path, keys: set[str]) -> bool:
+    """Whether `path` is a JSON object holding `keys`: an output this tool wrote, which it may replace."""
     try:
-        metrics = json.loads(path.read_text())
+        record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(metrics, dict) and {"auc", "n", "threshold", "skipped"} <= metrics.keys()
+    return isinstance(record, dict) and keys <= record.keys()
 
 
 def _require_both_labels(labels, data, where: str) -> None:

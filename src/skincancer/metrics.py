@@ -120,6 +120,12 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[fl
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
+def _intervals(point: dict) -> dict[str, list[float]]:
+    """Wilson 95% intervals of an operating point's sensitivity and specificity, from its counts."""
+    return {"sensitivity_ci95": wilson_interval(point["tp"], point["tp"] + point["fn"]),
+            "specificity_ci95": wilson_interval(point["tn"], point["tn"] + point["fp"])}
+
+
 def operating_point(labels, probs, threshold: float) -> dict[str, float]:
     """Sensitivity, specificity, PPV, NPV, accuracy and balanced accuracy at one threshold."""
     c = confusion_counts(labels, probs, threshold)
@@ -230,10 +236,7 @@ def subgroup_report(labels, probs, threshold: float, groups: Sequence[str]) -> d
         report[str(group)] = {
             "n": int(inside.sum()), "n_positive": int(labels[inside].sum()),
             "auc": roc_auc(labels[inside], probs[inside]),
-            "sensitivity": point["sensitivity"],
-            "sensitivity_ci95": wilson_interval(point["tp"], point["tp"] + point["fn"]),
-            "specificity": point["specificity"],
-            "specificity_ci95": wilson_interval(point["tn"], point["tn"] + point["fp"]),
+            "sensitivity": point["sensitivity"], "specificity": point["specificity"], **_intervals(point),
         }
     return report
 
@@ -249,8 +252,7 @@ def binary_report(labels, probs, threshold: float, n_boot: int = 2000, seed: int
         "auc_ci95": bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed),
         "threshold": float(threshold),
         **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv")},
-        "sensitivity_ci95": wilson_interval(at_threshold["tp"], at_threshold["tp"] + at_threshold["fn"]),
-        "specificity_ci95": wilson_interval(at_threshold["tn"], at_threshold["tn"] + at_threshold["fp"]),
+        **_intervals(at_threshold),
         "confusion": {k: at_threshold[k] for k in ("tp", "fn", "tn", "fp")},
         "at_0.5": operating_point(labels, probs, 0.5),
         "specificity_at_sensitivity": {

@@ -231,22 +231,14 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
                                                      metadata=[patient] if use_metadata else None)
         if errors:
             raise HTTPException(422, f"{name}: {errors[0][1]}")
-        answer = {
-            **prediction(classifier, name, probs[0], use_metadata),
-            "threshold": classifier.threshold,
-            "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
-            "notice": NOTICE,
-        }
-        if card["unfinished"]:
-            answer["warning"] = UNFINISHED
+        answer = prediction(classifier, name, probs[0], use_metadata)
         if cam:
             from .explain import explain
 
             with inference_lock:  # Grad-CAM hooks the PyTorch model, which the torch engine also predicts with
                 picture = explain(classifier, image)
             answer["cam_png_base64"] = png_base64(picture)
-        answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        return answer
+        return answered(answer, started)
 
     @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch))
     async def predict_batch(request: Request) -> dict:
@@ -316,14 +308,14 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             pending.append((index, name, image, patient if any(v is not None for v in patient.values()) else None))
         if pending:
             predict_pending()
-        answer = {
-            "results": results,
-            "n": len(results),
-            "n_failed": sum("error" in r for r in results),
-            "threshold": classifier.threshold,
-            "model": {k: card[k] for k in ("name", "backbone", "version", "engine")},
-            "notice": NOTICE,
-        }
+        return answered({"results": results, "n": len(results), "n_failed": sum("error" in r for r in results)},
+                        started)
+
+    def answered(answer: dict, started: float) -> dict:
+        """What every prediction answer carries beside its figures: the threshold, the model, the notice, a warning
+        for an unfinished model, and the time taken."""
+        answer.update(threshold=classifier.threshold, notice=NOTICE,
+                      model={k: card[k] for k in ("name", "backbone", "version", "engine")})
         if card["unfinished"]:
             answer["warning"] = UNFINISHED
         answer["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
@@ -381,8 +373,8 @@ def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
     e = html.escape
     validation = card["validation"] or {}
     rows = "".join(
-        f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
-        else f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th><td>{e(str(v))}</td></tr>"
+        f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th>"
+        f"<td>{f'{v:.3f}' if isinstance(v, float) else e(str(v))}</td></tr>"
         for k, v in validation.items()
     ) or "<tr><td>no validation figures recorded</td></tr>"
     if card["members"]:
@@ -466,21 +458,27 @@ function choose(files) {{
   }} else if (files.length > 1) sendBatch(Array.from(files));
 }}
 let latest = 0;  // only the answer to the last request sent is shown
-async function sendBatch(files) {{
+async function post(url, form, status, show) {{
   const mine = ++latest;
-  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
-  $("status").textContent = "analysing " + files.length + " photos...";
+  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true; $("status").textContent = status;
+  try {{
+    const response = await fetch(url, {{ method: "POST", body: form }});
+    const answer = await response.json();
+    if (mine !== latest) return;
+    $("status").textContent = "";
+    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
+    show(answer);
+  }} catch (err) {{
+    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
+  }}
+}}
+function sendBatch(files) {{
   const form = new FormData();
   for (const file of files) {{
     form.append("files", file);
     if (!$("patient").hidden) {{ form.append("age", $("age").value); form.append("sex", $("sex").value); }}
   }}
-  try {{
-    const response = await fetch("/api/predict/batch", {{ method: "POST", body: form }});
-    const answer = await response.json();
-    if (mine !== latest) return;
-    $("status").textContent = "";
-    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
+  post("/api/predict/batch", form, "analysing " + files.length + " photos...", (answer) => {{
     const body = $("batch-table").tBodies[0]; body.innerHTML = "";
     for (const result of answer.results) {{
       const row = body.insertRow(); row.insertCell().textContent = result.filename;
@@ -495,25 +493,15 @@ async function sendBatch(files) {{
     }}
     $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " failed.";
     $("batch").hidden = false;
-  }} catch (err) {{
-    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
-  }}
+  }});
 }}
-async function send(file) {{
-  const mine = ++latest;
-  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true;
-  $("status").textContent = "analysing " + file.name + "...";
+function send(file) {{
   const form = new FormData(); form.append("file", file);
   if (!$("patient").hidden) {{
     if ($("age").value !== "") form.append("age", $("age").value);
     if ($("sex").value !== "") form.append("sex", $("sex").value);
   }}
-  try {{
-    const response = await fetch("/api/predict?cam=true", {{ method: "POST", body: form }});
-    const answer = await response.json();
-    if (mine !== latest) return;
-    $("status").textContent = "";
-    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
+  post("/api/predict?cam=true", form, "analysing " + file.name + "...", (answer) => {{
     $("probability").textContent = (answer.malignant_probability * 100).toFixed(1) + "%";
     $("label").textContent = answer.label;
     $("label").className = answer.label === {positive_js} ? "malignant" : "benign";
@@ -526,9 +514,7 @@ async function send(file) {{
     $("photo").src = URL.createObjectURL(file);
     $("overlay").src = "data:image/png;base64," + answer.cam_png_base64;
     $("result").hidden = false;
-  }} catch (err) {{
-    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
-  }}
+  }});
 }}
 </script>
 </body></html>
