@@ -75,6 +75,15 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
         assert page.inner_text("#batch-summary").startswith("4 photos, 1 failed")
         page.screenshot(path=str(tmp_path / "batch.png"), full_page=True)
 
+        assert page.is_hidden("#batch-cam-head")
+        page.check("#batch-cam")  # Grad-CAM for every photo of the batch: a thumbnail in a fourth column
+        page.set_input_files("#file", files=sent[:2])
+        page.wait_for_function("(() => { const pictures = document.querySelectorAll('#batch-table tbody img'); "
+                               "return pictures.length === 2 && [...pictures].every((p) => p.naturalWidth > 0); })()",
+                               timeout=60_000)
+        assert page.is_visible("#batch-cam-head") and page.inner_text("#error") == ""
+        page.screenshot(path=str(tmp_path / "batch-cam.png"), full_page=True)
+
         page.goto(url + "/docs")  # Swagger UI from the package's own static files: no CDN needed
         page.locator(".opblock").filter(has_text="/api/predict").first.wait_for(timeout=30_000)
         page.close()

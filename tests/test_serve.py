@@ -154,9 +154,9 @@ def test_uploads_over_the_limit_are_413(client, lesion):
     assert upload(client, lesion.read_bytes()).status_code == 200  # and the next good upload still works
 
 
-def batch(client, files: list[tuple[str, bytes]], **data) -> httpx.Response:
+def batch(client, files: list[tuple[str, bytes]], params: dict | None = None, **data) -> httpx.Response:
     return client.post("/api/predict/batch", files=[("files", (name, raw, "image/jpeg")) for name, raw in files],
-                       data=data)
+                       data=data, params=params)
 
 
 def test_batch_answers_each_file_like_a_single_upload(client, data_dir, monkeypatch):
@@ -205,6 +205,22 @@ def test_batch_answers_the_good_files_beside_the_bad(client, lesion):
     assert (results[1]["status"], results[2]["status"], results[3]["status"]) == (415, 422, 422)
     assert results[1]["error"].startswith("notes.txt: not an image") and "empty file" in results[2]["error"]
     assert results[3]["error"].startswith("cut.jpg:")
+
+
+def test_batch_with_cam_gives_each_readable_photo_the_single_uploads_overlay(client, data_dir, monkeypatch):
+    from skincancer import serve
+
+    monkeypatch.setattr(serve, "BATCH_CHUNK", 2)  # the overlays of every chunk, not of the last one only
+    images = sorted((data_dir / "test").rglob("*.jpg"))[:3]
+    files = [(images[0].name, images[0].read_bytes()), ("notes.jpg", b"no photo"),
+             *((p.name, p.read_bytes()) for p in images[1:])]
+    results = batch(client, files, params={"cam": "true"}).json()["results"]
+    assert [("cam_png_base64" in r, "error" in r) for r in results] == [(True, False), (False, True), (True, False),
+                                                                         (True, False)]
+    for (name, raw), result in zip(files, results, strict=True):
+        if "error" not in result:
+            assert result["cam_png_base64"] == upload(client, raw, name, cam="true").json()["cam_png_base64"]
+    assert all("cam_png_base64" not in r for r in batch(client, files[:1]).json()["results"])
 
 
 def test_batch_limits_and_form_fields(client, lesion):

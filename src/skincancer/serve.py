@@ -241,7 +241,9 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         return answered(answer, started)
 
     @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch))
-    async def predict_batch(request: Request) -> dict:
+    async def predict_batch(request: Request, cam: bool = Query(
+            False, description="also return each photo's Grad-CAM overlay as a base64 PNG (slower: one backward "
+                               "pass per photo and member)")) -> dict:
         """Several images in one request (multipart `files`, repeated; optional `age` and `sex` once per file, in
         order, empty where unknown), predicted in batches: one result per file, in order. A file that cannot be
         read, or whose age/sex is invalid, gets its own `error` and `status`; the others are still answered."""
@@ -264,11 +266,11 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
                 raise HTTPException(422, f"{field}: {len(values)} values for {len(files)} files (give one per file, "
                                          "in order, empty where unknown)")
         try:
-            return await run_in_threadpool(answer_batch, files, ages, sexes)
+            return await run_in_threadpool(answer_batch, files, ages, sexes, cam)
         finally:
             await form.close()  # the parts Starlette spooled to disk go now, not at garbage collection
 
-    def answer_batch(files: list, ages: list | None, sexes: list | None) -> dict:
+    def answer_batch(files: list, ages: list | None, sexes: list | None, cam: bool) -> dict:
         started = time.perf_counter()
         results: list[dict] = []
         pending: list[tuple[int, str, Image.Image, dict | None]] = []  # decoded, not yet predicted
@@ -283,6 +285,13 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
                 fused = metadata is not None and patient is not None
                 results[index] = ({"filename": name, "error": f"{name}: {failed[row]}", "status": 422}
                                   if row in failed else prediction(classifier, name, probs[row], fused))
+            if cam:
+                from .explain import explain
+
+                for row, (index, _, image, _) in enumerate(pending):
+                    if row not in failed:
+                        with inference_lock:  # as for one photo; other requests may predict between two maps
+                            results[index]["cam_png_base64"] = png_base64(explain(classifier, image))
             pending.clear()
 
         for index, file in enumerate(files):
@@ -404,6 +413,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem aut
 #drop.over {{ background: #eef5ff; border-color: #3a7bd5; }}
 .images {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
 .images figure {{ margin: 0; }} .images img {{ max-width: 28rem; max-height: 28rem; border-radius: 4px; }}
+td img {{ max-width: 8rem; max-height: 8rem; border-radius: 4px; vertical-align: middle; }}
 #probability {{ font-size: 2rem; font-weight: 600; }}
 .malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error, .failed {{ color: #b00020; font-weight: 600; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15rem .75rem .15rem 0; }}
@@ -413,7 +423,8 @@ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15r
 <p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
 <div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
 <input type="file" id="file" accept="image/*" multiple hidden></label> (at most {limit_mb} MB; several photos,
-up to {max_batch}, give a table without Grad-CAM)</div>
+up to {max_batch}, give a table)</div>
+<p><label><input type="checkbox" id="batch-cam"> Grad-CAM for every photo of a batch (slower)</label></p>
 <p id="patient"{patient}>Optional, used by this model where given (for every photo sent): age
 <input type="number" id="age" min="0"
 max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unknown</option>
@@ -431,7 +442,8 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 </section>
 <section id="batch" hidden>
   <p><span id="batch-summary"></span> Label at the model's threshold ({threshold}).</p>
-  <table id="batch-table"><thead><tr><th>file</th><th>malignancy probability</th><th>label</th></tr></thead>
+  <table id="batch-table"><thead><tr><th>file</th><th>malignancy probability</th><th>label</th>
+  <th id="batch-cam-head">Grad-CAM</th></tr></thead>
   <tbody></tbody></table>
 </section>
 <h2>The model</h2>
@@ -478,17 +490,23 @@ function sendBatch(files) {{
     form.append("files", file);
     if (!$("patient").hidden) {{ form.append("age", $("age").value); form.append("sex", $("sex").value); }}
   }}
-  post("/api/predict/batch", form, "analysing " + files.length + " photos...", (answer) => {{
-    const body = $("batch-table").tBodies[0]; body.innerHTML = "";
+  const cam = $("batch-cam").checked;
+  post("/api/predict/batch" + (cam ? "?cam=true" : ""), form, "analysing " + files.length + " photos...",
+       (answer) => {{
+    const body = $("batch-table").tBodies[0]; body.innerHTML = ""; $("batch-cam-head").hidden = !cam;
     for (const result of answer.results) {{
       const row = body.insertRow(); row.insertCell().textContent = result.filename;
       if (result.error) {{
-        const cell = row.insertCell(); cell.colSpan = 2; cell.className = "failed";
+        const cell = row.insertCell(); cell.colSpan = cam ? 3 : 2; cell.className = "failed";
         cell.textContent = "Error " + result.status + ": " + result.error;
       }} else {{
         row.insertCell().textContent = (result.malignant_probability * 100).toFixed(1) + "%";
         const label = row.insertCell(); label.textContent = result.label;
         label.className = result.label === {positive_js} ? "malignant" : "benign";
+        if (cam) {{
+          const picture = document.createElement("img"); picture.alt = "Grad-CAM of " + result.filename;
+          picture.src = "data:image/png;base64," + result.cam_png_base64; row.insertCell().append(picture);
+        }}
       }}
     }}
     $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " failed.";
