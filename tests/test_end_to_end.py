@@ -90,6 +90,21 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert "not a medical device" in page and "expected calibration error" in page
     assert "Provenance" in page and metrics["environment"]["data"]["fingerprint"][:16] in page
     assert page.count("data:image/png;base64,") == 3  # ROC, confusion matrix, calibration
+    # the worst errors at the threshold: missed malignant images lowest first, flagged benign ones highest first
+    threshold = metrics["threshold"]
+    missed = predictions[(predictions["label"] == 1) & (predictions["malignant"] < threshold)]
+    alarms = predictions[(predictions["label"] == 0) & (predictions["malignant"] >= threshold)]
+    expected = [f"{r.image_id}, {r.diagnosis}: {100 * r.malignant:.2f}%"
+                for part in (missed.nsmallest(8, "malignant"), alarms.nlargest(8, "malignant"))
+                for r in part.itertuples()]
+    assert expected and re.findall(r"<figcaption>([^<]*)</figcaption>", page) == expected
+    assert page.count("data:image/jpeg;base64,") == len(expected)
+    cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0",
+        "--error-examples", "0")
+    assert "<figure>" not in (out / "report.html").read_text()  # no photo in the report when asked for none
+    refused = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--error-examples", "-1",
+                  check=False)
+    assert refused.returncode == 2 and "--error-examples: expected 0 or more" in refused.stderr
 
 
 def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):

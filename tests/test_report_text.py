@@ -39,10 +39,18 @@ def test_plots_and_report_with_odd_names(tmp_path, name, monkeypatch):
 
     metrics = {"n": 6, "auc": 0.9, "data": f"/data/{name}", "class_auc": {name: 0.9},
                "model": {"backbone": "b", "mode": "linear", "class_names": [name, "nevus"]}}
-    page = html_report(metrics, [roc, confusion], tmp_path / "report.html").read_text()
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), (120, 80, 60)).save(photo)
+    examples = {"missed": [{"image_id": name, "diagnosis": name, "probability": 0.0123, "filepath": str(photo)},
+                           {"image_id": "gone", "diagnosis": name, "probability": 0.02,
+                            "filepath": str(tmp_path / "gone.jpg")}], "false_alarms": []}
+    page = html_report(metrics, [roc, confusion], tmp_path / "report.html", examples=examples).read_text()
     assert html.escape(name) in page
     assert "<b>bold</b>" not in page
     assert page.count("data:image/png;base64,") == 2
+    assert f"<figcaption>{html.escape(name)}, {html.escape(name)}: 1.23%</figcaption>" in page
+    assert page.count("data:image/jpeg;base64,") == 1 and "unreadable now: file not found" in page
+    assert "none: every benign image is below the threshold" in page  # no false alarm to show
 
 
 def test_preview_grid_with_odd_names(tmp_path):

@@ -19,6 +19,7 @@ from .metadata import records as metadata_records
 from .metrics import binary_report, delong_test, roc_auc, subgroup_report
 from .predict import Classifier
 from .provenance import data_fingerprint, environment
+from .report import error_examples as worst_errors
 from .report import html_report, plot_calibration, plot_confusion, plot_roc
 
 log = logging.getLogger("skincancer")
@@ -27,13 +28,15 @@ ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
 
 def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | Path, out: str | Path,
              tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000,
-             use_metadata: bool = True, engine: str = "auto") -> dict:
+             use_metadata: bool = True, engine: str = "auto", error_examples: int = 8) -> dict:
     """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
     `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
     `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model.
-    `engine`: how runs given as paths are loaded (onnx | torch | auto), once `out` is known to be usable."""
+    `engine`: how runs given as paths are loaded (onnx | torch | auto), once `out` is known to be usable.
+    `error_examples`: the report shows thumbnails of up to this many missed malignant and flagged benign images,
+    the worst of each kind (0: none, and no image in the report)."""
     out = Path(out)
     _check_out_folder(out, data)
     if isinstance(model, Classifier):
@@ -128,7 +131,9 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         plot_calibration(metrics["calibration"], out / "calibration.png",
                          title=f"Calibration on {Path(str(data)).name} (n={metrics['n']})"),
     ]
-    html_report(metrics, plots, out / "report.html")
+    examples = (worst_errors(table, frame["filepath"], classifier.positive_name, classifier.threshold, error_examples)
+                if error_examples > 0 else None)
+    html_report(metrics, plots, out / "report.html", examples=examples)
     return metrics
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import io
 from pathlib import Path
 
 import matplotlib
@@ -119,6 +120,56 @@ def _img_tag(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
 
 
+THUMBNAIL_SIDE = 160
+
+
+def _thumbnail_tag(path: str | Path, caption: str) -> str:
+    """A figure with the image as an embedded JPEG thumbnail (or the reason it cannot be shown) and a caption."""
+    try:
+        image = load_image(path)
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        picture = (f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}" '
+                   f'alt="{html.escape(caption)}">')
+    except ImageError as err:
+        picture = f"<span>unreadable now: {html.escape(err.reason)}</span>"
+    return f"<figure>{picture}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def error_examples(table: pd.DataFrame, filepaths, score: str, threshold: float, n: int) -> dict[str, list[dict]]:
+    """The evaluation's worst errors at `threshold`: up to n malignant images scored lowest (missed) and up to n
+    benign images scored highest (false alarms), each {image_id, diagnosis, probability, filepath}."""
+    frame = table.assign(filepath=list(filepaths))
+    frame = frame[frame[score].notna()]
+    missed = frame[(frame["label"] == 1) & (frame[score] < threshold)].sort_values(score, kind="stable").head(n)
+    alarms = frame[(frame["label"] == 0) & (frame[score] >= threshold)].sort_values(
+        score, ascending=False, kind="stable").head(n)
+    return {name: [{"image_id": str(r.image_id), "diagnosis": str(r.diagnosis), "probability": float(r[score]),
+                    "filepath": str(r.filepath)} for _, r in part.iterrows()]
+            for name, part in (("missed", missed), ("false_alarms", alarms))}
+
+
+def _error_gallery(examples: dict | None, metrics: dict) -> str:
+    """The report's section of thumbnails: what the model missed and what it mistook for malignant."""
+    if not examples:
+        return ""
+    threshold = _fmt(metrics.get("threshold"))
+    parts = []
+    for name, heading, none in (
+            ("missed", "Malignant images it scored lowest (missed at the threshold)", "none: every malignant image "
+             "is at or above the threshold"),
+            ("false_alarms", "Benign images it scored highest (flagged at the threshold)", "none: every benign image "
+             "is below the threshold")):
+        figures = "".join(_thumbnail_tag(e["filepath"], f"{e['image_id']}, {e['diagnosis']}: "
+                                                        f"{100 * e['probability']:.2f}%") for e in examples[name])
+        parts.append(f"<h3>{heading}</h3>" + (f'<div class="gallery">{figures}</div>' if figures else f"<p>{none}</p>"))
+    return (f"<h2>Errors to look at</h2><p>At the threshold {threshold}, the worst errors of each kind, with the "
+            "malignant probability the model gave. Looking at them shows what it misses and what it mistakes for "
+            "malignant (rulers, ink marks, hair or a blurred photo can mislead such models); they are examples, not a "
+            "measurement.</p>" + "".join(parts))
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "n/a" if np.isnan(value) else f"{value:.4f}"
@@ -173,8 +224,10 @@ def _provenance_note(metrics: dict) -> str:
     return f'<h2>Provenance</h2><ul class="provenance">{items}</ul>'
 
 
-def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation") -> Path:
-    """One self-contained HTML page (plots embedded) with the headline metrics and the notice."""
+def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation",
+                examples: dict | None = None) -> Path:
+    """One self-contained HTML page (plots and thumbnails embedded) with the headline metrics and the notice;
+    `examples`: error_examples() for a section of thumbnails of the worst errors."""
     headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "sensitivity_ci95", "specificity",
                 "specificity_ci95", "ppv", "npv", "accuracy", "balanced_accuracy"]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in headline if k in metrics)
@@ -217,7 +270,8 @@ def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skin
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
 .notice{{background:#fff3cd;border:1px solid #e0c060;padding:10px;border-radius:4px}} img{{max-width:100%}}
-strong.notice{{display:block;margin:.5em 0}}</style>
+strong.notice{{display:block;margin:.5em 0}}
+.gallery{{display:flex;flex-wrap:wrap;gap:10px}} .gallery figure{{margin:0;width:160px;font-size:.8em}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p class="notice"><strong>Notice.</strong> {html.escape(NOTICE)}</p>
@@ -229,6 +283,7 @@ AUC is computed from predicted probabilities (not thresholded labels); the 95% i
 <table>{rows}</table>
 {_subgroup_table(metrics.get("subgroups"))}
 {''.join(_img_tag(p) for p in plots)}
+{_error_gallery(examples, metrics)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
 {_provenance_note(metrics)}
 </body></html>
