@@ -429,6 +429,30 @@ def predict(
 
 
 @app.command()
+def card(
+    model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="write the Markdown here instead of stdout")] = None,
+) -> None:
+    """The model card (Markdown): what the model is, how it was trained and validated, its intended use and limits.
+    Training writes one for each run too (RUN/model/MODEL_CARD.md)."""
+    from .card import CARD_HEADING, markdown_card
+    from .checkpoint import atomic_write
+    from .ensemble import load_models
+
+    if out is not None:
+        _output_file(out, (".md",))
+        if out.is_file() and out.stat().st_size and not out.read_text(errors="replace").startswith(CARD_HEADING):
+            _fail(f"--out {out}: already exists and is not a model card; remove it or choose another name")
+    text = markdown_card(load_models(model, engine="torch"))
+    if out is None:
+        sys.stdout.write(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: tmp.write_text(text))
+    typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
 def export(
     model: Annotated[Path, typer.Option(help="run folder")],
     out: Annotated[Path | None, typer.Option(

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import NOTICE, __version__
+from .card import FIGURE_NAMES, model_card
 from .data import ImageError, load_image
 from .ensemble import load_models
 from .metadata import MetadataError, parse_age, parse_sex
@@ -104,50 +105,6 @@ class AccessLog:
             log.log(logging.DEBUG if path == "/api/health" else logging.INFO, '%s "%s %s" %d %.0f ms',
                     client[0] if client else "-", scope.get("method", ""), path, status,
                     (time.perf_counter() - started) * 1000)
-
-
-def model_card(classifier: Classifier) -> dict:
-    """What GET /api/model says: the model's name, version, classes, threshold and validation figures; for an
-    ensemble, also each member's name, backbone, input size, engine and test-time views."""
-    meta = classifier.meta
-    members = getattr(classifier, "members", [])
-    return {
-        "name": " + ".join(_run_name(m) for m in members) if members else _run_name(classifier),
-        "backbone": meta["backbone"],
-        "version": meta.get("skincancer_version", __version__),
-        "engine": classifier.engine_name,
-        "class_names": classifier.class_names,
-        "labels": meta["labels"],
-        "positive_name": classifier.positive_name,
-        "negative_name": classifier.negative_name,
-        "threshold": classifier.threshold,
-        "threshold_policy": meta.get("threshold_policy"),
-        "image_size": meta["image_size"],
-        "mode": meta.get("mode"),
-        "members": [{"name": _run_name(m), "backbone": m.meta["backbone"], "image_size": m.meta["image_size"],
-                     "engine": m.engine_name, "tta": m.meta.get("tta", 1), "trained": _trained(m.meta)}
-                    for m in members],
-        "trained": None if members else _trained(meta),  # an ensemble's: per member
-        "validation": meta.get("validation", {}),
-        "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
-        "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
-        "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
-        "notice": NOTICE,
-    }
-
-
-def _trained(meta: dict) -> dict | None:
-    """When and from which code a model was trained (model.json's `environment`, without paths); None before runs
-    recorded it."""
-    env = meta.get("environment")
-    if not isinstance(env, dict):
-        return None
-    return {"at": env.get("at"), "skincancer": env.get("skincancer"), "git": env.get("git")}
-
-
-def _run_name(classifier: Classifier) -> str:
-    source = classifier.source
-    return source.parent.name if source.name == "model" else source.name
 
 
 UNFINISHED = ("this model was saved by a training run that has not finished: its threshold is a placeholder, not "
@@ -372,9 +329,6 @@ def prediction(classifier: Classifier, name: str, probs, metadata_used: bool) ->
         "metadata_used": metadata_used,
         "sentence": sentence(malignant, classifier.threshold, classifier.positive_name, classifier.negative_name),
     }
-
-
-FIGURE_NAMES = {"auc": "AUC", "brier": "Brier score", "ece": "calibration error (ECE)"}
 
 
 def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:

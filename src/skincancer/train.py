@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
+from .card import CARD_FILE, write_card
 from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write, save_model, unwrap, write_json
 from .config import TrainConfig, config_to_dict, load_config
 from .data import (
@@ -48,6 +49,7 @@ from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
 from .metrics import choose_threshold, roc_auc, validation_summary
+from .predict import load_model
 from .progress import progress
 from .provenance import ENVIRONMENT_FILE, data_fingerprint, describe, environment
 
@@ -94,7 +96,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         device = device_for(world, config.device)
         env = {}  # only rank 0 saves the model: the others neither need it nor run git beside it
         if world.is_main:
-            data = {split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, df["diagnosis"])}
+            data = {split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, df["diagnosis"]),
+                            "diagnoses": {str(k): int(n) for k, n in sorted(df["diagnosis"].value_counts().items())}}
                     for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
                                                   ("valid", valid_df, keys[len(train_df):]))}
             env = _run_environment(out, {**environment(str(device)), "data": data}, resume)
@@ -166,6 +169,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
         save_model(model, meta, out / "model")
+        write_card(load_model(out / "model", engine="torch"), out / "model" / CARD_FILE)
         writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
         writer.close()
         model.cpu()

@@ -1,0 +1,169 @@
+"""Model cards: what a model is, what it was trained and validated on, and what it is not for; as the dict that
+GET /api/model answers and as a Markdown page (`skincancer card`, and MODEL_CARD.md beside each trained model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import NOTICE, __version__
+from .checkpoint import atomic_write
+from .predict import Classifier
+from .provenance import describe
+
+CARD_FILE = "MODEL_CARD.md"
+CARD_HEADING = "# Model card: "
+FIGURE_NAMES = {"auc": "AUC", "brier": "Brier score", "ece": "calibration error (ECE)"}
+
+
+def model_card(classifier: Classifier) -> dict:
+    """What GET /api/model says: the model's name, version, classes, threshold and validation figures; for an
+    ensemble, also each member's name, backbone, input size, engine and test-time views."""
+    meta = classifier.meta
+    members = getattr(classifier, "members", [])
+    return {
+        "name": " + ".join(_run_name(m) for m in members) if members else _run_name(classifier),
+        "backbone": meta["backbone"],
+        "version": meta.get("skincancer_version", __version__),
+        "engine": classifier.engine_name,
+        "class_names": classifier.class_names,
+        "labels": meta["labels"],
+        "positive_name": classifier.positive_name,
+        "negative_name": classifier.negative_name,
+        "threshold": classifier.threshold,
+        "threshold_policy": meta.get("threshold_policy"),
+        "image_size": meta["image_size"],
+        "mode": meta.get("mode"),
+        "members": [{"name": _run_name(m), "backbone": m.meta["backbone"], "image_size": m.meta["image_size"],
+                     "engine": m.engine_name, "tta": m.meta.get("tta", 1), "trained": _trained(m.meta)}
+                    for m in members],
+        "trained": None if members else _trained(meta),  # an ensemble's: per member
+        "validation": meta.get("validation", {}),
+        "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
+        "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
+        "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
+        "notice": NOTICE,
+    }
+
+
+def _trained(meta: dict) -> dict | None:
+    """When and from which code a model was trained (model.json's `environment`, without paths); None before runs
+    recorded it."""
+    env = meta.get("environment")
+    if not isinstance(env, dict):
+        return None
+    return {"at": env.get("at"), "skincancer": env.get("skincancer"), "git": env.get("git")}
+
+
+def _run_name(classifier: Classifier) -> str:
+    source = classifier.source
+    return source.parent.name if source.name == "model" else source.name
+
+
+def markdown_card(classifier: Classifier) -> str:
+    """The model card as Markdown: the model, its training record, its validation figures, intended use and
+    limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs recorded."""
+    card = model_card(classifier)
+    members = getattr(classifier, "members", None) or [classifier]
+    positives = [name for name, label in card["labels"].items() if label == 1 and name in card["class_names"]]
+    lines = [f"{CARD_HEADING}{card['name']}", "", f"> **Notice.** {NOTICE}", "",
+             "## The model", ""]
+    if card["members"]:
+        lines += [f"An ensemble of {len(members)} runs; its probabilities are the mean of theirs.", "",
+                  "| run | backbone | training | input | test-time views |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {_run_name(m)} | {m.meta['backbone']} | {_mode(m.meta)} | {_input(m.meta)} | "
+                  f"{m.meta.get('tta', 1)} |" for m in members]
+        lines.append("")
+    else:
+        views = classifier.meta.get("tta", 1)
+        lines += [f"- {card['backbone']}, {_mode(classifier.meta)}; input {_input(classifier.meta)}; "
+                  + (f"the mean over {views} flips and rotations of each photo." if views > 1 else "one view.")]
+    lines += [
+        f"- Classes: {', '.join(card['class_names'])}. The {card['positive_name']} probability is the sum over "
+        f"{', '.join(positives) or 'no class'}; the rest count as {card['negative_name']}.",
+        f"- Label: {card['positive_name']} at a probability of {card['threshold']:.4g} or more "
+        f"({card['threshold_policy']}, chosen on {_source(card)}).",
+        "- Age and sex: " + ("fused with the image where given (a model of them was trained too); the image alone "
+                             "otherwise." if card["metadata"] else "not used; the image alone."),
+        f"- skincancer {card['version']}.", ""]
+    if card["unfinished"]:
+        lines += ["**Unfinished:** saved by a training run that had not finished; its threshold is a placeholder.", ""]
+    lines += ["## Training", ""]
+    for member in members:
+        lines += _training_lines(member, len(members) > 1)
+    lines += ["", f"## Validation figures ({_source(card)})", ""]
+    validation = card["validation"] or {}
+    if validation:
+        lines += ["| figure | value |", "| --- | --- |"]
+        lines += [f"| {FIGURE_NAMES.get(k, str(k).replace('_', ' '))} | "
+                  f"{f'{v:.4f}' if isinstance(v, float) else v} |" for k, v in validation.items()]
+        few = isinstance(validation.get("n"), int) and validation["n"] < 500
+        lines += ["", "The threshold was chosen on these same images, so the figures at it are optimistic"
+                  + (f"; on {validation['n']} images they are also uncertain" if few else "")
+                  + ". Report figures from data that neither the model nor its threshold saw (`skincancer evaluate`)."]
+    else:
+        lines.append("None recorded.")
+    share = _malignant_share(members, card["labels"])
+    lines += [
+        "", "## Intended use", "",
+        "Research and development on dermoscopic photographs like the ones it was trained on: comparing models, "
+        "studying errors, prototyping services. Not for diagnosing, screening, triaging or reassuring anyone; not for "
+        "clinical (non-dermoscopic) photographs.", "",
+        "## Limitations", "",
+        f"- It knows only {', '.join(card['class_names'])}. Any other lesion (a basal cell carcinoma, say) is still "
+        "given one of these classes.",
+        "- Its performance is known only on data like its validation images. It can drop with other dermatoscopes, "
+        "clinics, populations and skin tones; public dermoscopy archives hold mostly light skin.",
+        "- Probabilities hold at most at the malignant share of the data they were checked on"
+        + (f" (training data: {100 * share:.1f}% malignant)" if share is not None else "")
+        + "; where malignancy is rarer, they overstate the risk.",
+        "- Photographs are squashed to a square before the model sees them; Grad-CAM maps show where the score comes "
+        "from, not why, and can point at rulers, ink or hair.", ""]
+    return "\n".join(lines)
+
+
+def _mode(meta: dict) -> str:
+    return {"linear": "ImageNet features, frozen, with a logistic-regression head",
+            "finetune": "fine-tuned from ImageNet weights"}.get(meta.get("mode"), str(meta.get("mode")))
+
+
+def _input(meta: dict) -> str:
+    size, trained = meta.get("image_size"), meta.get("train_image_size")
+    return f"{size} px" + (f" (trained at {trained} px)" if trained and trained != size else "")
+
+
+def _source(card: dict) -> str:
+    return ("out-of-fold predictions over the training and validation images"
+            if str(card["validation_source"]).startswith("out-of-fold") else "the validation split")
+
+
+def _training_lines(member: Classifier, named: bool) -> list[str]:
+    meta, env = member.meta, member.meta.get("environment")
+    prefix = f"- {_run_name(member)}: " if named else "- "
+    if not isinstance(env, dict):
+        return [f"{prefix}no training record (saved before runs recorded their environment)."]
+    took = f"; {meta['train_seconds'] / 60:.0f} minutes" if isinstance(meta.get("train_seconds"), (int, float)) else ""
+    lines = [f"{prefix}trained {env.get('at', '')} with {describe(env)}{took}."]
+    for split, data in (env.get("data") or {}).items():
+        if isinstance(data, dict):
+            counts = data.get("diagnoses")
+            mix = (" (" + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
+                   if isinstance(counts, dict) else "")
+            lines.append(f"  - {split}: {data.get('images', '?')} images{mix}; data fingerprint "
+                         f"{str(data.get('fingerprint', '?'))[:16]}.")
+    return lines
+
+
+def _malignant_share(members: list[Classifier], labels: dict) -> float | None:
+    """The malignant share of the (first member's) training images, where its record counts the diagnoses."""
+    env = members[0].meta.get("environment")
+    counts = (((env or {}).get("data") or {}).get("train") or {}).get("diagnoses") if isinstance(env, dict) else None
+    if not isinstance(counts, dict) or not sum(counts.values()):
+        return None
+    return sum(n for name, n in counts.items() if labels.get(name) == 1) / sum(counts.values())
+
+
+def write_card(classifier: Classifier, path: str | Path) -> Path:
+    path = Path(path)
+    text = markdown_card(classifier)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path

@@ -1,0 +1,61 @@
+"""Model cards: MODEL_CARD.md beside each trained model, and `skincancer card` for a run or an ensemble."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skincancer import NOTICE
+from skincancer.card import CARD_FILE, markdown_card
+from skincancer.ensemble import load_models
+from skincancer.predict import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True)
+
+
+def test_training_writes_a_card_from_what_the_run_recorded(tiny_run):
+    text = (Path(tiny_run) / "model" / CARD_FILE).read_text()
+    meta = json.loads((Path(tiny_run) / "model" / "model.json").read_text())
+    assert text.startswith("# Model card: linear\n") and NOTICE in text
+    assert meta["environment"]["data"]["train"]["diagnoses"] == {"melanoma": 10, "nevus": 10,
+                                                                 "seborrheic_keratosis": 10}
+    assert "- train: 30 images (melanoma 10, nevus 10, seborrheic_keratosis 10); data fingerprint " in text
+    assert "- valid: 15 images (melanoma 5, nevus 5, seborrheic_keratosis 5)" in text
+    chosen = "(sensitivity:0.90, chosen on the validation split)"
+    assert f"at a probability of {meta['threshold']:.4g} or more {chosen}" in text
+    assert f"| AUC | {meta['validation']['auc']:.4f} |" in text
+    assert "(training data: 33.3% malignant)" in text  # 10 melanomas of 30
+    assert "frozen, with a logistic-regression head; input 224 px; one view." in text
+    assert "on 15 images they are also uncertain" in text
+    assert text == markdown_card(load_model(tiny_run))  # the card describes the saved model as it loads
+
+
+def test_card_cli_for_a_run_and_an_ensemble(tiny_run, finetune_run, tmp_path):
+    out = tmp_path / "cards" / "card.md"
+    result = cli("card", "--model", tiny_run, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == (Path(tiny_run) / "model" / CARD_FILE).read_text()
+    assert cli("card", "--model", tiny_run, "-o", out).returncode == 0  # an earlier card may be replaced
+
+    notes = tmp_path / "README.md"
+    notes.write_text("# my notes\n")
+    refused = cli("card", "--model", tiny_run, "-o", notes)
+    assert refused.returncode == 2 and "is not a model card" in refused.stderr
+    assert notes.read_text() == "# my notes\n"
+    assert "expected a .md file name" in cli("card", "--model", tiny_run, "-o", tmp_path / "card.txt").stderr
+
+    both = cli("card", "--model", tiny_run, "--model", finetune_run)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.startswith("# Model card: linear + finetune\n")
+    assert "An ensemble of 2 runs" in both.stdout and "| finetune | tf_efficientnet_lite0 | fine-tuned" in both.stdout
+    ensemble = load_models([tiny_run, finetune_run], engine="torch")
+    assert f"at a probability of {ensemble.threshold:.4g} or more" in both.stdout
+    assert "- linear: trained " in both.stdout and "- finetune: trained " in both.stdout
