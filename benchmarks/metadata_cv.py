@@ -53,7 +53,8 @@ def main() -> None:
             image[held] = clf.predict_proba((x[0, held] - mean) / std)
             meta = MetadataModel.fit([rows[i] for i in kept], y[kept], 3)
             fused[held] = meta.fuse(image[held], [rows[i] for i in held])
-            alone[held] = [meta.proba(r["age"], r["sex"]) if r else meta.prior for r in (rows[i] for i in held)]
+            alone[held] = [meta.proba(r["age"], r["sex"]) if meta.covers(r) else meta.prior
+                           for r in (rows[i] for i in held)]
         for name, probs in (("image", image), ("image+metadata", fused), ("metadata only", alone)):
             for c, task in ((0, "melanoma"), (2, "seborrheic_keratosis")):
                 results.setdefault(f"{name} {task}", []).append(roc_auc_score(y == c, probs[:, c]))

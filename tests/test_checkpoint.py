@@ -46,7 +46,8 @@ def test_model_json_records_where_the_model_came_from(tiny_run, small_data):
     assert env["device"] == "cpu" and "command" not in env  # local paths stay out of a file shipped with weights
     train = load_manifest(small_data["train"])
     assert env["data"]["train"] == {"images": 30, "fingerprint": data_fingerprint(content_keys(train["filepath"]),
-                                                                                   train["diagnosis"])}
+                                                                                   train["diagnosis"]),
+                                    "diagnoses": {"melanoma": 10, "nevus": 10, "seborrheic_keratosis": 10}}
     assert env["data"]["valid"]["images"] == 15 and env["data"]["valid"] != env["data"]["train"]
     assert json.loads((Path(tiny_run) / "model" / "environment.json").read_text()) == env
     package = Path(skincancer.__file__).resolve().parent

@@ -40,6 +40,14 @@ def test_unknown_keys_in_yaml_are_errors(tmp_path: Path):
         load_config(path)
 
 
+def test_an_unknown_keyword_is_blamed_on_the_call_not_the_file(tmp_path: Path):
+    config = tmp_path / "c.yaml"
+    config.write_text("mode: linear\n")
+    with pytest.raises(ConfigError, match=r"^load_config: unknown field\(s\) trian;") as caught:
+        load_config(config, trian="x")
+    assert str(config) not in str(caught.value)
+
+
 def test_yaml_then_overrides(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 3\nlr: 0.001\nmode: finetune\n")

@@ -339,12 +339,41 @@ def test_python_api_names_odd_image_inputs(tiny_run):
         ([np.full((64, 64, 3), np.nan, np.float32)], ValueError, "image 0: array holds NaN"),
         ([np.zeros((3, 64, 64), np.uint8)], ValueError, "channels-first"),
         ([None], TypeError, "image 0: expected a path"),
-        (None, TypeError, "got None"),
+        (None, TypeError, "images: expected an image"),
+        (b"\xff\xd8 a JPEG's bytes", TypeError, "encoded bytes"),
+        ([np.zeros((64, 64), bool)], ValueError, "array of bool"),
+        ([np.zeros((64, 64, 2), np.uint8)], ValueError, "H x W x 1, 3 or 4"),
     ]:
         with pytest.raises(error, match=message):
             classifier.predict(images)
     table = classifier.predict([np.zeros((64, 64, 3), np.float32)])
     assert table["error"].iloc[0] == "" and 0 <= table["malignant"].iloc[0] <= 1
+
+
+def test_python_api_reads_arrays_by_their_type_and_answers_each_image(tiny_run, data_dir):
+    import numpy as np
+    from PIL import Image
+
+    from skincancer import load_model
+
+    classifier = load_model(tiny_run, engine="torch")
+    rgb = np.asarray(Image.open(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]).convert("RGB"))
+    expected, _ = classifier.predict_proba([rgb])
+    rounded = rgb / 255.0
+    rounded[0, 0, 0] = 1.0001  # float arithmetic a hair above 1: still a 0..1 image
+    for i, same in enumerate([rgb.astype(np.uint16) * 257, rgb / 255.0, rounded, rgb.astype(np.float32),
+                              rgb.astype(np.int64)]):
+        np.testing.assert_allclose(classifier.predict_proba([same])[0], expected, atol=2e-3, err_msg=str(i))
+    np.testing.assert_allclose(classifier.predict_proba(rgb)[0], expected, atol=1e-6)  # one array, not its rows
+    np.testing.assert_allclose(classifier.predict_proba([rgb[..., :1]])[0],
+                               classifier.predict_proba([rgb[..., 0]])[0], atol=1e-6)  # H x W x 1 is grey
+    for refused, words in [(rgb / 255.0 * 2 - 1, "normalised tensor"), (rgb * 300.0, "expected 0..255"),
+                           (rgb.astype(np.int32) * 1000, "int32 array with values")]:
+        with pytest.raises(ValueError, match=words):
+            classifier.predict_proba([refused])
+    probs, errors = classifier.predict_proba([Image.new("RGB", (2, 2)), rgb])  # a tiny image is that image's error
+    assert errors == [(0, "image too small (2x2, need at least 8 px a side)")]
+    assert np.isnan(probs[0]).all() and np.allclose(probs[1], expected[0], atol=1e-6)
 
 
 def test_predict_never_overwrites_a_file_it_did_not_write_and_honours_format(tiny_run, small_data, data_dir,

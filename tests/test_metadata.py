@@ -1,5 +1,6 @@
 """Age/sex metadata: reading and checking it, the metadata model, and its late fusion with image probabilities."""
 
+import io
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from skincancer import evaluate, load_config, load_manifest, load_model, save_ma
 from skincancer.cli import app
 from skincancer.data import DataError
 from skincancer.metadata import (
+    LEGACY_FEATURES,
     MetadataError,
     MetadataModel,
     attach,
@@ -22,6 +24,7 @@ from skincancer.metadata import (
     normalise_rows,
     parse_age,
     parse_sex,
+    pattern,
     read_metadata_csv,
     records,
 )
@@ -47,9 +50,12 @@ def test_parse_age_and_sex_accept_unknowns_and_name_bad_values():
         parse_sex("other", "--sex")
 
 
-def test_encode_marks_unknowns():
-    np.testing.assert_allclose(encode(50, "female"), [0.5, 0.25, 0, 0, 1])
-    np.testing.assert_allclose(encode(None, None), [0, 0, 1, 0, 0])
+def test_encode_by_feature_names_and_patterns_of_known_fields():
+    np.testing.assert_allclose(encode(50, "female"), [0.5, 0.25, 0])  # age, age squared, male
+    np.testing.assert_allclose(encode(50, "male", ["male", "age"]), [1, 0.5])
+    np.testing.assert_allclose(encode(None, "female", LEGACY_FEATURES), [0, 0, 1, 0, 1])
+    assert [pattern(50, "male"), pattern(50, None), pattern(None, "male"), pattern(None, None)] == [
+        "age+sex", "age", "sex", None]
 
 
 def _synthetic(n: int = 600, seed: int = 0):
@@ -84,10 +90,50 @@ def test_metadata_model_round_trips_and_refuses_other_features():
     model = MetadataModel.fit(rows, y, 2)
     again = MetadataModel.from_dict(json.loads(json.dumps(model.to_dict())))
     np.testing.assert_allclose(again.proba(61, "female"), model.proba(61, "female"))
+    saved = model.to_dict()
+    assert set(saved["parts"]) == {"age+sex", "age", "sex"}
     with pytest.raises(MetadataError, match="features"):
-        MetadataModel.from_dict(dict(model.to_dict(), features=["age"]))
+        MetadataModel.from_dict({**saved, "parts": {**saved["parts"], "age": {**saved["parts"]["age"],
+                                                                              "features": ["age"]}}})
+    with pytest.raises(MetadataError, match="per-pattern models"):
+        MetadataModel.from_dict({"prior": saved["prior"], "features": ["age", "male"]})
     with pytest.raises(MetadataError, match="not every class"):
         MetadataModel.fit([None] * 4 + rows[:2], np.array([0, 1, 0, 1, 0, 0]), 2)
+
+
+def test_a_field_not_given_is_left_out_not_read_as_evidence():
+    """Sex says nothing about the class here; the few images without an age are all class 1 (as one source of an
+    archive might be). Giving only a sex must not move a prediction by what those images happened to be."""
+    rows, y = _synthetic(n=1000, seed=1)
+    y = np.concatenate([y, np.ones(30, int)])
+    rows = rows + [{"age": None, "sex": "female" if i % 2 else "male"} for i in range(30)]
+    model = MetadataModel.fit(rows, y, 2)
+    assert (model.parts["age+sex"].n, model.parts["age"].n, model.parts["sex"].n) == (1000, 1000, 1030)
+    image = np.array([[0.7, 0.3]])
+    only_sex = model.fuse(image, [{"age": None, "sex": "female"}])
+    assert only_sex[0, 1] == pytest.approx(0.3, abs=0.02)  # p(class | sex) / p(class) is about 1
+    assert model.fuse(image, [{"age": 70, "sex": None}])[0, 1] > 0.5  # age alone is evidence: its own model
+    # the one-model version read "age unknown" as evidence of class 1: the very shift this guards against
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([encode(r["age"], r["sex"], LEGACY_FEATURES) for r in rows])
+    old = LogisticRegression(max_iter=2000).fit(x, y)
+    legacy = MetadataModel.from_dict({"features": LEGACY_FEATURES, "coef": np.vstack([0 * old.coef_, old.coef_]),
+                                      "intercept": [0.0, old.intercept_[0]], "prior": np.bincount(y) / len(y)})
+    assert old.predict_proba(encode(None, "female", LEGACY_FEATURES)[None])[0, 1] > 0.6
+    # a model saved that way is still loaded, and used only where both fields are given
+    np.testing.assert_array_equal(legacy.fuse(image, [{"age": None, "sex": "female"}]), image)
+    assert legacy.fuse(image, [{"age": 70, "sex": "female"}])[0, 1] != pytest.approx(0.3)
+
+
+def test_metadata_rows_name_a_single_dict_and_unknown_keys():
+    assert normalise_rows({"age": 50}, 1) == [{"age": 50.0, "sex": None}]
+    with pytest.raises(MetadataError, match="a single dict for 2 images"):
+        normalise_rows({"age": 50}, 2)
+    with pytest.raises(MetadataError, match=r"metadata\[0\]: unknown key\(s\) agee"):
+        normalise_rows([{"agee": 65}], 1)
+    with pytest.raises(MetadataError, match=r"metadata\[1\]: expected a dict"):
+        normalise_rows([None, 65], 2)
 
 
 def test_rows_are_checked_and_must_match_the_images():
@@ -144,8 +190,10 @@ def metadata_run(small_data, cache_dir, data_dir, tmp_path_factory):
 def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata_run):
     run, _ = metadata_run
     meta = json.loads((Path(run) / "model" / "model.json").read_text())
-    assert meta["metadata_model"]["features"] == ["age", "age_squared", "age_unknown", "male", "female"]
-    assert len(meta["metadata_model"]["coef"]) == 3  # one row per diagnosis
+    parts = meta["metadata_model"]["parts"]
+    assert {kind: part["features"] for kind, part in parts.items()} == {
+        "age+sex": ["age", "age_squared", "male"], "age": ["age", "age_squared"], "sex": ["male"]}
+    assert all(len(part["coef"]) == 3 for part in parts.values())  # one row per diagnosis
     assert 0 <= meta["validation"]["auc_with_metadata"] <= 1 and meta["validation"]["n_with_metadata"] > 0
 
 
@@ -161,6 +209,8 @@ def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run
     expected = classifier.metadata_model.fuse(plain, rows)
     np.testing.assert_allclose(fused, expected, atol=1e-6)
     assert not np.allclose(fused[0], plain[0]) and np.allclose(fused[2], plain[2])
+    assert list(classifier.predict(paths, metadata=rows)["metadata_used"]) == [True, True, False, True]
+    assert "metadata_used" not in classifier.predict(paths)  # no metadata given: no column
     one = classifier.predict(paths[0], metadata={"age": 85, "sex": "male"})
     assert one["melanoma"].iloc[0] == pytest.approx(fused[0, 0], abs=1e-6)
 
@@ -183,6 +233,16 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
     assert old.output != young.output
     bad = cli("predict", image, "--model", run, "--sex", "robot")
     assert bad.returncode != 0 and "--sex: 'robot'" in bad.stderr and "Traceback" not in bad.stderr
+    # a metadata CSV that misses an image: a column says whose age/sex were fused, a note names the rest
+    images = list(load_manifest(manifests["valid"])["filepath"][:3])
+    table = tmp_path / "meta.csv"
+    table.write_text(f"image_id,age_approximate,sex\n{Path(images[0]).stem},70,male\n"
+                     f"{Path(images[1]).stem},unknown,female\n")
+    both = cli("predict", *images, "--model", run, "--engine", "torch", "--metadata", table)
+    assert both.returncode == 0, both.stderr
+    assert list(pd.read_csv(io.StringIO(both.stdout))["metadata_used"]) == [True, True, False]
+    assert f"1 of 3 images have no age or sex in {table}" in both.stderr and Path(images[2]).name in both.stderr
+    assert "not a medical device" in both.stderr  # tables carry the notice too, on stderr
 
 
 def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache_dir, tmp_path):

@@ -96,6 +96,28 @@ def test_predict_with_cam_returns_an_overlay_png(client, lesion):
         assert overlay.format == "PNG" and overlay.size == (256, 256)
 
 
+def test_several_files_to_the_single_endpoint_are_refused(client, lesion):
+    two = client.post("/api/predict", files=[("file", ("a.jpg", lesion.read_bytes(), "image/jpeg")),
+                                             ("file", ("b.jpg", lesion.read_bytes(), "image/jpeg"))])
+    assert_refused(two, 422, "2 files sent", "/api/predict/batch")
+
+
+def test_serve_can_average_more_views_than_the_model_does(served_run, lesion):
+    from typer.testing import CliRunner
+
+    from skincancer.cli import app
+
+    with TestClient(create_app(served_run, tta=8)) as eight:
+        answer = upload(eight, lesion.read_bytes()).json()
+        assert eight.get("/api/model").json()["tta"] == 8
+    expected, _ = load_model(served_run, engine="torch").predict_proba([str(lesion)], tta=8)
+    single, _ = load_model(served_run, engine="torch").predict_proba([str(lesion)], tta=1)
+    assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-4)
+    assert abs(expected[0, 0] - single[0, 0]) > 1e-4  # eight views are not the model's one
+    refused = CliRunner().invoke(app, ["serve", "--model", str(served_run), "--tta", "3"])
+    assert refused.exit_code == 2 and "--tta: must be 1, 2, 4 or 8" in refused.output
+
+
 def test_health_model_page_and_docs(client, served_run):
     assert client.get("/api/health").json()["status"] == "ok"
     card = client.get("/api/model").json()

@@ -9,11 +9,11 @@ NOTICE = (
 
 from .config import TrainConfig, load_config  # noqa: E402
 from .data import index_folder, index_isic_csv, load_manifest, save_manifest  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluate import compare, evaluate  # noqa: E402
 from .predict import Classifier, load_model  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = [
     "NOTICE", "TrainConfig", "load_config", "index_folder", "index_isic_csv", "load_manifest", "save_manifest",
-    "train", "evaluate", "load_model", "Classifier",
+    "train", "evaluate", "compare", "load_model", "Classifier",
 ]

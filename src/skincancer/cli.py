@@ -385,16 +385,22 @@ def predict(
     if passed_over:
         shown = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
         typer.echo(f"note: {len(passed_over)} file(s) in the folder(s) not predicted, not having an image "
-                   f"extension ({', '.join(IMAGE_EXTENSIONS)}): {shown}", err=True)
+                   f"extension ({', '.join(sorted(IMAGE_EXTENSIONS))}): {shown}", err=True)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, paths))}")
     if out is not None:
         _output_file(out, (f".{format}",) if table_asked else (".csv", ".json"), inputs=[*files, metadata],
                      replaces=("source",))
+    rows = _patient_metadata(files, metadata, age, sex)  # checked before the model loads
     classifier = load_models(model, engine=engine)
-    rows = _patient_metadata(files, metadata, age, sex)
     if rows is not None and not classifier.uses_metadata:
         typer.echo("note: this model was trained without metadata; age/sex are ignored", err=True)
+    elif metadata is not None:
+        missing = [Path(f).name for f, row in zip(files, rows, strict=True) if row is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            typer.echo(f"note: {len(missing)} of {len(files)} images have no age or sex in {metadata} (matched by "
+                       f"image_id = file name without extension), so the image alone decides: {shown}", err=True)
     table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
     failed = table[table["error"] != ""]
     for _, row in failed.iterrows():
@@ -415,6 +421,7 @@ def predict(
             typer.echo(f"wrote {out}: {len(table) - len(failed)} predicted, {len(failed)} failed", err=True)
         else:
             sys.stdout.write(text)
+        typer.echo(f"note: {NOTICE}", err=True)
     if cam is not None:
         from .explain import write_overlays
 
@@ -480,6 +487,9 @@ def serve(
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload (per file)")] = 20.0,
     max_batch: Annotated[int, typer.Option(help="most files in one POST /api/predict/batch")] = 32,
+    tta: Annotated[int | None, typer.Option(help=(
+        "test-time augmentation views for every prediction: 1, 2, 4 or 8 (default: each model's); more views make "
+        "the answer steadier under rotation and slower"))] = None,
 ) -> None:
     """Serve the web page and the REST API (POST /api/predict and /api/predict/batch, GET /api/health, /api/model,
     /docs)."""
@@ -496,8 +506,9 @@ def serve(
         _fail(f"--max-upload-mb: expected a positive number of megabytes, got {max_upload_mb}")
     if not 1 <= max_batch <= 1000:  # Starlette's multipart parser refuses more than 1000 files
         _fail(f"--max-batch: expected 1-1000 files, got {max_batch}")
+    _check_inference_options(tta, 1, 0)
     _check_can_bind(host, port)
-    application = create_app(model, max_upload_mb=max_upload_mb, engine=engine, max_batch=max_batch)
+    application = create_app(model, max_upload_mb=max_upload_mb, engine=engine, max_batch=max_batch, tta=tta)
     classifier = application.state.classifier
     served = ", ".join(str(m.source) for m in getattr(classifier, "members", [classifier]))
     typer.echo(f"serving {served} ({classifier.engine_name}) on http://{host}:{port}/  (API docs: /docs). {NOTICE}",

@@ -389,6 +389,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         source = self.paths[index]
+        if isinstance(source, ImageError):  # an in-memory image found unusable before (too small)
+            return {"error": source.reason, "index": index}
         try:
             image = source if isinstance(source, Image.Image) else load_image(source)
         except ImageError as err:

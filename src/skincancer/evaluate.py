@@ -272,7 +272,7 @@ def _metadata_used(classifier: Classifier, rows: list | None, ok: np.ndarray) ->
     """Evaluated images whose age/sex were fused into the prediction (0 when the model has no metadata model)."""
     if rows is None or not classifier.uses_metadata:
         return 0
-    return int(sum(row is not None for row, good in zip(rows, ok, strict=True) if good))
+    return int(sum(classifier.fuses(row) for row, good in zip(rows, ok, strict=True) if good))
 
 
 def _check_out_folder(out: str | Path, data: str | Path) -> None:

@@ -1,12 +1,12 @@
 """Patient metadata (approximate age, sex): reading it, and late fusion with an image model's probabilities.
 
-The image model stays image-only. Beside it, a small multinomial logistic regression learns p(class | age, sex) on
-the training images' metadata. Where a prediction comes with metadata, the two are combined as independent evidence
-(Bayes' rule): p(class | image, metadata) is proportional to p(class | image) * p(class | metadata) / p(class),
-with p(class) the metadata model's training class frequencies. Without metadata the image model's probabilities
-are returned unchanged, so one model serves images with and without it.
+The image model stays image-only. Beside it, small multinomial logistic regressions learn p(class | age, sex),
+p(class | age) and p(class | sex) on the training images where those fields are known. Where a prediction comes
+with metadata, the model for the fields given and the image model are combined as independent evidence (Bayes'
+rule): p(class | image, metadata) is proportional to p(class | image) * p(class | metadata) / p(class), with p(class)
+that model's training class frequencies. A field not given is left out, never read as evidence. Without metadata the
+image model's probabilities are returned unchanged, so one model serves images with and without it.
 """
-
 from __future__ import annotations
 
 import math
@@ -22,7 +22,6 @@ from .data import DataError
 COLUMNS = ("age_approximate", "sex")
 SEXES = ("male", "female")
 MISSING = ("", "unknown", "nan", "none", "na", "n/a")
-FEATURES = ["age", "age_squared", "age_unknown", "male", "female"]
 
 
 class MetadataError(DataError):
@@ -62,12 +61,6 @@ def parse_sex(value, where: str = "sex") -> str | None:
     if text not in SEXES:
         raise MetadataError(f"{where}: {value!r} is not one of male, female, unknown")
     return text
-
-
-def encode(age: float | None, sex: str | None) -> np.ndarray:
-    """The metadata model's inputs: [age/100, (age/100)^2, age unknown, male, female]."""
-    a = 0.0 if age is None else age / 100
-    return np.array([a, a * a, float(age is None), float(sex == "male"), float(sex == "female")])
 
 
 def records(frame: pd.DataFrame, source: str = "metadata") -> list[dict | None]:
@@ -116,64 +109,137 @@ def has_metadata(frame: pd.DataFrame) -> bool:
     return any(column in frame.columns for column in COLUMNS)
 
 
-class MetadataModel:
-    """p(class | age, sex) by multinomial logistic regression, with its training class frequencies."""
+# The metadata model is one logistic regression per pattern of known fields, each fitted on the training images
+# where those fields are known: p(class | age, sex), p(class | age), p(class | sex). A field that is not given is
+# then left out (marginalised over the training images), never read as evidence: "age unknown" was a feature once,
+# and in ISIC 2017 the images without an age come from particular sources, so giving only a sex moved predictions
+# by what 27 training images happened to be.
+PARTS = {"age+sex": ["age", "age_squared", "male"], "age": ["age", "age_squared"], "sex": ["male"]}
+LEGACY_FEATURES = ["age", "age_squared", "age_unknown", "male", "female"]  # one model for every pattern (before)
 
-    def __init__(self, coef: np.ndarray, intercept: np.ndarray, prior: np.ndarray):
+
+def encode(age: float | None, sex: str | None, features: Sequence[str] = PARTS["age+sex"]) -> np.ndarray:
+    """A metadata model's inputs, by name: age/100, (age/100)^2, age unknown, male, female."""
+    a = 0.0 if age is None else age / 100
+    values = {"age": a, "age_squared": a * a, "age_unknown": float(age is None), "male": float(sex == "male"),
+              "female": float(sex == "female")}
+    return np.array([values[name] for name in features])
+
+
+def pattern(age: float | None, sex: str | None) -> str | None:
+    """Which fields are known: 'age+sex', 'age', 'sex', or None."""
+    return {(True, True): "age+sex", (True, False): "age", (False, True): "sex"}.get((age is not None,
+                                                                                      sex is not None))
+
+
+class _Part:
+    """One pattern's logistic regression and the class frequencies of the images it was fitted on."""
+
+    def __init__(self, features: Sequence[str], coef, intercept, prior, n: int | None = None):
+        self.features, self.n = list(features), n
         self.coef, self.intercept, self.prior = np.asarray(coef), np.asarray(intercept), np.asarray(prior)
+
+    def proba(self, age: float | None, sex: str | None) -> np.ndarray:
+        logits = self.coef @ encode(age, sex, self.features) + self.intercept
+        logits = logits - logits.max()
+        return np.exp(logits) / np.exp(logits).sum()
+
+    def to_dict(self) -> dict:
+        return {"features": self.features, "coef": self.coef.tolist(), "intercept": self.intercept.tolist(),
+                "prior": self.prior.tolist(), "n": self.n}
+
+
+class MetadataModel:
+    """p(class | the known fields of age and sex), one model per pattern of known fields (see PARTS)."""
+
+    def __init__(self, parts: Mapping[str, _Part], prior: np.ndarray):
+        self.parts, self.prior = dict(parts), np.asarray(prior)
 
     @classmethod
     def fit(cls, rows: Sequence[dict | None], targets: np.ndarray, num_classes: int, c: float = 1.0,
             ) -> MetadataModel:
-        """Fit on the rows that have metadata; needs every class present among them."""
-        keep = [i for i, row in enumerate(rows) if row is not None]
-        y = np.asarray(targets)[keep]
-        if len(keep) == 0 or len(np.unique(y)) < num_classes:
-            raise MetadataError(f"metadata: {len(keep)} training images have age or sex, "
+        """A model for each pattern of known fields whose training images hold every class; at least one."""
+        targets = np.asarray(targets)
+        parts = {}
+        for kind, features in PARTS.items():
+            fields = kind.split("+")
+            keep = [i for i, row in enumerate(rows) if row is not None and all(row[f] is not None for f in fields)]
+            y = targets[keep]
+            if len(np.unique(y)) < num_classes:
+                continue  # too few images with these fields: predictions that give only them use the image alone
+            x = np.stack([encode(rows[i]["age"], rows[i]["sex"], features) for i in keep])
+            clf = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+            coef, intercept = clf.coef_, clf.intercept_
+            if num_classes == 2:  # sklearn's binary case has one row of weights for class 1
+                coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+            parts[kind] = _Part(features, coef, intercept, np.bincount(y, minlength=num_classes) / len(y), len(y))
+        known = targets[[i for i, row in enumerate(rows) if row is not None]]
+        if not parts:
+            raise MetadataError(f"metadata: {len(known)} training images have age or sex, "
                                 "and not every class is among them; cannot fit the metadata model")
-        x = np.stack([encode(rows[i]["age"], rows[i]["sex"]) for i in keep])
-        clf = LogisticRegression(C=c, max_iter=2000).fit(x, y)
-        coef, intercept = clf.coef_, clf.intercept_
-        if num_classes == 2:  # sklearn's binary case has one row of weights for class 1
-            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-        prior = np.bincount(y, minlength=num_classes) / len(y)
-        return cls(coef, intercept, prior)
+        return cls(parts, np.bincount(known, minlength=num_classes) / len(known))
 
-    def proba(self, age: float | None, sex: str | None) -> np.ndarray:
-        logits = self.coef @ encode(age, sex) + self.intercept
-        logits = logits - logits.max()
-        return np.exp(logits) / np.exp(logits).sum()
+    def part(self, age: float | None, sex: str | None) -> _Part | None:
+        """The model for the fields given (None: no such model, or nothing given; the image alone then)."""
+        kind = pattern(age, sex)
+        return self.parts.get(kind) if kind else None
+
+    def covers(self, row: dict | None) -> bool:
+        """Whether this row's age/sex change a prediction."""
+        return row is not None and self.part(row.get("age"), row.get("sex")) is not None
+
+    def proba(self, age: float | None, sex: str | None) -> np.ndarray | None:
+        part = self.part(age, sex)
+        return None if part is None else part.proba(age, sex)
 
     def fuse(self, probs: np.ndarray, rows: Sequence[dict | None] | None) -> np.ndarray:
-        """Image probabilities [N, classes] combined with each row's metadata; rows without metadata (None), and
-        NaN rows (unreadable images), come back unchanged."""
+        """Image probabilities [N, classes] combined with each row's known fields; rows without metadata (None) or
+        whose fields no model covers, and NaN rows (unreadable images), come back unchanged."""
         if rows is None:
             return probs
         if len(rows) != len(probs):
             raise MetadataError(f"metadata: {len(rows)} rows for {len(probs)} images")
         fused = probs.copy()
         for i, row in enumerate(rows):
-            if row is None or np.isnan(probs[i]).any():
+            part = self.part(row.get("age"), row.get("sex")) if row is not None else None
+            if part is None or np.isnan(probs[i]).any():
                 continue
-            weights = np.clip(probs[i], 1e-12, None) * self.proba(row.get("age"), row.get("sex")) / self.prior
+            weights = np.clip(probs[i], 1e-12, None) * part.proba(row.get("age"), row.get("sex")) / part.prior
             fused[i] = weights / weights.sum()
         return fused
 
     def to_dict(self) -> dict:
-        return {"features": FEATURES, "coef": self.coef.tolist(), "intercept": self.intercept.tolist(),
-                "prior": self.prior.tolist(), "fusion": "bayes"}
+        return {"parts": {kind: part.to_dict() for kind, part in self.parts.items()}, "prior": self.prior.tolist(),
+                "fusion": "bayes"}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> MetadataModel:
-        if list(values.get("features", [])) != FEATURES:
-            raise MetadataError(f"metadata model: features {values.get('features')} differ from {FEATURES}")
-        return cls(values["coef"], values["intercept"], values["prior"])
+        if "parts" not in values and list(values.get("features", [])) == LEGACY_FEATURES:
+            # saved before the per-pattern models: its one model read "age unknown" as evidence, so it is used only
+            # where both fields are given
+            legacy = _Part(LEGACY_FEATURES, values["coef"], values["intercept"], values["prior"])
+            return cls({"age+sex": legacy}, values["prior"])
+        parts = values.get("parts")
+        if not isinstance(parts, Mapping) or not parts:
+            raise MetadataError(f"metadata model: expected per-pattern models ({', '.join(PARTS)}), found "
+                                f"{sorted(values)}")
+        for kind, part in parts.items():
+            if kind not in PARTS or list(part.get("features", [])) != PARTS[kind]:
+                raise MetadataError(f"metadata model {kind!r}: features {part.get('features')} differ from "
+                                    f"{PARTS.get(kind)}")
+        return cls({kind: _Part(p["features"], p["coef"], p["intercept"], p["prior"], p.get("n"))
+                    for kind, p in parts.items()}, values["prior"])
 
 
 def normalise_rows(metadata, n: int) -> list[dict | None] | None:
     """Accept None, a list of dicts/None (keys age or age_approximate, sex) or a DataFrame; check every value."""
     if metadata is None:
         return None
+    if isinstance(metadata, Mapping):  # one image's
+        if n != 1:
+            raise MetadataError(f"metadata: a single dict for {n} images; give a list with one dict (or None) per "
+                                "image")
+        metadata = [metadata]
     if isinstance(metadata, pd.DataFrame):
         rows = records(metadata)
     else:
@@ -182,6 +248,13 @@ def normalise_rows(metadata, n: int) -> list[dict | None] | None:
             if item is None:
                 rows.append(None)
                 continue
+            if not isinstance(item, Mapping):
+                raise MetadataError(f"metadata[{i}]: expected a dict with age and/or sex, or None; got "
+                                    f"{type(item).__name__}")
+            unknown = sorted(set(map(str, item)) - {"age", "age_approximate", "sex"})
+            if unknown:
+                raise MetadataError(f"metadata[{i}]: unknown key(s) {', '.join(unknown)}; expected age (or "
+                                    "age_approximate) and sex")
             age = parse_age(item.get("age", item.get("age_approximate")), f"metadata[{i}].age")
             sex = parse_sex(item.get("sex"), f"metadata[{i}].sex")
             rows.append(None if age is None and sex is None else {"age": age, "sex": sex})

@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import BackboneError, model_from_meta
 from .checkpoint import META_FILE, CheckpointError, find_model_dir, load_weights_into, read_meta, read_weights
-from .data import IMAGE_EXTENSIONS, ImageDataset, build_transform, to_rgb
+from .data import IMAGE_EXTENSIONS, ImageDataset, ImageError, build_transform, to_rgb
 from .engine import run_inference
 from .metadata import MetadataModel, normalise_rows
 
@@ -82,6 +82,15 @@ class Classifier:
         """Whether age/sex given with an image change its prediction (an ensemble: any member's)."""
         return self.metadata_model is not None
 
+    def fuses(self, row: dict | None) -> bool:
+        """Whether this image's {'age', 'sex'} change its prediction: a metadata model for the fields it gives
+        (an ensemble: any member's)."""
+        members = getattr(self, "members", None)
+        if members:
+            return any(member.fuses(row) for member in members)
+        model = self.metadata_model
+        return model is not None and model.covers(row)
+
     def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
                       tta: int | None = None, metadata=None) -> tuple[np.ndarray, list]:
         """Per-class probabilities [N, classes] (NaN rows for unreadable files) and the (index, reason) failures.
@@ -90,10 +99,20 @@ class Classifier:
         metadata: per image {'age': years, 'sex': 'male'|'female'} or None (or a DataFrame with age_approximate /
         sex columns); fused with the image probabilities when the model has a metadata model, ignored otherwise."""
         tta = self.meta.get("tta", 1) if tta is None else tta
+        if images is None or isinstance(images, (bytes, bytearray)):
+            raise TypeError("images: expected a list of paths, PIL images or arrays (for encoded bytes, "
+                            "PIL.Image.open(io.BytesIO(data)))")
+        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray)
+                                                             and not _is_batch_array(images)):
+            images = [images]  # one image, as `predict` takes it
+        images = list(images)
         rows = normalise_rows(metadata, len(images))
-        if images is None or isinstance(images, (str, bytes)):
-            raise TypeError("images: expected a list of paths, PIL images or arrays")
-        sources = [_as_source(image, i) for i, image in enumerate(images)]
+        sources = []
+        for i, image in enumerate(images):
+            try:
+                sources.append(_as_source(image, i))
+            except ImageError as err:  # an image too small: its own error, as for an unreadable file
+                sources.append(err)
         dataset = ImageDataset(sources, None, self.transform())
         if self.engine is not None:
             probs, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -118,15 +137,20 @@ class Classifier:
         model's threshold, and an error message for files that could not be read.
 
         metadata: see predict_proba; one dict (or None) per image, a single dict for a single image."""
-        if images is None:
-            raise TypeError("images: expected an image or a list of paths, PIL images or arrays, got None")
+        if images is None or isinstance(images, (bytes, bytearray)):
+            raise TypeError("images: expected an image or a list of paths, PIL images or arrays (for encoded bytes, "
+                            "PIL.Image.open(io.BytesIO(data)))")
         if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
             images = [images]
             metadata = [metadata] if isinstance(metadata, dict) else metadata
         images = list(images)
         probs, errors = self.predict_proba(images, batch_size=batch_size, num_workers=num_workers, tta=tta,
                                            metadata=metadata)
-        return self.table(images, probs, errors)
+        table = self.table(images, probs, errors)
+        if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
+            rows = normalise_rows(metadata, len(images))
+            table.insert(table.columns.get_loc("error"), "metadata_used", [self.fuses(row) for row in rows])
+        return table
 
     def table(self, images: Sequence, probs: np.ndarray, errors: list) -> pd.DataFrame:
         error_by_index = dict(errors)
@@ -218,21 +242,49 @@ def _is_batch_array(images) -> bool:
 
 
 def _as_source(image: ImageInput, index: int = 0):
+    """A PIL image (RGB, checked) or a path for the dataset; an ImageError for an image too small to use."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
-            raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
-        if image.dtype != np.uint8:
-            if image.size and not np.isfinite(image).all():
-                raise ValueError(f"image {index}: array holds NaN or infinity")
-            image = np.clip(image * (255 if image.size and image.max() <= 1 else 1), 0, 255)
-        return to_rgb(Image.fromarray(np.ascontiguousarray(image).astype(np.uint8)))
+        return to_rgb(Image.fromarray(_as_uint8(image, index)))
     if isinstance(image, torch.Tensor):
         raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
+    if isinstance(image, (bytes, bytearray)):
+        raise TypeError(f"image {index}: bytes; pass a path, a PIL image (PIL.Image.open(io.BytesIO(data))) or an "
+                        "array")
     if not isinstance(image, (str, Path)):
         raise TypeError(f"image {index}: expected a path, a PIL image or an array, got {type(image).__name__}")
     return str(image)
+
+
+FLOAT_SLACK = 1e-3  # rounding in a float image computed in 0..1 (or 0..255)
+
+
+def _as_uint8(image: np.ndarray, index: int) -> np.ndarray:
+    """An H x W (grey) or H x W x 1/3/4 array as 8-bit, scaled by what its type holds: uint8 as is, uint16 from
+    0..65535, other integers 0..255, floats 0..1 (0..255 where a value is above 1). Anything else is refused:
+    guessing would give a confident probability for a washed-out or black image."""
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"image {index}: array of shape {image.shape}; expected H x W (grey) or H x W x 1, 3 or 4")
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype == np.uint16:
+        return np.ascontiguousarray((image.astype(np.float64) / 257.0 + 0.5).astype(np.uint8))
+    if image.dtype.kind not in "iuf":
+        raise ValueError(f"image {index}: array of {image.dtype}; expected uint8, uint16, integers or floats")
+    if image.size and not np.isfinite(image).all():
+        raise ValueError(f"image {index}: array holds NaN or infinity")
+    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if image.dtype.kind == "f" and low >= -FLOAT_SLACK and high <= 1 + FLOAT_SLACK:
+        image = image * 255.0
+    elif low < -FLOAT_SLACK or high > 255 + FLOAT_SLACK:
+        raise ValueError(f"image {index}: {image.dtype} array with values {low:g} to {high:g}; expected 0..255 "
+                         "(or floats in 0..1, or uint16 0..65535); a normalised tensor is not a photograph")
+    return np.ascontiguousarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
 
 
 def _describe(image, index: int) -> str:

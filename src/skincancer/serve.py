@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,9 @@ MB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file itself
 NOT_AN_IMAGE = "not an image"
 BATCH_PATH = "/api/predict/batch"
+ERRORS = {413: {"description": "an upload over --max-upload-mb, or more files than --max-batch"},
+          415: {"description": "not an image"},
+          422: {"description": "unreadable image, invalid age/sex or form (`detail` says which file or field)"}}
 BATCH_CHUNK = 16  # images decoded and predicted together within a batch request
 BATCH_PIXELS = 64_000_000  # decoded pixels held at once within a batch request (about 190 MB as RGB)
 
@@ -134,15 +137,20 @@ def png_base64(image: Image.Image) -> str:
 
 
 def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_mb: float = 20.0,
-               engine: str = "auto", max_batch: int = 32) -> FastAPI:
+               engine: str = "auto", max_batch: int = 32, tta: int | None = None) -> FastAPI:
     """The web app over a trained run (folder or loaded Classifier), or an ensemble of runs (a list of folders:
     probabilities averaged, threshold re-chosen on their validation predictions, as `evaluate` does).
-    `max_upload_mb`: per file; `max_batch`: files per POST /api/predict/batch."""
+    `max_upload_mb`: per file; `max_batch`: files per POST /api/predict/batch; `tta`: dihedral views averaged for
+    every prediction (None: each model's own setting)."""
     if isinstance(run, Classifier):
         classifier = run
     else:
         classifier = load_models([run] if isinstance(run, (str, Path)) else list(run), engine=engine)
     card = model_card(classifier)
+    if tta is not None:  # every prediction averages these views, whatever the runs' own setting
+        for member in card["members"]:
+            member["tta"] = tta
+    card["tta"] = tta if tta is not None else None if card["members"] else classifier.meta.get("tta", 1)
     file_limit = int(max_upload_mb * MB)
     inference_lock = threading.Lock()  # one batch at a time: each already uses every core
 
@@ -169,7 +177,15 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     def model() -> dict:
         return card
 
-    @app.post("/api/predict")
+    async def one_file(request: Request) -> None:
+        """/api/predict answers one photo: several `file` parts are refused, not all but the last dropped."""
+        form = await request.form()  # parsed once: FastAPI reads its fields from the same form
+        sent = len(form.getlist("file"))
+        if sent > 1:
+            raise HTTPException(422, f"file: {sent} files sent; /api/predict takes one (send several to "
+                                     f"{BATCH_PATH} as parts named 'files')")
+
+    @app.post("/api/predict", dependencies=[Depends(one_file)], responses=ERRORS)
     def predict(file: UploadFile = File(..., description="a dermoscopy photograph (JPEG, PNG, ...)"),
                 cam: bool = Query(False, description="also return the Grad-CAM overlay as a base64 PNG"),
                 age: str | None = Form(None, description="patient's age in years (optional; models with metadata)"),
@@ -181,10 +197,10 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             patient = {"age": parse_age(age, "age", typed=True), "sex": parse_sex(sex, "sex")}
         except MetadataError as err:
             raise HTTPException(422, str(err)) from None
-        use_metadata = classifier.uses_metadata and any(v is not None for v in patient.values())
+        use_metadata = classifier.fuses(patient)
         image = read_upload(file, file_limit, name)
         with inference_lock:
-            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0,
+            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0, tta=tta,
                                                      metadata=[patient] if use_metadata else None)
         if errors:
             raise HTTPException(422, f"{name}: {errors[0][1]}")
@@ -197,7 +213,7 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             answer["cam_png_base64"] = png_base64(picture)
         return answered(answer, started)
 
-    @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch))
+    @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch), responses=ERRORS)
     async def predict_batch(request: Request, cam: bool = Query(
             False, description="also return each photo's Grad-CAM overlay as a base64 PNG (slower: one backward "
                                "pass per photo and member)")) -> dict:
@@ -235,11 +251,11 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         def predict_pending() -> None:
             with inference_lock:
                 metadata = [patient for *_, patient in pending] if classifier.uses_metadata else None
-                probs, errors = classifier.predict_proba([image for _, _, image, _ in pending], num_workers=0,
+                probs, errors = classifier.predict_proba([image for _, _, image, _ in pending], num_workers=0, tta=tta,
                                                          batch_size=BATCH_CHUNK, metadata=metadata)
             failed = dict(errors)
             for row, (index, name, _, patient) in enumerate(pending):
-                fused = metadata is not None and patient is not None
+                fused = metadata is not None and classifier.fuses(patient)
                 results[index] = ({"filename": name, "error": f"{name}: {failed[row]}", "status": 422}
                                   if row in failed else prediction(classifier, name, probs[row], fused))
             if cam:
