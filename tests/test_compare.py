@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
+from skincancer import compare  # as the README gives it
 from skincancer.data import DataError
-from skincancer.evaluate import compare
 from skincancer.metrics import delong_test
 
 RNG = np.random.default_rng(0)
