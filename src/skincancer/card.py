@@ -141,7 +141,9 @@ def _training_lines(member: Classifier, named: bool) -> list[str]:
     prefix = f"- {_run_name(member)}: " if named else "- "
     if not isinstance(env, dict):
         return [f"{prefix}no training record (saved before runs recorded their environment)."]
-    took = f"; {meta['train_seconds'] / 60:.0f} minutes" if isinstance(meta.get("train_seconds"), (int, float)) else ""
+    seconds = meta.get("train_seconds")
+    took = "" if not isinstance(seconds, (int, float)) else (
+        f"; {seconds:.0f} s" if seconds < 120 else f"; {seconds / 60:.0f} minutes")
     lines = [f"{prefix}trained {env.get('at', '')} with {describe(env)}{took}."]
     for split, data in (env.get("data") or {}).items():
         if isinstance(data, dict):
