@@ -107,6 +107,40 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert refused.returncode == 2 and "--error-examples: expected 0 or more" in refused.stderr
 
 
+def test_evaluate_groups_by_the_users_own_columns(tiny_run, small_data, tmp_path, monkeypatch):
+    from skincancer.data import DataError, load_manifest, save_manifest
+
+    evaluate_module = sys.modules["skincancer.evaluate"]  # the package's `evaluate` is the function
+
+    manifest = load_manifest(small_data["test"])
+    manifest["site"] = (["head", "trunk", ""] * 6)[:len(manifest)]
+    manifest["skin_type"] = [np.nan if i % 5 == 0 else 1 + i % 3 for i in range(len(manifest))]
+    data = save_manifest(manifest, tmp_path / "grouped.csv")
+    metrics = evaluate(tiny_run, data, tmp_path / "eval", num_workers=0, n_boot=20, group_by=["site", "skin_type"])
+    predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert set(metrics["subgroups"]) == {"site", "skin_type"}  # the test manifest has no age or sex
+    assert set(metrics["subgroups"]["site"]) == {"head", "trunk", "unknown"}
+    assert set(metrics["subgroups"]["skin_type"]) == {"1", "2", "3", "unknown"}  # 2.0 in a column with gaps is 2
+    for name, group in metrics["subgroups"]["site"].items():
+        inside = (manifest["site"].replace("", "unknown") == name).to_numpy()
+        assert group["n"] == inside.sum() and group["n_positive"] == predictions["label"][inside].sum()
+        if 0 < group["n_positive"] < group["n"]:
+            assert group["auc"] == pytest.approx(roc_auc_score(predictions["label"][inside],
+                                                               predictions["malignant"][inside]))
+    assert "By site, skin_type, from the data" in (tmp_path / "eval" / "report.html").read_text()
+    # refused before any model loads (a model that does not exist is never reached)
+    monkeypatch.setattr(evaluate_module, "MAX_GROUPS", 5)
+    for group_by, source, words in [(["place"], data, "--group-by place: no such column"),
+                                    (["image_id"], data, "18 different values (at most 5)"),
+                                    (["sex"], data, "grouped already"),
+                                    (["site"], small_data["test"].parent, "not a manifest")]:
+        with pytest.raises(DataError, match=re.escape(words)):
+            evaluate(tmp_path / "no-such-run", source, tmp_path / "refused", group_by=group_by)
+    result = cli("evaluate", "--model", tiny_run, "--data", data, "--out", tmp_path / "cli", "--num-workers", "0",
+                 "--group-by", "site")
+    assert re.search(r"AUC site: trunk +\S+ \(6 images, \d malignant\)", result.stdout), result.stdout
+
+
 def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
     """Always the malignant probability, with the model's call at its threshold: a review found '11.39% malignant'
     printed for an image the model flagged (threshold 8.45%), and '95.93% benign' for the other side."""

@@ -248,6 +248,9 @@ def evaluate(
     engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
     metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help=(
         "fuse the manifest's age/sex columns for models trained with metadata"))] = True,
+    group_by: Annotated[list[str] | None, typer.Option(help=(
+        "a manifest column (site, camera, skin type...) whose values get their own AUC, sensitivity and "
+        "specificity; repeat for several"))] = None,
     error_examples: Annotated[int, typer.Option(help=(
         "thumbnails in the report of up to this many missed malignant and flagged benign images, the worst of each "
         "(0: no images in the report)"))] = 8,
@@ -262,8 +265,8 @@ def evaluate(
     if error_examples < 0:
         _fail(f"--error-examples: expected 0 or more images, got {error_examples}")
     metrics = run_evaluation(model, data, out, tta=tta, batch_size=batch_size, num_workers=num_workers,
-                             use_metadata=metadata, engine=engine,
-                             error_examples=error_examples)  # checks --out before the models load
+                             use_metadata=metadata, engine=engine, error_examples=error_examples,
+                             group_by=group_by or ())  # checks --out and --group-by before the models load
     lo, hi = metrics["auc_ci95"]
     typer.echo(f"{'n':<36}{metrics['n']} ({metrics['n_positive']} malignant)")
     typer.echo(f"{'AUC (95% CI)':<36}{metrics['auc']:.4f} ({lo:.4f}-{hi:.4f})")

@@ -28,7 +28,8 @@ ISIC_TASKS = ("melanoma", "seborrheic_keratosis")
 
 def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | Path, out: str | Path,
              tta: int | None = None, batch_size: int = 32, num_workers: int = 2, n_boot: int = 2000,
-             use_metadata: bool = True, engine: str = "auto", error_examples: int = 8) -> dict:
+             use_metadata: bool = True, engine: str = "auto", error_examples: int = 8,
+             group_by: Sequence[str] = ()) -> dict:
     """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
@@ -36,9 +37,12 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model.
     `engine`: how runs given as paths are loaded (onnx | torch | auto), once `out` is known to be usable.
     `error_examples`: the report shows thumbnails of up to this many missed malignant and flagged benign images,
-    the worst of each kind (0: none, and no image in the report)."""
+    the worst of each kind (0: none, and no image in the report).
+    `group_by`: manifest columns (a site, a camera, a skin type...) whose values get their own figures, as sex and
+    age bands do."""
     out = Path(out)
     _check_out_folder(out, data)
+    _check_group_columns(data, group_by)
     if isinstance(model, Classifier):
         classifier = model
     else:
@@ -76,6 +80,10 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
             for kind, group in (("sex", _sex_group), ("age", _age_group))}
         ages = metrics["subgroups"]["age"]  # youngest first, not alphabetically
         metrics["subgroups"]["age"] = {k: ages[k] for k in [name for _, name in AGE_BANDS] + ["unknown"] if k in ages}
+    for column in group_by:  # the user's own columns
+        values = [_group_value(v) for v in frame[column][ok]]
+        metrics.setdefault("subgroups", {})[column] = subgroup_report(labels[ok], malignant[ok],
+                                                                      classifier.threshold, values)
     metrics.update({
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "n_with_metadata": _metadata_used(classifier, rows, ok),
@@ -251,6 +259,41 @@ def _patients(frame: pd.DataFrame, data, use_metadata: bool) -> list | None:
             raise
         log.warning("%s; no subgroup figures", err)
         return None
+
+
+MAX_GROUPS = 50
+
+
+def _check_group_columns(data: str | Path, columns: Sequence[str]) -> None:
+    """--group-by needs a manifest holding each column, with a manageable number of values: checked before the
+    models load."""
+    if not columns:
+        return
+    path = Path(data)
+    if path.is_dir() or path.suffix.lower() != ".csv":
+        raise DataError(f"--group-by: {data} is not a manifest; a folder-per-class tree has no columns to group by")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({err})") from None
+    for column in columns:
+        if column in ("age_approximate", "sex", "age"):
+            raise DataError(f"--group-by {column}: age and sex are grouped already (from the age_approximate and sex "
+                            "columns: sex, and age bands)")
+        if column not in frame.columns:
+            raise DataError(f"--group-by {column}: no such column in {path} (columns: {', '.join(frame.columns)})")
+        groups = frame[column].map(_group_value).nunique()
+        if groups > MAX_GROUPS:
+            raise DataError(f"--group-by {column}: {groups} different values (at most {MAX_GROUPS}); an identifier "
+                            "or a number is no grouping: add a column with fewer categories")
+
+
+def _group_value(value) -> str:
+    """A cell as its group's name: 'unknown' where empty; 3.0 (a number column with gaps) as 3."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+    return "unknown" if text.lower() in ("", "nan", "unknown", "none", "na", "n/a") else text
 
 
 def _sex_group(patient: dict | None) -> str:

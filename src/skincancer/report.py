@@ -179,7 +179,8 @@ def _fmt(value) -> str:
 
 
 def _subgroup_table(subgroups: dict | None) -> str:
-    """Per sex and age band, where the data had them: n, AUC, sensitivity and specificity with their intervals."""
+    """Per sex and age band where the data had them, and per value of the columns asked for: n, AUC, sensitivity and
+    specificity with their intervals."""
     if not subgroups:
         return ""
     rows = "".join(
@@ -187,9 +188,10 @@ def _subgroup_table(subgroups: dict | None) -> str:
         f"<td>{_fmt(g['auc'])}</td><td>{_fmt(g['sensitivity'])} {_fmt(g['sensitivity_ci95'])}</td>"
         f"<td>{_fmt(g['specificity'])} {_fmt(g['specificity_ci95'])}</td></tr>"
         for kind, groups in subgroups.items() for name, g in groups.items())
-    return ("<h2>Subgroups</h2><p>From the data's age and sex. Small groups give wide intervals: a difference between "
-            "groups is a question to test on more data, not a finding.</p><table><tr><th>group</th><th>images "
-            "(malignant)</th><th>AUC</th><th>sensitivity [95% CI]</th><th>specificity [95% CI]</th></tr>"
+    return (f"<h2>Subgroups</h2><p>By {html.escape(', '.join(subgroups))}, from the data's columns. Small groups "
+            "give wide intervals: a difference between groups is a question to test on more data, not a finding.</p>"
+            "<table><tr><th>group</th><th>images (malignant)</th><th>AUC</th><th>sensitivity [95% CI]</th>"
+            "<th>specificity [95% CI]</th></tr>"
             f"{rows}</table>")
 
 
