@@ -33,7 +33,8 @@ demo: setup
 # The headline model of issue 3: an ensemble of the linear probe (configs/linear.yaml) and two fine-tunes
 # (configs/isic2017.yaml: Lite0; configs/isic2017-lite2.yaml: Lite2), each member and the ensemble evaluated once on
 # the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. 64 minutes of training, 79 in
-# all, on a quiet 2-core machine (BENCHMARKS.md).
+# all, on a quiet 2-core machine (BENCHMARKS.md). The evaluations run on ONNX Runtime (each export is checked against
+# PyTorch): the same figures to 4 decimals as eager PyTorch, about 3x faster.
 BENCH := runs/benchmark
 MEMBERS := $(BENCH)/lite0 $(BENCH)/lite2 $(BENCH)/linear
 benchmark-accuracy: setup
@@ -49,10 +50,11 @@ benchmark-accuracy: setup
 		--valid $(BENCH)/data/valid.csv --out $(BENCH)/lite2
 	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(BENCH)/data/train.csv \
 		--valid $(BENCH)/data/valid.csv --out $(BENCH)/linear
-	for run in $(MEMBERS); do \
-		$(BIN)/skincancer evaluate --model $$run --data $(BENCH)/data/test.csv --out $$run/test || exit 1; done
+	for run in $(MEMBERS); do $(BIN)/skincancer export --model $$run || exit 1; done
+	for run in $(MEMBERS); do $(BIN)/skincancer evaluate --model $$run --data $(BENCH)/data/test.csv \
+		--out $$run/test --engine onnx || exit 1; done
 	$(BIN)/skincancer evaluate $(foreach run,$(MEMBERS),--model $(run)) --data $(BENCH)/data/test.csv \
-		--out $(BENCH)/test
+		--out $(BENCH)/test --engine onnx
 
 test: setup
 	$(BIN)/python -m pytest -q

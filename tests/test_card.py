@@ -38,6 +38,20 @@ def test_training_writes_a_card_from_what_the_run_recorded(tiny_run):
     assert text == markdown_card(load_model(tiny_run))  # the card describes the saved model as it loads
 
 
+def test_a_binary_heads_card_names_the_diagnoses_and_names_are_escaped(small_data, cache_dir, tmp_path):
+    from skincancer import load_config, train
+
+    run = tmp_path / "a|b<i>"  # a folder name that would break a Markdown table or inject HTML
+    train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(run),
+                      mode="linear", head="binary", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0))
+    text = (run / "model" / CARD_FILE).read_text()
+    assert text.startswith("# Model card: a\\|b&lt;i&gt;\n") and "<i>" not in text
+    assert "- Trained on the diagnoses melanoma, nevus, seborrheic_keratosis: malignant = melanoma; benign = nevus, " \
+           "seborrheic_keratosis." in text
+    assert "the malignant probability is its malignant output." in text
+    assert "- It was trained on melanoma, nevus, seborrheic_keratosis only." in text
+
+
 def test_card_cli_for_a_run_and_an_ensemble(tiny_run, finetune_run, tmp_path):
     out = tmp_path / "cards" / "card.md"
     result = cli("card", "--model", tiny_run, "-o", out)
@@ -51,6 +65,10 @@ def test_card_cli_for_a_run_and_an_ensemble(tiny_run, finetune_run, tmp_path):
     assert refused.returncode == 2 and "is not a model card" in refused.stderr
     assert notes.read_text() == "# my notes\n"
     assert "expected a .md file name" in cli("card", "--model", tiny_run, "-o", tmp_path / "card.txt").stderr
+    other = Path(finetune_run) / "model" / CARD_FILE
+    before = other.read_text()
+    refused = cli("card", "--model", tiny_run, "-o", other)
+    assert refused.returncode == 2 and "another run's model folder" in refused.stderr and other.read_text() == before
 
     both = cli("card", "--model", tiny_run, "--model", finetune_run)
     assert both.returncode == 0, both.stderr

@@ -46,6 +46,7 @@ def test_an_unknown_keyword_is_blamed_on_the_call_not_the_file(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^load_config: unknown field\(s\) trian;") as caught:
         load_config(config, trian="x")
     assert str(config) not in str(caught.value)
+    assert load_config(None, feature_flips=True).feature_views == 2  # the older name, as a keyword too
 
 
 def test_yaml_then_overrides(tmp_path: Path):

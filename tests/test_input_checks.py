@@ -361,8 +361,8 @@ def test_python_api_reads_arrays_by_their_type_and_answers_each_image(tiny_run, 
     expected, _ = classifier.predict_proba([rgb])
     rounded = rgb / 255.0
     rounded[0, 0, 0] = 1.0001  # float arithmetic a hair above 1: still a 0..1 image
-    for i, same in enumerate([rgb.astype(np.uint16) * 257, rgb / 255.0, rounded, rgb.astype(np.float32),
-                              rgb.astype(np.int64)]):
+    for i, same in enumerate([rgb.astype(np.uint16) * 257, rgb.astype(">u2") * 257, rgb / 255.0, rounded,
+                              rgb.astype(np.float32), rgb.astype(np.int64)]):
         np.testing.assert_allclose(classifier.predict_proba([same])[0], expected, atol=2e-3, err_msg=str(i))
     np.testing.assert_allclose(classifier.predict_proba(rgb)[0], expected, atol=1e-6)  # one array, not its rows
     np.testing.assert_allclose(classifier.predict_proba([rgb[..., :1]])[0],
@@ -374,6 +374,12 @@ def test_python_api_reads_arrays_by_their_type_and_answers_each_image(tiny_run, 
     probs, errors = classifier.predict_proba([Image.new("RGB", (2, 2)), rgb])  # a tiny image is that image's error
     assert errors == [(0, "image too small (2x2, need at least 8 px a side)")]
     assert np.isnan(probs[0]).all() and np.allclose(probs[1], expected[0], atol=1e-6)
+    import pickle
+
+    from skincancer.data import ImageError
+
+    again = pickle.loads(pickle.dumps(ImageError("<image 0>", "image too small")))  # crosses into spawned workers
+    assert (again.path, again.reason, str(again)) == ("<image 0>", "image too small", "<image 0>: image too small")
 
 
 def test_predict_never_overwrites_a_file_it_did_not_write_and_honours_format(tiny_run, small_data, data_dir,

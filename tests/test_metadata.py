@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,8 @@ def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run
     np.testing.assert_allclose(fused, expected, atol=1e-6)
     assert not np.allclose(fused[0], plain[0]) and np.allclose(fused[2], plain[2])
     assert list(classifier.predict(paths, metadata=rows)["metadata_used"]) == [True, True, False, True]
+    failed = classifier.predict(["/no/such.jpg", paths[0]], metadata=[{"age": 85, "sex": "male"}, None])
+    assert list(failed["metadata_used"]) == [False, False]  # an unreadable image used nothing
     assert "metadata_used" not in classifier.predict(paths)  # no metadata given: no column
     one = classifier.predict(paths[0], metadata={"age": 85, "sex": "male"})
     assert one["melanoma"].iloc[0] == pytest.approx(fused[0, 0], abs=1e-6)
@@ -243,6 +246,15 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
     assert list(pd.read_csv(io.StringIO(both.stdout))["metadata_used"]) == [True, True, False]
     assert f"1 of 3 images have no age or sex in {table}" in both.stderr and Path(images[2]).name in both.stderr
     assert "not a medical device" in both.stderr  # tables carry the notice too, on stderr
+    # a run saved before per-field models loads, and says when the fields given are not used
+    old = tmp_path / "old"
+    shutil.copytree(Path(run) / "model", old / "model")
+    meta = json.loads((old / "model" / "model.json").read_text())
+    meta["metadata_model"] = {"features": LEGACY_FEATURES, "coef": [[0.0] * 5] * 3, "intercept": [0.0] * 3,
+                              "prior": [1 / 3] * 3, "fusion": "bayes"}
+    (old / "model" / "model.json").write_text(json.dumps(meta))
+    alone = cli("predict", images[0], "--model", old, "--engine", "torch", "--age", "60")
+    assert alone.returncode == 0 and "the age or sex of 1 image(s) is not used" in alone.stderr, alone.stderr
 
 
 def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache_dir, tmp_path):

@@ -99,7 +99,7 @@ def test_predict_with_cam_returns_an_overlay_png(client, lesion):
 def test_several_files_to_the_single_endpoint_are_refused(client, lesion):
     two = client.post("/api/predict", files=[("file", ("a.jpg", lesion.read_bytes(), "image/jpeg")),
                                              ("file", ("b.jpg", lesion.read_bytes(), "image/jpeg"))])
-    assert_refused(two, 422, "2 files sent", "/api/predict/batch")
+    assert_refused(two, 422, "2 parts named 'file'", "/api/predict/batch")
 
 
 def test_serve_can_average_more_views_than_the_model_does(served_run, lesion):
@@ -243,6 +243,9 @@ def test_batch_with_cam_gives_each_readable_photo_the_single_uploads_overlay(cli
         if "error" not in result:
             assert result["cam_png_base64"] == upload(client, raw, name, cam="true").json()["cam_png_base64"]
     assert all("cam_png_base64" not in r for r in batch(client, files[:1]).json()["results"])
+    monkeypatch.setattr(serve, "BATCH_CAM_LIMIT", 2)  # maps cost a backward pass each: capped per request
+    assert_refused(batch(client, files, params={"cam": "true"}), 413, "at most 2 Grad-CAM maps")
+    assert batch(client, files).status_code == 200  # the same photos without maps
 
 
 def test_batch_limits_and_form_fields(client, lesion):

@@ -64,27 +64,31 @@ def markdown_card(classifier: Classifier) -> str:
     limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs recorded."""
     card = model_card(classifier)
     members = getattr(classifier, "members", None) or [classifier]
-    positives = [name for name, label in card["labels"].items() if label == 1 and name in card["class_names"]]
-    lines = [f"{CARD_HEADING}{card['name']}", "", f"> **Notice.** {NOTICE}", "",
-             "## The model", ""]
+    labels, classes = card["labels"], card["class_names"]
+    positive, negative = _md(card["positive_name"]), _md(card["negative_name"])
+    diagnoses = ", ".join(_md(d) for d in labels)
+    summed = [c for c in classes if labels.get(c) == 1]  # a diagnosis head sums its malignant classes
+    lines = [f"{CARD_HEADING}{_md(card['name'])}", "", f"> **Notice.** {NOTICE}", "", "## The model", ""]
     if card["members"]:
         lines += [f"An ensemble of {len(members)} runs; its probabilities are the mean of theirs.", "",
                   "| run | backbone | training | input | test-time views |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {_run_name(m)} | {m.meta['backbone']} | {_mode(m.meta)} | {_input(m.meta)} | "
-                  f"{m.meta.get('tta', 1)} |" for m in members]
+        lines += [f"| {_md(_run_name(m))} | {_md(m.meta['backbone'])} | {_mode(m.meta)} | {_input(m.meta)} | "
+                  f"{card['members'][i]['tta']} |" for i, m in enumerate(members)]
         lines.append("")
     else:
         views = classifier.meta.get("tta", 1)
-        lines += [f"- {card['backbone']}, {_mode(classifier.meta)}; input {_input(classifier.meta)}; "
+        lines += [f"- {_md(card['backbone'])}, {_mode(classifier.meta)}; input {_input(classifier.meta)}; "
                   + (f"the mean over {views} flips and rotations of each photo." if views > 1 else "one view.")]
     lines += [
-        f"- Classes: {', '.join(card['class_names'])}. The {card['positive_name']} probability is the sum over "
-        f"{', '.join(positives) or 'no class'}; the rest count as {card['negative_name']}.",
-        f"- Label: {card['positive_name']} at a probability of {card['threshold']:.4g} or more "
-        f"({card['threshold_policy']}, chosen on {_source(card)}).",
-        "- Age and sex: " + ("fused with the image where given (a model of them was trained too); the image alone "
-                             "otherwise." if card["metadata"] else "not used; the image alone."),
-        f"- skincancer {card['version']}.", ""]
+        f"- Trained on the diagnoses {diagnoses}: {positive} = "
+        + ", ".join(_md(d) for d, label in labels.items() if label == 1) + f"; {negative} = "
+        + ", ".join(_md(d) for d, label in labels.items() if label == 0) + ".",
+        f"- Outputs: a probability for each of {', '.join(_md(c) for c in classes)}; the {positive} probability is "
+        + (f"the sum over {', '.join(_md(c) for c in summed)}." if summed else f"its {positive} output."),
+        f"- Label: {positive} at a probability of {card['threshold']:.4g} or more "
+        f"({_md(card['threshold_policy'])}, chosen on {_source(card)}).",
+        f"- Age and sex: {_metadata_use(members)}",
+        f"- skincancer {_md(card['version'])}.", ""]
     if card["unfinished"]:
         lines += ["**Unfinished:** saved by a training run that had not finished; its threshold is a placeholder.", ""]
     lines += ["## Training", ""]
@@ -92,25 +96,28 @@ def markdown_card(classifier: Classifier) -> str:
         lines += _training_lines(member, len(members) > 1)
     lines += ["", f"## Validation figures ({_source(card)})", ""]
     validation = card["validation"] or {}
-    if validation:
-        lines += ["| figure | value |", "| --- | --- |"]
-        lines += [f"| {FIGURE_NAMES.get(k, str(k).replace('_', ' '))} | "
-                  f"{f'{v:.4f}' if isinstance(v, float) else v} |" for k, v in validation.items()]
-        few = isinstance(validation.get("n"), int) and validation["n"] < 500
+    figures = {k: v for k, v in validation.items() if "metadata" not in k}
+    with_metadata = {k: v for k, v in validation.items() if "metadata" in k}
+    if figures:
+        lines += _figure_table(figures)
+        few = isinstance(figures.get("n"), int) and figures["n"] < 500
         lines += ["", "The threshold was chosen on these same images, so the figures at it are optimistic"
-                  + (f"; on {validation['n']} images they are also uncertain" if few else "")
+                  + (f"; on {figures['n']} images they are also uncertain" if few else "")
                   + ". Report figures from data that neither the model nor its threshold saw (`skincancer evaluate`)."]
     else:
         lines.append("None recorded.")
-    share = _malignant_share(members, card["labels"])
+    if with_metadata:
+        lines += ["", "With age and sex, on the validation split's images (fused as when the run was trained):", ""]
+        lines += _figure_table(with_metadata)
+    share = _malignant_share(members, labels)
     lines += [
         "", "## Intended use", "",
         "Research and development on dermoscopic photographs like the ones it was trained on: comparing models, "
         "studying errors, prototyping services. Not for diagnosing, screening, triaging or reassuring anyone; not for "
         "clinical (non-dermoscopic) photographs.", "",
         "## Limitations", "",
-        f"- It knows only {', '.join(card['class_names'])}. Any other lesion (a basal cell carcinoma, say) is still "
-        "given one of these classes.",
+        f"- It was trained on {diagnoses} only. Any other lesion (a basal cell carcinoma, say) still gets a "
+        f"{positive} probability, which means little.",
         "- Its performance is known only on data like its validation images. It can drop with other dermatoscopes, "
         "clinics, populations and skin tones; public dermoscopy archives hold mostly light skin.",
         "- Probabilities hold at most at the malignant share of the data they were checked on"
@@ -119,6 +126,29 @@ def markdown_card(classifier: Classifier) -> str:
         "- Photographs are squashed to a square before the model sees them; Grad-CAM maps show where the score comes "
         "from, not why, and can point at rulers, ink or hair.", ""]
     return "\n".join(lines)
+
+
+def _md(text) -> str:
+    """A name as Markdown text: no table-breaking pipes, no raw HTML."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+            .replace("\n", " "))
+
+
+def _figure_table(figures: dict) -> list[str]:
+    return ["| figure | value |", "| --- | --- |"] + [
+        f"| {_md(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))} | {f'{v:.4f}' if isinstance(v, float) else _md(v)} |"
+        for k, v in figures.items()]
+
+
+def _metadata_use(members: list[Classifier]) -> str:
+    """Which fields change a prediction: per-field models cover age and sex, age alone, sex alone; a run saved before
+    them uses the two only together."""
+    models = [m.metadata_model for m in members if m.metadata_model is not None]
+    if not models:
+        return "not used; the image alone."
+    patterns = sorted({kind for model in models for kind in model.parts}, key=["age+sex", "age", "sex"].index)
+    given = {"age+sex": "age and sex together", "age": "age alone", "sex": "sex alone"}
+    return f"fused with the image when given as {' or '.join(given[p] for p in patterns)}; otherwise the image decides."
 
 
 def _mode(meta: dict) -> str:

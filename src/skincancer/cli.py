@@ -405,6 +405,12 @@ def predict(
             typer.echo(f"note: {len(missing)} of {len(files)} images have no age or sex in {metadata} (matched by "
                        f"image_id = file name without extension), so the image alone decides: {shown}", err=True)
     table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
+    unused = [Path(f).name for f, row in zip(files, rows or [], strict=False) if row is not None
+              and classifier.uses_metadata and not classifier.fuses(row)]
+    if unused:
+        typer.echo(f"note: the age or sex of {len(unused)} image(s) is not used: this model has no metadata model for "
+                   "the fields given (runs trained before per-field models use age and sex only together): "
+                   + ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""), err=True)
     failed = table[table["error"] != ""]
     for _, row in failed.iterrows():
         typer.echo(f"error: {row['source']}: {row['error']}", err=True)
@@ -446,11 +452,14 @@ def card(
     """The model card (Markdown): what the model is, how it was trained and validated, its intended use and limits.
     Training writes one for each run too (RUN/model/MODEL_CARD.md)."""
     from .card import CARD_HEADING, markdown_card
-    from .checkpoint import atomic_write
+    from .checkpoint import META_FILE, atomic_write, find_model_dir
     from .ensemble import load_models
 
     if out is not None:
         _output_file(out, (".md",))
+        own = len(model) == 1 and out.parent.resolve() == find_model_dir(model[0]).resolve()
+        if (out.parent / META_FILE).is_file() and not own:
+            _fail(f"--out {out}: that is another run's model folder ({out.parent}); its card describes that run")
         if out.is_file() and out.stat().st_size and not out.read_text(errors="replace").startswith(CARD_HEADING):
             _fail(f"--out {out}: already exists and is not a model card; remove it or choose another name")
     text = markdown_card(load_models(model, engine="torch"))

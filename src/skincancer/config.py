@@ -248,7 +248,8 @@ def config_fields() -> set[str]:
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Read a YAML file (if given), apply the overrides that are not None, and check everything."""
     values: dict[str, Any] = {}
-    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in config_fields())
+    unknown = sorted(k for k, v in overrides.items()
+                     if v is not None and k not in config_fields() and k != "feature_flips")
     if unknown:  # a keyword argument, not the file's
         raise ConfigError(f"load_config: unknown field(s) {', '.join(unknown)}; the fields are those of TrainConfig")
     if path is not None:

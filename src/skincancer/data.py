@@ -38,6 +38,9 @@ class ImageError(DataError):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
+    def __reduce__(self):  # picklable: it crosses into DataLoader workers started by spawn or forkserver
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class BadFile:

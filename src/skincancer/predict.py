@@ -149,7 +149,8 @@ class Classifier:
         table = self.table(images, probs, errors)
         if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
             rows = normalise_rows(metadata, len(images))
-            table.insert(table.columns.get_loc("error"), "metadata_used", [self.fuses(row) for row in rows])
+            table.insert(table.columns.get_loc("error"), "metadata_used",
+                         [self.fuses(row) and not error for row, error in zip(rows, table["error"], strict=True)])
         return table
 
     def table(self, images: Sequence, probs: np.ndarray, errors: list) -> pd.DataFrame:
@@ -270,9 +271,9 @@ def _as_uint8(image: np.ndarray, index: int) -> np.ndarray:
         image = image[:, :, 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"image {index}: array of shape {image.shape}; expected H x W (grey) or H x W x 1, 3 or 4")
-    if image.dtype == np.uint8:
-        return np.ascontiguousarray(image)
-    if image.dtype == np.uint16:
+    if image.dtype.kind == "u" and image.dtype.itemsize == 1:
+        return np.ascontiguousarray(image.astype(np.uint8))
+    if image.dtype.kind == "u" and image.dtype.itemsize == 2:  # either byte order
         return np.ascontiguousarray((image.astype(np.float64) / 257.0 + 0.5).astype(np.uint8))
     if image.dtype.kind not in "iuf":
         raise ValueError(f"image {index}: array of {image.dtype}; expected uint8, uint16, integers or floats")

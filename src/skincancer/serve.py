@@ -37,9 +37,10 @@ MB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around the file itself
 NOT_AN_IMAGE = "not an image"
 BATCH_PATH = "/api/predict/batch"
-ERRORS = {413: {"description": "an upload over --max-upload-mb, or more files than --max-batch"},
-          415: {"description": "not an image"},
-          422: {"description": "unreadable image, invalid age/sex or form (`detail` says which file or field)"}}
+BATCH_CAM_LIMIT = 32  # Grad-CAM maps in one batch answer: a backward pass per photo and member, ~0.1-1 MB each
+ERRORS = {400: {"description": "a malformed multipart body"},
+          413: {"description": "an upload over --max-upload-mb, or more files than --max-batch"},
+          415: {"description": "not an image"}}  # 422 keeps FastAPI's own entry
 BATCH_CHUNK = 16  # images decoded and predicted together within a batch request
 BATCH_PIXELS = 64_000_000  # decoded pixels held at once within a batch request (about 190 MB as RGB)
 
@@ -182,8 +183,8 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         form = await request.form()  # parsed once: FastAPI reads its fields from the same form
         sent = len(form.getlist("file"))
         if sent > 1:
-            raise HTTPException(422, f"file: {sent} files sent; /api/predict takes one (send several to "
-                                     f"{BATCH_PATH} as parts named 'files')")
+            raise HTTPException(422, f"file: {sent} parts named 'file'; /api/predict takes one photo (send several "
+                                     f"to {BATCH_PATH} as parts named 'files')")
 
     @app.post("/api/predict", dependencies=[Depends(one_file)], responses=ERRORS)
     def predict(file: UploadFile = File(..., description="a dermoscopy photograph (JPEG, PNG, ...)"),
@@ -233,6 +234,9 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             raise HTTPException(422, "files: no files (send each photo as a multipart part named 'files')")
         if len(files) > max_batch:  # text parts named `files` count as fields, not files, in the parser's limit
             raise HTTPException(413, f"{len(files)} files: at most {max_batch} per request")
+        if cam and len(files) > BATCH_CAM_LIMIT:
+            raise HTTPException(413, f"{len(files)} files with cam=true: at most {BATCH_CAM_LIMIT} Grad-CAM maps per "
+                                     "request")
         ages, sexes = form.getlist("age") or None, form.getlist("sex") or None
         for field, values in (("age", ages), ("sex", sexes)):
             if values is not None and len(values) != len(files):

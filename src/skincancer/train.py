@@ -579,7 +579,7 @@ def metadata_validation(model: MetadataModel, valid_probs: np.ndarray, valid_df:
     ok = ~np.isnan(fused).any(1)
     labels = valid_df["label"].to_numpy()
     positive = _positive_indices(config, class_names)
-    figures = {"n_with_metadata": int(sum(r is not None for r, good in zip(rows, ok, strict=True) if good)),
+    figures = {"n_with_metadata": int(sum(model.covers(r) for r, good in zip(rows, ok, strict=True) if good)),
                "auc_with_metadata": roc_auc(labels[ok], fused[ok][:, positive].sum(1)),
                # the same images without their metadata: the like-for-like comparison
                "auc_same_images_without_metadata": roc_auc(labels[ok], valid_probs[ok][:, positive].sum(1))}
