@@ -49,6 +49,7 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
         probability = page.inner_text("#probability")
         assert re.fullmatch(r"\d{1,3}\.\d%", probability), probability
         assert page.inner_text("#label") in ("malignant", "benign")
+        assert page.inner_text("#metadata-note") == ""  # a model without metadata: no age/sex fields, no note
         assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
         assert page.evaluate("document.getElementById('overlay').naturalWidth") == 256
 

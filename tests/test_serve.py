@@ -118,6 +118,37 @@ def test_serve_can_average_more_views_than_the_model_does(served_run, lesion):
     assert refused.exit_code == 2 and "--tta: must be 1, 2, 4 or 8" in refused.output
 
 
+def test_metrics_count_requests_latency_and_photos(served_run, lesion):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(create_app(served_run, max_upload_mb=LIMIT_MB)) as fresh:  # counters of its own
+        good = lesion.read_bytes()
+        for _ in range(2):
+            assert upload(fresh, good).status_code == 200
+        assert upload(fresh, b"not a photo", "notes.jpg").status_code == 415
+        assert batch(fresh, [("a.jpg", good), ("b.jpg", b""), ("c.jpg", good)]).status_code == 200
+        for path in ("/api/health", "/wp-login.php", "/.env"):
+            fresh.get(path)
+        response = fresh.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+    def value(metric: str, **labels) -> float:
+        return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("skincancer_requests_total", route="/api/predict", status="200") == 2
+    assert value("skincancer_requests_total", route="/api/predict", status="415") == 1
+    assert value("skincancer_requests_total", route="/api/predict/batch", status="200") == 1
+    assert value("skincancer_requests_total", route="other", status="404") == 2  # unknown paths share one label
+    assert value("skincancer_request_seconds_count", route="/api/predict") == 3
+    assert value("skincancer_request_seconds_bucket", route="/api/predict", le="+Inf") == 3
+    assert 0 < value("skincancer_request_seconds_sum", route="/api/predict") < 60
+    assert value("skincancer_images_total", outcome="answered") == 4  # 2 single, 2 in the batch
+    assert value("skincancer_images_total", outcome="failed") == 2  # the text file, the empty file
+    assert value("skincancer_model_info", name="run", engine="onnx", version="0.1.0") == 1
+
+
 def test_health_model_page_and_docs(client, served_run):
     assert client.get("/api/health").json()["status"] == "ok"
     card = client.get("/api/model").json()

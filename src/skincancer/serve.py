@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request,
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.datastructures import UploadFile as StarletteUploadFile
@@ -83,12 +84,82 @@ class UploadLimit:
         await self.app(scope, counted_receive, send)
 
 
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUIET_PATHS = ("/api/health", "/metrics")  # polled by load balancers and scrapers: logged at DEBUG
+
+
+class Metrics:
+    """The service's counters in Prometheus' text format (GET /metrics): requests by route and status, their
+    latency, and the photos answered. Routes outside the app's own are counted as "other", so that scanning for
+    random paths cannot grow the list without bound."""
+
+    def __init__(self, routes: Sequence[str]):
+        self.routes = set(routes)
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()  # (route, status) -> requests
+        self.latency: dict[str, list[float]] = {}  # route -> counts per bucket (cumulative at render), sum, count
+        self.images: Counter = Counter()  # outcome -> photos
+
+    def route(self, path: str) -> str:
+        return path if path in self.routes else "other"
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = self.route(path)
+        with self.lock:
+            self.requests[route, status] += 1
+            counts = self.latency.setdefault(route, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, limit in enumerate(LATENCY_BUCKETS):
+                if seconds <= limit:
+                    counts[i] += 1
+                    break
+            counts[-2] += seconds
+            counts[-1] += 1
+
+    def count_images(self, answered: int, failed: int) -> None:
+        with self.lock:
+            self.images["answered"] += answered
+            self.images["failed"] += failed
+
+    def render(self, card: dict) -> str:
+        def labels(**values) -> str:
+            return "{" + ",".join(f'{k}="{_prometheus_escape(v)}"' for k, v in values.items()) + "}"
+
+        with self.lock:
+            lines = ["# HELP skincancer_model_info The model served (value 1).", "# TYPE skincancer_model_info gauge",
+                     f"skincancer_model_info{labels(name=card['name'], engine=card['engine'], version=card['version'])}"
+                     " 1",
+                     "# HELP skincancer_requests_total HTTP requests answered, by route and status.",
+                     "# TYPE skincancer_requests_total counter"]
+            lines += [f"skincancer_requests_total{labels(route=route, status=status)} {n}"
+                      for (route, status), n in sorted(self.requests.items())]
+            lines += ["# HELP skincancer_request_seconds Time from a request's start to its answer's end.",
+                      "# TYPE skincancer_request_seconds histogram"]
+            for route, counts in sorted(self.latency.items()):
+                running = 0
+                for limit, n in zip(LATENCY_BUCKETS, counts, strict=False):
+                    running += n
+                    lines.append(f"skincancer_request_seconds_bucket{labels(route=route, le=f'{limit:g}')} {running:g}")
+                lines += [f"skincancer_request_seconds_bucket{labels(route=route, le='+Inf')} {counts[-1]:g}",
+                          f"skincancer_request_seconds_sum{labels(route=route)} {counts[-2]:.6f}",
+                          f"skincancer_request_seconds_count{labels(route=route)} {counts[-1]:g}"]
+            lines += ["# HELP skincancer_images_total Photos sent for prediction: answered, or failed (unreadable, "
+                      "too large, bad age/sex).", "# TYPE skincancer_images_total counter"]
+            lines += [f"skincancer_images_total{labels(outcome=outcome)} {self.images[outcome]}"
+                      for outcome in ("answered", "failed")]
+        return "\n".join(lines) + "\n"
+
+
+def _prometheus_escape(value) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 class AccessLog:
     """ASGI middleware: one log line per request, `client "METHOD /path" status milliseconds`, on the skincancer
-    logger (INFO; health checks at DEBUG, since load balancers poll them). Paths only: no query strings, no uploads."""
+    logger (INFO; health checks and metrics scrapes at DEBUG, since they are polled), and into `metrics`. Paths only:
+    no query strings, no uploads."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,10 +176,11 @@ class AccessLog:
             await self.app(scope, receive, send_noting_status)
         finally:
             client = scope.get("client")
-            path = scope.get("path", "")
-            log.log(logging.DEBUG if path == "/api/health" else logging.INFO, '%s "%s %s" %d %.0f ms',
-                    client[0] if client else "-", scope.get("method", ""), path, status,
-                    (time.perf_counter() - started) * 1000)
+            path, seconds = scope.get("path", ""), time.perf_counter() - started
+            log.log(logging.DEBUG if path in QUIET_PATHS else logging.INFO, '%s "%s %s" %d %.0f ms',
+                    client[0] if client else "-", scope.get("method", ""), path, status, seconds * 1000)
+            if self.metrics is not None:
+                self.metrics.observe(path, status, seconds)
 
 
 UNFINISHED = ("this model was saved by a training run that has not finished: its threshold is a placeholder, not "
@@ -159,7 +231,8 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     app = FastAPIOffline(title="skincancer", version=__version__,
                          description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
     app.add_middleware(UploadLimit, file_limit=file_limit, files={BATCH_PATH: max_batch})
-    app.add_middleware(AccessLog)  # outermost: it also logs the uploads UploadLimit refuses
+    metrics = Metrics(["/", "/api/predict", BATCH_PATH, "/api/health", "/api/model", "/metrics", "/docs"])
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: it also logs the uploads UploadLimit refuses
     app.state.classifier = classifier
     page = render_page(card, file_limit, max_batch)
 
@@ -178,6 +251,11 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     def model() -> dict:
         return card
 
+    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+    def prometheus() -> PlainTextResponse:
+        """Prometheus' text format: requests by route and status, latency, photos answered and failed."""
+        return PlainTextResponse(metrics.render(card), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def one_file(request: Request) -> None:
         """/api/predict answers one photo: several `file` parts are refused, not all but the last dropped."""
         form = await request.form()  # parsed once: FastAPI reads its fields from the same form
@@ -195,16 +273,21 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         started = time.perf_counter()
         name = file.filename or "upload"
         try:
-            patient = {"age": parse_age(age, "age", typed=True), "sex": parse_sex(sex, "sex")}
-        except MetadataError as err:
-            raise HTTPException(422, str(err)) from None
-        use_metadata = classifier.fuses(patient)
-        image = read_upload(file, file_limit, name)
-        with inference_lock:
-            probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0, tta=tta,
-                                                     metadata=[patient] if use_metadata else None)
-        if errors:
-            raise HTTPException(422, f"{name}: {errors[0][1]}")
+            try:
+                patient = {"age": parse_age(age, "age", typed=True), "sex": parse_sex(sex, "sex")}
+            except MetadataError as err:
+                raise HTTPException(422, str(err)) from None
+            use_metadata = classifier.fuses(patient)
+            image = read_upload(file, file_limit, name)
+            with inference_lock:
+                probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0, tta=tta,
+                                                         metadata=[patient] if use_metadata else None)
+            if errors:
+                raise HTTPException(422, f"{name}: {errors[0][1]}")
+        except HTTPException:
+            metrics.count_images(0, 1)
+            raise
+        metrics.count_images(1, 0)
         answer = prediction(classifier, name, probs[0], use_metadata)
         if cam:
             from .explain import explain
@@ -294,8 +377,9 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             pending.append((index, name, image, patient if any(v is not None for v in patient.values()) else None))
         if pending:
             predict_pending()
-        return answered({"results": results, "n": len(results), "n_failed": sum("error" in r for r in results)},
-                        started)
+        failed = sum("error" in r for r in results)
+        metrics.count_images(len(results) - failed, failed)
+        return answered({"results": results, "n": len(results), "n_failed": failed}, started)
 
     def answered(answer: dict, started: float) -> dict:
         """What every prediction answer carries beside its figures: the threshold, the model, the notice, a warning
@@ -406,7 +490,8 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 <p id="status"></p><p id="error" role="alert"></p>
 <section id="result" hidden>
   <p>Malignancy probability: <span id="probability"></span></p>
-  <p>Label at the model's threshold ({threshold}): <strong id="label"></strong>. <span id="sentence"></span></p>
+  <p>Label at the model's threshold ({threshold}): <strong id="label"></strong>. <span id="sentence"></span>
+  <span id="metadata-note"></span></p>
   <table id="classes"></table>
   <div class="images">
     <figure><img id="photo" alt="uploaded photo"><figcaption>your photo</figcaption></figure>
@@ -498,6 +583,9 @@ function send(file) {{
     $("label").textContent = answer.label;
     $("label").className = answer.label === {positive_js} ? "malignant" : "benign";
     $("sentence").textContent = answer.sentence;
+    const given = !$("patient").hidden && ($("age").value !== "" || $("sex").value !== "");
+    $("metadata-note").textContent = !given ? "" : answer.metadata_used ? "Age/sex were used."
+      : "Age/sex were not used: this model has no model for the fields given.";
     $("classes").innerHTML = "";
     for (const [name, p] of Object.entries(answer.probabilities)) {{
       const row = $("classes").insertRow(); row.insertCell().textContent = name;
