@@ -35,6 +35,7 @@ def test_training_writes_a_card_from_what_the_run_recorded(tiny_run):
     assert "(training data: 33.3% malignant)" in text  # 10 melanomas of 30
     assert "frozen, with a logistic-regression head; input 224 px; one view." in text
     assert "on 15 images they are also uncertain" in text
+    assert meta["class_balance"] == "weighted_loss" and "Trained with class weights or a balanced sampler" in text
     assert text == markdown_card(load_model(tiny_run))  # the card describes the saved model as it loads
 
 
@@ -43,13 +44,17 @@ def test_a_binary_heads_card_names_the_diagnoses_and_names_are_escaped(small_dat
 
     run = tmp_path / "a|b<i>"  # a folder name that would break a Markdown table or inject HTML
     train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(run),
-                      mode="linear", head="binary", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0))
+                      mode="linear", head="binary", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0,
+                      labels={"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0, "bcc": 1},  # no bcc images
+                      threshold_policy="fixed:0.5", class_balance="none"))
     text = (run / "model" / CARD_FILE).read_text()
     assert text.startswith("# Model card: a\\|b&lt;i&gt;\n") and "<i>" not in text
     assert "- Trained on the diagnoses melanoma, nevus, seborrheic_keratosis: malignant = melanoma; benign = nevus, " \
            "seborrheic_keratosis." in text
     assert "the malignant probability is its malignant output." in text
-    assert "- It was trained on melanoma, nevus, seborrheic_keratosis only." in text
+    assert "- It was trained on melanoma, nevus, seborrheic_keratosis only." in text  # bcc: in the map, no images
+    assert "at a probability of 0.5 or more (fixed:0.5, not chosen on data)." in text
+    assert "These images chose the model's settings" in text and "class weights" not in text
 
 
 def test_card_cli_for_a_run_and_an_ensemble(tiny_run, finetune_run, tmp_path):

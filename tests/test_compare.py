@@ -54,6 +54,17 @@ def test_the_malignant_column_is_found_by_name_not_by_place(tmp_path):
     assert compare(a, c, task="cancer")["auc_b"] == pytest.approx(result["auc_a"])
 
 
+def test_a_model_fitted_on_the_compared_images_is_flagged(tmp_path):
+    good = LABELS + RNG.normal(scale=0.7, size=60)
+    a, b = evaluation(tmp_path / "a", good), evaluation(tmp_path / "b", good + RNG.normal(size=60))
+    assert "seen_in_fitting" not in compare(a, b)
+    metrics = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**metrics, "seen_in_fitting": {"train": 40, "valid": 0}}))
+    assert compare(a, b)["seen_in_fitting"] == {"second": {"train": 40, "valid": 0}}
+    result = cli(a, b)
+    assert result.returncode == 0 and "the second model was fitted on 40" in result.stderr
+
+
 def test_p_value_and_interval_follow_from_the_delong_variance():
     a = LABELS + RNG.normal(size=60)
     b = 0.5 * LABELS + RNG.normal(size=60)

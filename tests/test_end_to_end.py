@@ -89,6 +89,7 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     page = (out / "report.html").read_text()
     assert "not a medical device" in page and "expected calibration error" in page
     assert "Provenance" in page and metrics["environment"]["data"]["fingerprint"][:16] in page
+    assert "Age and sex were not used" in page  # the test manifest has none
     assert page.count("data:image/png;base64,") == 3  # ROC, confusion matrix, calibration
     # the worst errors at the threshold: missed malignant images lowest first, flagged benign ones highest first
     threshold = metrics["threshold"]
@@ -139,6 +140,31 @@ def test_evaluate_groups_by_the_users_own_columns(tiny_run, small_data, tmp_path
     result = cli("evaluate", "--model", tiny_run, "--data", data, "--out", tmp_path / "cli", "--num-workers", "0",
                  "--group-by", "site")
     assert re.search(r"AUC site: trunk +\S+ \(6 images, \d malignant\)", result.stdout), result.stdout
+
+
+def test_manifest_labels_that_contradict_the_label_map_are_refused(tiny_run, small_data, cache_dir, tmp_path,
+                                                                   caplog):
+    from skincancer import load_config, train
+    from skincancer.data import DataError, load_manifest, save_manifest
+
+    manifest = load_manifest(small_data["valid"])
+    manifest.loc[manifest["diagnosis"] == "seborrheic_keratosis", "label"] = 1  # SK called malignant here
+    sk_malignant = save_manifest(manifest, tmp_path / "sk1.csv")
+    config = load_config(None, train=str(small_data["train"]), valid=str(sk_malignant), out=str(tmp_path / "run"),
+                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0)
+    hint = "--labels melanoma=1,nevus=0,seborrheic_keratosis=1"
+    with pytest.raises(DataError, match=re.escape("'seborrheic_keratosis' is labelled 1 in the manifest but 0")):
+        train(config)
+    with pytest.raises(DataError, match=re.escape(hint)):
+        evaluate(tiny_run, sk_malignant, tmp_path / "eval", num_workers=0)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    manifest = load_manifest(small_data["test"])  # a diagnosis the model never saw counts by its label, with a note
+    manifest.loc[manifest["diagnosis"] == "seborrheic_keratosis", "diagnosis"] = "bcc"
+    manifest.loc[manifest["diagnosis"] == "bcc", "label"] = 1
+    with caplog.at_level("WARNING", logger="skincancer"):
+        metrics = evaluate(tiny_run, save_manifest(manifest, tmp_path / "bcc.csv"), tmp_path / "bcc", num_workers=0,
+                           n_boot=20)
+    assert metrics["n_positive"] == 12 and "diagnoses bcc are not among the model's" in caplog.text
 
 
 def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
@@ -263,7 +289,7 @@ def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, s
     mixed = pd.concat([test, pd.DataFrame([{**train_image.to_dict(), "image_id": "copy", "filepath": str(copied)}])])
     mixed.to_csv(tmp_path / "mixed.csv", index=False)
     seen = evaluate(tiny_run, tmp_path / "mixed.csv", tmp_path / "on_mixed")["seen_in_fitting"]
-    assert seen == {"train": 1, "valid": 0, "examples": [str(copied)]}
+    assert seen == {"train": 1, "valid": 0, "examples": [copied.name]}  # names: no local paths in a shared report
 
     old = tmp_path / "old_run"  # saved before runs recorded their images: no claim either way
     shutil.copytree(Path(tiny_run) / "model", old / "model")

@@ -211,6 +211,13 @@ def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run
     np.testing.assert_allclose(fused, expected, atol=1e-6)
     assert not np.allclose(fused[0], plain[0]) and np.allclose(fused[2], plain[2])
     assert list(classifier.predict(paths, metadata=rows)["metadata_used"]) == [True, True, False, True]
+    by_id = pd.DataFrame({"image_id": [Path(paths[1]).stem, Path(paths[0]).stem], "age_approximate": [15, 85],
+                          "sex": ["female", "male"]})  # in another order than the images: matched by image_id
+    np.testing.assert_allclose(classifier.predict_proba(paths[:2], metadata=by_id)[0], fused[:2], atol=1e-6)
+    np.testing.assert_allclose(classifier.predict_proba(paths[:2], metadata=by_id.set_index("image_id"))[0],
+                               fused[:2], atol=1e-6)
+    with pytest.raises(MetadataError, match="reordered index"):
+        classifier.predict_proba(paths[:2], metadata=by_id.drop(columns="image_id").iloc[::-1])
     failed = classifier.predict(["/no/such.jpg", paths[0]], metadata=[{"age": 85, "sex": "male"}, None])
     assert list(failed["metadata_used"]) == [False, False]  # an unreadable image used nothing
     assert "metadata_used" not in classifier.predict(paths)  # no metadata given: no column
@@ -255,6 +262,8 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
     (old / "model" / "model.json").write_text(json.dumps(meta))
     alone = cli("predict", images[0], "--model", old, "--engine", "torch", "--age", "60")
     assert alone.returncode == 0 and "the age or sex of 1 image(s) is not used" in alone.stderr, alone.stderr
+    unknown = cli("predict", images[0], "--model", old, "--engine", "torch", "--sex", "unknown")
+    assert unknown.returncode == 0 and "not used" not in unknown.stderr  # nothing given, nothing to go unused
 
 
 def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache_dir, tmp_path):

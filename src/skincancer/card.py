@@ -64,9 +64,11 @@ def markdown_card(classifier: Classifier) -> str:
     limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs recorded."""
     card = model_card(classifier)
     members = getattr(classifier, "members", None) or [classifier]
+    fixed = str(card["threshold_policy"]).startswith("fixed")
     labels, classes = card["labels"], card["class_names"]
     positive, negative = _md(card["positive_name"]), _md(card["negative_name"])
-    diagnoses = ", ".join(_md(d) for d in labels)
+    trained = _trained_diagnoses(members) or list(labels)  # the training record's, where there is one
+    diagnoses = ", ".join(_md(d) for d in trained)
     summed = [c for c in classes if labels.get(c) == 1]  # a diagnosis head sums its malignant classes
     lines = [f"{CARD_HEADING}{_md(card['name'])}", "", f"> **Notice.** {NOTICE}", "", "## The model", ""]
     if card["members"]:
@@ -81,12 +83,13 @@ def markdown_card(classifier: Classifier) -> str:
                   + (f"the mean over {views} flips and rotations of each photo." if views > 1 else "one view.")]
     lines += [
         f"- Trained on the diagnoses {diagnoses}: {positive} = "
-        + ", ".join(_md(d) for d, label in labels.items() if label == 1) + f"; {negative} = "
-        + ", ".join(_md(d) for d, label in labels.items() if label == 0) + ".",
+        + (", ".join(_md(d) for d in trained if labels.get(d) == 1) or "none") + f"; {negative} = "
+        + (", ".join(_md(d) for d in trained if labels.get(d) == 0) or "none") + ".",
         f"- Outputs: a probability for each of {', '.join(_md(c) for c in classes)}; the {positive} probability is "
         + (f"the sum over {', '.join(_md(c) for c in summed)}." if summed else f"its {positive} output."),
         f"- Label: {positive} at a probability of {card['threshold']:.4g} or more "
-        f"({_md(card['threshold_policy'])}, chosen on {_source(card)}).",
+        + (f"({_md(card['threshold_policy'])}, not chosen on data)." if fixed else
+           f"({_md(card['threshold_policy'])}, chosen on {_source(card)})."),
         f"- Age and sex: {_metadata_use(members)}",
         f"- skincancer {_md(card['version'])}.", ""]
     if card["unfinished"]:
@@ -101,7 +104,8 @@ def markdown_card(classifier: Classifier) -> str:
     if figures:
         lines += _figure_table(figures)
         few = isinstance(figures.get("n"), int) and figures["n"] < 500
-        lines += ["", "The threshold was chosen on these same images, so the figures at it are optimistic"
+        lines += ["", ("These images chose the model's settings" if fixed else
+                       "The threshold was chosen on these same images") + ", so the figures are optimistic"
                   + (f"; on {figures['n']} images they are also uncertain" if few else "")
                   + ". Report figures from data that neither the model nor its threshold saw (`skincancer evaluate`)."]
     else:
@@ -122,7 +126,9 @@ def markdown_card(classifier: Classifier) -> str:
         "clinics, populations and skin tones; public dermoscopy archives hold mostly light skin.",
         "- Probabilities hold at most at the malignant share of the data they were checked on"
         + (f" (training data: {100 * share:.1f}% malignant)" if share is not None else "")
-        + "; where malignancy is rarer, they overstate the risk.",
+        + "; where malignancy is rarer, they overstate the risk."
+        + (" Trained with class weights or a balanced sampler, the malignant probabilities run higher still: read "
+           "them as scores, and check their calibration in an evaluation." if _balanced(members) else ""),
         "- Photographs are squashed to a square before the model sees them; Grad-CAM maps show where the score comes "
         "from, not why, and can point at rulers, ink or hair.", ""]
     return "\n".join(lines)
@@ -185,11 +191,38 @@ def _training_lines(member: Classifier, named: bool) -> list[str]:
     return lines
 
 
+def _diagnosis_counts(member: Classifier) -> dict[str, int]:
+    """Images per diagnosis the model was fitted on, from its training record ({} where it has none): train, plus
+    valid for a head fitted on both."""
+    env = member.meta.get("environment")
+    data = env.get("data") if isinstance(env, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    splits = ["train", "valid"] if str(member.meta.get("validation_source")).startswith("out-of-fold") else ["train"]
+    total: dict[str, int] = {}
+    for split in splits:
+        counts = (data.get(split) or {}).get("diagnoses") if isinstance(data.get(split), dict) else None
+        for name, n in (counts or {}).items():
+            if isinstance(n, int) and n > 0:
+                total[str(name)] = total.get(str(name), 0) + n
+    return total
+
+
+def _trained_diagnoses(members: list[Classifier]) -> list[str]:
+    seen: list[str] = []
+    for member in members:
+        seen += [name for name in _diagnosis_counts(member) if name not in seen]
+    return seen
+
+
+def _balanced(members: list[Classifier]) -> bool:
+    return any(m.meta.get("class_balance") in ("weighted_loss", "sampler") for m in members)
+
+
 def _malignant_share(members: list[Classifier], labels: dict) -> float | None:
-    """The malignant share of the (first member's) training images, where its record counts the diagnoses."""
-    env = members[0].meta.get("environment")
-    counts = (((env or {}).get("data") or {}).get("train") or {}).get("diagnoses") if isinstance(env, dict) else None
-    if not isinstance(counts, dict) or not sum(counts.values()):
+    """The malignant share of the images the (first member's) model was fitted on, where its record counts them."""
+    counts = _diagnosis_counts(members[0])
+    if not sum(counts.values()):
         return None
     return sum(n for name, n in counts.items() if labels.get(name) == 1) / sum(counts.values())
 

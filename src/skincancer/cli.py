@@ -327,6 +327,9 @@ def compare(
     typer.echo(f"{'DeLong p-value':<28}{result['p_value']:.4g}")
     if math.isnan(result["p_value"]):
         typer.echo("(no spread between the two models' rankings to test a difference against)")
+    for name, seen in result.get("seen_in_fitting", {}).items():
+        typer.echo(f"warning: the {name} model was fitted on {seen['train']} and validated on {seen['valid']} of "
+                   "these images (its evaluation says so): its AUC, and the comparison, are optimistic", err=True)
     if out is not None:
         write_json(out, result)
 
@@ -405,7 +408,8 @@ def predict(
             typer.echo(f"note: {len(missing)} of {len(files)} images have no age or sex in {metadata} (matched by "
                        f"image_id = file name without extension), so the image alone decides: {shown}", err=True)
     table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
-    unused = [Path(f).name for f, row in zip(files, rows or [], strict=False) if row is not None
+    unused = [Path(f).name for f, row in zip(files, rows or [], strict=False)
+              if row is not None and any(v is not None for v in row.values())
               and classifier.uses_metadata and not classifier.fuses(row)]
     if unused:
         typer.echo(f"note: the age or sex of {len(unused)} image(s) is not used: this model has no metadata model for "

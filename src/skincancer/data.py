@@ -331,10 +331,31 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
         _refuse_label_conflicts(path, frame)
     else:
         frame["diagnosis"] = frame["label"].map({0: "benign", 1: "malignant"})
+        frame.attrs["diagnosis_from_label"] = True  # no diagnosis column: nothing to check against a label map
     base = path.parent.absolute()
     frame["filepath"] = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in frame["filepath"].astype(str)]
     _refuse_duplicates(path, frame, "filepath", frame["filepath"])
     return frame
+
+
+def manifest_labels(frame: pd.DataFrame) -> dict[str, int]:
+    """The manifest's own label map: each diagnosis and the label its rows carry."""
+    if frame.attrs.get("diagnosis_from_label"):
+        return {}
+    pairs = frame.dropna(subset=["diagnosis"]).groupby("diagnosis", sort=True)["label"].first()
+    return {str(d): int(label) for d, label in pairs.items()}
+
+
+def check_labels_agree(frame: pd.DataFrame, labels: dict[str, int], source) -> None:
+    """The manifest's labels must be the label map's: a model built from the map and scored against the manifest's
+    `label` column would report figures for another question than the one it answers."""
+    own = manifest_labels(frame)
+    conflicts = [(d, label, labels[d]) for d, label in own.items() if d in labels and labels[d] != label]
+    if conflicts:
+        d, label, mapped = conflicts[0]
+        raise DataError(f"{source}: diagnosis {d!r} is labelled {label} in the manifest but {mapped} in the label map "
+                        f"({', '.join(f'{k}={v}' for k, v in labels.items())}); to use the manifest's labels, pass "
+                        f"--labels {','.join(f'{k}={v}' for k, v in own.items())}")
 
 
 def _refuse_label_conflicts(path: Path, frame: pd.DataFrame) -> None:

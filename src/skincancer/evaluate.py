@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoint import FITTED_IMAGES_FILE, atomic_write, write_json
-from .data import DataError, content_keys, resolve_data
+from .data import DataError, check_labels_agree, content_keys, manifest_labels, resolve_data
 from .ensemble import Ensemble, load_models
 from .metadata import MetadataError, has_metadata
 from .metadata import records as metadata_records
@@ -49,6 +49,12 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         classifier = load_models([model] if isinstance(model, (str, Path)) else list(model), engine=engine)
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
+    check_labels_agree(frame, classifier.meta["labels"], data)
+    others = sorted(set(manifest_labels(frame)) - set(classifier.meta["labels"]))
+    if others:
+        log.warning("%s: diagnoses %s are not among the model's (%s): they count by the manifest's label for the "
+                    "malignant figures and get no AUC of their own", data, ", ".join(others),
+                    ", ".join(classifier.meta["labels"]))
     _require_both_labels(frame["label"], data, "")
     patients = _patients(frame, data, use_metadata)
     rows = patients if use_metadata else None
@@ -172,6 +178,13 @@ def compare(first: str | Path, second: str | Path, task: str = "malignant") -> d
     result.update({"task": task, "first": str(first), "second": str(second),
                    "only_in_first": int(len(tables[0]) - len(common)),
                    "only_in_second": int(len(tables[1]) - len(common))})
+    seen = {}  # images a model was fitted or validated on make its AUC optimistic, and the comparison with it
+    for name, folder in (("first", first), ("second", second)):
+        record = json.loads((Path(folder) / "metrics.json").read_text()).get("seen_in_fitting") or {}
+        if isinstance(record, dict) and (record.get("train") or record.get("valid")):
+            seen[name] = {"train": int(record.get("train") or 0), "valid": int(record.get("valid") or 0)}
+    if seen:
+        result["seen_in_fitting"] = seen
     return result
 
 
@@ -236,7 +249,7 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
     keys = content_keys(paths) if keys is None else keys
     train = [p for p, k in zip(paths, keys, strict=True) if k in fitted["train"]]
     valid = [p for p, k in zip(paths, keys, strict=True) if k in fitted["valid"] and k not in fitted["train"]]
-    seen = {"train": len(train), "valid": len(valid), "examples": [str(p) for p in (train + valid)[:5]]}
+    seen = {"train": len(train), "valid": len(valid), "examples": [Path(p).name for p in (train + valid)[:5]]}
     if unchecked:  # members saved before runs recorded their images: no claim about them
         seen["unchecked_models"] = unchecked
         log.warning("%s: saved without a record of its training images; not checked for overlap",

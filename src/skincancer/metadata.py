@@ -95,6 +95,22 @@ def read_metadata_csv(path: str | Path) -> pd.DataFrame:
     return frame.set_index("image_id")[[c for c in COLUMNS if c in frame.columns]]
 
 
+def _in_image_order(frame: pd.DataFrame, n: int, ids: Sequence[str | None] | None) -> pd.DataFrame:
+    """A metadata frame's rows in the images' order: by image_id where it has one, else as given."""
+    if "image_id" in frame.columns or frame.index.name == "image_id":
+        keyed = frame.set_index("image_id") if "image_id" in frame.columns else frame
+        keyed = keyed[~keyed.index.duplicated(keep="first")] if keyed.index.has_duplicates else keyed
+        if ids is None or any(i is None for i in ids):
+            raise MetadataError("metadata: matched on image_id, but not every image is a file with a name; give "
+                                "a list of dicts (or a frame without image_id) in the images' order")
+        return keyed.reindex([str(i) for i in ids]).reset_index(drop=True)
+    if not frame.index.equals(pd.RangeIndex(len(frame))):
+        raise MetadataError("metadata: a DataFrame with a reordered index and no image_id; add an image_id column "
+                            "(file name without extension), or reset_index(drop=True) if its rows are in the images' "
+                            "order")
+    return frame
+
+
 def attach(manifest: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
     """The manifest with age_approximate / sex columns joined on image_id ('unknown' where an image has none)."""
     out = manifest.drop(columns=[c for c in COLUMNS if c in manifest.columns])
@@ -231,10 +247,14 @@ class MetadataModel:
                     for kind, p in parts.items()}, values["prior"])
 
 
-def normalise_rows(metadata, n: int) -> list[dict | None] | None:
-    """Accept None, a list of dicts/None (keys age or age_approximate, sex) or a DataFrame; check every value."""
+def normalise_rows(metadata, n: int, ids: Sequence[str | None] | None = None) -> list[dict | None] | None:
+    """Accept None, a list of dicts/None (keys age or age_approximate, sex) or a DataFrame; check every value.
+    A DataFrame with an image_id column (or index) is matched on `ids`, the images' file names without extension;
+    one without is taken in order, and only with its own 0..n-1 index (a reordered one would pair wrongly)."""
     if metadata is None:
         return None
+    if isinstance(metadata, pd.DataFrame):
+        metadata = _in_image_order(metadata, n, ids)
     if isinstance(metadata, Mapping):  # one image's
         if n != 1:
             raise MetadataError(f"metadata: a single dict for {n} images; give a list with one dict (or None) per "

@@ -106,7 +106,7 @@ class Classifier:
                                                              and not _is_batch_array(images)):
             images = [images]  # one image, as `predict` takes it
         images = list(images)
-        rows = normalise_rows(metadata, len(images))
+        rows = normalise_rows(metadata, len(images), _ids(images))
         sources = []
         for i, image in enumerate(images):
             try:
@@ -148,7 +148,7 @@ class Classifier:
                                            metadata=metadata)
         table = self.table(images, probs, errors)
         if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
-            rows = normalise_rows(metadata, len(images))
+            rows = normalise_rows(metadata, len(images), _ids(images))
             table.insert(table.columns.get_loc("error"), "metadata_used",
                          [self.fuses(row) and not error for row, error in zip(rows, table["error"], strict=True)])
         return table
@@ -236,6 +236,11 @@ def expand_inputs(paths: Sequence[str | Path], passed_over: list[str] | None = N
         else:
             files.append(str(path))
     return files
+
+
+def _ids(images: Sequence) -> list[str | None]:
+    """Each image's id for matching metadata: a file's name without extension (None for in-memory images)."""
+    return [Path(image).stem if isinstance(image, (str, Path)) else None for image in images]
 
 
 def _is_batch_array(images) -> bool:

@@ -195,6 +195,15 @@ def _subgroup_table(subgroups: dict | None) -> str:
             f"{rows}</table>")
 
 
+def _metadata_note(metrics: dict) -> str:
+    """Whether age and sex went into these figures (evaluate fuses them where the data and the model have them)."""
+    if "n_with_metadata" not in metrics:
+        return ""
+    used = metrics["n_with_metadata"]
+    return (f"Age and sex were fused with the image for {used} of the {metrics.get('n', '?')} images." if used else
+            "Age and sex were not used: the figures are the images' alone.")
+
+
 def _calibration_note(calibration: dict) -> str:
     return (f"<p>Calibration: a probability of 30% should mean that about 30 in 100 such images are malignant; the "
             "calibration plot shows how far that held here (expected calibration error "
@@ -280,7 +289,7 @@ strong.notice{{display:block;margin:.5em 0}}
 <p>Model: {html.escape(str(model.get('backbone', '')))} ({html.escape(str(model.get('mode', '')))}),
 classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.escape(str(metrics.get('data', '')))}.
 AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
-{threshold_note}</p>
+{_metadata_note(metrics)} {threshold_note}</p>
 {_calibration_note(calibration) if calibration else ''}
 <table>{rows}</table>
 {_subgroup_table(metrics.get("subgroups"))}

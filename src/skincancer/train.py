@@ -40,7 +40,9 @@ from .data import (
     build_transform,
     check_files,
     check_image,
+    check_labels_agree,
     content_keys,
+    manifest_labels,
     resolve_data,
     same_key,
 )
@@ -129,6 +131,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.inference_size, "train_image_size": config.image_size, **prep, "threshold": 0.5,
             "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
+            "class_balance": config.class_balance,
             "skincancer_version": __version__, "environment": env,
         }
         if world.is_main:
@@ -620,16 +623,25 @@ def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_nam
 
 
 def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> list[str]:
+    for source, frame in ((config.train, train_df), (config.valid, valid_df)):
+        check_labels_agree(frame, config.labels, source)
     if config.head == "binary":
         return [config.negative_name, config.positive_name]
     label_map = ", ".join(f"{k}={v}" for k, v in config.labels.items())
     for source, frame in ((config.train, train_df), (config.valid, valid_df)):
         unmapped = sorted(set(frame["diagnosis"]) - set(config.labels))
         if unmapped:
+            own = manifest_labels(frame)
+            hint = (f" (this manifest's own: --labels {','.join(f'{k}={v}' for k, v in own.items())})"
+                    if own else "")
             raise DataError(f"{source}: diagnosis {', '.join(map(str, unmapped))} is not in the label map "
-                            f"({label_map}); add it to --labels (or labels: in the config)")
+                            f"({label_map}); add it to --labels (or labels: in the config){hint}")
     present = set(train_df["diagnosis"])
     names = [name for name in config.labels if name in present]
+    absent = [name for name in config.labels if name not in present]
+    if absent:
+        log.warning("label map entries with no training images, left out of the model's classes: %s",
+                    ", ".join(absent))
     unknown = sorted(set(valid_df["diagnosis"]) - set(names))
     if unknown:
         raise DataError(f"{config.valid}: diagnosis {', '.join(unknown)} not among the training classes {names}")
