@@ -139,7 +139,7 @@ def test_evaluate_groups_by_the_users_own_columns(tiny_run, small_data, tmp_path
             evaluate(tmp_path / "no-such-run", source, tmp_path / "refused", group_by=group_by)
     result = cli("evaluate", "--model", tiny_run, "--data", data, "--out", tmp_path / "cli", "--num-workers", "0",
                  "--group-by", "site")
-    assert re.search(r"AUC site: trunk +\S+ \(6 images, \d malignant\)", result.stdout), result.stdout
+    assert re.search(r"AUC site: trunk +\S+ \(\S+\) \(6 images, \d malignant\)", result.stdout), result.stdout
 
 
 def test_manifest_labels_that_contradict_the_label_map_are_refused(tiny_run, small_data, cache_dir, tmp_path,

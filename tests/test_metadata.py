@@ -330,7 +330,9 @@ def test_evaluate_reports_each_sex_and_age_band(metadata_run, tiny_run, tmp_path
         assert group["n"] == len(rows) and group["n_positive"] == rows["label"].sum()
         if rows["label"].nunique() == 2:
             assert group["auc"] == pytest.approx(roc_auc_score(rows["label"], rows["malignant"]))
-            assert f"AUC sex: {sex}" in result.stdout
+            low, high = group["auc_ci95"]
+            assert low <= group["auc"] <= high
+            assert f"AUC sex: {sex}" in result.stdout and f"({low:.4f}-{high:.4f})" in result.stdout
     ages = metrics["subgroups"]["age"]
     assert sum(g["n"] for g in ages.values()) == 15
     bands = ["under 30", "30-49", "50-69", "70 and over", "unknown"]

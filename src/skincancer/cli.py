@@ -276,7 +276,8 @@ def evaluate(
         typer.echo(f"{'images with age/sex fused':<36}{metrics['n_with_metadata']}")
     for kind, groups in metrics.get("subgroups", {}).items():
         for name, group in groups.items():
-            auc = "n/a (one class)" if math.isnan(group["auc"]) else f"{group['auc']:.4f}"
+            low, high = group.get("auc_ci95", [math.nan, math.nan])
+            auc = "n/a (one class)" if math.isnan(group["auc"]) else f"{group['auc']:.4f} ({low:.4f}-{high:.4f})"
             typer.echo(f"{'AUC ' + kind + ': ' + name:<36}{auc} ({group['n']} images, {group['n_positive']} malignant)")
     typer.echo(f"{'threshold':<36}{metrics['threshold']:.4f}")
     for key in ("sensitivity", "specificity"):

@@ -223,8 +223,8 @@ def validation_summary(labels, probs, threshold: float) -> dict:
 
 
 def subgroup_report(labels, probs, threshold: float, groups: Sequence[str]) -> dict:
-    """Per subgroup (e.g. sex, age band): n, positives, AUC (NaN with one class) and sensitivity / specificity with
-    Wilson intervals at the model's threshold."""
+    """Per subgroup (e.g. sex, age band): n, positives, AUC (NaN with one class) with its stratified bootstrap interval,
+    and sensitivity / specificity with Wilson intervals at the model's threshold."""
     labels, probs = _check(labels, probs)
     groups = np.asarray(groups, dtype=object)
     if groups.shape != labels.shape:
@@ -236,6 +236,7 @@ def subgroup_report(labels, probs, threshold: float, groups: Sequence[str]) -> d
         report[str(group)] = {
             "n": int(inside.sum()), "n_positive": int(labels[inside].sum()),
             "auc": roc_auc(labels[inside], probs[inside]),
+            "auc_ci95": bootstrap_auc_ci(labels[inside], probs[inside], n_boot=1000),
             "sensitivity": point["sensitivity"], "specificity": point["specificity"], **_intervals(point),
         }
     return report

@@ -185,12 +185,13 @@ def _subgroup_table(subgroups: dict | None) -> str:
         return ""
     rows = "".join(
         f"<tr><td>{html.escape(kind)}: {html.escape(name)}</td><td>{g['n']} ({g['n_positive']})</td>"
-        f"<td>{_fmt(g['auc'])}</td><td>{_fmt(g['sensitivity'])} {_fmt(g['sensitivity_ci95'])}</td>"
+        f"<td>{_fmt(g['auc'])} {_fmt(g.get('auc_ci95', ''))}</td>"
+        f"<td>{_fmt(g['sensitivity'])} {_fmt(g['sensitivity_ci95'])}</td>"
         f"<td>{_fmt(g['specificity'])} {_fmt(g['specificity_ci95'])}</td></tr>"
         for kind, groups in subgroups.items() for name, g in groups.items())
     return (f"<h2>Subgroups</h2><p>By {html.escape(', '.join(subgroups))}, from the data's columns. Small groups "
             "give wide intervals: a difference between groups is a question to test on more data, not a finding.</p>"
-            "<table><tr><th>group</th><th>images (malignant)</th><th>AUC</th><th>sensitivity [95% CI]</th>"
+            "<table><tr><th>group</th><th>images (malignant)</th><th>AUC [95% CI]</th><th>sensitivity [95% CI]</th>"
             "<th>specificity [95% CI]</th></tr>"
             f"{rows}</table>")
 
