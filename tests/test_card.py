@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from skincancer import NOTICE
 from skincancer.card import CARD_FILE, markdown_card
+from skincancer.cli import app
 from skincancer.ensemble import load_models
 from skincancer.predict import load_model
 
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True)
+    """The command in this process (no second start of torch): the exit code, stdout and stderr as a subprocess's."""
+    result = CliRunner().invoke(app, list(map(str, args)))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def test_training_writes_a_card_from_what_the_run_recorded(tiny_run):
