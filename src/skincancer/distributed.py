@@ -69,6 +69,28 @@ def every_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def share_buffers(world: World, *modules: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, an EMA's copies of them).
+
+    DDP broadcasts rank 0's buffers at the start of each forward pass, but each rank then updates its own copy on
+    its own batch: after an epoch the ranks hold different models. Validation is sharded over the ranks and rank 0
+    saves the model, so all of them must hold the model that is saved."""
+    if not world.distributed:
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def mean_over_ranks(world: World, value: float, device: torch.device) -> float:
+    """The mean of a per-rank figure (each rank's mean training loss over as many steps), the value itself alone."""
+    if not world.distributed:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / world.size
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -46,7 +46,17 @@ from .data import (
     resolve_data,
     same_key,
 )
-from .distributed import ShardedSampler, World, barrier, device_for, gather_rows, init_world, shutdown
+from .distributed import (
+    ShardedSampler,
+    World,
+    barrier,
+    device_for,
+    gather_rows,
+    init_world,
+    mean_over_ranks,
+    share_buffers,
+    shutdown,
+)
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
 from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
@@ -412,6 +422,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         train_loss, errors = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                              config.max_steps_per_epoch, on_step=on_step)
         _report_bad(errors, train_df["filepath"], "train")
+        share_buffers(world, model, *([ema.module] if ema is not None else []))  # validate and keep rank 0's model
+        train_loss = mean_over_ranks(world, train_loss, device)
         if math.isnan(train_loss):  # no batch had a readable image (a non-finite loss raises in train_one_epoch)
             raise DataError(f"{config.train}: no training image could be read in epoch {epoch} (listed above)")
         shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
