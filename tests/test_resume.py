@@ -152,3 +152,27 @@ def test_resuming_a_finished_run_changes_nothing(finished_finetune, tmp_path):
     card = (run / "model" / "model.json").read_bytes()
     assert train(resume_config(run), resume=True) == run
     assert (run / "model" / "model.json").read_bytes() == card
+
+
+def test_resume_refuses_another_number_of_processes(finished_finetune, tmp_path):
+    """A run resumed with another process count would change its global batch and its schedule midway."""
+    from skincancer import train
+    from skincancer.data import DataError
+    from skincancer.train import resume_config
+
+    run = copy_run(finished_finetune, tmp_path / "one")
+    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(run), "--nproc", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "trained with 1 process, not 2" in result.stderr and "without --nproc" in result.stderr
+    assert "launching" not in result.stderr and "Traceback" not in result.stderr  # refused before torchrun
+
+    # a run whose checkpoint says two processes, resumed in one (the Python API, or torchrun started by hand)
+    run = copy_run(finished_finetune, tmp_path / "two")
+    pointer = json.loads((run / "checkpoints" / "last.json").read_text())
+    state = run / "checkpoints" / pointer["path"] / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "processes": 2}))
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(DataError, match=r"trained with 2 processes, not 1; resume it with --nproc 2"):
+        train(resume_config(run), resume=True)
+    assert (run / "model" / "model.safetensors").read_bytes() == weights

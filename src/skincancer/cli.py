@@ -210,12 +210,14 @@ def train(
              if name not in ("resume", "nproc", "overwrite") and value is not None]
     if nproc is not None and nproc < 1:
         _fail(f"--nproc: expected 1 or more processes, got {nproc}")
-    from .train import is_finished, resume_config
+    from .train import check_resume_processes, is_finished, resume_config
     from .train import train as run_training
 
     if resume is not None and is_finished(resume):  # before torchrun starts N processes to say so
         typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
         return
+    if resume is not None:  # likewise a different number of processes
+        check_resume_processes(resume, nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1")))
     if nproc is not None and nproc > 1:
         _launch_torchrun(nproc)
     if resume is not None:

@@ -406,7 +406,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     best_auc, best_epoch, best_state, rows, start = -1.0, 0, None, [], 1
     data = _data_fingerprint(train_df, valid_df)
     if resume:
-        state = load_training_state(out / "checkpoints", model, ema, optimizer, scheduler, data=data)
+        state = load_training_state(out / "checkpoints", model, ema, optimizer, scheduler, data=data,
+                                    processes=world.size)
         if state is not None:
             best_state, rows = state["best"], state["rows"]
             best_auc, best_epoch, start = state["best_auc"], state["best_epoch"], state["epoch"] + 1
@@ -458,7 +459,8 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
                            out / "model")
         if world.is_main:
             save_training_state(out / "checkpoints", epoch, model, ema, optimizer, scheduler, best_state,
-                                {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows, "data": data})
+                                {"best_auc": best_auc, "best_epoch": best_epoch, "rows": rows, "data": data,
+                                 "processes": world.size})
         barrier(world)
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, valid AUC %.4f%s (%.0f s)", epoch, config.epochs,
                  train_loss, valid_loss, auc, " *kept*" if improved else "", row["seconds"])
@@ -501,11 +503,13 @@ def save_training_state(directory: Path, epoch: int, model: nn.Module, ema, opti
 
 
 def load_training_state(directory: Path, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
-                        scheduler, data: str | None = None) -> dict | None:
+                        scheduler, data: str | None = None, processes: int | None = None) -> dict | None:
     """Restore what save_training_state wrote; None when no epoch has completed yet.
 
     data: _data_fingerprint of the manifests now; a run whose training or validation images changed since it
-    started cannot be continued (the replay would not be the run it claims to be)."""
+    started cannot be continued (the replay would not be the run it claims to be). processes: the number of
+    training processes now, which must be the run's (another changes the global batch and the schedule)."""
+    check_resume_processes(directory.parent, processes)
     pointer = directory / "last.json"
     if not pointer.is_file():
         if any(directory.glob("epoch-*")):
@@ -520,6 +524,27 @@ def load_training_state(directory: Path, model: nn.Module, ema, optimizer: torch
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"{directory}: damaged checkpoint, cannot resume ({type(err).__name__}: {err}); "
                               "start a new run (or train --overwrite into this folder)") from None
+
+
+def resume_processes(run: Path) -> int | None:
+    """How many training processes the interrupted run in `run` used (None: no complete epoch, or not recorded)."""
+    try:
+        pointer = json.loads((run / "checkpoints" / "last.json").read_text())
+        value = json.loads((run / "checkpoints" / pointer["path"] / "state.json").read_text()).get("processes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no checkpoint yet, or a damaged one: load_training_state says which
+    return value if isinstance(value, int) else None
+
+
+def check_resume_processes(run: Path, processes: int | None) -> None:
+    recorded = resume_processes(run)
+    if processes is None or recorded is None or recorded == processes:
+        return
+    how = f"with --nproc {recorded}" if recorded > 1 else "without --nproc"
+    raise DataError(f"{run}: this run trained with {recorded} process{'es' if recorded > 1 else ''}, not "
+                    f"{processes}; resume it {how} (`skincancer train --resume {run}"
+                    f"{' --nproc ' + str(recorded) if recorded > 1 else ''}`): another number would change the "
+                    "global batch and the learning-rate schedule midway")
 
 
 def _restore(directory: Path, pointer: Path, model: nn.Module, ema, optimizer, scheduler, data: str | None) -> dict:
