@@ -216,15 +216,16 @@ def train(
     if resume is not None and is_finished(resume):  # before torchrun starts N processes to say so
         typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
         return
-    if resume is not None:  # likewise a different number of processes
-        check_resume_processes(resume, nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1")))
-    if nproc is not None and nproc > 1:
-        _launch_torchrun(nproc)
-    if resume is not None:
+    if resume is not None:  # likewise bad flags, a folder that is not a run, or another number of processes
         if overwrite:
             _fail("--resume continues the run in its folder; --overwrite would replace it: choose one")
         if given:
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
+        resume_config(resume)
+        check_resume_processes(resume, nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if nproc is not None and nproc > 1:
+        _launch_torchrun(nproc)
+    if resume is not None:
         run = run_training(resume_config(resume), resume=True)
         typer.echo(f"run saved to {run}")
         return
