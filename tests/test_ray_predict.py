@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -44,12 +45,17 @@ def _console_levels() -> list[int]:
 
 
 def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):
-    out = tmp_path / "predictions.parquet"
+    # a model whose own default is 2 views: predict_with_ray uses it, as `predict` and `predict --ray` do
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    card = run / "model" / "model.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "tta": 2}))
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "predictions.parquet"
     failures = []
     levels = _console_levels()
-    rows, failed = predict_with_ray(tiny_run, [image_folder], out, batch_size=3, progress=False,
+    rows, failed = predict_with_ray(run, [image_folder], out, batch_size=3, progress=False,
                                     on_error=lambda source, reason: failures.append((source, reason)))
-    classifier = load_model(tiny_run)
+    classifier = load_model(run)
     expected = classifier.predict(expand_inputs([image_folder]))
     table = pd.read_parquet(out)
 
@@ -64,7 +70,7 @@ def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_
     assert table.loc[table["source"] == broken, columns].isna().all(axis=None)
     assert (table.loc[table["source"] != broken, "error"] == "").all()
     assert failures == [(broken, table.loc[table["source"] == broken, "error"].item())]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]  # no temp file left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.parquet"]  # no temp file left behind
     # Ray Data's console lines are quieted while predicting only: a Python caller gets its INFO lines back
     assert levels and _console_levels() == levels
 

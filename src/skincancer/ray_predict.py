@@ -27,12 +27,13 @@ class RayPredictError(ValueError):
 
 def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[str | Path],
                      out: str | Path | None = None, address: str | None = None, engine: str = "auto",
-                     batch_size: int = 32, tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0,
-                     num_cpus: int | None = None,
+                     batch_size: int = 32, tta: int | None = None, actors: int | None = None,
+                     cpus_per_actor: float = 1.0, num_cpus: int | None = None,
                      on_error: Callable[[str, str], None] | None = None, progress: bool = True) -> tuple[int, int]:
     """Predict every image in `inputs` (files and folders) on Ray and write one row per image to `out`.
 
     run: a run folder, or several for an ensemble (probabilities averaged, as `predict --model A --model B`).
+    tta: dihedral views averaged (1, 2, 4, 8); None: each model's own setting, as `predict` does.
 
     out: a .parquet or .csv file (None: CSV on stdout). address: a Ray cluster ('auto', 'ray://host:10001');
     None starts a local Ray (with `num_cpus` CPUs) unless this process is already connected to one.
@@ -78,8 +79,8 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
 
 
 def build_dataset(model_dirs: Sequence[str | Path], inputs: Sequence[str | Path], engine: str = "auto",
-                  batch_size: int = 32, tta: int = 1, actors: int | None = None, cpus_per_actor: float = 1.0,
-                  progress: bool = True):
+                  batch_size: int = 32, tta: int | None = None, actors: int | None = None,
+                  cpus_per_actor: float = 1.0, progress: bool = True):
     """The lazy Ray Dataset: inputs -> image paths (listed in tasks) -> prediction rows (in model actors, each
     holding every run of `model_dirs`)."""
     import ray
@@ -205,7 +206,7 @@ class _ClassifierActor:
     """Holds one loaded model (or ensemble); called with a batch of paths, returns their rows of
     `Classifier.table`."""
 
-    def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int, threads: int = 1):
+    def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int | None, threads: int = 1):
         import torch
 
         from .ensemble import load_models
