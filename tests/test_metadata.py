@@ -267,10 +267,12 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
 
 
 def test_metadata_on_without_metadata_columns_is_a_clear_error(small_data, cache_dir, tmp_path):
-    config = load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(tmp_path),
-                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0, metadata=True)
+    config = load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]),
+                         out=str(tmp_path / "run"), mode="linear", cache_dir=str(cache_dir), linear_c=[0.1],
+                         num_workers=0, metadata=True)
     with pytest.raises(DataError, match=r"train.csv: metadata is on.*--metadata"):
         train(config)
+    assert not (tmp_path / "run").exists()  # an input check: the failed start leaves no folder behind
 
 
 def test_records_reads_manifest_columns():

@@ -121,6 +121,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                  len(valid_df), _counts(valid_df))
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+        metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
         if replace:  # the inputs are readable: only now does the old run go, its log lines too
             _clear_run(out)
             _drop_log_head(file_log, out / "train.log", old_log)
@@ -131,7 +132,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
                                 fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
             write_json(out / "model" / ENVIRONMENT_FILE, env)  # read back by --resume; model.json gets it too
-        metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
 
         model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
         prep = preprocessing(model)
