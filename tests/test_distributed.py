@@ -131,3 +131,41 @@ def test_a_bad_batch_on_one_rank_does_not_desynchronise_ddp(tmp_path):
     assert [r["steps"] for r in ranks] == [3, 3]  # 4 batches, the bad one skipped on both ranks
     assert [r["errors"] for r in ranks] == [0, 1]
     assert all(r["same"] for r in ranks)  # both ranks hold the same weights
+
+
+def test_nproc_checks_the_config_and_data_paths_before_torchrun_starts(small_data, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("mode: finetune\nbogus_key: 1\n")
+    base = [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--out", str(tmp_path / "run")]
+    result = subprocess.run([*base, "--config", str(config), "--train", str(small_data["train"]),
+                             "--valid", str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"unknown config key(s) in {config}: bogus_key" in result.stderr
+    assert "launching" not in result.stderr
+    result = subprocess.run([*base, "--train", str(tmp_path / "nope.csv"), "--valid", str(small_data["valid"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"{tmp_path / 'nope.csv'}: no such file or folder" in result.stderr
+    assert "launching" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_nproc_stops_torchrun_and_its_workers(small_data, cache_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "SKINCANCER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--train", str(small_data["train"]),
+         "--valid", str(small_data["valid"]), "--out", str(out), "--mode", "finetune", "--image-size", "64",
+         "--epochs", "50", "--batch-size", "4", "--num-workers", "0"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "train.log").is_file():  # the workers are running
+        time.sleep(0.1)
+    assert (out / "train.log").is_file(), "training never started"
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 2
+    assert f"error: training stopped by SIGTERM; `skincancer train --resume {out} --nproc 2`" in stderr
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == [], "torchrun or a worker outlived the command"

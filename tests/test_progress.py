@@ -29,3 +29,14 @@ def test_a_log_gets_lines_and_a_terminal_gets_a_bar(monkeypatch):
             assert "\r" not in text and lines[0].startswith("epoch 3: 0/4 [")
             assert lines[-1].startswith("epoch 3: 4/4 [") and "loss=0.5000" in lines[-1]  # a closing line
             assert len(lines) == 2  # nothing between: the next line would come 30 s on
+
+
+def test_only_rank_0_draws_under_torchrun(monkeypatch):
+    """Started by hand, torchrun shows every rank's stderr: the other ranks' bars would repeat rank 0's."""
+    for rank, shown in (("0", True), ("1", False)):
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("RANK", rank)
+        for _ in progress(range(3), desc="epoch 1"):
+            pass
+        assert bool(stream.getvalue()) == shown

@@ -223,20 +223,21 @@ def train(
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
         resume_config(resume)
         check_resume_processes(resume, nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = None
+    if resume is None:  # the settings and the data paths too: before torchrun starts N processes to fail on them
+        cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone,
+                          image_size=image_size, eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size,
+                          lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
+                          threshold_policy=threshold_policy, augment=augment, num_workers=num_workers,
+                          max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained, metadata=metadata)
+        for path in (cfg.train, cfg.valid):
+            if path and not Path(path).exists():
+                raise DataError(f"{path}: no such file or folder")
     if nproc is not None and nproc > 1:
-        _launch_torchrun(nproc)
-    if resume is not None:
-        run = run_training(resume_config(resume), resume=True)
+        _launch_torchrun(nproc, resume if cfg is None else cfg.out)
+    run = run_training(resume_config(resume), resume=True) if cfg is None else run_training(cfg, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 saves the run; the others only help
         typer.echo(f"run saved to {run}")
-        return
-    cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone, image_size=image_size,
-                      eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      head=head,
-                      labels=parse_labels(labels) if labels else None, threshold_policy=threshold_policy,
-                      augment=augment, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
-                      pretrained=pretrained, metadata=metadata)
-    run = run_training(cfg, overwrite=overwrite)
-    typer.echo(f"run saved to {run}")
 
 
 @app.command()
@@ -602,8 +603,9 @@ def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, addr
         raise typer.Exit(1)
 
 
-def _launch_torchrun(nproc: int) -> None:
+def _launch_torchrun(nproc: int, run: Path | str) -> None:
     """Re-run this very command under torchrun with N processes (gloo on CPU, nccl on CUDA)."""
+    import signal
     import subprocess
 
     args, skip = [], False
@@ -618,6 +620,15 @@ def _launch_torchrun(nproc: int) -> None:
                "--local-ranks-filter=0", "-m", "skincancer", *args]  # the workers' output: rank 0's
     typer.echo(f"launching: {' '.join(command)}", err=True)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    # a SIGTERM to this process (a scheduler's cancel, `kill`) stops torchrun and its workers with it, and this
+    # process keeps relaying their last lines instead of leaving them to write into a closed pipe
+    stopped: list[int] = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        process.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
     held: list[str] = []  # torchrun's own report of a failed worker: shown only if the worker said nothing clear
     named = False
     for line in process.stderr:
@@ -630,13 +641,18 @@ def _launch_torchrun(nproc: int) -> None:
     if code == 0:
         sys.stderr.writelines(held)
         raise typer.Exit(0)
+    if stopped:  # torchrun's traceback of the signal says nothing more
+        _fail(f"training stopped by {signal.Signals(stopped[0]).name}; `skincancer train --resume {run} --nproc "
+              f"{nproc}` continues it from its last complete epoch")
     if not named:
         sys.stderr.writelines(held)
     _fail(f"training stopped (torchrun exit code {code}){'; the error is above' if named else ''}")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # under a torchrun started by hand every rank prints: the others' progress would repeat rank 0's
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         app()
     except KNOWN_ERRORS as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import TextIO
@@ -33,7 +34,10 @@ class _Lines:
 
 def progress(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs) on stderr: a bar on a terminal or in a notebook; elsewhere a line every 30 s and
-    one when the bar closes (its final count), whatever `leave` says."""
+    one when the bar closes (its final count), whatever `leave` says. Under torchrun, rank 0's bar only: the
+    other ranks' would repeat it."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        kwargs = {**kwargs, "disable": True}
     stream = sys.stderr
     if not issubclass(tqdm, notebook_tqdm) and not getattr(stream, "isatty", lambda: False)():
         total = kwargs.get("total", len(iterable) if hasattr(iterable, "__len__") else None)
