@@ -145,6 +145,43 @@ def test_nproc_checks_the_config_and_data_paths_before_torchrun_starts(small_dat
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"{tmp_path / 'nope.csv'}: no such file or folder" in result.stderr
     assert "launching" not in result.stderr and not (tmp_path / "run").exists()
+    result = subprocess.run([*base, "--valid", str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "train, valid and out are all required" in result.stderr
+    assert "launching" not in result.stderr
+    taken = tmp_path / "taken"  # a folder holding an interrupted run, without --overwrite
+    (taken / "checkpoints" / "epoch-1").mkdir(parents=True)
+    (taken / "train.log").write_text("")
+    result = subprocess.run([*base[:-1], str(taken), "--train", str(small_data["train"]), "--valid",
+                             str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"{taken}: already holds an interrupted run" in result.stderr
+    assert "launching" not in result.stderr
+
+
+def test_a_stopped_multi_process_run_says_how_to_go_on(tmp_path):
+    """--resume only where the folder holds a checkpoint of this very run; otherwise the command again."""
+    import yaml
+
+    from skincancer import load_config
+    from skincancer.cli import _how_to_go_on
+    from skincancer.config import config_to_dict
+
+    out = tmp_path / "run"
+    config = load_config(None, train="t.csv", valid="v.csv", out=str(out), mode="finetune")
+    again = "nothing was kept to resume: run the command again"
+    assert _how_to_go_on(config, 2, resume=False, overwrite=False) == again
+    (out / "checkpoints" / "epoch-1").mkdir(parents=True)
+    (out / "train.log").write_text("")
+    (out / "checkpoints" / "last.json").write_text('{"path": "epoch-1"}')
+    (out / "checkpoints" / "epoch-1" / "state.json").write_text('{"epoch": 1, "processes": 2}')
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+    assert _how_to_go_on(config, 2, resume=False, overwrite=False).startswith(
+        f"`skincancer train --resume {out} --nproc 2` continues it")
+    # an --overwrite start stopped before it cleared the old run: the checkpoint there is the old run's
+    other = load_config(None, train="t.csv", valid="v.csv", out=str(out), mode="finetune", epochs=3)
+    assert _how_to_go_on(other, 2, resume=False, overwrite=True) == again
+    (out / "checkpoints" / "last.json").unlink()  # stopped before its first epoch
+    assert _how_to_go_on(config, 2, resume=False, overwrite=False).endswith(
+        f"run the command again with --overwrite (it replaces what it had written in {out})")
 
 
 def test_sigterm_to_nproc_stops_torchrun_and_its_workers(small_data, cache_dir, tmp_path):
@@ -159,13 +196,14 @@ def test_sigterm_to_nproc_stops_torchrun_and_its_workers(small_data, cache_dir, 
          "--epochs", "50", "--batch-size", "4", "--num-workers", "0"],
         stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "train.log").is_file():  # the workers are running
+    while time.time() < deadline and not (out / "checkpoints" / "last.json").is_file():  # an epoch is kept
         time.sleep(0.1)
-    assert (out / "train.log").is_file(), "training never started"
+    assert (out / "checkpoints" / "last.json").is_file(), "no epoch was completed"
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 2
-    assert f"error: training stopped by SIGTERM; `skincancer train --resume {out} --nproc 2`" in stderr
+    assert (f"error: training stopped by SIGTERM; `skincancer train --resume {out} --nproc 2` continues it from its "
+            "last complete epoch") in stderr
     assert "Traceback" not in stderr and "Broken pipe" not in stderr
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], "torchrun or a worker outlived the command"

@@ -33,9 +33,11 @@ def test_a_log_gets_lines_and_a_terminal_gets_a_bar(monkeypatch):
 
 def test_only_rank_0_draws_under_torchrun(monkeypatch):
     """Started by hand, torchrun shows every rank's stderr: the other ranks' bars would repeat rank 0's."""
-    for rank, shown in (("0", True), ("1", False)):
+    # a RANK alone (set by something else), or one that is not a number, hides nothing
+    for size, rank, shown in (("2", "0", True), ("2", "1", False), ("1", "1", True), ("2", "x", True)):
         stream = io.StringIO()
         monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("WORLD_SIZE", size)
         monkeypatch.setenv("RANK", rank)
         for _ in progress(range(3), desc="epoch 1"):
             pass

@@ -29,6 +29,7 @@ from .data import (
     save_manifest,
 )
 from .metadata import MetadataError, attach, parse_age, parse_sex, read_metadata_csv, records
+from .progress import in_torchrun, other_rank
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
@@ -210,33 +211,32 @@ def train(
              if name not in ("resume", "nproc", "overwrite") and value is not None]
     if nproc is not None and nproc < 1:
         _fail(f"--nproc: expected 1 or more processes, got {nproc}")
-    from .train import check_resume_processes, is_finished, resume_config
+    from .train import check_resume_processes, check_start, is_finished, resume_config
     from .train import train as run_training
 
     if resume is not None and is_finished(resume):  # before torchrun starts N processes to say so
         typer.echo(f"{resume}: the run has finished already (model/ is saved); nothing to resume")
         return
-    if resume is not None:  # likewise bad flags, a folder that is not a run, or another number of processes
+    if resume is not None:
         if overwrite:
             _fail("--resume continues the run in its folder; --overwrite would replace it: choose one")
         if given:
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
-        resume_config(resume)
-        check_resume_processes(resume, nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1")))
-    cfg = None
-    if resume is None:  # the settings and the data paths too: before torchrun starts N processes to fail on them
+        cfg = resume_config(resume, quiet=nproc is not None and nproc > 1)  # torchrun's rank 0 says it
+    else:
         cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone,
                           image_size=image_size, eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
                           threshold_policy=threshold_policy, augment=augment, num_workers=num_workers,
                           max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained, metadata=metadata)
-        for path in (cfg.train, cfg.valid):
-            if path and not Path(path).exists():
-                raise DataError(f"{path}: no such file or folder")
+    if not in_torchrun():  # what train() would refuse at once, said before torchrun starts N processes to say it
+        check_start(cfg, overwrite=overwrite, resume=resume is not None)
+        if resume is not None:
+            check_resume_processes(resume, nproc or 1)
     if nproc is not None and nproc > 1:
-        _launch_torchrun(nproc, resume if cfg is None else cfg.out)
-    run = run_training(resume_config(resume), resume=True) if cfg is None else run_training(cfg, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 saves the run; the others only help
+        _launch_torchrun(nproc, cfg, resume=resume is not None, overwrite=overwrite)
+    run = run_training(cfg, resume=resume is not None, overwrite=overwrite)
+    if not other_rank():  # under torchrun, rank 0 saves the run; the others only help
         typer.echo(f"run saved to {run}")
 
 
@@ -603,7 +603,7 @@ def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, addr
         raise typer.Exit(1)
 
 
-def _launch_torchrun(nproc: int, run: Path | str) -> None:
+def _launch_torchrun(nproc: int, cfg, resume: bool, overwrite: bool) -> None:
     """Re-run this very command under torchrun with N processes (gloo on CPU, nccl on CUDA)."""
     import signal
     import subprocess
@@ -620,8 +620,9 @@ def _launch_torchrun(nproc: int, run: Path | str) -> None:
                "--local-ranks-filter=0", "-m", "skincancer", *args]  # the workers' output: rank 0's
     typer.echo(f"launching: {' '.join(command)}", err=True)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
-    # a SIGTERM to this process (a scheduler's cancel, `kill`) stops torchrun and its workers with it, and this
-    # process keeps relaying their last lines instead of leaving them to write into a closed pipe
+    # A signal to stop: this process keeps relaying torchrun's last lines until it has stopped its workers, then
+    # says in one line how to go on (instead of dying first and leaving them writing into a closed pipe). A
+    # SIGTERM (a scheduler's cancel, `kill`) is passed on; a terminal's Ctrl-C or hang-up reaches torchrun itself.
     stopped: list[int] = []
 
     def forward(signum, frame):
@@ -629,6 +630,8 @@ def _launch_torchrun(nproc: int, run: Path | str) -> None:
         process.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
+    for quiet in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(quiet, lambda signum, frame: stopped.append(signum))
     held: list[str] = []  # torchrun's own report of a failed worker: shown only if the worker said nothing clear
     named = False
     for line in process.stderr:
@@ -642,16 +645,36 @@ def _launch_torchrun(nproc: int, run: Path | str) -> None:
         sys.stderr.writelines(held)
         raise typer.Exit(0)
     if stopped:  # torchrun's traceback of the signal says nothing more
-        _fail(f"training stopped by {signal.Signals(stopped[0]).name}; `skincancer train --resume {run} --nproc "
-              f"{nproc}` continues it from its last complete epoch")
+        _fail(f"training stopped by {signal.Signals(stopped[0]).name}; {_how_to_go_on(cfg, nproc, resume, overwrite)}")
     if not named:
         sys.stderr.writelines(held)
     _fail(f"training stopped (torchrun exit code {code}){'; the error is above' if named else ''}")
 
 
+def _how_to_go_on(cfg, nproc: int, resume: bool, overwrite: bool) -> str:
+    """After a stopped multi-process run: `--resume` where the folder holds this run's checkpoint, else start
+    again (an --overwrite start stopped before it had cleared the old run leaves the old run's checkpoint)."""
+    import yaml
+
+    from .config import config_to_dict
+    from .train import resume_processes
+
+    out = Path(cfg.out)
+    try:
+        same = resume or yaml.safe_load((out / "config.yaml").read_text()) == config_to_dict(cfg)
+    except (OSError, yaml.YAMLError):
+        same = False
+    if same and resume_processes(out) is not None:
+        return f"`skincancer train --resume {out} --nproc {nproc}` continues it from its last complete epoch"
+    again = "nothing was kept to resume: run the command again"
+    if not overwrite and (out / "train.log").is_file():
+        again += f" with --overwrite (it replaces what it had written in {out})"
+    return again
+
+
 def main() -> None:
     # under a torchrun started by hand every rank prints: the others' progress would repeat rank 0's
-    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    level = logging.WARNING if other_rank() else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         app()

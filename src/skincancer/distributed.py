@@ -79,7 +79,12 @@ def share_buffers(world: World, *modules: torch.nn.Module) -> None:
         return
     for module in modules:
         for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=0)
+            if buffer.is_contiguous():
+                dist.broadcast(buffer.data, src=0)
+            else:  # the backends send contiguous memory only
+                sent = buffer.data.contiguous()
+                dist.broadcast(sent, src=0)
+                buffer.data.copy_(sent)
 
 
 def mean_over_ranks(world: World, value: float, device: torch.device) -> float:

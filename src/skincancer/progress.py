@@ -32,11 +32,27 @@ class _Lines:
         self.stream.flush()
 
 
+def in_torchrun() -> bool:
+    """True in a process torchrun started (one of several)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def other_rank() -> bool:
+    """True in a torchrun worker other than rank 0, whose messages and bars would repeat rank 0's."""
+    try:
+        return in_torchrun() and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs) on stderr: a bar on a terminal or in a notebook; elsewhere a line every 30 s and
     one when the bar closes (its final count), whatever `leave` says. Under torchrun, rank 0's bar only: the
     other ranks' would repeat it."""
-    if int(os.environ.get("RANK", "0")) > 0:
+    if other_rank():
         kwargs = {**kwargs, "disable": True}
     stream = sys.stderr
     if not issubclass(tqdm, notebook_tqdm) and not getattr(stream, "isatty", lambda: False)():

@@ -581,13 +581,13 @@ def _data_fingerprint(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def resume_config(run: str | Path) -> TrainConfig:
-    """The configuration an interrupted run was started with (its config.yaml)."""
+def resume_config(run: str | Path, quiet: bool = False) -> TrainConfig:
+    """The configuration an interrupted run was started with (its config.yaml); quiet: no word on a moved run."""
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise DataError(f"{run}: not a run folder to resume (no config.yaml)")
     config = load_config(path)
-    if Path(config.out).absolute() != Path(run).absolute():  # a copied or moved run: resume it where it is now
+    if Path(config.out).absolute() != Path(run).absolute() and not quiet:  # a copied or moved run: resumed here
         log.info("%s: resuming in %s (config.yaml says out: %s)", path, run, config.out)
     return dataclasses.replace(config, out=str(run))
 
@@ -718,6 +718,18 @@ def is_finished(out: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and not meta.get("unfinished") and "train_seconds" in meta
+
+
+def check_start(config: TrainConfig, overwrite: bool = False, resume: bool = False) -> None:
+    """What `train` refuses at once, checked without writing anything: the CLI runs it before torchrun starts N
+    processes that would each fail on it."""
+    if not config.train or not config.valid or not config.out:
+        raise DataError("train, valid and out are all required")
+    for path in (config.train, config.valid):
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or folder")
+    if not resume:
+        _claim_out(Path(config.out), overwrite)
 
 
 def _claim_out(out: Path, overwrite: bool) -> bool:
