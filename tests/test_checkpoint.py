@@ -141,8 +141,13 @@ def copy_model(tiny_run, dest: Path) -> Path:
     ("image_size", 0, "image_size"),
     ("image_size", "big", "image_size"),
     ("mean", [0.5, 0.5], "mean: expected 3 numbers"),
-    ("std", [0, 0, 0], "std: expected 3 positive numbers"),
+    ("std", [0, 0, 0], "std: expected 3 numbers from 0.001 to 10"),
+    ("std", [1e-300, 0.5, 0.5], "std: expected 3 numbers from 0.001"),  # zero once in float32
     ("tta", 3, "tta: must be"),
+    ("tta", 2.0, "tta: must be"),  # a float slices nothing
+    ("validation", "x", "validation: expected an object"),
+    ("metadata_model", [1, 2], "metadata_model: expected an object"),
+    ("backbone", "hf-hub:someone/model", "no hub or path"),  # timm would ask the network for its config
     ("negative_name", "malignant", "two different names"),
     ("backbone", "resnet9000", "unknown backbone"),
 ])

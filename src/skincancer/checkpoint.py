@@ -134,6 +134,8 @@ def _meta_problem(meta: dict) -> str | None:
         return f"format_version {version!r}: written by a newer skincancer (this one reads {FORMAT_VERSION}); upgrade"
     if not isinstance(meta["backbone"], str) or not meta["backbone"]:
         return f"backbone: expected a timm model name, got {meta['backbone']!r}"
+    if ":" in meta["backbone"] or "/" in meta["backbone"]:  # hf-hub:..., a URL: timm would go to the network
+        return f"backbone: expected a timm model name (no hub or path), got {meta['backbone']!r}"
     names, labels = meta["class_names"], meta["labels"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         return f"class_names: expected a non-empty list of names, got {names!r}"
@@ -158,13 +160,13 @@ def _meta_problem(meta: dict) -> str | None:
     for key in ("mean", "std"):
         values = meta[key]
         if (not isinstance(values, list) or len(values) != 3
-                or not all(_finite(v) and (key == "mean" or v > 0) for v in values)):
-            kind = "positive numbers" if key == "std" else "numbers"
+                or not all(_finite(v) and (-10 <= v <= 10 if key == "mean" else 1e-3 <= v <= 10) for v in values)):
+            kind = "numbers from 0.001 to 10" if key == "std" else "numbers from -10 to 10"
             return f"{key}: expected 3 {kind} (one per RGB channel), got {values!r}"
     threshold = meta["threshold"]
     if not _finite(threshold) or not 0 <= threshold <= 1:
         return f"threshold: expected a probability between 0 and 1, got {threshold!r}"
-    if meta.get("tta", 1) not in (1, 2, 4, 8) or isinstance(meta.get("tta"), bool):
+    if type(meta.get("tta", 1)) is not int or meta.get("tta", 1) not in (1, 2, 4, 8):
         return f"tta: must be 1, 2, 4 or 8, got {meta.get('tta')!r}"
     if meta.get("mode", "linear") not in ("linear", "finetune"):
         return f"mode: must be 'linear' or 'finetune', got {meta.get('mode')!r}"
@@ -172,6 +174,9 @@ def _meta_problem(meta: dict) -> str | None:
     if not (isinstance(positive, str) and isinstance(negative, str) and positive.strip() and negative.strip()
             and positive != negative):
         return f"positive_name / negative_name: expected two different names, got {positive!r} / {negative!r}"
+    for key in ("validation", "environment", "metadata_model", "validation_summary"):  # read by cards, pages, fusion
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            return f"{key}: expected an object of fields, got {type(meta[key]).__name__} {meta[key]!r:.60}"
     return None
 
 
