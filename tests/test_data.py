@@ -114,6 +114,25 @@ def test_odd_but_valid_images_become_rgb(tmp_path):
     assert 150 < np.asarray(load_image(gray16))[0, 0, 0] < 160  # 40000/65535 of white
 
 
+def test_a_large_16_bit_image_converts_without_a_float_copy():
+    """A 16-bit upload of 200 kB can be 9400 x 9400 px: a float64 copy of it costs 0.7 GB per temporary."""
+    import tracemalloc
+
+    from skincancer.data import to_rgb
+
+    values = np.random.default_rng(0).integers(0, 65536, (2000, 1500), dtype=np.uint16)
+    image = Image.fromarray(values)
+    tracemalloc.start()
+    try:
+        converted = to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * values.nbytes, f"{peak / 1e6:.0f} MB for a {values.nbytes / 1e6:.0f} MB image"
+    expected = np.clip(values / 65535 * 255 + 0.5, 0, 255).astype(np.uint8)  # the rounding of before
+    assert np.array_equal(np.asarray(converted)[..., 0], expected)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
