@@ -385,3 +385,38 @@ def test_serve_cli_takes_several_models(served_run, finetune_run, lesion):
             assert good.status_code == 200 and 0 <= good.json()["malignant_probability"] <= 1
     output = process.stdout.read()
     assert f"serving {served_run / 'model'}, {Path(finetune_run) / 'model'} (torch)" in output
+
+
+def test_uploads_are_decoded_two_at_a_time_and_kept_at_most_4096_px(monkeypatch):
+    """A few hundred kB can decode to hundreds of MB: concurrent requests must not all decode at once."""
+    import threading
+    import time as clock
+
+    from skincancer import serve
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (5000, 40), (120, 60, 30)).save(buffer, format="PNG")
+    image = serve.decode_upload(buffer.getvalue(), "wide.png")
+    assert image.size == (4096, 33) and image.mode == "RGB"
+
+    busy, most, lock = [0], [0], threading.Lock()
+    real = serve.load_image
+
+    def slow_load(path):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        clock.sleep(0.2)
+        with lock:
+            busy[0] -= 1
+        return real(path)
+
+    monkeypatch.setattr(serve, "load_image", slow_load)
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 60, 30)).save(small, format="PNG")
+    threads = [threading.Thread(target=serve.decode_upload, args=(small.getvalue(), f"{i}.png")) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 2

@@ -187,13 +187,24 @@ UNFINISHED = ("this model was saved by a training run that has not finished: its
               "chosen on validation")
 
 
+# A few hundred kB can hold a picture of 80 million pixels, hundreds of MB once decoded: the server decodes two
+# uploads at a time, and keeps at most UPLOAD_MAX_SIDE px a side of each (the model sees a few hundred)
+DECODE_SLOTS = threading.BoundedSemaphore(2)
+UPLOAD_MAX_SIDE = 4096
+
+
 def decode_upload(data: bytes, filename: str) -> Image.Image:
-    """Uploaded bytes -> RGB image through the same checks as files on disk (data.load_image)."""
+    """Uploaded bytes -> RGB image through the same checks as files on disk (data.load_image), scaled down to
+    UPLOAD_MAX_SIDE px on its longer side when larger."""
     fd, path = tempfile.mkstemp(prefix="skincancer-upload-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return load_image(path)
+        with DECODE_SLOTS:
+            image = load_image(path)
+            if max(image.size) > UPLOAD_MAX_SIDE:
+                image.thumbnail((UPLOAD_MAX_SIDE, UPLOAD_MAX_SIDE), Image.Resampling.LANCZOS)
+            return image
     except ImageError as err:
         status = 415 if err.reason.startswith(NOT_AN_IMAGE) else 422
         raise HTTPException(status, f"{filename}: {err.reason}") from None
