@@ -217,3 +217,17 @@ def test_preview_takes_labels_for_a_tree_with_its_own_classes(data_dir, tmp_path
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "b.png") as grid:
         assert grid.format == "PNG" and grid.width > 100
+
+
+def test_manifest_ids_stay_as_written_and_odd_labels_are_refused(data_dir, tmp_path):
+    image, other = sorted((Path(data_dir) / "train" / "nevus").glob("*.jpg"))[:2]
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"image_id": ["001", "1"], "filepath": [str(image), str(other)], "diagnosis": ["nevus", "nevus"],
+                  "label": [0, 0]}).to_csv(path, index=False)
+    assert list(load_manifest(path)["image_id"]) == ["001", "1"]  # not 1 and 1, "appearing twice"
+    pd.DataFrame({"filepath": [str(image), str(other)], "label": ["True", "False"]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="column label must hold 0 or 1, found True"):
+        load_manifest(path)
+    pd.DataFrame({"filepath": [str(image)], "diagnosis": [""], "label": [0]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="row 2: column diagnosis is empty"):
+        load_manifest(path)

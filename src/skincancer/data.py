@@ -184,7 +184,7 @@ def index_folder(root: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     return frame
 
 
-def read_csv_checked(path: str | Path, required: Iterable[str], dtype: type | None = None) -> pd.DataFrame:
+def read_csv_checked(path: str | Path, required: Iterable[str], dtype: type | dict | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -317,17 +317,23 @@ def save_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+TEXT_COLUMNS = ("image_id", "filepath", "diagnosis")
+
+
 def load_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV; file paths come back absolute."""
     path = Path(path)
-    frame = read_csv_checked(path, ["filepath", "label"])
+    # identifiers and names as written: an image_id 001 stays 001, not 1
+    frame = read_csv_checked(path, ["filepath", "label"], dtype=dict.fromkeys(TEXT_COLUMNS, str))
     if frame.empty:
         raise DataError(f"{path}: manifest has no rows")
-    for column in ("filepath", "label"):
+    for column in ("filepath", "label", "diagnosis"):
+        if column not in frame.columns:
+            continue
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
             raise DataError(f"{path}: row {_row(frame, empty)}: column {column} is empty")
-    bad = ~frame["label"].isin([0, 1])
+    bad = ~frame["label"].isin([0, 1]) | frame["label"].map(lambda v: isinstance(v, (bool, np.bool_)))
     if bad.any():
         raise DataError(f"{path}: row {_row(frame, bad)}: column label must hold 0 or 1, found "
                         f"{_plain(frame.loc[bad, 'label'].iloc[0])!r}")

@@ -97,7 +97,7 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str
 
 def _validation_table(path: Path, positive: str) -> pd.DataFrame:
     try:
-        return read_csv_checked(path, ["image_id", "label", positive]).set_index("image_id")
+        return read_csv_checked(path, ["image_id", "label", positive], dtype={"image_id": str}).set_index("image_id")
     except DataError as err:  # the run's own file, not the user's data: say how to get it back
         raise CheckpointError(f"{err}; retrain the run to recreate it") from None
 
