@@ -231,3 +231,20 @@ def test_manifest_ids_stay_as_written_and_odd_labels_are_refused(data_dir, tmp_p
     pd.DataFrame({"filepath": [str(image)], "diagnosis": [""], "label": [0]}).to_csv(path, index=False)
     with pytest.raises(DataError, match="row 2: column diagnosis is empty"):
         load_manifest(path)
+
+
+def test_floating_point_images_are_scaled_as_arrays_are_or_refused(tmp_path):
+    grey = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40)
+    path = tmp_path / "float.tif"
+    Image.fromarray(grey, mode="F").save(path)
+    pixels = np.asarray(load_image(path))[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255  # 0..1 is the whole range, not near-black
+    Image.fromarray(grey * 1000, mode="F").save(path)
+    assert "floating-point image with values 0 to 1000" in check_image(path)
+
+
+def test_a_nul_in_a_manifest_path_is_named(data_dir, tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("filepath,label\nplain\x00.jpg,0\n")
+    with pytest.raises(DataError, match="row 2: column filepath holds a NUL character"):
+        load_manifest(path)

@@ -108,6 +108,16 @@ def _to_8_bits(array: np.ndarray, sixteen: bool) -> np.ndarray:
     return out
 
 
+def _float_to_8_bits(array: np.ndarray, name: str) -> np.ndarray:
+    if array.size == 0 or not np.isfinite(array).all():
+        raise ImageError(name, "floating-point image holding NaN or infinity")
+    low, high, slack = float(array.min()), float(array.max()), 1e-3
+    if low < -slack or high > 255 + slack:
+        raise ImageError(name, f"floating-point image with values {low:g} to {high:g}; expected 0..1 or 0..255")
+    scale = 255.0 if high <= 1 + slack else 1.0
+    return np.clip(array * scale + 0.5, 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied; alpha, grayscale, 16-bit and CMYK converted to 8-bit RGB; tiny images refused."""
     img = ImageOps.exif_transpose(img)
@@ -116,6 +126,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ImageError(name, f"image too small ({img.width}x{img.height}, need at least {MIN_SIDE} px a side)")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = Image.fromarray(_to_8_bits(np.asarray(img), img.mode.startswith("I;16")), mode="L")
+    elif img.mode == "F":  # floating-point grey (TIFF): 0..1 or 0..255, as for arrays; anything else refused
+        img = Image.fromarray(_float_to_8_bits(np.asarray(img), getattr(img, "filename", "") or "image"), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         background = Image.new("RGB", img.size, (255, 255, 255))
         rgba = img.convert("RGBA")
@@ -289,7 +301,7 @@ def content_keys(paths: Iterable[str | Path]) -> list[str | None]:
     for path in paths:
         try:
             keys.append(hashlib.sha1(Path(path).read_bytes()).hexdigest())
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path
             keys.append(None)
     return keys
 
@@ -333,6 +345,9 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
             raise DataError(f"{path}: row {_row(frame, empty)}: column {column} is empty")
+    nul = frame["filepath"].str.contains("\x00", regex=False)
+    if nul.any():
+        raise DataError(f"{path}: row {_row(frame, nul)}: column filepath holds a NUL character")
     bad = ~frame["label"].isin([0, 1]) | frame["label"].map(lambda v: isinstance(v, (bool, np.bool_)))
     if bad.any():
         raise DataError(f"{path}: row {_row(frame, bad)}: column label must hold 0 or 1, found "
