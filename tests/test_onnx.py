@@ -137,13 +137,15 @@ def test_cli_export_then_predict_and_evaluate_with_each_engine(tiny_run, small_d
 
 
 def test_probability_model_matches_softmax_of_logits(tiny_run):
-    from skincancer.export import ProbabilityModel
+    from skincancer.engine import ProbabilitiesAndFeatures
 
     classifier = load_model(tiny_run, engine="torch")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        np.testing.assert_allclose(ProbabilityModel(classifier.model)(x).numpy(),
-                                   classifier.model(x).softmax(1).numpy(), atol=1e-6)
+        probs, features = ProbabilitiesAndFeatures(classifier.model)(x)
+        np.testing.assert_allclose(probs.numpy(), classifier.model(x).softmax(1).numpy(), atol=1e-6)
+        expected = classifier.model.forward_head(classifier.model.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(features.numpy(), expected.numpy(), atol=1e-6)
 
 
 def test_a_graph_that_is_not_this_runs_export_is_never_used(tiny_run, finetune_run, real_images, tmp_path, caplog):

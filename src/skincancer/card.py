@@ -40,9 +40,35 @@ def model_card(classifier: Classifier) -> dict:
         "validation": meta.get("validation", {}),
         "validation_source": meta.get("validation_source", "valid"),  # or out-of-fold over train+valid
         "metadata": classifier.uses_metadata,  # age/sex fused with the image where given
+        "guard": _guard(classifier),  # null: no out-of-distribution guard (frame checks only)
         "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
         "notice": NOTICE,
     }
+
+
+def _guard(classifier: Classifier) -> dict | None:
+    """The out-of-distribution guard in brief (an ensemble: one decision over its members' scores)."""
+    if not classifier.has_guard:
+        return None
+    members = getattr(classifier, "members", None) or [classifier]
+    records = [m.meta["guard"] for m in members]
+    return {"method": records[0].get("method"), "limit": 1.0,
+            "false_rejection": [r.get("false_rejection") for r in records] if len(records) > 1
+            else records[0].get("false_rejection"),
+            "combined": "mean of the members' scores" if len(records) > 1 else None}
+
+
+def _guard_use(members) -> str:
+    records = [m.meta.get("guard") for m in members]
+    if not all(records):
+        return ("none: any photo gets a verdict, except blank, black or washed-out frames (fit one: `skincancer "
+                "guard --model RUN`).")
+    parts = [f"Mahalanobis distance on {_md(r.get('features', 'pooled features'))}, fitted on {r['n_fit']} images; "
+             f"threshold chosen on {r['n_held_in']} held-in images ({_md(r['held_in'])}) to refuse "
+             f"{r['false_rejection']:.0%} of them" for r in records]
+    combined = " The ensemble refuses on the mean of its members' scores." if len(records) > 1 else ""
+    return ("photos unlike the training images, and blank, black or washed-out frames, get no verdict. "
+            + "; ".join(parts) + "." + combined)
 
 
 def _trained(meta: dict) -> dict | None:
@@ -91,6 +117,7 @@ def markdown_card(classifier: Classifier) -> str:
         + (f"({_md(card['threshold_policy'])}, not chosen on data)." if fixed else
            f"({_md(card['threshold_policy'])}, chosen on {_source(card)})."),
         f"- Age and sex: {_metadata_use(members)}",
+        f"- Out-of-distribution guard: {_guard_use(members)}",
         f"- skincancer {_md(card['version'])}.", ""]
     if card["unfinished"]:
         lines += ["**Unfinished:** saved by a training run that had not finished; its threshold is a placeholder.", ""]
@@ -121,7 +148,8 @@ def markdown_card(classifier: Classifier) -> str:
         "clinical (non-dermoscopic) photographs.", "",
         "## Limitations", "",
         f"- It was trained on {diagnoses} only. Any other lesion (a basal cell carcinoma, say) still gets a "
-        f"{positive} probability, which means little.",
+        f"{positive} probability, which means little; the guard refuses only some of them (it is tuned to refuse "
+        "what is not dermoscopy at all).",
         "- Its performance is known only on data like its validation images. It can drop with other dermatoscopes, "
         "clinics, populations and skin tones; public dermoscopy archives hold mostly light skin.",
         "- Probabilities hold at most at the malignant share of the data they were checked on"

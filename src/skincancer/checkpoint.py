@@ -174,7 +174,8 @@ def _meta_problem(meta: dict) -> str | None:
     if not (isinstance(positive, str) and isinstance(negative, str) and positive.strip() and negative.strip()
             and positive != negative):
         return f"positive_name / negative_name: expected two different names, got {positive!r} / {negative!r}"
-    for key in ("validation", "environment", "metadata_model", "validation_summary"):  # read by cards, pages, fusion
+    # read by cards, pages, fusion and the guard
+    for key in ("validation", "environment", "metadata_model", "validation_summary", "guard"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             return f"{key}: expected an object of fields, got {type(meta[key]).__name__} {meta[key]!r:.60}"
     return None

@@ -293,6 +293,14 @@ def evaluate(
     brier, reference = calibration["brier"], calibration["brier_reference"]
     typer.echo(f"{'Brier score (prevalence alone)':<36}{brier:.4f} ({reference:.4f})")
     typer.echo(f"{'calibration error (ECE)':<36}{calibration['ece']:.4f}")
+    guard = metrics["guard"]
+    kind = "out-of-distribution guard and frame checks" if guard["guarded"] else "frame checks (the model has no guard)"
+    typer.echo(f"{'refused by the guard':<36}{guard['n_refused']} of {metrics['n']} ({kind}; counted in the figures "
+               "above)")
+    if "without_refused" in guard:
+        kept = guard["without_refused"]
+        typer.echo(f"{'AUC without them':<36}{kept['auc']:.4f} ({kept['n']} images); sensitivity "
+                   f"{kept['sensitivity']:.4f}, specificity {kept['specificity']:.4f}")
     typer.echo(f"report: {out / 'report.html'}")
     if metrics["skipped"]:  # everything is written; the exit status says the figures cover only part of the data
         _fail(f"{len(metrics['skipped'])} of {metrics['n'] + len(metrics['skipped'])} images could not be read "
@@ -363,6 +371,9 @@ def predict(
     ] = None,
     age: Annotated[float | None, typer.Option(help="patient's age in years (one image)")] = None,
     sex: Annotated[str | None, typer.Option(help="patient's sex: male | female (one image)")] = None,
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help=(
+        "refuse a verdict for images the model cannot judge (not dermoscopy-like, blank, black); --no-guard keeps "
+        "every verdict, for research (the ood_score and in_distribution columns are still filled)"))] = True,
 ) -> None:
     """Predict one image (prints a sentence) or many (a CSV/JSON table); unreadable files are named, not fatal."""
     if ray and num_workers is not None and num_workers < 1:
@@ -378,9 +389,10 @@ def predict(
         if format not in (None, "csv") or (format == "csv" and out is not None and out.suffix.lower() != ".csv"):
             _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
         return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
-                               actors=num_workers)
+                               actors=num_workers, refuse=guard)
     from .ensemble import load_models
-    from .predict import ENGINES, expand_inputs, sentence
+    from .guard import NO_GUARD
+    from .predict import ENGINES, expand_inputs, refusal_sentence, sentence
 
     num_workers = 1 if num_workers is None else num_workers
     table_asked = format is not None
@@ -412,7 +424,10 @@ def predict(
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             typer.echo(f"note: {len(missing)} of {len(files)} images have no age or sex in {metadata} (matched by "
                        f"image_id = file name without extension), so the image alone decides: {shown}", err=True)
-    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows)
+    if not classifier.has_guard:
+        typer.echo(f"note: {NO_GUARD}; only blank, black or washed-out frames are refused", err=True)
+    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows,
+                               refuse=guard)
     unused = [Path(f).name for f, row in zip(files, rows or [], strict=False)
               if row is not None and any(v is not None for v in row.values())
               and classifier.uses_metadata and not classifier.fuses(row)]
@@ -427,8 +442,13 @@ def predict(
     if single and out is None and not table_asked:
         if failed.empty:  # one unreadable image: its error above is the whole answer
             row = table.iloc[0]
-            typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
-                                classifier.negative_name))
+            if row["label"] == "refused":
+                typer.echo(refusal_sentence(row["refusal"]))
+            else:
+                typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
+                                    classifier.negative_name))
+                if row["refusal"]:  # --no-guard: the verdict stands, the guard's word beside it
+                    typer.echo(f"warning (--no-guard): {row['refusal']}", err=True)
             typer.echo(f"note: {NOTICE}", err=True)
     else:
         text = table.to_csv(index=False) if format == "csv" else json.dumps(
@@ -439,6 +459,10 @@ def predict(
             typer.echo(f"wrote {out}: {len(table) - len(failed)} predicted, {len(failed)} failed", err=True)
         else:
             sys.stdout.write(text)
+        refused = int((table["refusal"] != "").sum())
+        if refused:
+            typer.echo(f"note: {refused} image(s) {'got no verdict' if guard else 'would get no verdict'}: not "
+                       "images the model can judge (see the refusal column)", err=True)
         typer.echo(f"note: {NOTICE}", err=True)
     if cam is not None:
         from .explain import write_overlays
@@ -478,6 +502,27 @@ def card(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: tmp.write_text(text))
     typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+def guard(
+    model: Annotated[Path, typer.Option(help="run folder")],
+    train: Annotated[Path | None, typer.Option(help="training manifest (default: the run's config.yaml)")] = None,
+    valid: Annotated[Path | None, typer.Option(help="validation manifest (default: the run's config.yaml)")] = None,
+    false_rejection: Annotated[float, typer.Option(help=(
+        "share of held-in dermoscopy images the threshold may refuse"))] = 0.02,
+    batch_size: int = 32,
+) -> None:
+    """Fit the out-of-distribution guard of a trained run (training fits one; this adds it to a run made before
+    the guard, or refits it at another false-rejection rate). Images past it get no verdict."""
+    from .guard import guard_run
+
+    if not 0 < false_rejection < 0.5:
+        _fail(f"--false-rejection: expected a share between 0 and 0.5 (e.g. 0.02), got {false_rejection}")
+    record = guard_run(model, train, valid, false_rejection, batch_size=batch_size)
+    typer.echo(f"guard fitted on {record['n_fit']} images: threshold {record['threshold']:.4f} refuses "
+               f"{record['held_in_rejected']:.1%} of {record['n_held_in']} held-in images ({record['held_in']}); "
+               f"written to {model}/model/", err=True)
 
 
 @app.command()
@@ -583,7 +628,7 @@ def download(
 
 
 def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, address: str | None, engine: str,
-                    tta: int | None, batch_size: int, actors: int | None = None) -> None:
+                    tta: int | None, batch_size: int, actors: int | None = None, refuse: bool = True) -> None:
     from .ray_predict import OUTPUT_FORMATS, RayPredictError, predict_with_ray
 
     if out is not None:  # before Ray starts: never over an input, a folder or a file this command did not write
@@ -594,7 +639,7 @@ def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, addr
 
     try:
         rows, failed = predict_with_ray(model, paths, out, address=address, engine=engine, tta=tta,
-                                        batch_size=batch_size, actors=actors, on_error=report)
+                                        batch_size=batch_size, actors=actors, on_error=report, refuse=refuse)
     except RayPredictError as err:
         _fail(str(err))
     if out is not None:

@@ -55,6 +55,10 @@ class TrainConfig:
     tta: int = 1  # dihedral views averaged when validating and choosing the threshold; stored as the model's default
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     metadata: bool = False  # fit p(class | age, sex) on the training manifest's metadata; fused where given
+    # the out-of-distribution guard (skincancer.guard), fitted at the end of training: images past its threshold get
+    # no verdict; the threshold refuses this share of held-in images
+    guard: bool = True
+    guard_false_rejection: float = 0.02
     # linear
     linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)
@@ -106,6 +110,9 @@ class TrainConfig:
             raise ConfigError(f"keep: must be 'best' or 'last', got {self.keep!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if not 0 < self.guard_false_rejection < 0.5:
+            raise ConfigError(f"guard_false_rejection: expected a share between 0 and 0.5 (e.g. 0.02), got "
+                              f"{self.guard_false_rejection}")
         if self.tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta: must be 1, 2, 4 or 8, got {self.tta}")
         if self.feature_views not in (1, 2, 4, 8):

@@ -51,32 +51,59 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bo
                       persistent_workers=False, drop_last=False)
 
 
+class ProbabilitiesAndFeatures(nn.Module):
+    """The classifier's softmax probabilities and the pooled features its head reads, from one forward pass: what a
+    prediction and its out-of-distribution guard need (and what the ONNX export outputs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(image), pre_logits=True)
+        logits = self.model.get_classifier()(features)
+        return logits.float().softmax(dim=1), features.float()
+
+
+OUTPUTS = ("probs", "features", "probs+features")
+
+
 @torch.no_grad()
 def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_workers: int = 2,
-                  tta: int = 1, output: str = "probs", desc: str = "predicting") -> tuple[np.ndarray, list]:
+                  tta: int = 1, output: str = "probs", desc: str = "predicting",
+                  extra: Callable[[torch.Tensor], np.ndarray] | None = None) -> tuple[np.ndarray, list]:
     """Push a dataset through the model once.
 
     output='probs': softmax probabilities [N, classes], averaged over `tta` dihedral views.
     output='features': pooled backbone features [N, D] (pre-logits), averaged likewise.
+    output='probs+features': both, side by side [N, classes + D].
+    extra(images) -> [B, k]: columns appended to each batch's (for view-independent figures of the input).
     Rows of unreadable files are NaN; their (index, reason) pairs come back as the second value.
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     model.eval()
     device = next(model.parameters()).device
+    both = ProbabilitiesAndFeatures(model)
 
     def forward(images: torch.Tensor) -> np.ndarray:
         with autocast(device):
             x = images.to(device, non_blocking=True)
             if output == "features":
                 return model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy()
+            if output == "probs+features":
+                return torch.cat(both(x), dim=1).cpu().numpy()
             return model(x).float().softmax(dim=1).cpu().numpy()
 
-    return collect(make_loader(dataset, batch_size, num_workers), len(dataset), forward, tta, desc)
+    return collect(make_loader(dataset, batch_size, num_workers), len(dataset), forward, tta, desc, extra)
 
 
 def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.ndarray], tta: int = 1,
-            desc: str = "predicting") -> tuple[np.ndarray, list]:
-    """The loop every engine shares: forward(batch) per dihedral view, averaged, placed at the batch's indices;
-    an [n, outputs] array with NaN rows for unreadable files, and their (index, reason) pairs."""
+            desc: str = "predicting", extra: Callable[[torch.Tensor], np.ndarray] | None = None
+            ) -> tuple[np.ndarray, list]:
+    """The loop every engine shares: forward(batch) per dihedral view, averaged, placed at the batch's indices
+    (with extra(batch)'s columns after them, from the first view); an [n, outputs] array with NaN rows for
+    unreadable files, and their (index, reason) pairs."""
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
     result: np.ndarray | None = None
@@ -86,6 +113,8 @@ def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.nda
         if batch["image"] is None:
             continue
         values = sum(forward(view(batch["image"]).contiguous()) for view in DIHEDRAL[:tta]) / tta
+        if extra is not None:
+            values = np.concatenate([values, extra(batch["image"])], axis=1)
         if result is None:
             result = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
         result[batch["index"].numpy()] = values

@@ -52,15 +52,19 @@ class Ensemble(Classifier):
     def uses_metadata(self) -> bool:
         return any(m.uses_metadata for m in self.members)
 
-    def predict_proba(self, images, batch_size: int = 32, num_workers: int = 0, tta: int | None = None,
-                      metadata=None):
+    @property
+    def has_guard(self) -> bool:
+        return all(m.has_guard for m in self.members)
+
+    def _outputs(self, images, batch_size: int, num_workers: int, tta: int | None, metadata, guarded: bool):
         """Mean of the members' probabilities (each fusing metadata if it has a metadata model); a file unreadable
-        for one is unreadable for all."""
-        results = [m.predict_proba(images, batch_size=batch_size, num_workers=num_workers,
-                                   tta=tta if tta is not None else m.meta.get("tta", 1), metadata=metadata)
-                   for m in self.members]
-        probs = np.mean([p for p, _ in results], axis=0)
-        return probs, results[0][1]
+        for one is unreadable for all. One guard decision: the mean of the members' out-of-distribution scores
+        (each 1 at its own threshold), NaN unless every member has a guard; the frame checks of the first."""
+        results = [m._outputs(images, batch_size, num_workers, tta if tta is not None else m.meta.get("tta", 1),
+                              metadata, guarded) for m in self.members]
+        probs = np.mean([r[0] for r in results], axis=0)
+        scores = np.mean([r[2] for r in results], axis=0)
+        return probs, results[0][1], scores, results[0][3]
 
 
 def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str]:

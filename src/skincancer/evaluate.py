@@ -58,8 +58,9 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     _require_both_labels(frame["label"], data, "")
     patients = _patients(frame, data, use_metadata)
     rows = patients if use_metadata else None
-    probs, errors = classifier.predict_proba(list(frame["filepath"]), batch_size=batch_size,
-                                             num_workers=num_workers, tta=tta, metadata=rows)
+    judged = classifier.judge(list(frame["filepath"]), batch_size=batch_size, num_workers=num_workers, tta=tta,
+                              metadata=rows)
+    probs, errors = judged.probs, judged.errors
     skipped = [{"path": frame["filepath"].iloc[i], "reason": reason} for i, reason in errors]
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
@@ -90,6 +91,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         values = [_group_value(v) for v in frame[column][ok]]
         metrics.setdefault("subgroups", {})[column] = subgroup_report(labels[ok], malignant[ok],
                                                                       classifier.threshold, values)
+    metrics["guard"] = guard_figures(judged, labels, malignant, ok, classifier.threshold, frame["image_id"], n_boot)
     metrics.update({
         "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
         "n_with_metadata": _metadata_used(classifier, rows, ok),
@@ -104,6 +106,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         classifier.positive_name: malignant,
         "predicted": np.where(np.isnan(malignant), -1, (malignant >= classifier.threshold).astype(int)),
         "error": [dict(errors).get(i, "") for i in range(len(frame))],
+        "ood_score": judged.ood_score,
+        "refusal": [r if good else "" for r, good in zip(judged.refusals, ok, strict=True)],
     })
     atomic_write(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     if all(t in classifier.class_names for t in ISIC_TASKS):  # the challenge's submission format
@@ -149,6 +153,29 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
                 if error_examples > 0 else None)
     html_report(metrics, plots, out / "report.html", examples=examples)
     return metrics
+
+
+def guard_figures(judged, labels: np.ndarray, malignant: np.ndarray, ok: np.ndarray, threshold: float,
+                  image_ids, n_boot: int) -> dict:
+    """What the guard did on labelled data: how many images it would refuse and why, and the figures on the images
+    it lets through (the headline figures keep every image, as the model was scored before the guard)."""
+    refused = np.array([bool(r) for r in judged.refusals]) & ok
+    out_of_distribution = refused & (judged.ood_score > 1)
+    figures = {"guarded": judged.guarded, "n_refused": int(refused.sum()),
+               "n_out_of_distribution": int(out_of_distribution.sum()),
+               "n_frame_problems": int((refused & ~out_of_distribution).sum()),
+               "refused_share": float(refused.sum() / max(1, ok.sum())),
+               "refused": [{"image_id": str(image_ids.iloc[i]), "reason": judged.refusals[i]}
+                           for i in np.flatnonzero(refused)[:50]]}
+    if judged.guarded:
+        scores = judged.ood_score[ok]
+        figures["ood_score_quantiles"] = {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.98")}
+    kept = ok & ~refused
+    if refused.any() and len(set(labels[kept])) == 2:
+        report = binary_report(labels[kept], malignant[kept], threshold, n_boot=n_boot)
+        figures["without_refused"] = {k: report[k] for k in ("n", "n_positive", "auc", "auc_ci95", "sensitivity",
+                                                            "specificity", "balanced_accuracy")}
+    return figures
 
 
 def compare(first: str | Path, second: str | Path, task: str = "malignant") -> dict:

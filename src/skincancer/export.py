@@ -18,13 +18,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .checkpoint import WEIGHTS_FILE, CheckpointError, atomic_write, find_model_dir, write_json
-from .engine import collect, make_loader
+from .engine import ProbabilitiesAndFeatures, collect, make_loader
 
 log = logging.getLogger("skincancer")
 
 ONNX_FILE = "model.onnx"
 OPSET = 17  # well inside what onnxruntime 1.32 runs; the TorchScript exporter writes it without onnxscript
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "image", "probabilities", "features"
 ORT_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # 2 here
 # Images per session.run: a loader batch of 32 is fed in slices of 4, whose activations stay in the CPU caches
 # (Lite0 at 224 px on this 2-core EPYC: ~280 images/s in slices of 4 against ~200 as one batch of 32).
@@ -35,25 +35,15 @@ class ExportError(CheckpointError):
     pass
 
 
-class ProbabilityModel(nn.Module):
-    """The classifier with its softmax, so that the exported graph maps normalised images to probabilities."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image).float().softmax(dim=1)
-
-
 def onnx_path(run: str | Path) -> Path:
     """Where a run's ONNX export lives: RUN/model/model.onnx."""
     return find_model_dir(run) / ONNX_FILE
 
 
 def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPSET, check: bool = True) -> Path:
-    """Write the run's model as ONNX (input 'image' [batch, 3, S, S] normalised, output 'probabilities'
-    [batch, classes]) with the preprocessing metadata beside it in `<out>.json`; check it against PyTorch."""
+    """Write the run's model as ONNX (input 'image' [batch, 3, S, S] normalised, outputs 'probabilities'
+    [batch, classes] and 'features' [batch, D], the pooled features the guard scores) with the preprocessing
+    metadata beside it in `<out>.json`; check it against PyTorch."""
     from .predict import load_model  # predict imports this module lazily for its engine
 
     classifier = load_model(run, engine="torch")
@@ -61,6 +51,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPS
     diff = write_onnx(classifier.model, int(classifier.meta["image_size"]), out, opset=opset, check=check)
     write_json(out.with_name(out.name + ".json"), {
         **classifier.meta, "onnx": {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                    "features": FEATURES_NAME,
                                     "input_layout": "NCHW float32, resized and normalised with mean/std",
                                     "max_difference_to_torch": diff,
                                     "weights_sha256": weights_digest(classifier.source),
@@ -71,28 +62,36 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPS
 
 def write_onnx(model: nn.Module, image_size: int, out: str | Path, opset: int = OPSET,
                check: bool = True) -> float | None:
-    """Export any image classifier (logits out) as ONNX with its softmax and a dynamic batch axis (atomically);
-    returns the largest probability difference to PyTorch on random input (checked to be < 1e-4)."""
+    """Export any image classifier (logits out) as ONNX with its softmax, its pooled features and a dynamic batch
+    axis (atomically); returns the largest probability difference to PyTorch on random input (checked to be
+    < 1e-4; the features to 1e-3 of their scale)."""
     out = Path(out)
-    wrapped = ProbabilityModel(model).eval()
+    wrapped = ProbabilitiesAndFeatures(model).eval()
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
+                              do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                            FEATURES_NAME: {0: "batch"}})
 
     atomic_write(out, write)
     if not check:
         return None
     with torch.no_grad():
-        expected = wrapped(example).numpy()
-    got = OnnxEngine(out).probabilities(example.numpy())
+        expected, expected_features = (t.numpy() for t in wrapped(example))
+    engine = OnnxEngine(out)
+    got = engine.probabilities(example.numpy())
     diff = float(np.abs(got - expected).max())
     if diff > 1e-4:
         raise ExportError(f"{out}: ONNX output differs from PyTorch by {diff:.2e} (> 1e-4)")
+    features = engine.outputs(example.numpy())[:, got.shape[1]:]
+    feature_diff = float(np.abs(features - expected_features).max() / (np.abs(expected_features).max() + 1e-12))
+    if feature_diff > 1e-3:
+        raise ExportError(f"{out}: ONNX features differ from PyTorch by {feature_diff:.2e} of their scale (> 1e-3)")
     return diff
 
 
@@ -211,6 +210,7 @@ class OnnxEngine:
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ExportError(f"{self.path}: expected one image input [batch, 3, H, W], found {inputs}")
         self.input_name = inputs[0].name
+        self.has_features = [o.name for o in self.session.get_outputs()][:2] == [OUTPUT_NAME, FEATURES_NAME]
 
     def shape_problem(self, image_size: int | None, classes: int | None, advice: str) -> str | None:
         """What makes this graph unfit for a model of `image_size` px and `classes` outputs (None: fit)."""
@@ -224,16 +224,30 @@ class OnnxEngine:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Normalised images [N, 3, S, S] float32 -> probabilities [N, classes]."""
+        return self._run(batch, [OUTPUT_NAME] if self.has_features else None)
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised images -> probabilities and pooled features side by side [N, classes + D]."""
+        if not self.has_features:
+            raise ExportError(f"{self.path}: exported without the features output the guard needs; run `skincancer "
+                              "export --model RUN` again")
+        return self._run(batch, [OUTPUT_NAME, FEATURES_NAME])
+
+    def _run(self, batch: np.ndarray, names: list[str] | None) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        slices = [self.session.run(None, {self.input_name: batch[i:i + self.slice_size]})[0]
-                  for i in range(0, len(batch), self.slice_size)]
+        slices = []
+        for i in range(0, len(batch), self.slice_size):
+            got = self.session.run(names, {self.input_name: batch[i:i + self.slice_size]})
+            slices.append(np.concatenate(got, axis=1) if names and len(names) > 1 else got[0])
         return np.concatenate(slices) if len(slices) != 1 else slices[0]
 
-    def run_inference(self, dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
-                      tta: int = 1) -> tuple[np.ndarray, list]:
-        """Like engine.run_inference(output='probs'): [N, classes] with NaN rows, and (index, reason) failures."""
+    def run_inference(self, dataset: Dataset, batch_size: int = 32, num_workers: int = 0, tta: int = 1,
+                      output: str = "probs", extra=None) -> tuple[np.ndarray, list]:
+        """Like engine.run_inference (output 'probs' or 'probs+features'): [N, outputs] with NaN rows, and
+        (index, reason) failures."""
+        forward = self.outputs if output == "probs+features" else self.probabilities
         # a single batch gains nothing from a worker process, and starting one costs more than decoding it
         workers = num_workers if len(dataset) > batch_size else 0
         with one_torch_thread():  # decoding in this process (workers=0) uses torch only for tiny tensor ops
             return collect(make_loader(dataset, batch_size, workers), len(dataset),
-                           lambda images: self.probabilities(images.numpy()), tta, desc="predicting (onnx)")
+                           lambda images: forward(images.numpy()), tta, desc="predicting (onnx)", extra=extra)

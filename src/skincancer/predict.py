@@ -18,6 +18,7 @@ from .backbones import BackboneError, model_from_meta
 from .checkpoint import META_FILE, CheckpointError, find_model_dir, load_weights_into, read_meta, read_weights
 from .data import IMAGE_EXTENSIONS, ImageDataset, ImageError, build_transform, to_rgb
 from .engine import run_inference
+from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
 from .metadata import MetadataModel, normalise_rows
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Classifier:
     meta: dict
     source: Path
     engine: OnnxEngine | None = None  # None: eager PyTorch on `model`; Grad-CAM always uses `model`
+    guard: Guard | None = None  # the out-of-distribution statistics (None: a run fitted before the guard existed)
 
     @property
     def engine_name(self) -> str:
@@ -98,6 +100,33 @@ class Classifier:
         tta: dihedral views averaged (1, 2, 4, 8); None = the model's own setting (model.json `tta`, else 1).
         metadata: per image {'age': years, 'sex': 'male'|'female'} or None (or a DataFrame with age_approximate /
         sex columns); fused with the image probabilities when the model has a metadata model, ignored otherwise."""
+        probs, errors, _, _ = self._outputs(images, batch_size, num_workers, tta, metadata, guarded=False)
+        return probs, errors
+
+    @property
+    def has_guard(self) -> bool:
+        """Whether predictions get an out-of-distribution score (an ensemble: every member has a guard)."""
+        return self.guard is not None
+
+    def judge(self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
+              tta: int | None = None, metadata=None, refuse: bool = True) -> Judged:
+        """predict_proba, with the guard's word on each image: its out-of-distribution score (1 is the limit; NaN
+        without a guard) and, where the image is not one the model can judge, why (refuse=False: said, not
+        enforced: every image keeps its verdict, for research)."""
+        probs, errors, scores, frames = self._outputs(images, batch_size, num_workers, tta, metadata, guarded=True)
+        reasons = []
+        for i in range(len(probs)):
+            problem = frame_problem(*frames[i]) if len(frames) else None
+            if problem is None and scores[i] > 1:
+                problem = f"the image {OUT_OF_DISTRIBUTION} (out-of-distribution score {scores[i]:.2f}; above 1 " \
+                          "is refused)"
+            reasons.append(problem or "")
+        return Judged(probs, errors, scores, reasons, refuse, self.has_guard)
+
+    def _outputs(self, images, batch_size: int, num_workers: int, tta: int | None, metadata, guarded: bool
+                 ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+        """Probabilities [N, classes] and failures; with `guarded`, the out-of-distribution scores [N] (NaN: no
+        guard) and each frame's luminance mean and spread [N, 2]."""
         tta = self.meta.get("tta", 1) if tta is None else tta
         if images is None or isinstance(images, (bytes, bytearray)):
             raise TypeError("images: expected a list of paths, PIL images or arrays (for encoded bytes, "
@@ -114,12 +143,24 @@ class Classifier:
             except ImageError as err:  # an image too small: its own error, as for an unreadable file
                 sources.append(err)
         dataset = ImageDataset(sources, None, self.transform())
+        features = guarded and self.guard is not None
+        output = "probs+features" if features else "probs"
+        extra = (lambda batch: pixel_stats(batch, self.meta["mean"], self.meta["std"])) if guarded else None
         if self.engine is not None:
-            probs, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
-                                                      tta=tta)
+            values, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                       tta=tta, output=output, extra=extra)
         else:
-            probs, errors = run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers,
-                                          tta=tta)
+            values, errors = run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers,
+                                           tta=tta, output=output, extra=extra)
+        classes = len(self.class_names)
+        probs = values[:, :classes] if values.shape[1] else values
+        scores = np.full(len(images), np.nan)
+        frames = np.full((len(images), PIXEL_STATS), np.nan)
+        if guarded and values.shape[1]:
+            frames = values[:, -PIXEL_STATS:].astype(np.float64)
+            if features:
+                scores = self.guard.score(values[:, classes:-PIXEL_STATS])
+        probs = np.ascontiguousarray(probs)
         model = self.metadata_model
         if model is not None and rows is not None and probs.shape[1]:
             probs = model.fuse(probs, rows)
@@ -129,14 +170,17 @@ class Classifier:
             probs[broken] = np.nan
             errors = sorted([*errors, *((int(i), "the model gave a non-finite output (corrupted weights?)")
                                         for i in broken)])
-        return probs, errors
+        return probs, errors, scores, frames
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
-                tta: int | None = None, metadata=None) -> pd.DataFrame:
+                tta: int | None = None, metadata=None, refuse: bool = True) -> pd.DataFrame:
         """One row per image: source, a probability per class, the malignant probability, the label at the
-        model's threshold, and an error message for files that could not be read.
+        model's threshold ('refused' where the guard refuses the image), the out-of-distribution score (1 is the
+        limit), whether the image is in distribution, why it was refused, and an error message for files that
+        could not be read.
 
-        metadata: see predict_proba; one dict (or None) per image, a single dict for a single image."""
+        metadata: see predict_proba; one dict (or None) per image, a single dict for a single image.
+        refuse: False keeps every verdict (the guard's columns are still filled), for research."""
         if images is None or isinstance(images, (bytes, bytearray)):
             raise TypeError("images: expected an image or a list of paths, PIL images or arrays (for encoded bytes, "
                             "PIL.Image.open(io.BytesIO(data)))")
@@ -144,16 +188,17 @@ class Classifier:
             images = [images]
             metadata = [metadata] if isinstance(metadata, dict) else metadata
         images = list(images)
-        probs, errors = self.predict_proba(images, batch_size=batch_size, num_workers=num_workers, tta=tta,
-                                           metadata=metadata)
-        table = self.table(images, probs, errors)
+        judged = self.judge(images, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=metadata,
+                            refuse=refuse)
+        table = self.table(images, judged.probs, judged.errors, judged)
         if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
             rows = normalise_rows(metadata, len(images), _ids(images))
             table.insert(table.columns.get_loc("error"), "metadata_used",
                          [self.fuses(row) and not error for row, error in zip(rows, table["error"], strict=True)])
         return table
 
-    def table(self, images: Sequence, probs: np.ndarray, errors: list) -> pd.DataFrame:
+    def table(self, images: Sequence, probs: np.ndarray, errors: list, judged: Judged | None = None) -> pd.DataFrame:
+        """The prediction record every output renders (CLI, Ray, API): see predict. `judged`: the guard's columns."""
         error_by_index = dict(errors)
         malignant = self.malignant_probability(probs) if probs.shape[1] else np.full(len(images), np.nan)
         columns = {"source": [_describe(image, i) for i, image in enumerate(images)]}
@@ -164,8 +209,31 @@ class Classifier:
             "" if np.isnan(p) else self.positive_name if p >= self.threshold else self.negative_name
             for p in malignant
         ]
+        if judged is not None:
+            refused = [bool(r) and judged.refuse and i not in error_by_index for i, r in enumerate(judged.refusals)]
+            columns["label"] = ["refused" if no else label for no, label in zip(refused, columns["label"], strict=True)]
+            columns["ood_score"] = judged.ood_score
+            columns["in_distribution"] = pd.array([None if i in error_by_index or (not judged.guarded and not r)
+                                                   else not r for i, r in enumerate(judged.refusals)],
+                                                  dtype="boolean")
+            columns["refusal"] = [r if i not in error_by_index else "" for i, r in enumerate(judged.refusals)]
         columns["error"] = [error_by_index.get(i, "") for i in range(len(images))]
         return pd.DataFrame(columns)
+
+
+@dataclass
+class Judged:
+    """What the guard says of each image, beside its probabilities: see Classifier.judge."""
+
+    probs: np.ndarray
+    errors: list
+    ood_score: np.ndarray  # [N]: 1 is the limit; NaN without a guard or for an unreadable file
+    refusals: list[str]  # [N]: why the image gets no verdict ("": it does)
+    refuse: bool = True  # False: the reasons are said, the verdicts kept (--no-guard)
+    guarded: bool = True  # whether there was an out-of-distribution score (frame checks always run)
+
+    def refused(self, index: int) -> bool:
+        return self.refuse and bool(self.refusals[index])
 
 
 def load_model(run: str | Path, engine: str = "auto") -> Classifier:
@@ -190,13 +258,26 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
         log.warning("%s: saved during training (epoch %s) by a run that has not finished: its threshold (%s) is a "
                     "placeholder, not chosen on validation; finish it with `skincancer train --resume`",
                     model_dir, meta.get("epoch"), meta["threshold"])
+    try:
+        guard = load_guard(model_dir, meta.get("guard"))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{model_dir / META_FILE}: guard: {err}") from None
     runtime = None
     if engine != "torch":
         from .export import find_export
 
         runtime = find_export(model_dir, required=engine == "onnx", image_size=int(meta["image_size"]),
                               classes=len(meta["class_names"]))
-    return Classifier(model=model, meta=meta, source=model_dir, engine=runtime)
+    if runtime is not None and guard is not None and not runtime.has_features:
+        problem = (f"{runtime.path}: exported before the guard (no features output); run `skincancer export "
+                   f"--model {model_dir.parent}` again")
+        if engine == "onnx":
+            from .export import ExportError
+
+            raise ExportError(problem)
+        log.warning("%s; using PyTorch", problem)
+        runtime = None
+    return Classifier(model=model, meta=meta, source=model_dir, engine=runtime, guard=guard)
 
 
 def _validation_source(model_dir: Path) -> str:
@@ -219,6 +300,11 @@ def sentence(probability: float, threshold: float, positive_name: str = "maligna
     return (f"This image is {probability * 100:.2f}% {positive_name}: {'above' if flagged else 'below'} the model's "
             f"threshold of {threshold * 100:.2f}%, so it is "
             f"{f'flagged {positive_name}' if flagged else f'called {negative_name}'}.")
+
+
+def refusal_sentence(reason: str) -> str:
+    """What a person reads for an image the guard refuses: why, and that there is no verdict."""
+    return f"No verdict for this image: {reason}."
 
 
 def expand_inputs(paths: Sequence[str | Path], passed_over: list[str] | None = None) -> list[str]:

@@ -29,7 +29,8 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
                      out: str | Path | None = None, address: str | None = None, engine: str = "auto",
                      batch_size: int = 32, tta: int | None = None, actors: int | None = None,
                      cpus_per_actor: float = 1.0, num_cpus: int | None = None,
-                     on_error: Callable[[str, str], None] | None = None, progress: bool = True) -> tuple[int, int]:
+                     on_error: Callable[[str, str], None] | None = None, progress: bool = True,
+                     refuse: bool = True) -> tuple[int, int]:
     """Predict every image in `inputs` (files and folders) on Ray and write one row per image to `out`.
 
     run: a run folder, or several for an ensemble (probabilities averaged, as `predict --model A --model B`).
@@ -39,6 +40,8 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
     None starts a local Ray (with `num_cpus` CPUs) unless this process is already connected to one.
     actors: a fixed number of model actors; None lets Ray scale between 1 and the cluster's CPUs.
     on_error(source, reason) is called for each unreadable file. Returns (rows written, rows with an error).
+    refuse: as `predict --guard/--no-guard`: images the guard refuses get the label 'refused' (False: their
+    verdicts are kept; the guard's columns are filled either way).
     """
     try:
         import ray
@@ -68,7 +71,7 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
     try:
         with _quiet_ray_data():
             dataset = build_dataset(model_dirs, inputs, engine=engine, batch_size=batch_size, tta=tta, actors=actors,
-                                    cpus_per_actor=cpus_per_actor, progress=progress)
+                                    cpus_per_actor=cpus_per_actor, progress=progress, refuse=refuse)
             rows, failed = write_stream(_batches(dataset), out, on_error)
     finally:
         if started:
@@ -80,7 +83,7 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
 
 def build_dataset(model_dirs: Sequence[str | Path], inputs: Sequence[str | Path], engine: str = "auto",
                   batch_size: int = 32, tta: int | None = None, actors: int | None = None,
-                  cpus_per_actor: float = 1.0, progress: bool = True):
+                  cpus_per_actor: float = 1.0, progress: bool = True, refuse: bool = True):
     """The lazy Ray Dataset: inputs -> image paths (listed in tasks) -> prediction rows (in model actors, each
     holding every run of `model_dirs`)."""
     import ray
@@ -99,7 +102,7 @@ def build_dataset(model_dirs: Sequence[str | Path], inputs: Sequence[str | Path]
     return paths.map_batches(_ClassifierActor, batch_size=batch_size, batch_format="pandas", compute=pool,
                              num_cpus=cpus_per_actor,
                              fn_constructor_kwargs={"runs": [str(d) for d in model_dirs], "engine": engine,
-                                                    "batch_size": batch_size, "tta": tta,
+                                                    "batch_size": batch_size, "tta": tta, "refuse": refuse,
                                                     "threads": max(1, int(cpus_per_actor))})
 
 
@@ -206,19 +209,20 @@ class _ClassifierActor:
     """Holds one loaded model (or ensemble); called with a batch of paths, returns their rows of
     `Classifier.table`."""
 
-    def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int | None, threads: int = 1):
+    def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int | None, threads: int = 1,
+                 refuse: bool = True):
         import torch
 
         from .ensemble import load_models
 
         torch.set_num_threads(threads)
         self.classifier = load_models(runs, engine=engine)
-        self.batch_size, self.tta = batch_size, tta
+        self.batch_size, self.tta, self.refuse = batch_size, tta, refuse
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         paths = list(batch["path"])
-        probs, errors = self.classifier.predict_proba(paths, batch_size=self.batch_size, num_workers=0, tta=self.tta)
-        table = self.classifier.table(paths, probs, errors)
+        table = self.classifier.predict(paths, batch_size=self.batch_size, num_workers=0, tta=self.tta,
+                                        refuse=self.refuse)
         # a batch of only unreadable files has NaN (float64) columns: keep every batch's schema the same
-        numeric = [c for c in table.columns if c not in ("source", "label", "error")]
-        return table.astype({c: "float32" for c in numeric})
+        numeric = [c for c in table.columns if c not in ("source", "label", "error", "refusal", "in_distribution")]
+        return table.astype({**{c: "float32" for c in numeric}, "in_distribution": "boolean"})

@@ -236,6 +236,24 @@ def _provenance_note(metrics: dict) -> str:
     return f'<h2>Provenance</h2><ul class="provenance">{items}</ul>'
 
 
+def _guard_note(guard: dict | None) -> str:
+    """What the out-of-distribution guard would have refused on these images, and the figures without them."""
+    if not guard:
+        return ""
+    kind = ("its out-of-distribution guard and frame checks" if guard.get("guarded") else
+            "frame checks only (this model has no out-of-distribution guard)")
+    text = (f"<h2>Images the model would refuse</h2><p>By {kind}: {guard['n_refused']} image(s) "
+            f"({guard['n_out_of_distribution']} not like the training images, {guard['n_frame_problems']} blank, "
+            "black or washed-out frames). They count in the figures above, as the model's own scores.")
+    kept = guard.get("without_refused")
+    if kept:
+        text += (f" Without them ({kept['n']} images): AUC {_fmt(kept['auc'])}, sensitivity "
+                 f"{_fmt(kept['sensitivity'])}, specificity {_fmt(kept['specificity'])}.")
+    items = "".join(f"<li>{html.escape(r['image_id'])}: {html.escape(r['reason'])}</li>"
+                    for r in guard.get("refused", [])[:20])
+    return text + "</p>" + (f"<ul>{items}</ul>" if items else "")
+
+
 def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation",
                 examples: dict | None = None) -> Path:
     """One self-contained HTML page (plots and thumbnails embedded) with the headline metrics and the notice;
@@ -294,6 +312,7 @@ AUC is computed from predicted probabilities (not thresholded labels); the 95% i
 {_calibration_note(calibration) if calibration else ''}
 <table>{rows}</table>
 {_subgroup_table(metrics.get("subgroups"))}
+{_guard_note(metrics.get("guard"))}
 {''.join(_img_tag(p) for p in plots)}
 {_error_gallery(examples, metrics)}
 {f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}

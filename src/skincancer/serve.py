@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -31,7 +32,7 @@ from .card import FIGURE_NAMES, model_card
 from .data import ImageError, load_image
 from .ensemble import load_models
 from .metadata import MetadataError, parse_age, parse_sex
-from .predict import Classifier, sentence
+from .predict import Classifier, Judged, refusal_sentence, sentence
 
 log = logging.getLogger("skincancer")
 MB = 1024 * 1024
@@ -279,8 +280,13 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     def predict(file: UploadFile = File(..., description="a dermoscopy photograph (JPEG, PNG, ...)"),
                 cam: bool = Query(False, description="also return the Grad-CAM overlay as a base64 PNG"),
                 age: str | None = Form(None, description="patient's age in years (optional; models with metadata)"),
-                sex: str | None = Form(None, description="male | female (optional; models with metadata)")) -> dict:
-        """Probabilities per class, the malignant probability and the label at the model's threshold."""
+                sex: str | None = Form(None, description="male | female (optional; models with metadata)"),
+                guard: bool = Query(True, description=(
+                    "false: keep the verdict for an image the guard refuses (research only); the guard's fields are "
+                    "filled either way"))) -> dict:
+        """Probabilities per class, the malignant probability and the label at the model's threshold; for an image
+        the model cannot judge (not like its dermoscopy training images, or a blank/black frame), label 'refused',
+        the reason, and no verdict in the sentence."""
         started = time.perf_counter()
         name = file.filename or "upload"
         try:
@@ -291,16 +297,16 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
             use_metadata = classifier.fuses(patient)
             image = read_upload(file, file_limit, name)
             with inference_lock:
-                probs, errors = classifier.predict_proba([image], batch_size=1, num_workers=0, tta=tta,
-                                                         metadata=[patient] if use_metadata else None)
-            if errors:
-                raise HTTPException(422, f"{name}: {errors[0][1]}")
+                judged = classifier.judge([image], batch_size=1, num_workers=0, tta=tta,
+                                          metadata=[patient] if use_metadata else None, refuse=guard)
+            if judged.errors:
+                raise HTTPException(422, f"{name}: {judged.errors[0][1]}")
         except HTTPException:
             metrics.count_images(0, 1)
             raise
         metrics.count_images(1, 0)
-        answer = prediction(classifier, name, probs[0], use_metadata)
-        if cam:
+        answer = prediction(classifier, name, judged, 0, use_metadata)
+        if cam and not judged.refused(0):  # no map of a score that means nothing for the image
             from .explain import explain
 
             with inference_lock:  # Grad-CAM hooks the PyTorch model, which the torch engine also predicts with
@@ -311,7 +317,9 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     @app.post(BATCH_PATH, openapi_extra=batch_request_schema(max_batch), responses=ERRORS)
     async def predict_batch(request: Request, cam: bool = Query(
             False, description="also return each photo's Grad-CAM overlay as a base64 PNG (slower: one backward "
-                               "pass per photo and member)")) -> dict:
+                               "pass per photo and member)"),
+            guard: bool = Query(True, description="false: keep the verdicts of images the guard refuses (research)")
+            ) -> dict:
         """Several images in one request (multipart `files`, repeated; optional `age` and `sex` once per file, in
         order, empty where unknown), predicted in batches: one result per file, in order. A file that cannot be
         read, or whose age/sex is invalid, gets its own `error` and `status`; the others are still answered."""
@@ -337,11 +345,11 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
                 raise HTTPException(422, f"{field}: {len(values)} values for {len(files)} files (give one per file, "
                                          "in order, empty where unknown)")
         try:
-            return await run_in_threadpool(answer_batch, files, ages, sexes, cam)
+            return await run_in_threadpool(answer_batch, files, ages, sexes, cam, guard)
         finally:
             await form.close()  # the parts Starlette spooled to disk go now, not at garbage collection
 
-    def answer_batch(files: list, ages: list | None, sexes: list | None, cam: bool) -> dict:
+    def answer_batch(files: list, ages: list | None, sexes: list | None, cam: bool, guard: bool = True) -> dict:
         started = time.perf_counter()
         results: list[dict] = []
         pending: list[tuple[int, str, Image.Image, dict | None]] = []  # decoded, not yet predicted
@@ -349,18 +357,18 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
         def predict_pending() -> None:
             with inference_lock:
                 metadata = [patient for *_, patient in pending] if classifier.uses_metadata else None
-                probs, errors = classifier.predict_proba([image for _, _, image, _ in pending], num_workers=0, tta=tta,
-                                                         batch_size=BATCH_CHUNK, metadata=metadata)
-            failed = dict(errors)
+                judged = classifier.judge([image for _, _, image, _ in pending], num_workers=0, tta=tta,
+                                          batch_size=BATCH_CHUNK, metadata=metadata, refuse=guard)
+            failed = dict(judged.errors)
             for row, (index, name, _, patient) in enumerate(pending):
                 fused = metadata is not None and classifier.fuses(patient)
                 results[index] = ({"filename": name, "error": f"{name}: {failed[row]}", "status": 422}
-                                  if row in failed else prediction(classifier, name, probs[row], fused))
+                                  if row in failed else prediction(classifier, name, judged, row, fused))
             if cam:
                 from .explain import explain
 
                 for row, (index, _, image, _) in enumerate(pending):
-                    if row not in failed:
+                    if row not in failed and not judged.refused(row):
                         with inference_lock:  # as for one photo; other requests may predict between two maps
                             results[index]["cam_png_base64"] = png_base64(explain(classifier, image))
             pending.clear()
@@ -433,16 +441,26 @@ def read_upload(file: UploadFile, file_limit: int, name: str) -> Image.Image:
     return decode_upload(data, name)
 
 
-def prediction(classifier: Classifier, name: str, probs, metadata_used: bool) -> dict:
-    """One image's answer: probabilities per class, the malignant probability, the label at the threshold."""
+def prediction(classifier: Classifier, name: str, judged: Judged, row: int, metadata_used: bool) -> dict:
+    """One image's answer: probabilities per class, the malignant probability, the label at the threshold, and the
+    guard's word: its out-of-distribution score (1 is the limit; null without a guard), whether the image is in
+    distribution, and why it gets no verdict (label 'refused', the sentence says why)."""
+    probs = judged.probs[row]
     malignant = float(classifier.malignant_probability(probs[None])[0])
+    reason = judged.refusals[row]
+    score = float(judged.ood_score[row])
+    verdict = classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name
     return {
         "filename": name,
         "probabilities": {c: float(p) for c, p in zip(classifier.class_names, probs, strict=True)},
         "malignant_probability": malignant,
-        "label": classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name,
+        "label": "refused" if judged.refused(row) else verdict,
+        "ood_score": score if np.isfinite(score) else None,
+        "in_distribution": (not reason) if judged.guarded or reason else None,
+        "refusal": reason or None,
         "metadata_used": metadata_used,
-        "sentence": sentence(malignant, classifier.threshold, classifier.positive_name, classifier.negative_name),
+        "sentence": (refusal_sentence(reason) if judged.refused(row) else
+                     sentence(malignant, classifier.threshold, classifier.positive_name, classifier.negative_name)),
     }
 
 
@@ -468,6 +486,10 @@ def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
         limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden", max_batch=max_batch,
         source=e("out-of-fold predictions over the training and validation images"
                  if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
+        guard_note=e("Photos that do not look like the dermoscopy images this model was trained on, and blank, black "
+                     "or washed-out frames, get no verdict." if card["guard"] else
+                     "This model has no out-of-distribution guard: any photo gets a verdict, except blank, black or "
+                     "washed-out frames. Use dermoscopy images only."),
     )
 
 
@@ -485,6 +507,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem aut
 td img {{ max-width: 8rem; max-height: 8rem; border-radius: 4px; vertical-align: middle; }}
 #probability {{ font-size: 2rem; font-weight: 600; }}
 .malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error, .failed {{ color: #b00020; font-weight: 600; }}
+.refused {{ background: #eef0f4; border: 1px solid #8a93a6; padding: .75rem 1rem; border-radius: 6px; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15rem .75rem .15rem 0; }}
 </style></head>
 <body>
@@ -500,14 +523,17 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 <option value="female">female</option><option value="male">male</option></select></p>
 <p id="status"></p><p id="error" role="alert"></p>
 <section id="result" hidden>
+  <p id="refusal" class="refused" role="alert" hidden></p>
+  <div id="verdict">
   <p>Malignancy probability: <span id="probability"></span></p>
   <p>Label at the model's threshold ({threshold}): <strong id="label"></strong>. <span id="sentence"></span>
   <span id="metadata-note"></span></p>
   <table id="classes"></table>
+  </div>
   <div class="images">
     <figure><img id="photo" alt="uploaded photo"><figcaption>your photo</figcaption></figure>
-    <figure><img id="overlay" alt="Grad-CAM overlay"><figcaption>Grad-CAM: regions that raise the
-    {positive} score</figcaption></figure>
+    <figure id="overlay-figure"><img id="overlay" alt="Grad-CAM overlay"><figcaption>Grad-CAM: regions that raise
+    the {positive} score</figcaption></figure>
   </div>
 </section>
 <section id="batch" hidden>
@@ -519,6 +545,7 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 <h2>The model</h2>
 <p>{name}: {architecture}, classes {classes}; threshold {threshold} ({policy});
 skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
+<p id="guard-note">{guard_note}</p>
 <h3>Validation figures ({source})</h3>
 <table id="validation">{rows}</table>
 <script>
@@ -569,6 +596,9 @@ function sendBatch(files) {{
       if (result.error) {{
         const cell = row.insertCell(); cell.colSpan = cam ? 3 : 2; cell.className = "failed";
         cell.textContent = "Error " + result.status + ": " + result.error;
+      }} else if (result.label === "refused") {{
+        const cell = row.insertCell(); cell.colSpan = cam ? 3 : 2; cell.className = "refused";
+        cell.textContent = "No verdict: " + result.refusal;
       }} else {{
         row.insertCell().textContent = (result.malignant_probability * 100).toFixed(1) + "%";
         const label = row.insertCell(); label.textContent = result.label;
@@ -590,6 +620,11 @@ function send(file) {{
     if ($("sex").value !== "") form.append("sex", $("sex").value);
   }}
   post("/api/predict?cam=true", form, "analysing " + file.name + "...", (answer) => {{
+    const refused = answer.label === "refused";
+    $("refusal").hidden = !refused; $("verdict").hidden = refused; $("overlay-figure").hidden = refused;
+    $("refusal").textContent = refused ? answer.sentence : "";
+    $("photo").src = URL.createObjectURL(file);
+    if (refused) {{ $("result").hidden = false; return; }}
     $("probability").textContent = (answer.malignant_probability * 100).toFixed(1) + "%";
     $("label").textContent = answer.label;
     $("label").className = answer.label === {positive_js} ? "malignant" : "benign";

@@ -58,6 +58,7 @@ from .distributed import (
     shutdown,
 )
 from .engine import DIHEDRAL, make_loader, run_inference, train_one_epoch
+from .guard import GuardError, fit_model_guard
 from .metadata import MetadataModel, has_metadata
 from .metadata import records as metadata_records
 from .metrics import choose_threshold, roc_auc, validation_summary
@@ -158,6 +159,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             if not world.is_main:
                 return out
 
+        guard_valid = None  # the validation pass's features, for the guard of a fine-tuned model
         if held_out is not None:
             # A head fitted on train+valid: threshold and validation figures from its out-of-fold predictions.
             valid_probs, valid_df = held_out
@@ -165,8 +167,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         else:
             # Otherwise they always come from the saved model's own outputs on validation.
             valid_set = ImageDataset(valid_df["filepath"], None, _eval_transform(config, prep))
-            valid_probs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers,
-                                                tta=config.tta, desc="validating")
+            outputs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers,
+                                            tta=config.tta, output="probs+features", desc="validating")
+            valid_probs, guard_valid = outputs[:, :len(class_names)], outputs[:, len(class_names):]
             _report_bad(errors, valid_df["filepath"], "validation")
             meta["validation_source"] = "valid"
         meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
@@ -179,6 +182,16 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             meta["validation"].update(metadata_validation(metadata_model, valid_probs[only_valid],
                                                           valid_df[only_valid].reset_index(drop=True), class_names,
                                                           config))
+        if config.guard:
+            frozen = config.mode == "linear"
+            fitted = _probe_guard_features(model, config, prep, train_df, valid_df, keys) if frozen else None
+            try:
+                meta["guard"] = fit_model_guard(
+                    model, frozen, train_df["filepath"], valid_df["filepath"], _eval_transform(config, prep),
+                    config.tta, out / "model", config.batch_size, config.num_workers, config.guard_false_rejection,
+                    valid_features=guard_valid, fitted_features=fitted, seed=config.seed)
+            except GuardError as err:  # a smoke-test-sized split: the model works, unguarded, and says so
+                log.warning("no out-of-distribution guard: %s", err)
         meta["epoch"] = epoch
         meta["train_seconds"] = round(time.time() - started, 1)
         save_model(model, meta, out / "model")
@@ -299,6 +312,18 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         return None
     held_out = fit_df.assign(split=["train"] * len(train_df) + ["valid"] * len(valid_df))
     return oof, held_out[ok].reset_index(drop=True)
+
+
+def _probe_guard_features(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame,
+                          valid_df: pd.DataFrame, keys: list[str | None]) -> np.ndarray:
+    """The probe's cached features of train + valid, the mean of its first `tta` views (as predictions see them);
+    NaN rows for unreadable files."""
+    paths = pd.concat([train_df["filepath"], valid_df["filepath"]], ignore_index=True)
+    views = [cached_features(model, paths, config, prep, view, "guard", keys) for view in range(config.tta)]
+    ok = np.logical_and.reduce([mask for _, mask in views])
+    features = np.mean([values for values, _ in views], axis=0)
+    features[~ok] = np.nan
+    return features
 
 
 def feature_cache_dir(config: TrainConfig, prep: dict, view: int) -> Path:
