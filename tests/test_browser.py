@@ -88,3 +88,22 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
         page.goto(url + "/docs")  # Swagger UI from the package's own static files: no CDN needed
         page.locator(".opblock").filter(has_text="/api/predict").first.wait_for(timeout=30_000)
         page.close()
+
+
+def test_page_gives_no_verdict_for_a_photo_that_is_not_dermoscopy(browser, tiny_run, tmp_path):
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(photo)
+    with serving(tiny_run) as (url, _):
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.inner_text("#error") == ""
+        assert page.is_visible("#refusal")
+        assert page.inner_text("#refusal").startswith("No verdict for this image")
+        assert page.is_hidden("#verdict") and page.is_hidden("#overlay-figure")
+        assert "%" not in page.inner_text("#result")  # no probability shown anywhere
+        page.close()
