@@ -196,7 +196,8 @@ def test_onnx_engine_guards_like_torch(tiny_run, small_data, tmp_path):
 def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(tiny_run, tmp_path):
     import torch
 
-    from skincancer.export import ONNX_FILE, ExportError, export_onnx, file_digest
+    from skincancer.export import ONNX_FILE, ExportError, export_onnx
+    from skincancer.provenance import file_sha256
 
     run = tmp_path / "run"
     shutil.copytree(Path(tiny_run) / "model", run / "model")
@@ -213,7 +214,7 @@ def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(tiny_run,
                       dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
     sidecar = path.with_name(path.name + ".json")
     record = json.loads(sidecar.read_text())
-    record["onnx"]["onnx_sha256"] = file_digest(path)
+    record["onnx"]["onnx_sha256"] = file_sha256(path)
     sidecar.write_text(json.dumps(record))
     with pytest.raises(ExportError, match="exported before the guard"):
         load_model(run, engine="onnx")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,6 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .provenance import file_sha256
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
@@ -86,17 +87,9 @@ def save_model(model: nn.Module, meta: dict, directory: str | Path) -> Path:
         raise CheckpointError(f"model metadata lacks {', '.join(missing)}")
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    digest = _sha256(directory / WEIGHTS_FILE)
+    digest = file_sha256(directory / WEIGHTS_FILE)
     write_json(directory / META_FILE, {"format_version": FORMAT_VERSION, **meta, "weights_sha256": digest})
     return directory
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -195,7 +188,7 @@ def read_weights(model_dir: Path, expected_sha256: str | None = None) -> dict[st
         others = sorted(p.name for p in model_dir.glob("*.pt*")) + sorted(p.name for p in model_dir.glob("*.bin"))
         hint = f" (found {', '.join(others)}: pickle files are not loaded, for safety)" if others else ""
         raise CheckpointError(f"{path}: weights file missing{hint}")
-    if expected_sha256 and _sha256(path) != expected_sha256:
+    if expected_sha256 and file_sha256(path) != expected_sha256:
         raise CheckpointError(f"{path}: the file changed since it was saved (its SHA-256 differs from model.json's "
                               "weights_sha256): corrupted or replaced; retrain or restore it")
     try:

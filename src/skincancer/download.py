@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS
 from .progress import progress as progress_bar
+from .provenance import file_sha256
 
 log = logging.getLogger("skincancer")
 
@@ -217,14 +217,6 @@ def extract_archive(archive: str | Path, dest: str | Path, source: str = "") -> 
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
         raise DownloadError(f"corrupt archive {what}: {err}") from None
     return count
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- internals

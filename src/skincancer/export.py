@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import WEIGHTS_FILE, CheckpointError, atomic_write, find_model_dir, write_json
 from .engine import ProbabilitiesAndFeatures, collect, make_loader
+from .provenance import file_sha256
 
 log = logging.getLogger("skincancer")
 
@@ -55,7 +55,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = OPS
                                     "input_layout": "NCHW float32, resized and normalised with mean/std",
                                     "max_difference_to_torch": diff,
                                     "weights_sha256": weights_digest(classifier.source),
-                                    "onnx_sha256": file_digest(out)}})
+                                    "onnx_sha256": file_sha256(out)}})
     log.info("exported %s (opset %d); max difference to PyTorch %s", out, opset, diff)
     return out
 
@@ -95,17 +95,9 @@ def write_onnx(model: nn.Module, image_size: int, out: str | Path, opset: int = 
     return diff
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_digest(model_dir: Path) -> str:
     """SHA-256 of the run's safetensors weights: tells whether an export still matches its run."""
-    return file_digest(model_dir / WEIGHTS_FILE)
+    return file_sha256(model_dir / WEIGHTS_FILE)
 
 
 def find_export(model_dir: Path, required: bool, image_size: int | None = None,
@@ -143,7 +135,7 @@ def _export_problem(path: Path, model_dir: Path, again: str) -> str | None:
         return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}"
     if graph is None:
         return f"{path}: made by an older version that did not record the graph's checksum; {again}"
-    if graph != file_digest(path):
+    if graph != file_sha256(path):
         return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}"
     return None
 

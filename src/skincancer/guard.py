@@ -4,7 +4,6 @@ checks of the frame itself (black, blank, washed out)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, atomic_write
+from .provenance import file_sha256
 
 log = logging.getLogger("skincancer")
 
@@ -106,7 +106,7 @@ def save_guard(guard: Guard, record: dict, model_dir: Path) -> dict:
 
     tensors = {"mean": guard.mean.astype(np.float64), "precision": guard.precision.astype(np.float64)}
     atomic_write(Path(model_dir) / GUARD_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    return {**record, "threshold": guard.threshold, "sha256": _sha256(Path(model_dir) / GUARD_FILE)}
+    return {**record, "threshold": guard.threshold, "sha256": file_sha256(Path(model_dir) / GUARD_FILE)}
 
 
 def load_guard(model_dir: Path, record: dict | None) -> Guard | None:
@@ -126,7 +126,7 @@ def load_guard(model_dir: Path, record: dict | None) -> Guard | None:
         raise GuardError(f"{model_dir / 'model.json'}: guard.threshold: expected a positive number, got {threshold!r}")
     if not path.is_file():
         raise GuardError(f"{where}: missing; fit it again with `skincancer guard --model {model_dir.parent}`")
-    if _sha256(path) != record.get("sha256"):
+    if file_sha256(path) != record.get("sha256"):
         raise GuardError(f"{path}: the file changed since it was fitted (its SHA-256 differs from model.json's "
                          f"guard.sha256): corrupted or replaced; fit it again with `skincancer guard --model "
                          f"{model_dir.parent}`")
@@ -165,14 +165,6 @@ def frame_problem(brightness: float, spread: float) -> str | None:
     if brightness > TOO_BRIGHT:
         return f"the frame is far too bright or washed out (mean brightness {brightness:.0%})"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def image_features(model, paths, transform, tta: int = 1, batch_size: int = 32, num_workers: int = 0,

@@ -63,6 +63,15 @@ def git_commit(package: Path | None = None) -> dict | None:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks: the one file hash of weights, guards, exports and downloads."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def data_fingerprint(content_keys: Sequence[str], labels: Sequence) -> str:
     """SHA-256 over the sorted (image content hash, label or diagnosis) pairs: the same images with the same labels
     give the same fingerprint wherever they lie and in whatever order the manifest lists them."""

@@ -160,6 +160,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 return out
 
         guard_valid = None  # the validation pass's features, for the guard of a fine-tuned model
+        valid_split = valid_df  # a probe fitted on train+valid replaces valid_df by its out-of-fold rows below
         if held_out is not None:
             # A head fitted on train+valid: threshold and validation figures from its out-of-fold predictions.
             valid_probs, valid_df = held_out
@@ -184,10 +185,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                                                           config))
         if config.guard:
             frozen = config.mode == "linear"
-            fitted = _probe_guard_features(model, config, prep, train_df, valid_df, keys) if frozen else None
+            fitted = _probe_guard_features(model, config, prep, train_df, valid_split, keys) if frozen else None
             try:
                 meta["guard"] = fit_model_guard(
-                    model, frozen, train_df["filepath"], valid_df["filepath"], _eval_transform(config, prep),
+                    model, frozen, train_df["filepath"], valid_split["filepath"], _eval_transform(config, prep),
                     config.tta, out / "model", config.batch_size, config.num_workers, config.guard_false_rejection,
                     valid_features=guard_valid, fitted_features=fitted, seed=config.seed)
             except GuardError as err:  # a smoke-test-sized split: the model works, unguarded, and says so
