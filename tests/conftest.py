@@ -59,3 +59,17 @@ def finetune_run(small_data, cache_dir, tmp_path_factory) -> Path:
                          mode="finetune", image_size=96, epochs=2, max_steps_per_epoch=2, batch_size=8,
                          num_workers=0, cache_dir=str(cache_dir))
     return train(config)
+
+
+@pytest.fixture(scope="session")
+def guarded_run(cache_dir, tmp_path_factory) -> Path:
+    """A linear probe on 150 real images (40 train and 10 valid per class): enough for an out-of-distribution guard
+    that tells photographs and screenshots from dermoscopy, as the demo's does (its 45-image sibling tiny_run is
+    too small to)."""
+    root = tmp_path_factory.mktemp("guarded")
+    train_csv = save_manifest(subset("train", 40, seed=1), root / "train.csv")
+    valid_csv = save_manifest(subset("valid", 10, seed=1), root / "valid.csv")
+    config = load_config(None, train=str(train_csv), valid=str(valid_csv), out=str(root / "run"), mode="linear",
+                         pooling="multiscale", feature_views=1, cache_dir=str(cache_dir), linear_c=[0.001],
+                         num_workers=0)
+    return train(config)

@@ -90,13 +90,13 @@ def test_page_uploads_a_photo_and_shows_probability_and_overlay(browser, tiny_ru
         page.close()
 
 
-def test_page_gives_no_verdict_for_a_photo_that_is_not_dermoscopy(browser, tiny_run, tmp_path):
+def test_page_gives_no_verdict_for_a_photo_that_is_not_dermoscopy(browser, guarded_run, tmp_path):
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
     photo = tmp_path / "astronaut.jpg"
     Image.fromarray(data.astronaut()).save(photo)
-    with serving(tiny_run) as (url, _):
+    with serving(guarded_run) as (url, _):
         page = browser.new_page()
         page.goto(url + "/")
         page.set_input_files("#file", str(photo))

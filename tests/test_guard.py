@@ -107,17 +107,17 @@ def isic_images(small_data) -> list[str]:
     return [str((manifest.parent / p).resolve()) for p in pd.read_csv(manifest)["filepath"]]
 
 
-def test_training_fits_a_guard_recorded_in_model_json(tiny_run):
-    meta = json.loads((Path(tiny_run) / "model" / "model.json").read_text())
+def test_training_fits_a_guard_recorded_in_model_json(guarded_run):
+    meta = json.loads((Path(guarded_run) / "model" / "model.json").read_text())
     record = meta["guard"]
     assert record["method"] == "mahalanobis" and record["false_rejection"] == 0.02
     assert record["held_in"].startswith("out-of-fold")  # a frozen backbone: out of fold over train + valid
-    assert (Path(tiny_run) / "model" / GUARD_FILE).is_file()
-    assert load_model(tiny_run, engine="torch").has_guard
+    assert (Path(guarded_run) / "model" / GUARD_FILE).is_file()
+    assert load_model(guarded_run, engine="torch").has_guard
 
 
-def test_far_images_get_no_verdict_and_dermoscopy_does(tiny_run, small_data, tmp_path):
-    classifier = load_model(tiny_run, engine="torch")
+def test_far_images_get_no_verdict_and_dermoscopy_does(guarded_run, small_data, tmp_path):
+    classifier = load_model(guarded_run, engine="torch")
     table = classifier.predict([str(p) for p in far_images(tmp_path)] + isic_images(small_data))
     far, isic = table.iloc[:3], table.iloc[3:]
     assert (far["label"] == "refused").all(), far[["source", "ood_score", "refusal"]]
@@ -128,8 +128,8 @@ def test_far_images_get_no_verdict_and_dermoscopy_does(tiny_run, small_data, tmp
     assert set(isic["label"]) <= {"malignant", "benign", "refused"}
 
 
-def test_frame_checks_refuse_black_and_blank_frames(tiny_run):
-    classifier = load_model(tiny_run, engine="torch")
+def test_frame_checks_refuse_black_and_blank_frames(guarded_run):
+    classifier = load_model(guarded_run, engine="torch")
     black, grey = np.zeros((200, 200, 3), np.uint8), np.full((200, 200, 3), 128, np.uint8)
     table = classifier.predict([black, grey])
     assert list(table["label"]) == ["refused", "refused"]
@@ -137,25 +137,25 @@ def test_frame_checks_refuse_black_and_blank_frames(tiny_run):
     assert "uniform" in table["refusal"][1]
 
 
-def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(tiny_run, tmp_path):
-    classifier = load_model(tiny_run, engine="torch")
+def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(guarded_run, tmp_path):
+    classifier = load_model(guarded_run, engine="torch")
     astronaut = str(far_images(tmp_path)[0])
     table = classifier.predict([astronaut], refuse=False)
     assert table["label"][0] in ("malignant", "benign")
     assert not table["in_distribution"][0] and table["ood_score"][0] > 1 and table["refusal"][0]
 
 
-def test_cli_predict_sentence_and_table(tiny_run, tmp_path):
+def test_cli_predict_sentence_and_table(guarded_run, tmp_path):
     astronaut, coffee, screenshot = far_images(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["predict", "--model", str(tiny_run), str(astronaut)])
+    result = runner.invoke(app, ["predict", "--model", str(guarded_run), str(astronaut)])
     assert result.exit_code == 0, result.output
     assert "No verdict for this image" in result.stdout and "malignant" not in result.stdout.lower().split(":")[0]
     assert "%" not in result.stdout  # no probability in the sentence
-    result = runner.invoke(app, ["predict", "--model", str(tiny_run), "--no-guard", str(astronaut)])
+    result = runner.invoke(app, ["predict", "--model", str(guarded_run), "--no-guard", str(astronaut)])
     assert result.exit_code == 0 and "% malignant" in result.stdout
     out = tmp_path / "table.json"
-    result = runner.invoke(app, ["predict", "--model", str(tiny_run), str(astronaut), str(coffee), str(screenshot),
+    result = runner.invoke(app, ["predict", "--model", str(guarded_run), str(astronaut), str(coffee), str(screenshot),
                                  "-o", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -164,10 +164,10 @@ def test_cli_predict_sentence_and_table(tiny_run, tmp_path):
     assert "got no verdict" in result.output
 
 
-def test_evaluate_counts_refused_images(tiny_run, small_data, tmp_path):
+def test_evaluate_counts_refused_images(guarded_run, small_data, tmp_path):
     from skincancer.evaluate import evaluate
 
-    metrics = evaluate(tiny_run, small_data["test"], tmp_path / "eval", n_boot=50, num_workers=0, engine="torch")
+    metrics = evaluate(guarded_run, small_data["test"], tmp_path / "eval", n_boot=50, num_workers=0, engine="torch")
     guard = metrics["guard"]
     assert guard["guarded"] and guard["n_refused"] == len(guard["refused"]) <= metrics["n"]
     predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
@@ -178,11 +178,11 @@ def test_evaluate_counts_refused_images(tiny_run, small_data, tmp_path):
     assert "Images the model would refuse" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_onnx_engine_guards_like_torch(tiny_run, small_data, tmp_path):
+def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
     from skincancer.export import export_onnx
 
     run = tmp_path / "run"
-    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    shutil.copytree(Path(guarded_run) / "model", run / "model")
     export_onnx(run)
     images = [str(p) for p in far_images(tmp_path)] + isic_images(small_data)[:6]
     torch_table = load_model(run, engine="torch").predict(images)
@@ -193,25 +193,30 @@ def test_onnx_engine_guards_like_torch(tiny_run, small_data, tmp_path):
     assert list(onnx_table["label"]) == list(torch_table["label"])
 
 
-def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(tiny_run, tmp_path):
+def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(guarded_run, tmp_path):
     import torch
 
     from skincancer.export import ONNX_FILE, ExportError, export_onnx
     from skincancer.provenance import file_sha256
 
     run = tmp_path / "run"
-    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    shutil.copytree(Path(guarded_run) / "model", run / "model")
     export_onnx(run)
     path = run / "model" / ONNX_FILE
     model = load_model(run, engine="torch").model.eval()
 
     class ProbabilitiesOnly(torch.nn.Module):  # what exports wrote before the guard
-        def forward(self, image):
-            return model(image).softmax(1)
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-    torch.onnx.export(ProbabilitiesOnly(), (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["probabilities"],
-                      dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+        def forward(self, image):
+            return self.model(image).softmax(1)
+
+    with torch.no_grad():
+        torch.onnx.export(ProbabilitiesOnly().eval(), (torch.randn(1, 3, 224, 224),), str(path), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
     sidecar = path.with_name(path.name + ".json")
     record = json.loads(sidecar.read_text())
     record["onnx"]["onnx_sha256"] = file_sha256(path)
@@ -221,10 +226,10 @@ def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(tiny_run,
     assert load_model(run, engine="auto").engine_name == "torch"
 
 
-def unguarded_copy(tiny_run, tmp_path) -> Path:
-    """tiny_run as a run made before the guard: no guard record, no statistics file."""
+def unguarded_copy(guarded_run, tmp_path) -> Path:
+    """guarded_run as a run made before the guard: no guard record, no statistics file."""
     run = tmp_path / "old"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(guarded_run, run)
     meta_path = run / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
     meta.pop("guard")
@@ -233,8 +238,8 @@ def unguarded_copy(tiny_run, tmp_path) -> Path:
     return run
 
 
-def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(tiny_run, tmp_path):
-    run = unguarded_copy(tiny_run, tmp_path)
+def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(guarded_run, tmp_path):
+    run = unguarded_copy(guarded_run, tmp_path)
     classifier = load_model(run, engine="torch")
     assert not classifier.has_guard
     astronaut = far_images(tmp_path)[0]
@@ -247,8 +252,8 @@ def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(tiny_ru
     assert black["label"][0] == "refused"  # the frame checks need no fitting
 
 
-def test_guard_command_fits_a_guard_for_an_old_run(tiny_run, tmp_path):
-    run = unguarded_copy(tiny_run, tmp_path)
+def test_guard_command_fits_a_guard_for_an_old_run(guarded_run, tmp_path):
+    run = unguarded_copy(guarded_run, tmp_path)
     result = CliRunner().invoke(app, ["guard", "--model", str(run)])
     assert result.exit_code == 0, result.output
     assert "guard fitted on" in result.output
@@ -259,9 +264,9 @@ def test_guard_command_fits_a_guard_for_an_old_run(tiny_run, tmp_path):
     assert table["label"][0] == "refused"
 
 
-def test_a_tampered_guard_refuses_to_load(tiny_run, tmp_path):
+def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(guarded_run, run)
     path = run / "model" / GUARD_FILE
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
@@ -269,13 +274,14 @@ def test_a_tampered_guard_refuses_to_load(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was fitted"):
         load_model(run, engine="torch")
     result = CliRunner().invoke(app, ["predict", "--model", str(run), str(far_images(tmp_path)[0])])
-    assert result.exit_code != 0 and "changed since it was fitted" in result.output
+    assert isinstance(result.exception, CheckpointError)  # main() prints it as "error: ..." with exit code 2
+    assert "changed since it was fitted" in str(result.exception)
 
 
-def test_ensemble_makes_one_decision(tiny_run, tmp_path):
+def test_ensemble_makes_one_decision(guarded_run, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(tiny_run, other)
-    members = [load_model(tiny_run, engine="torch"), load_model(other, engine="torch")]
+    shutil.copytree(guarded_run, other)
+    members = [load_model(guarded_run, engine="torch"), load_model(other, engine="torch")]
     ensemble = Ensemble(members)
     assert ensemble.has_guard
     images = [str(p) for p in far_images(tmp_path)]
@@ -283,16 +289,16 @@ def test_ensemble_makes_one_decision(tiny_run, tmp_path):
     single = members[0].predict(images)
     np.testing.assert_allclose(table["ood_score"], single["ood_score"], rtol=1e-6)  # the mean of equal scores
     assert (table["label"] == "refused").all()
-    unguarded = Ensemble([members[0], load_model(unguarded_copy(tiny_run, tmp_path), engine="torch")])
+    unguarded = Ensemble([members[0], load_model(unguarded_copy(guarded_run, tmp_path), engine="torch")])
     assert not unguarded.has_guard and unguarded.predict(images)["ood_score"].isna().all()
 
 
-def test_api_gives_no_verdict_for_far_images(tiny_run, small_data, tmp_path):
+def test_api_gives_no_verdict_for_far_images(guarded_run, small_data, tmp_path):
     from fastapi.testclient import TestClient
 
     from skincancer.serve import create_app
 
-    client = TestClient(create_app(tiny_run, engine="torch"))
+    client = TestClient(create_app(guarded_run, engine="torch"))
     assert client.get("/api/model").json()["guard"]["limit"] == 1.0
     for path in far_images(tmp_path):
         answer = client.post("/api/predict?cam=true", files={"file": (path.name, path.read_bytes())}).json()
