@@ -49,17 +49,17 @@ def test_ensemble_averages_members_and_rechooses_threshold(tiny_run, finetune_ru
 def test_ensemble_refuses_models_with_other_classes(tiny_run, tmp_path):
     classifier = load_model(tiny_run)
     other = tmp_path / "other"
-    save_model(classifier.model, dict(classifier.meta, class_names=["nevus", "melanoma", "seborrheic_keratosis"]),
-               other / "model")
+    meta = {k: v for k, v in classifier.meta.items() if k != "guard"}  # the guard's file stays with its run
+    save_model(classifier.model, dict(meta, class_names=["nevus", "melanoma", "seborrheic_keratosis"]), other / "model")
     with pytest.raises(CheckpointError, match="differ"):
         load_models([tiny_run, other])
     renamed = tmp_path / "renamed"
-    save_model(classifier.model, dict(classifier.meta, positive_name="cancer", negative_name="harmless"),
+    save_model(classifier.model, dict(meta, positive_name="cancer", negative_name="harmless"),
                renamed / "model")
     with pytest.raises(CheckpointError, match="name them alike"):
         load_models([tiny_run, renamed])
     twin = tmp_path / "twin"
-    save_model(classifier.model, classifier.meta, twin / "model")
+    save_model(classifier.model, meta, twin / "model")
     for content in ("", "label,malignant\n1,0.5\n"):  # empty; no image_id column
         (twin / "valid_predictions.csv").write_text(content)
         with pytest.raises(CheckpointError, match="valid_predictions.csv"):

@@ -1,5 +1,6 @@
 import json
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import skincancer
 from skincancer import __version__, load_manifest, load_model
 from skincancer.checkpoint import CheckpointError, atomic_write, read_meta, save_model
 from skincancer.data import content_keys
+from skincancer.guard import GUARD_FILE
 from skincancer.provenance import data_fingerprint
 
 
@@ -22,6 +24,7 @@ def test_round_trip_gives_identical_predictions(tiny_run, small_data, tmp_path):
     before, _ = classifier.predict_proba(images)
     copy = tmp_path / "copy"
     save_model(classifier.model, classifier.meta, copy / "model")
+    shutil.copy(Path(tiny_run) / "model" / GUARD_FILE, copy / "model")  # the guard is the run's, beside the weights
     after, _ = load_model(copy).predict_proba(images)
     np.testing.assert_allclose(before, after, atol=1e-6)
     assert read_meta(copy / "model")["threshold"] == classifier.threshold
@@ -121,7 +124,7 @@ def test_weights_that_do_not_fit_are_refused(tiny_run, tmp_path):
 
 def copy_model(tiny_run, dest: Path) -> Path:
     (dest / "model").mkdir(parents=True)
-    for name in ("model.json", "model.safetensors"):
+    for name in ("model.json", "model.safetensors", GUARD_FILE):
         (dest / "model" / name).write_bytes((Path(tiny_run) / "model" / name).read_bytes())
     return dest
 
