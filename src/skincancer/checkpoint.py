@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
 from .provenance import file_sha256
 
 FORMAT_VERSION = 1
@@ -24,10 +25,6 @@ META_REQUIRED = ("backbone", "class_names", "labels", "image_size", "mean", "std
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once (os.umask can only be read by setting it)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def atomic_write(path: Path, write) -> None:

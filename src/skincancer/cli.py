@@ -16,20 +16,12 @@ from typing import Annotated
 import typer
 
 from . import NOTICE
-from .backbones import BackboneError
-from .checkpoint import CheckpointError
-from .config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
-from .data import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    check_files,
-    index_folder,
-    index_isic_csv,
-    refuse_conflicting_copies,
-    save_manifest,
-)
-from .metadata import MetadataError, attach, parse_age, parse_sex, read_metadata_csv, records
+from .config import DEFAULT_LABELS, load_config, parse_labels
+from .errors import BackboneError, CheckpointError, ConfigError, DataError, MetadataError
 from .progress import in_torchrun, other_rank
+
+# The modules that do the work import torch, pandas and scikit-learn: each command imports what it needs inside it,
+# so that `--help` answers at once.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
@@ -39,6 +31,8 @@ DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 
 
 def _patient_metadata(files: list[str], csv: Path | None, age: float | None, sex: str | None) -> list | None:
+    from .metadata import parse_age, parse_sex, read_metadata_csv, records
+
     """Per-file {'age', 'sex'} rows from --metadata CSV (matched on the file name's stem) or --age/--sex."""
     if csv is not None and (age is not None or sex is not None):
         _fail("give either --metadata CSV or --age/--sex, not both")
@@ -121,6 +115,9 @@ def index(
         help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
+    from .data import check_files, index_folder, index_isic_csv, refuse_conflicting_copies, save_manifest
+    from .metadata import attach, read_metadata_csv, records
+
     # "image_id,filepath": a manifest; an ISIC ground-truth or metadata CSV starts with image_id alone
     _output_file(out, (".csv",), inputs=[isic_csv, metadata], replaces=("image_id", "filepath"))
     label_map = parse_labels(labels)
@@ -390,6 +387,7 @@ def predict(
             _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
         return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
                                actors=num_workers, refuse=guard)
+    from .data import IMAGE_EXTENSIONS
     from .ensemble import load_models
     from .guard import NO_GUARD
     from .predict import ENGINES, expand_inputs, refusal_sentence, sentence

@@ -12,12 +12,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 DEFAULT_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
 MAX_SEED = 2**32 - 1  # numpy's seed range
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or impossible; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from .checkpoint import atomic_write
+from .errors import DataError, ImageError  # noqa: F401 (raised here; imported from here too)
 from .progress import progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -27,19 +28,6 @@ MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken
 MAX_PIXELS = 100_000_000  # about 10,000 x 10,000; larger headers are treated as decompression bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file or field."""
-
-
-class ImageError(DataError):
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-    def __reduce__(self):  # picklable: it crosses into DataLoader workers started by spawn or forkserver
-        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)

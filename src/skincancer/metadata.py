@@ -17,15 +17,11 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from .data import DataError
+from .errors import DataError, MetadataError  # noqa: F401 (raised here; imported from here too)
 
 COLUMNS = ("age_approximate", "sex")
 SEXES = ("male", "female")
 MISSING = ("", "unknown", "nan", "none", "na", "n/a")
-
-
-class MetadataError(DataError):
-    """Metadata that cannot be read or understood; the message names the file, row or field."""
 
 
 def parse_age(value, where: str = "age", typed: bool = False) -> float | None:
