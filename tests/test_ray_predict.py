@@ -203,3 +203,25 @@ def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_
     assert list(table["source"]) == [str(Path(s).absolute()) for s in expected["source"]] and len(table) == 2
     np.testing.assert_allclose(table["malignant"], expected["malignant"], atol=1e-5)
     assert list(table["label"]) == list(expected["label"])
+
+
+def test_ray_predict_reports_the_guard(local_ray, guarded_run, data_dir, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.jpg")
+    shutil.copy(sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0], folder / "lesion.jpg")
+    out = tmp_path / "guarded.parquet"
+    predict_with_ray(guarded_run, [folder], out, batch_size=2, progress=False)
+    table = pd.read_parquet(out).set_index("source")
+    expected = load_model(guarded_run).predict(expand_inputs([folder])).set_index("source")
+    astronaut = str(folder / "astronaut.jpg")
+    assert table.loc[astronaut, "label"] == "refused" and not table.loc[astronaut, "in_distribution"]
+    assert table.loc[astronaut, "refusal"].startswith("the image does not look like")
+    np.testing.assert_allclose(table["ood_score"], expected.loc[table.index, "ood_score"], rtol=1e-4)
+    assert list(table["label"]) == list(expected.loc[table.index, "label"])
+    research = tmp_path / "research.csv"
+    predict_with_ray(guarded_run, [folder], research, batch_size=2, progress=False, refuse=False)
+    assert "refused" not in set(pd.read_csv(research)["label"])
