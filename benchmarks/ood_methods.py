@@ -26,8 +26,8 @@ STAGES = [40, 80, 112, 192, 320, 1280]  # Lite0's multiscale blocks: pooled stag
 
 
 def features() -> dict[str, np.ndarray]:
-    if CACHE.is_file():
-        return dict(np.load(CACHE))
+    if CACHE.is_file():  # float64, as the guard fits them: the shrunk covariance is ill-conditioned in float32
+        return {k: v.astype(np.float64) for k, v in np.load(CACHE).items()}
     from skincancer.backbones import build_model, preprocessing
     from skincancer.data import ImageDataset, build_transform
     from skincancer.engine import run_inference
@@ -45,7 +45,7 @@ def features() -> dict[str, np.ndarray]:
             "ham_own": of(list(ham_images(OWN_DX, 600).filepath)),
             "ham_near": of(list(ham_images(NEAR_OOD_DX, 400).filepath))}
     np.savez(CACHE, **sets)
-    return sets
+    return {k: v.astype(np.float64) for k, v in sets.items()}
 
 
 def mahalanobis(fit: np.ndarray):
