@@ -276,6 +276,9 @@ def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
     result = CliRunner().invoke(app, ["predict", "--model", str(run), str(far_images(tmp_path)[0])])
     assert isinstance(result.exception, CheckpointError)  # main() prints it as "error: ..." with exit code 2
     assert "changed since it was fitted" in str(result.exception)
+    refit = CliRunner().invoke(app, ["guard", "--model", str(run)])  # what the message advises: it mends the run
+    assert refit.exit_code == 0, refit.output
+    assert load_model(run, engine="torch").has_guard
 
 
 def test_ensemble_makes_one_decision(guarded_run, tmp_path):

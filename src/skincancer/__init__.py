@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -33,3 +35,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
+
+
+class _Package(types.ModuleType):
+    """`skincancer.train` and `skincancer.evaluate` are the functions, as the API says, whichever was imported
+    first: importing the submodules of the same names (skincancer.train, skincancer.evaluate) would otherwise set
+    the package's attributes to the modules. The modules stay in sys.modules."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

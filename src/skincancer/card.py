@@ -63,9 +63,10 @@ def _guard_use(members) -> str:
     if not all(records):
         return ("none: any photo gets a verdict, except blank, black or washed-out frames (fit one: `skincancer "
                 "guard --model RUN`).")
-    parts = [f"Mahalanobis distance on {_md(r.get('features', 'pooled features'))}, fitted on {r['n_fit']} images; "
-             f"threshold chosen on {r['n_held_in']} held-in images ({_md(r['held_in'])}) to refuse "
-             f"{r['false_rejection']:.0%} of them" for r in records]
+    parts = [f"Mahalanobis distance on {_md(str(r.get('features', 'pooled features')))}, fitted on "
+             f"{r.get('n_fit', '?')} images; threshold chosen on {r.get('n_held_in', '?')} held-in images "
+             f"({_md(str(r.get('held_in', '?')))}) to refuse {r.get('false_rejection', 0.02):.0%} of them"
+             for r in records]
     combined = " The ensemble refuses on the mean of its members' scores." if len(records) > 1 else ""
     return ("photos unlike the training images, and blank, black or washed-out frames, get no verdict. "
             + "; ".join(parts) + "." + combined)

@@ -31,9 +31,9 @@ DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 
 
 def _patient_metadata(files: list[str], csv: Path | None, age: float | None, sex: str | None) -> list | None:
+    """Per-file {'age', 'sex'} rows from --metadata CSV (matched on the file name's stem) or --age/--sex."""
     from .metadata import parse_age, parse_sex, read_metadata_csv, records
 
-    """Per-file {'age', 'sex'} rows from --metadata CSV (matched on the file name's stem) or --age/--sex."""
     if csv is not None and (age is not None or sex is not None):
         _fail("give either --metadata CSV or --age/--sex, not both")
     if age is not None or sex is not None:
@@ -465,7 +465,9 @@ def predict(
     if cam is not None:
         from .explain import write_overlays
 
-        written = write_overlays(classifier, [f for f, e in zip(files, table["error"], strict=True) if not e], cam)
+        judged_files = [f for f, e, label in zip(files, table["error"], table["label"], strict=True)
+                        if not e and label != "refused"]  # no map of a score that means nothing for the image
+        written = write_overlays(classifier, judged_files, cam)
         made = [f"{source} -> {png}" for source, png in written.items() if not png.startswith("error:")]
         if made:
             typer.echo("Grad-CAM overlays:\n  " + "\n  ".join(made), err=True)

@@ -160,7 +160,7 @@ def guard_figures(judged, labels: np.ndarray, malignant: np.ndarray, ok: np.ndar
     """What the guard did on labelled data: how many images it would refuse and why, and the figures on the images
     it lets through (the headline figures keep every image, as the model was scored before the guard)."""
     refused = np.array([bool(r) for r in judged.refusals]) & ok
-    out_of_distribution = refused & (judged.ood_score > 1)
+    out_of_distribution = refused & np.array([not r.startswith("the frame") for r in judged.refusals])
     figures = {"guarded": judged.guarded, "n_refused": int(refused.sum()),
                "n_out_of_distribution": int(out_of_distribution.sum()),
                "n_frame_problems": int((refused & ~out_of_distribution).sum()),

@@ -74,6 +74,8 @@ def fit_guard(fit_features: np.ndarray, held_features: np.ndarray | None = None,
     if not 0 < false_rejection < 0.5:
         raise ValueError(f"false_rejection: expected a share between 0 and 0.5, got {false_rejection}")
     fit_features = np.asarray(fit_features, dtype=np.float64)
+    if len(fit_features) < 20:
+        raise GuardError(f"{len(fit_features)} images: too few to fit the guard (at least 20)")
     if held_features is None:
         from sklearn.model_selection import KFold
 
@@ -126,6 +128,9 @@ def load_guard(model_dir: Path, record: dict | None) -> Guard | None:
         raise GuardError(f"{model_dir / 'model.json'}: guard.threshold: expected a positive number, got {threshold!r}")
     if not path.is_file():
         raise GuardError(f"{where}: missing; fit it again with `skincancer guard --model {model_dir.parent}`")
+    if not isinstance(record.get("sha256"), str):
+        raise GuardError(f"{model_dir / 'model.json'}: guard.sha256: missing; fit the guard again with `skincancer "
+                         f"guard --model {model_dir.parent}`")
     if file_sha256(path) != record.get("sha256"):
         raise GuardError(f"{path}: the file changed since it was fitted (its SHA-256 differs from model.json's "
                          f"guard.sha256): corrupted or replaced; fit it again with `skincancer guard --model "
@@ -228,7 +233,7 @@ def guard_run(run: str | Path, train: str | Path | None = None, valid: str | Pat
             raise GuardError(f"{run}: no config.yaml naming the run's training data; give --train and --valid")
         config = load_config(path)
         train, valid = train or config.train, valid or config.valid
-    classifier = load_model(model_dir, engine="torch")
+    classifier = load_model(model_dir, engine="torch", guard=False)  # the guard being replaced may be damaged
     meta = classifier.meta
     if meta.get("unfinished"):
         raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "

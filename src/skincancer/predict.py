@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("skincancer")
 
 ImageInput = str | Path | Image.Image | np.ndarray
+_WARNED_VIEWS: set = set()  # (model folder, views) said once a process: a server would say it for every request
 ENGINES = ("auto", "onnx", "torch")
 
 
@@ -117,6 +118,8 @@ class Classifier:
         reasons = []
         for i in range(len(probs)):
             problem = frame_problem(*frames[i]) if len(frames) else None
+            if problem is None and self.has_guard and np.isfinite(probs[i]).all() and not np.isfinite(scores[i]):
+                problem = "the guard could not score the image (its features are not finite)"
             if problem is None and scores[i] > 1:
                 problem = f"the image {OUT_OF_DISTRIBUTION} (out-of-distribution score {scores[i]:.2f}; above 1 " \
                           "is refused)"
@@ -144,6 +147,11 @@ class Classifier:
                 sources.append(err)
         dataset = ImageDataset(sources, None, self.transform())
         features = guarded and self.guard is not None
+        views = self.meta.get("guard", {}).get("views", tta) if features else tta
+        if features and views != tta and (self.source, tta) not in _WARNED_VIEWS:
+            _WARNED_VIEWS.add((self.source, tta))
+            log.warning("%s: the guard's threshold was chosen on %d view(s) per image; with %d its refusals are "
+                        "approximate", self.source, views, tta)
         output = "probs+features" if features else "probs"
         extra = (lambda batch: pixel_stats(batch, self.meta["mean"], self.meta["std"])) if guarded else None
         if self.engine is not None:
@@ -236,11 +244,12 @@ class Judged:
         return self.refuse and bool(self.refusals[index])
 
 
-def load_model(run: str | Path, engine: str = "auto") -> Classifier:
+def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Classifier:
     """Load a trained run (the run folder, or its model/ folder); no pickle is ever read.
 
     engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`)
     or 'auto' (onnx when a current export exists, else torch).
+    guard: False loads the model without its out-of-distribution guard (`skincancer guard` refitting a damaged one).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -259,9 +268,13 @@ def load_model(run: str | Path, engine: str = "auto") -> Classifier:
                     "placeholder, not chosen on validation; finish it with `skincancer train --resume`",
                     model_dir, meta.get("epoch"), meta["threshold"])
     try:
-        guard = load_guard(model_dir, meta.get("guard"))
+        guard = load_guard(model_dir, meta.get("guard")) if guard else None
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{model_dir / META_FILE}: guard: {err}") from None
+    if guard is not None and len(guard.mean) != getattr(model, "num_features", len(guard.mean)):
+        raise CheckpointError(f"{model_dir / 'guard.safetensors'}: statistics of {len(guard.mean)} features, the "
+                              f"model has {model.num_features}; fit it again with `skincancer guard --model "
+                              f"{model_dir.parent}`")
     runtime = None
     if engine != "torch":
         from .export import find_export

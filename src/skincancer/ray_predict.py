@@ -128,6 +128,8 @@ def write_stream(batches: Iterator[pd.DataFrame], out: str | Path | None,
                     if reason:
                         on_error(source, reason)
             if parquet:
+                if "in_distribution" in table:  # all-empty in a batch: keep the column boolean, not null
+                    table = table.astype({"in_distribution": "boolean"})
                 arrow = pa.Table.from_pandas(table, preserve_index=False,
                                              schema=writer.schema if writer is not None else None)
                 writer = writer or pq.ParquetWriter(tmp, arrow.schema)

@@ -637,7 +637,6 @@ function send(file) {{
       const row = $("classes").insertRow(); row.insertCell().textContent = name;
       row.insertCell().textContent = (p * 100).toFixed(1) + "%";
     }}
-    $("photo").src = URL.createObjectURL(file);
     $("overlay").src = "data:image/png;base64," + answer.cam_png_base64;
     $("result").hidden = false;
   }});
