@@ -218,12 +218,12 @@ class Classifier:
             for p in malignant
         ]
         if judged is not None:
-            refused = [bool(r) and judged.refuse and i not in error_by_index for i, r in enumerate(judged.refusals)]
-            columns["label"] = ["refused" if no else label for no, label in zip(refused, columns["label"], strict=True)]
+            readable = [i not in error_by_index for i in range(len(images))]
+            columns["label"] = ["refused" if ok and judged.refused(i) else label
+                                for i, (ok, label) in enumerate(zip(readable, columns["label"], strict=True))]
             columns["ood_score"] = judged.ood_score
-            columns["in_distribution"] = pd.array([None if i in error_by_index or (not judged.guarded and not r)
-                                                   else not r for i, r in enumerate(judged.refusals)],
-                                                  dtype="boolean")
+            columns["in_distribution"] = pd.array([judged.in_distribution(i) if ok else None
+                                                   for i, ok in enumerate(readable)], dtype="boolean")
             columns["refusal"] = [r if i not in error_by_index else "" for i, r in enumerate(judged.refusals)]
         columns["error"] = [error_by_index.get(i, "") for i in range(len(images))]
         return pd.DataFrame(columns)
@@ -242,6 +242,11 @@ class Judged:
 
     def refused(self, index: int) -> bool:
         return self.refuse and bool(self.refusals[index])
+
+    def in_distribution(self, index: int) -> bool | None:
+        """False where the guard or a frame check objects; None where there was no guard to ask."""
+        reason = self.refusals[index]
+        return (not reason) if self.guarded or reason else None
 
 
 def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Classifier:

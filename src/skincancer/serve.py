@@ -456,7 +456,7 @@ def prediction(classifier: Classifier, name: str, judged: Judged, row: int, meta
         "malignant_probability": malignant,
         "label": "refused" if judged.refused(row) else verdict,
         "ood_score": score if np.isfinite(score) else None,
-        "in_distribution": (not reason) if judged.guarded or reason else None,
+        "in_distribution": judged.in_distribution(row),
         "refusal": reason or None,
         "metadata_used": metadata_used,
         "sentence": (refusal_sentence(reason) if judged.refused(row) else
