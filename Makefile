@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/skincancer index $(DATA)/train -o $(RUN_DATA)/train.csv \
+	$(BIN)/skincancer index $(DATA)/train --source isic2017 -o $(RUN_DATA)/train.csv \
 		--metadata $(DATA)/ISIC-2017_Training_Data_metadata.csv
-	$(BIN)/skincancer index $(DATA)/valid -o $(RUN_DATA)/valid.csv \
+	$(BIN)/skincancer index $(DATA)/valid --source isic2017 -o $(RUN_DATA)/valid.csv \
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(RUN_DATA)/test.csv
@@ -38,9 +38,9 @@ demo: setup
 BENCH := runs/benchmark
 MEMBERS := $(BENCH)/lite0 $(BENCH)/lite2 $(BENCH)/linear
 benchmark-accuracy: setup
-	$(BIN)/skincancer index $(DATA)/train -o $(BENCH)/data/train.csv \
+	$(BIN)/skincancer index $(DATA)/train --source isic2017 -o $(BENCH)/data/train.csv \
 		--metadata $(DATA)/ISIC-2017_Training_Data_metadata.csv
-	$(BIN)/skincancer index $(DATA)/valid -o $(BENCH)/data/valid.csv \
+	$(BIN)/skincancer index $(DATA)/valid --source isic2017 -o $(BENCH)/data/valid.csv \
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(BENCH)/data/test.csv

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_sets import NEAR_OOD_DX, OWN_DX, far_ood, ham_images  # noqa: E402
+from tables import write_block  # noqa: E402
 
 from skincancer.ensemble import load_models  # noqa: E402
 from skincancer.metrics import wilson_interval  # noqa: E402
@@ -28,7 +29,6 @@ from skincancer.metrics import wilson_interval  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ISIC_TEST = ROOT / ".." / "shared" / "data" / "isic2017" / "test"
 RESULTS = Path(__file__).resolve().parent / "results" / "ood"
-BEGIN, END = "<!-- ood:begin (benchmarks/ood.py writes this table) -->", "<!-- ood:end -->"
 
 
 def judge(classifier, images, batch_size: int) -> dict:
@@ -105,15 +105,7 @@ def write_table() -> None:
         rows.append(f"| {r['label']} | {r['far_auroc']:.4f} | {pct(r['far_refused'])} | {r['near_auroc']:.3f} | "
                     f"{pct(r['near_refused'])} | {pct(r['isic_test_refused'])} | {pct(r['ham_own_refused'])} | "
                     f"`{r['command']}` ({r['seconds']:.0f} s) |")
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    table = BEGIN + "\n" + "\n".join(rows) + "\n" + END
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Out-of-distribution guard (issue 22)\n\n" + table + "\n"
-    path.write_text(text)
-
+    write_block("ood", "benchmarks/ood.py", rows, "Out-of-distribution guard (issue 22)")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from badcorpus import ODD, bad_names, expected_reason, make_bad_corpus, real_ima
 from PIL import Image
 
 import skincancer
-from skincancer.config import DEFAULT_LABELS
+from skincancer.config import ISIC2017_LABELS
 from skincancer.data import DataError, load_image
 
 pytestmark = pytest.mark.slow
@@ -96,11 +96,11 @@ def turned_bad(corpus, tmp_path_factory, data_dir) -> dict:
     result = cli("index", train_root, "-o", base / "train.csv", "--skip-bad", preexec=unprivileged_preexec())
     assert result.returncode == 0, result.stderr
     valid_root = base / "valid"
-    for diagnosis in DEFAULT_LABELS:
+    for diagnosis in ISIC2017_LABELS:
         (valid_root / diagnosis).mkdir(parents=True)
         for src in sorted((data_dir / "valid" / diagnosis).glob("*.jpg"))[:3]:
             shutil.copy(src, valid_root / diagnosis / src.name)
-    skincancer.save_manifest(skincancer.index_folder(valid_root, DEFAULT_LABELS), base / "valid.csv")
+    skincancer.save_manifest(skincancer.index_folder(valid_root, ISIC2017_LABELS), base / "valid.csv")
 
     truncated, deleted, overwritten = files["real_nevus_0"], files["real_melanoma_1"], files[
         "real_seborrheic_keratosis_0"]
@@ -261,11 +261,11 @@ def test_train_stops_clearly_when_no_file_of_a_split_is_usable(data_dir, tmp_pat
     manifests = {}
     for name in ("train", "valid"):
         root = tmp_path / name
-        for diagnosis in DEFAULT_LABELS:
+        for diagnosis in ISIC2017_LABELS:
             (root / diagnosis).mkdir(parents=True)
             for src in sorted((data_dir / name / diagnosis).glob("*.jpg"))[:2]:
                 shutil.copy(src, root / diagnosis / src.name)
-        manifests[name] = skincancer.save_manifest(skincancer.index_folder(root, DEFAULT_LABELS),
+        manifests[name] = skincancer.save_manifest(skincancer.index_folder(root, ISIC2017_LABELS),
                                                    tmp_path / f"{name}.csv")
     victims = sorted((tmp_path / split).rglob("*.jpg"))
     for path in victims:

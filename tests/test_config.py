@@ -7,7 +7,10 @@ from skincancer.config import ConfigError, TrainConfig, load_config, parse_label
 
 def test_defaults_are_valid():
     config = TrainConfig()
-    assert config.labels == {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
+    # every diagnosis of the vocabulary, melanoma alone malignant (as the ISIC 2017 task scores it)
+    assert config.labels == {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0, "basal_cell_carcinoma": 0,
+                             "actinic_keratosis": 0, "squamous_cell_carcinoma": 0, "vascular_lesion": 0,
+                             "dermatofibroma": 0}
     assert config.threshold_policy == "sensitivity:0.90"
 
 

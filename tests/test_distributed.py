@@ -65,14 +65,14 @@ def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(small_d
     import shutil
 
     from skincancer import index_folder, save_manifest
-    from skincancer.config import DEFAULT_LABELS
+    from skincancer.config import ISIC2017_LABELS
 
     root = tmp_path / "train"
-    for diagnosis in DEFAULT_LABELS:
+    for diagnosis in ISIC2017_LABELS:
         (root / diagnosis).mkdir(parents=True)
         for src in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:2]:
             shutil.copy(src, root / diagnosis / src.name)
-    manifest = save_manifest(index_folder(root, DEFAULT_LABELS), tmp_path / "train.csv")
+    manifest = save_manifest(index_folder(root, ISIC2017_LABELS), tmp_path / "train.csv")
     for path in sorted(root.rglob("*.jpg")):
         path.write_text("<html>gone</html>")  # every training image unreadable (after indexing)
     result = subprocess.run(

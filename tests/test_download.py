@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skincancer import cli
-from skincancer.config import DEFAULT_LABELS
+from skincancer.config import ISIC2017_LABELS
 from skincancer.data import index_folder
 from skincancer.download import (
     MARKER,
@@ -99,7 +99,7 @@ def server():
 def images(data_dir, tmp_path_factory) -> Path:
     """A few real ISIC images per class, copied into a temporary folder-per-class tree."""
     root = tmp_path_factory.mktemp("images")
-    for diagnosis in DEFAULT_LABELS:
+    for diagnosis in ISIC2017_LABELS:
         (root / diagnosis).mkdir()
         for path in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:PER_CLASS]:
             shutil.copy(path, root / diagnosis / path.name)
@@ -147,8 +147,8 @@ def test_isic2017_download_resumes_a_cut_connection_and_a_second_run_does_nothin
     expected = tree(images)
     for split in ("train", "valid", "test"):
         assert tree(dest / split) == expected, split
-        manifest = index_folder(dest / split, DEFAULT_LABELS)  # the layout the rest of the tool reads
-        assert len(manifest) == PER_CLASS * len(DEFAULT_LABELS)
+        manifest = index_folder(dest / split, ISIC2017_LABELS)  # the layout the rest of the tool reads
+        assert len(manifest) == PER_CLASS * len(ISIC2017_LABELS)
         assert done[split]["files"] == len(expected)
         assert done[split]["sha256"] == hashlib.sha256(server.files[f"{split}.zip"]).hexdigest()
     assert sorted(p.name for p in dest.iterdir()) == sorted([MARKER, "test", "train", "valid"])  # no temp files
@@ -266,7 +266,7 @@ def test_cli_download_with_a_url_list_then_a_second_run(server, images, tmp_path
     args = ["download", "isic2017", "--dest", str(tmp_path / "d"), "--urls", str(tmp_path / "urls.yaml")]
     first = runner.invoke(cli.app, args)
     assert first.exit_code == 0, first.output
-    assert f"{tmp_path / 'd' / 'train'}: {PER_CLASS * len(DEFAULT_LABELS)} images" in first.output
+    assert f"{tmp_path / 'd' / 'train'}: {PER_CLASS * len(ISIC2017_LABELS)} images" in first.output
     server.requests.clear()
     second = runner.invoke(cli.app, args)
     assert second.exit_code == 0 and server.requests == []

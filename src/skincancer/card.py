@@ -9,6 +9,7 @@ from . import NOTICE, __version__
 from .checkpoint import atomic_write
 from .predict import Classifier
 from .provenance import describe
+from .sources import licence_note
 
 CARD_FILE = "MODEL_CARD.md"
 CARD_HEADING = "# Model card: "
@@ -43,7 +44,23 @@ def model_card(classifier: Classifier) -> dict:
         "guard": _guard(classifier),  # null: no out-of-distribution guard (frame checks only)
         "unfinished": bool(meta.get("unfinished")),  # an ensemble's: any member's
         "notice": NOTICE,
+        # the data each model learnt from and its terms; None: saved before runs recorded their sources
+        "sources": _sources(members or [classifier]),
+        "licence": licence_note(_sources(members or [classifier]) or []),  # a restriction, in a sentence, or None
     }
+
+
+def _sources(members) -> list[dict] | None:
+    """The training sources of a model (an ensemble: of all its members), each with its licence and image counts."""
+    if not all(isinstance(m.meta.get("sources"), list) for m in members):
+        return None
+    rows: dict[str, dict] = {}
+    for member in members:
+        for source in member.meta["sources"]:
+            row = rows.setdefault(source["name"], {**source, "train_images": 0, "valid_images": 0})
+            row["train_images"] += source.get("train_images", 0)
+            row["valid_images"] += source.get("valid_images", 0)
+    return list(rows.values())
 
 
 def _guard(classifier: Classifier) -> dict | None:
@@ -120,6 +137,7 @@ def markdown_card(classifier: Classifier) -> str:
         f"- Age and sex: {_metadata_use(members)}",
         f"- Out-of-distribution guard: {_guard_use(members)}",
         f"- skincancer {_md(card['version'])}.", ""]
+    lines += ["## Data and licences", ""] + _licence_lines(card)
     if card["unfinished"]:
         lines += ["**Unfinished:** saved by a training run that had not finished; its threshold is a placeholder.", ""]
     lines += ["## Training", ""]
@@ -194,6 +212,19 @@ def _mode(meta: dict) -> str:
 def _input(meta: dict) -> str:
     size, trained = meta.get("image_size"), meta.get("train_image_size")
     return f"{size} px" + (f" (trained at {trained} px)" if trained and trained != size else "")
+
+
+def _licence_lines(card: dict) -> list[str]:
+    if card["sources"] is None:
+        return ["Not recorded (saved before runs recorded their data sources): check the licences of the data it "
+                "was trained on before using it.", ""]
+    lines = ["| source | licence | training images | validation images |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {_md(s['name'])} | {_md(s['licence'])} | {s['train_images']} | {s['valid_images']} |"
+              for s in card["sources"]]
+    lines.append("")
+    if card["licence"]:
+        lines += [f"**{_md(card['licence'])}** A model inherits the terms of the data it learnt from.", ""]
+    return lines
 
 
 def _source(card: dict) -> str:

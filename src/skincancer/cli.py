@@ -108,15 +108,24 @@ def index(
     directory: Annotated[Path | None, typer.Argument(help="folder-per-class tree: DIR/<diagnosis>/*.jpg")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="manifest CSV to write")] = Path("manifest.csv"),
     labels: Annotated[str, typer.Option(help="diagnosis=0|1 pairs; 1 = malignant")] = DEFAULT_LABELS_TEXT,
-    isic_csv: Annotated[Path | None, typer.Option(help="official ISIC ground-truth CSV instead of DIR")] = None,
+    isic_csv: Annotated[Path | None, typer.Option(help=(
+        "ground-truth CSV instead of DIR: ISIC 2017, ISIC 2018/2019 (one-hot) or the HAM10000 metadata; "
+        "the layout is read from its header"))] = None,
     images: Annotated[Path | None, typer.Option(help="image folder for --isic-csv")] = None,
+    source: Annotated[str | None, typer.Option(help=(
+        "the source's name in the manifest's `source` column (default: the CSV's layout, e.g. ham10000, or DIR's "
+        "name)"))] = None,
+    licence: Annotated[str | None, typer.Option(help=(
+        "the images' licence, carried into every model trained on them (default: known for isic2017, isic2018, "
+        "isic2019 and ham10000; otherwise 'not stated')"))] = None,
     skip_bad: Annotated[bool, typer.Option(help="drop unreadable files instead of failing")] = False,
     metadata: Annotated[Path | None, typer.Option(
         help="ISIC metadata CSV (image_id, age_approximate, sex) to join into the manifest")] = None,
 ) -> None:
     """Index images into a manifest (filepath, label, diagnosis); every file is decoded and checked."""
-    from .data import check_files, index_folder, index_isic_csv, refuse_conflicting_copies, save_manifest
+    from .data import check_files, index_folder, refuse_conflicting_copies, save_manifest
     from .metadata import attach, read_metadata_csv, records
+    from .sources import index_csv, with_source
 
     # "image_id,filepath": a manifest; an ISIC ground-truth or metadata CSV starts with image_id alone
     _output_file(out, (".csv",), inputs=[isic_csv, metadata], replaces=("image_id", "filepath"))
@@ -125,9 +134,9 @@ def index(
     if isic_csv is not None:
         if images is None:
             _fail("--isic-csv needs --images DIR")
-        manifest = index_isic_csv(isic_csv, images, label_map)
+        manifest = index_csv(isic_csv, images, label_map, source, licence)
     elif directory is not None:
-        manifest = index_folder(directory, label_map)
+        manifest = with_source(index_folder(directory, label_map), source or directory.absolute().name, licence)
     else:
         _fail("give a DIRECTORY or --isic-csv GT.csv --images DIR")
     bad = check_files(list(manifest["filepath"]))
@@ -176,7 +185,8 @@ def preview(
 
 @app.command()
 def train(
-    train: Annotated[str | None, typer.Option(help="training manifest CSV or folder-per-class directory")] = None,
+    train: Annotated[list[str] | None, typer.Option(help=(
+        "training manifest CSV or folder-per-class directory; repeat for several sources"))] = None,
     valid: Annotated[str | None, typer.Option(help="validation manifest CSV or folder")] = None,
     out: Annotated[str | None, typer.Option(help="run folder to create")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it")] = None,
@@ -192,6 +202,9 @@ def train(
     head: Annotated[str | None, typer.Option(help="diagnosis (one output per class) | binary")] = None,
     labels: Annotated[str | None, typer.Option(help="diagnosis=0|1 pairs")] = None,
     threshold_policy: Annotated[str | None, typer.Option(help="sensitivity:0.90 | youden | fixed:0.5 | ...")] = None,
+    select_on: Annotated[str | None, typer.Option(help=(
+        "a source (the manifests' `source` column) whose held-out images alone choose the model and its threshold"))
+                         ] = None,
     augment: Annotated[str | None, typer.Option(help="none | standard | strong")] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
@@ -221,11 +234,12 @@ def train(
             _fail(f"--resume continues a run with its own config.yaml; drop --{', --'.join(given).replace('_', '-')}")
         cfg = resume_config(resume, quiet=nproc is not None and nproc > 1)  # torchrun's rank 0 says it
     else:
-        cfg = load_config(config, train=train, valid=valid, out=out, mode=mode, backbone=backbone,
+        cfg = load_config(config, train=train or None, valid=valid, out=out, mode=mode, backbone=backbone,
                           image_size=image_size, eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
-                          threshold_policy=threshold_policy, augment=augment, num_workers=num_workers,
-                          max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained, metadata=metadata)
+                          threshold_policy=threshold_policy, select_on=select_on, augment=augment,
+                          num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained,
+                          metadata=metadata)
     if not in_torchrun():  # what train() would refuse at once, said before torchrun starts N processes to say it
         check_start(cfg, overwrite=overwrite, resume=resume is not None)
         if resume is not None:

@@ -14,13 +14,19 @@ import yaml
 
 from .errors import ConfigError
 
-DEFAULT_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
+ISIC2017_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
+# Every diagnosis of the vocabulary (skincancer.sources): melanoma malignant, the rest benign, as the ISIC 2017 task
+# scores it. Basal cell carcinoma, actinic keratosis and squamous cell carcinoma are malignant or pre-malignant, but
+# not melanoma: a malignant-vs-benign model says so with --labels (docs/data.md). A model's classes are the
+# diagnoses its training images have.
+DEFAULT_LABELS: dict[str, int] = {**ISIC2017_LABELS, "basal_cell_carcinoma": 0, "actinic_keratosis": 0,
+                                  "squamous_cell_carcinoma": 0, "vascular_lesion": 0, "dermatofibroma": 0}
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train: str = ""
+    train: str | list[str] = ""  # one training manifest or folder, or a list of them (several sources)
     valid: str = ""
     out: str = ""
     mode: str = "linear"  # linear: frozen backbone + logistic head on cached features; finetune: whole network
@@ -35,6 +41,9 @@ class TrainConfig:
     positive_name: str = "malignant"
     negative_name: str = "benign"
     threshold_policy: str = "sensitivity:0.90"
+    # the source (a manifest's `source` column) whose held-out images choose C or the best epoch, and the threshold:
+    # the one the model is judged on, when other sources only add training images. "" = every held-out image
+    select_on: str = ""
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 2
@@ -136,6 +145,11 @@ class TrainConfig:
         parse_threshold_policy(self.threshold_policy)
 
     @property
+    def train_paths(self) -> list[str]:
+        """The training manifests or folders (one or several sources)."""
+        return self.train if isinstance(self.train, list) else [self.train] if self.train else []
+
+    @property
     def inference_size(self) -> int:
         """The size validation and the saved model resize images to."""
         return self.eval_image_size or self.image_size
@@ -175,6 +189,12 @@ def _check_types(config: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(config):
         value, expected = getattr(config, f.name), hints[f.name]
+        if f.name == "train":  # a path, or a list of paths (one training source each)
+            paths = value if isinstance(value, list) else [value]
+            if not paths or not all(isinstance(p, str) for p in paths):
+                raise ConfigError(f"train: expected a path or a list of paths, got {value!r}")
+            object.__setattr__(config, f.name, paths[0] if len(paths) == 1 else list(paths))
+            continue
         origin = typing.get_origin(expected) or expected
         if origin is float and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(config, f.name, float(value))

@@ -50,11 +50,11 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     out.mkdir(parents=True, exist_ok=True)
     frame = resolve_data(data, classifier.meta["labels"])
     check_labels_agree(frame, classifier.meta["labels"], data)
-    others = sorted(set(manifest_labels(frame)) - set(classifier.meta["labels"]))
+    own = classifier.class_names if classifier.meta.get("head") == "diagnosis" else classifier.meta["labels"]
+    others = sorted(set(manifest_labels(frame)) - set(own))
     if others:
         log.warning("%s: diagnoses %s are not among the model's (%s): they count by the manifest's label for the "
-                    "malignant figures and get no AUC of their own", data, ", ".join(others),
-                    ", ".join(classifier.meta["labels"]))
+                    "malignant figures and get no AUC of their own", data, ", ".join(others), ", ".join(own))
     _require_both_labels(frame["label"], data, "")
     patients = _patients(frame, data, use_metadata)
     rows = patients if use_metadata else None

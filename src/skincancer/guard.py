@@ -64,10 +64,11 @@ def fit_gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_guard(fit_features: np.ndarray, held_features: np.ndarray | None = None,
               false_rejection: float = FALSE_REJECTION, seed: int = 0,
-              fold_features: np.ndarray | None = None) -> tuple[Guard, dict]:
+              fold_features: np.ndarray | None = None, groups: np.ndarray | None = None) -> tuple[Guard, dict]:
     """The guard and its record for model.json.
 
     held_features: images not in fit_features (validation): the threshold is their (1 - false_rejection) quantile.
+    groups: the lesion of each row of fit_features (sources.fold_groups): the folds keep a lesion's images together.
     None: out of fold: the Gaussian is fitted on 4/5 of fit_features and scored on the other fifth, five times (for
     a frozen backbone, whose features of the training images are those of any new image). fold_features: what the
     held-out fifths are scored on, row for row with fit_features (the mean of the model's views), if not the same."""
@@ -77,11 +78,13 @@ def fit_guard(fit_features: np.ndarray, held_features: np.ndarray | None = None,
     if len(fit_features) < 20:
         raise GuardError(f"{len(fit_features)} images: too few to fit the guard (at least 20)")
     if held_features is None:
-        from sklearn.model_selection import KFold
+        from sklearn.model_selection import GroupKFold, KFold
 
         scored = fit_features if fold_features is None else np.asarray(fold_features, dtype=np.float64)
         held = np.empty(len(fit_features))
-        for kept, out in KFold(GUARD_FOLDS, shuffle=True, random_state=seed).split(fit_features):
+        splitter = (KFold(GUARD_FOLDS, shuffle=True, random_state=seed) if groups is None else
+                    GroupKFold(GUARD_FOLDS, shuffle=True, random_state=seed))
+        for kept, out in splitter.split(fit_features, groups=groups):
             mean, precision = fit_gaussian(fit_features[kept])
             held[out] = Guard(mean, precision, 1.0).distance(scored[out])
         source = f"out-of-fold ({GUARD_FOLDS} folds of the fitted images)"
@@ -186,20 +189,22 @@ def image_features(model, paths, transform, tta: int = 1, batch_size: int = 32, 
 def fit_model_guard(model, frozen: bool, train_paths, valid_paths, transform, tta: int, model_dir: Path,
                     batch_size: int = 32, num_workers: int = 0, false_rejection: float = FALSE_REJECTION,
                     valid_features: np.ndarray | None = None, fitted_features: np.ndarray | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """Fit a trained model's guard and write it into model_dir; returns model.json's `guard` record.
 
     frozen: the backbone never trained on these images (a linear probe): the Gaussian is fitted on train + valid and
     the threshold chosen out of fold, on the mean of the model's `tta` views, as predictions see them. Otherwise
     (fine-tuned: the network has seen its training images) it is fitted on the training images (one view) and the
     threshold chosen on the validation images with the model's views. valid_features / fitted_features: features
-    already computed (the validation pass of training; the probe's cached features of train + valid)."""
+    already computed (the validation pass of training; the probe's cached features of train + valid). groups: the
+    lesion of each training then validation image, for the out-of-fold threshold (sources.fold_groups)."""
     if frozen:
         if fitted_features is None:
             fitted_features = image_features(model, [*train_paths, *valid_paths], transform, tta, batch_size,
                                              num_workers)
-        rows = fitted_features[np.isfinite(fitted_features).all(1)]
-        guard, record = fit_guard(rows, false_rejection=false_rejection, seed=seed)
+        finite = np.isfinite(fitted_features).all(1)
+        guard, record = fit_guard(fitted_features[finite], false_rejection=false_rejection, seed=seed,
+                                  groups=None if groups is None else np.asarray(groups)[finite])
     else:
         train_features = image_features(model, train_paths, transform, 1, batch_size, num_workers,
                                         desc="guard features (train)")
@@ -220,11 +225,14 @@ def guard_run(run: str | Path, train: str | Path | None = None, valid: str | Pat
               false_rejection: float = FALSE_REJECTION, batch_size: int = 32, num_workers: int = 0) -> dict:
     """Fit (or refit) the guard of a trained run, on the manifests it trained on (its config.yaml) unless others are
     given; model.json and the model card are updated. Returns the guard's record."""
+    import pandas as pd
+
     from .card import CARD_FILE, write_card
     from .checkpoint import META_FILE, find_model_dir, read_meta, write_json
     from .config import load_config
-    from .data import resolve_data
+    from .data import content_keys
     from .predict import load_model
+    from .sources import fold_groups, read_sources
 
     model_dir = find_model_dir(run)
     if train is None or valid is None:
@@ -232,16 +240,18 @@ def guard_run(run: str | Path, train: str | Path | None = None, valid: str | Pat
         if not path.is_file():
             raise GuardError(f"{run}: no config.yaml naming the run's training data; give --train and --valid")
         config = load_config(path)
-        train, valid = train or config.train, valid or config.valid
+        train, valid = train or config.train_paths, valid or config.valid
     classifier = load_model(model_dir, engine="torch", guard=False)  # the guard being replaced may be damaged
     meta = classifier.meta
     if meta.get("unfinished"):
         raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "
                          "first: training fits the guard at its end")
-    frames = [resolve_data(source, meta["labels"]) for source in (train, valid)]
+    frames = [read_sources(paths if isinstance(paths, list) else [paths], meta["labels"]) for paths in (train, valid)]
+    both = pd.concat(frames, ignore_index=True)
     record = fit_model_guard(classifier.model, meta.get("mode") == "linear", frames[0]["filepath"],
                              frames[1]["filepath"], classifier.transform(), int(meta.get("tta", 1)), model_dir,
-                             batch_size, num_workers, false_rejection)
+                             batch_size, num_workers, false_rejection,
+                             groups=fold_groups(both, content_keys(both["filepath"])))
     saved = read_meta(model_dir)
     saved["guard"] = record
     write_json(model_dir / META_FILE, saved)

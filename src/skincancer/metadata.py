@@ -20,6 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from .errors import DataError, MetadataError  # noqa: F401 (raised here; imported from here too)
 
 COLUMNS = ("age_approximate", "sex")
+CARRIED = ("group", "anatom_site")  # joined into a manifest as they are: the lesion (for grouped folds), the site
+ALIASES = {"image": "image_id", "age_approx": "age_approximate", "lesion_id": "group",
+           "anatom_site_general": "anatom_site"}
 SEXES = ("male", "female")
 MISSING = ("", "unknown", "nan", "none", "na", "n/a")
 
@@ -81,6 +84,8 @@ def read_metadata_csv(path: str | Path) -> pd.DataFrame:
         raise MetadataError(f"{path}: no such file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise MetadataError(f"{path}: not a readable CSV ({err})") from None
+    # ISIC 2019's layout: image, age_approx, anatom_site_general, lesion_id, sex
+    frame = frame.rename(columns={k: v for k, v in ALIASES.items() if k in frame.columns and v not in frame.columns})
     if "image_id" not in frame.columns or not set(COLUMNS) & set(frame.columns):
         raise MetadataError(f"{path}: expected columns image_id and age_approximate and/or sex, "
                             f"found {', '.join(frame.columns) or 'none'}")
@@ -88,7 +93,7 @@ def read_metadata_csv(path: str | Path) -> pd.DataFrame:
         raise MetadataError(f"{path}: image_id {frame['image_id'][frame['image_id'].duplicated()].iloc[0]!r} "
                             "appears twice")
     records(frame, str(path))  # every value is checked here, naming the row
-    return frame.set_index("image_id")[[c for c in COLUMNS if c in frame.columns]]
+    return frame.set_index("image_id")[[c for c in (*COLUMNS, *CARRIED) if c in frame.columns]]
 
 
 def _in_image_order(frame: pd.DataFrame, n: int, ids: Sequence[str | None] | None) -> pd.DataFrame:
@@ -108,8 +113,9 @@ def _in_image_order(frame: pd.DataFrame, n: int, ids: Sequence[str | None] | Non
 
 
 def attach(manifest: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
-    """The manifest with age_approximate / sex columns joined on image_id ('unknown' where an image has none)."""
-    out = manifest.drop(columns=[c for c in COLUMNS if c in manifest.columns])
+    """The manifest with age_approximate / sex columns joined on image_id ('unknown' where an image has none), and
+    the lesion (`group`) and body site where the metadata gives them."""
+    out = manifest.drop(columns=[c for c in (*COLUMNS, *CARRIED) if c in manifest.columns and c in metadata.columns])
     joined = out.join(metadata, on="image_id")
     for column in COLUMNS:
         if column in joined:

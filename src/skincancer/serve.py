@@ -486,6 +486,11 @@ def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
         limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden", max_batch=max_batch,
         source=e("out-of-fold predictions over the training and validation images"
                  if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
+        sources=e("; ".join(f"{x['name']} ({x['train_images']} training images, {x['licence']})"
+                            for x in card["sources"]) if card["sources"] else "not recorded (a run saved before runs "
+                  "recorded their data sources)"),
+        licence=f'<p class="notice" id="licence"><strong>Licence.</strong> {e(card["licence"])}</p>'
+        if card["licence"] else "",
         guard_note=e("Photos that do not look like the dermoscopy images this model was trained on, and blank, black "
                      "or washed-out frames, get no verdict." if card["guard"] else
                      "This model has no out-of-distribution guard: any photo gets a verdict, except blank, black or "
@@ -513,6 +518,7 @@ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15r
 <body>
 <h1>Melanoma vs benign: dermoscopy classifier</h1>
 <p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
+{licence}
 <div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
 <input type="file" id="file" accept="image/*" multiple hidden></label> (at most {limit_mb} MB; several photos,
 up to {max_batch}, give a table)</div>
@@ -546,6 +552,7 @@ max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unk
 <p>{name}: {architecture}, classes {classes}; threshold {threshold} ({policy});
 skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
 <p id="guard-note">{guard_note}</p>
+<p id="sources">Trained on: {sources}</p>
 <h3>Validation figures ({source})</h3>
 <table id="validation">{rows}</table>
 <script>

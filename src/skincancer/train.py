@@ -22,7 +22,6 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,7 +32,7 @@ from . import __version__
 from .backbones import build_model, bundled_weights_path, count_parameters, preprocessing
 from .card import CARD_FILE, write_card
 from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write, save_model, unwrap, write_json
-from .config import TrainConfig, config_to_dict, load_config
+from .config import DEFAULT_LABELS, TrainConfig, config_to_dict, load_config
 from .data import (
     DataError,
     ImageDataset,
@@ -43,7 +42,6 @@ from .data import (
     check_labels_agree,
     content_keys,
     manifest_labels,
-    resolve_data,
     same_key,
 )
 from .distributed import (
@@ -65,6 +63,7 @@ from .metrics import choose_threshold, roc_auc, validation_summary
 from .predict import load_model
 from .progress import progress
 from .provenance import ENVIRONMENT_FILE, data_fingerprint, describe, environment
+from .sources import fold_groups, grouped_folds, read_sources, source_table
 
 log = logging.getLogger("skincancer")
 
@@ -99,11 +98,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     begun = False  # the inputs checked out: the run writes its files
     try:
         seed_everything(config.seed)
-        train_df = resolve_data(config.train, config.labels)
-        valid_df = resolve_data(config.valid, config.labels)
+        train_df = read_sources(config.train_paths, config.labels)
+        valid_df = read_sources([config.valid], config.labels)
         # every file decoded once up front (about 1 ms each): every process drops the same unreadable files, and a
         # split with none left stops here, not inside an epoch (or one process of a multi-process run)
-        train_df = _readable(train_df, config.train, "train")
+        train_df = _readable(train_df, _train_name(config), "train")
         valid_df = _readable(valid_df, config.valid, "valid")
         keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
         device = device_for(world, config.device)
@@ -122,6 +121,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                  len(valid_df), _counts(valid_df))
         if valid_df["label"].nunique() < 2:
             raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+        _check_select_on(config, train_df, valid_df)
         metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
         if replace:  # the inputs are readable: only now does the old run go, its log lines too
             _clear_run(out)
@@ -142,7 +142,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.inference_size, "train_image_size": config.image_size, **prep, "threshold": 0.5,
             "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
-            "class_balance": config.class_balance,
+            "class_balance": config.class_balance, "sources": source_table(train_df, valid_df),
+            **({"select_on": config.select_on} if config.select_on else {}),
             "skincancer_version": __version__, "environment": env,
         }
         if world.is_main:
@@ -190,7 +191,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 meta["guard"] = fit_model_guard(
                     model, frozen, train_df["filepath"], valid_split["filepath"], _eval_transform(config, prep),
                     config.tta, out / "model", config.batch_size, config.num_workers, config.guard_false_rejection,
-                    valid_features=guard_valid, fitted_features=fitted, seed=config.seed)
+                    valid_features=guard_valid, fitted_features=fitted, seed=config.seed,
+                    groups=fold_groups(pd.concat([train_df, valid_split], ignore_index=True), keys))
             except GuardError as err:  # a smoke-test-sized split: the model works, unguarded, and says so
                 log.warning("no out-of-distribution guard: %s", err)
         meta["epoch"] = epoch
@@ -252,9 +254,12 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
     x, ok = view_features(fit_df["filepath"], "train+valid" if pooled else "train", max(views, scored),
                           keys if pooled else train_keys)
     y = targets[ok]
+    groups = fold_groups(fit_df, keys if pooled else train_keys)[ok]  # a lesion's images stay in one fold
+    judged = _judged(config, fit_df)[ok]  # the rows whose out-of-fold AUC chooses C (--select-on)
     if not pooled:
         valid_x, valid_ok = view_features(valid_df["filepath"], "valid", scored, valid_keys)
         valid_labels = valid_df["label"].to_numpy()[valid_ok]
+        valid_judged = _judged(config, valid_df)[valid_ok]
     positive = _positive_indices(config, class_names)
     is_positive = np.isin(y, positive).astype(int)
     weight = None if config.class_balance == "none" else "balanced"
@@ -273,21 +278,23 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         clf, mean, std = fitted
         return np.mean([clf.predict_proba((features[v] - mean) / std) for v in range(scored)], axis=0)
 
-    folds = min(5, int(np.bincount(y).min()))
+    folds = min(5, int(np.bincount(y[judged]).min())) if judged.any() else 0
     if pooled and folds < 2:
-        raise DataError(f"{config.train} + {config.valid}: too few images of a class for cross-validation")
+        raise DataError(f"{_train_name(config)} + {config.valid}: too few images of a class for cross-validation")
+    splits = _source_folds(y, groups, judged, folds, config.seed) if folds >= 2 else []
     rows, best = [], None
     for c in progress(config.linear_c, desc="fitting linear head", unit="C", leave=False):
         cv_auc, oof = float("nan"), np.full((len(y), len(class_names)), np.nan)
         if folds >= 2:
-            for kept, held in StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(y, y):
+            for kept, held in splits:
                 oof[held] = proba(fit(kept, c), x[:, held])
-            cv_auc = roc_auc(is_positive, oof[:, positive].sum(1))
+            cv_auc = roc_auc(is_positive[judged], oof[judged][:, positive].sum(1))
         row = {"C": c, "cv_auc": cv_auc}
         fitted = fit(np.arange(len(y)), c)
         if not pooled:
-            row["valid_auc"] = roc_auc(valid_labels, proba(fitted, valid_x)[:, positive].sum(1))
-        score = cv_auc if folds >= 2 else row["valid_auc"]
+            row["valid_auc"] = roc_auc(valid_labels[valid_judged],
+                                       proba(fitted, valid_x[:, valid_judged])[:, positive].sum(1))
+        score = cv_auc if folds >= 2 and not math.isnan(cv_auc) else row["valid_auc"]
         rows.append(row)
         for key, value in row.items():
             if key != "C":
@@ -313,6 +320,18 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         return None
     held_out = fit_df.assign(split=["train"] * len(train_df) + ["valid"] * len(valid_df))
     return oof, held_out[ok].reset_index(drop=True)
+
+
+def _source_folds(y: np.ndarray, groups: np.ndarray, judged: np.ndarray, folds: int, seed: int) -> list:
+    """Grouped, stratified folds over the judged rows (--select-on's source, or all); the other sources' rows are
+    training rows in every fold (except a copy of a held-out image), so the judged source's folds are the same with
+    or without them."""
+    rows, others = np.flatnonzero(judged), np.flatnonzero(~judged)
+    splits = []
+    for kept, held in grouped_folds(y[rows], groups[rows], folds, seed):
+        extra = others[~np.isin(groups[others], groups[rows[held]])]
+        splits.append((np.concatenate([rows[kept], extra]), rows[held]))
+    return splits
 
 
 def _probe_guard_features(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame,
@@ -395,7 +414,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     counts = np.bincount(train_targets, minlength=len(class_names)).astype(float)
     if (counts == 0).any():
         missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
-        raise DataError(f"{config.train}: no training images of class(es) {', '.join(missing)}")
+        raise DataError(f"{_train_name(config)}: no training images of class(es) {', '.join(missing)}")
     class_weights = counts.sum() / (len(counts) * counts)
     # The order of epoch e depends on (seed, e) alone: resumes replay it, and DDP ranks split it without overlap.
     sampler = ShardedSampler(len(train_set), world, config.seed,
@@ -429,6 +448,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     evaluated = ema.module if ema is not None else model  # the weights we validate and keep
     positive = _positive_indices(config, class_names)
     valid_labels = valid_df["label"].to_numpy()
+    judged = _judged(config, valid_df)  # the validation images that choose the epoch (--select-on)
     best_auc, best_epoch, best_state, rows, start = -1.0, 0, None, [], 1
     data = _data_fingerprint(train_df, valid_df)
     if resume:
@@ -452,7 +472,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
         share_buffers(world, model, *([ema.module] if ema is not None else []))  # validate and keep rank 0's model
         train_loss = mean_over_ranks(world, train_loss, device)
         if math.isnan(train_loss):  # no batch had a readable image (a non-finite loss raises in train_one_epoch)
-            raise DataError(f"{config.train}: no training image could be read in epoch {epoch} (listed above)")
+            raise DataError(f"{_train_name(config)}: no training image could be read in epoch {epoch} (listed above)")
         shard = np.arange(world.rank, len(valid_set), world.size)  # each rank validates a slice; gathered
         shard_set = ImageDataset(valid_df["filepath"].iloc[shard], valid_targets[shard], valid_set.transform)
         # keep=last validates each epoch for the record only (the kept model is re-validated with all its views
@@ -468,7 +488,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
             raise DataError(f"{config.valid}: no validation image could be read in epoch {epoch} (listed above)")
         valid_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(probs[ok]).clamp_min(1e-12)),
                                                   torch.as_tensor(valid_targets[ok])))
-        auc = roc_auc(valid_labels[ok], probs[ok][:, positive].sum(1))
+        auc = roc_auc(valid_labels[ok & judged], probs[ok & judged][:, positive].sum(1))
         row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_auc": auc,
                "valid_views": views, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - tic, 1)}
         rows.append(row)
@@ -625,9 +645,9 @@ def fit_metadata(config: TrainConfig, train_df: pd.DataFrame, train_targets: np.
                  num_classes: int) -> MetadataModel:
     """p(class | age, sex) from the training manifest's metadata columns (see skincancer.metadata)."""
     if not has_metadata(train_df):
-        raise DataError(f"{config.train}: metadata is on but the manifest has no age_approximate or sex column; "
+        raise DataError(f"{_train_name(config)}: metadata is on but the manifest has no age_approximate or sex column; "
                         "index it with --metadata META.csv")
-    rows = metadata_records(train_df, str(config.train))
+    rows = metadata_records(train_df, _train_name(config))
     model = MetadataModel.fit(rows, train_targets, num_classes)
     log.info("metadata model fitted on %d of %d training images with age or sex",
              sum(r is not None for r in rows), len(rows))
@@ -665,7 +685,7 @@ def metadata_validation(model: MetadataModel, valid_probs: np.ndarray, valid_df:
 def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_names: list[str], meta: dict,
                       config: TrainConfig, out: Path) -> dict:
     """Choose the threshold on validation and record validation figures (and predictions) for the model card."""
-    ok = ~np.isnan(valid_probs).any(1)
+    ok = ~np.isnan(valid_probs).any(1) & _judged(config, valid_df)  # --select-on: that source's images choose
     positive = _positive_indices(config, class_names)
     malignant = valid_probs[:, positive].sum(1)
     labels = valid_df["label"].to_numpy()
@@ -680,18 +700,20 @@ def finish_validation(valid_probs: np.ndarray, valid_df: pd.DataFrame, class_nam
                           config.positive_name: malignant})
     if "split" in valid_df:  # out-of-fold predictions over train+valid: which split each row came from
         table["split"] = valid_df["split"].to_numpy()
+    if "source" in valid_df:
+        table["source"] = valid_df["source"].to_numpy()
     atomic_write(out / "valid_predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_json(out / "valid_metrics.json", validation)
     return {"threshold": threshold, "validation": validation}
 
 
 def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> list[str]:
-    for source, frame in ((config.train, train_df), (config.valid, valid_df)):
+    for source, frame in ((_train_name(config), train_df), (config.valid, valid_df)):
         check_labels_agree(frame, config.labels, source)
     if config.head == "binary":
         return [config.negative_name, config.positive_name]
     label_map = ", ".join(f"{k}={v}" for k, v in config.labels.items())
-    for source, frame in ((config.train, train_df), (config.valid, valid_df)):
+    for source, frame in ((_train_name(config), train_df), (config.valid, valid_df)):
         unmapped = sorted(set(frame["diagnosis"]) - set(config.labels))
         if unmapped:
             own = manifest_labels(frame)
@@ -701,7 +723,8 @@ def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataF
                             f"({label_map}); add it to --labels (or labels: in the config){hint}")
     present = set(train_df["diagnosis"])
     names = [name for name in config.labels if name in present]
-    absent = [name for name in config.labels if name not in present]
+    # the default vocabulary's other diagnoses are simply not this model's; entries a user added are named
+    absent = [name for name in config.labels if name not in present and DEFAULT_LABELS.get(name) != config.labels[name]]
     if absent:
         log.warning("label map entries with no training images, left out of the model's classes: %s",
                     ", ".join(absent))
@@ -709,7 +732,7 @@ def _class_names(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataF
     if unknown:
         raise DataError(f"{config.valid}: diagnosis {', '.join(unknown)} not among the training classes {names}")
     if len(names) < 2:
-        raise DataError(f"{config.train}: need at least two diagnoses to train, found {names}")
+        raise DataError(f"{_train_name(config)}: need at least two diagnoses to train, found {names}")
     return names
 
 
@@ -724,6 +747,32 @@ def _positive_indices(config: TrainConfig, class_names: list[str]) -> list[int]:
     if config.head == "binary":
         return [1]
     return [i for i, name in enumerate(class_names) if config.labels[name] == 1]
+
+
+def _train_name(config: TrainConfig) -> str:
+    return " + ".join(config.train_paths)
+
+
+def _judged(config: TrainConfig, frame: pd.DataFrame) -> np.ndarray:
+    """The rows whose held-out predictions choose the model and its threshold: those of `select_on`, or all."""
+    if not config.select_on:
+        return np.ones(len(frame), bool)
+    return (frame["source"] == config.select_on).to_numpy()
+
+
+def _check_select_on(config: TrainConfig, train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
+    """--select-on names a source with held-out images of both labels (validation; for a probe fitted on
+    train+valid, either split)."""
+    if not config.select_on:
+        return
+    held = pd.concat([train_df, valid_df]) if config.mode == "linear" and config.linear_fit == "train+valid" \
+        else valid_df
+    chosen = held[held["source"] == config.select_on]
+    if chosen.empty:
+        raise DataError(f"select_on: no held-out images of source {config.select_on!r}; the sources are "
+                        f"{', '.join(sorted(set(held['source'])))}")
+    if chosen["label"].nunique() < 2:
+        raise DataError(f"select_on: source {config.select_on!r} needs held-out images of both labels to choose on")
 
 
 def _eval_transform(config: TrainConfig, prep: dict):
@@ -751,7 +800,7 @@ def check_start(config: TrainConfig, overwrite: bool = False, resume: bool = Fal
     processes that would each fail on it."""
     if not config.train or not config.valid or not config.out:
         raise DataError("train, valid and out are all required")
-    for path in (config.train, config.valid):
+    for path in (*config.train_paths, config.valid):
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or folder")
     if not resume:
