@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .config import parse_threshold_policy
@@ -44,21 +44,9 @@ def bootstrap_auc_ci(labels, probs, n_boot: int = 2000, alpha: float = 0.05, see
         n = rng.choice(neg, len(neg))
         # Mann-Whitney form of the AUC: P(score_pos > score_neg) + 0.5 P(tie)
         scores = np.concatenate([p, n])
-        ranks = _rankdata(scores)
+        ranks = rankdata(scores)
         aucs[b] = (ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n))
     return [float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))]
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based), ties shared, as scipy.stats.rankdata(method='average')."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    boundaries = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1], [True]])
-    idx = np.flatnonzero(boundaries)
-    ranks_sorted = np.repeat((idx[:-1] + idx[1:] + 1) / 2.0, np.diff(idx))
-    ranks = np.empty_like(ranks_sorted)
-    ranks[order] = ranks_sorted
-    return ranks
 
 
 def delong_test(labels, scores_a, scores_b) -> dict:
@@ -76,7 +64,7 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     aucs, v10, v01 = [], [], []
     for scores in (a, b):
         pos, neg = scores[positive], scores[~positive]
-        t_all, t_pos, t_neg = _rankdata(np.concatenate([pos, neg])), _rankdata(pos), _rankdata(neg)
+        t_all, t_pos, t_neg = rankdata(np.concatenate([pos, neg])), rankdata(pos), rankdata(neg)
         aucs.append((t_all[:m].sum() - m * (m + 1) / 2) / (m * n))
         v10.append((t_all[:m] - t_pos) / n)  # per positive: the share of negatives it outranks
         v01.append(1 - (t_all[m:] - t_neg) / m)  # per negative: the share of positives that outrank it
