@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import norm, rankdata
+from scipy.stats import binomtest, norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .config import parse_threshold_policy
@@ -97,15 +97,13 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float]:
-    """95% Wilson score interval of a proportion (sensitivity, specificity): unlike the normal approximation it stays
+def wilson_interval(successes: int, trials: int, confidence_level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion (sensitivity, specificity): unlike the normal approximation it stays
     inside [0, 1] and is not zero-width at 0/n or n/n."""
     if trials == 0:
         return [float("nan"), float("nan")]
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence_level, method="wilson")
+    return [float(interval.low), float(interval.high)]
 
 
 def _intervals(point: dict) -> dict[str, list[float]]:
