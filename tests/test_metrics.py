@@ -235,3 +235,17 @@ def test_bootstrap_agrees_with_the_old_figures():
     assert bootstrap_auc_ci([0, 0, 1], [0.35, 0.8, 0.9], n_boot=1000) == [1.0, 1.0]
     groups = subgroup_report(LABELS, PROBS, 0.5, ["f", "f", "m", "m", "f", "m", "f"])
     assert (groups["f"]["auc_ci95"], groups["m"]["auc_ci95"]) == ([0.0, 1.0], [1.0, 1.0])
+
+
+def test_the_bootstrap_statistic_is_the_auc_for_every_resample():
+    from skincancer.metrics import _mann_whitney_auc
+
+    labels, probs = _tied_set()
+    pos, neg = probs[labels == 1], probs[labels == 0]
+    assert _mann_whitney_auc(pos, neg) == pytest.approx(roc_auc(labels, probs), abs=1e-12)
+    rng = np.random.default_rng(0)
+    rows_pos, rows_neg = rng.choice(pos, (5, len(pos))), rng.choice(neg, (5, len(neg)))
+    resample_labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    expected = [roc_auc(resample_labels, np.r_[p, n]) for p, n in zip(rows_pos, rows_neg, strict=True)]
+    assert _mann_whitney_auc(rows_pos, rows_neg) == pytest.approx(expected, abs=1e-12)
+    assert _mann_whitney_auc(rows_pos.T, rows_neg.T, axis=0) == pytest.approx(expected, abs=1e-12)
