@@ -49,6 +49,7 @@ def bootstrap_auc_ci(labels, probs, n_boot: int = 2000, alpha: float = 0.05, see
     # scipy wants two or more observations per sample; a lone image is in every resample anyway, and doubling it
     # leaves the AUC (a mean over positive-negative pairs) unchanged
     pos, neg = (np.repeat(x, 2) if len(x) == 1 else x for x in (pos, neg))
+    # resamples are ranked a batch at a time, about 2 million scores in all: memory stays bounded on large test sets
     result = bootstrap((pos, neg), _mann_whitney_auc, n_resamples=n_boot, confidence_level=1 - alpha,
                        method="percentile", vectorized=True, batch=max(1, 2_000_000 // (len(pos) + len(neg))),
                        rng=np.random.default_rng(seed))
