@@ -181,3 +181,71 @@ def test_subgroup_report_by_hand():
     assert f["sensitivity_ci95"] == wilson_interval(1, 2)
     assert (m["sensitivity"], m["specificity"]) == (1.0, 0.5)
     assert np.isnan(subgroup_report([0, 0], [0.1, 0.2], 0.5, ["a", "a"])["a"]["auc"])  # one class: no AUC
+
+
+# Figures the hand-written code gave (ranks, Wilson and the bootstrap loop before they moved onto scipy.stats),
+# recorded on fixed inputs so the library versions can be held to them.
+def _tied_set():
+    rng = np.random.default_rng(7)
+    labels = (rng.uniform(size=400) < 0.3).astype(int)
+    probs = np.round(np.clip(0.25 * labels + rng.normal(0.4, 0.2, 400), 0, 1), 1)  # rounded: many ties
+    return labels, probs
+
+
+OLD_WILSON = {(0, 1): [0.0, 0.7934506882081973], (1, 1): [0.2065493117918027, 1.0], (0, 5): [0.0, 0.43448246865939283],
+              (5, 5): [0.5655175313406071, 1.0], (2, 3): [0.2076595988078242, 0.9385080559790691],
+              (1, 2): [0.09453120463920084, 0.9054687953607992], (3, 4): [0.3006418400969081, 0.954412739704631],
+              (106, 117): [0.8394644926088968, 0.9466895382963376], (50, 100): [0.40383152963549296, 0.596168470364507],
+              (3, 1000): [0.0010207838732076793, 0.008783014121212225],
+              (999, 1000): [0.9943574413400738, 0.9998234536313233]}
+
+
+def test_wilson_agrees_with_the_old_figures():
+    # the old code used z = 1.959964 (rounded); the exact 97.5% normal quantile moves the ends by under 1e-8
+    for (successes, trials), old in OLD_WILSON.items():
+        assert wilson_interval(successes, trials) == pytest.approx(old, abs=1e-8)
+
+
+def test_delong_agrees_with_the_old_figures():
+    rng = np.random.default_rng(1)
+    labels = (rng.uniform(size=300) < 0.25).astype(int)
+    a = np.round(labels + rng.normal(size=300), 1)
+    b = np.round(0.6 * labels + 0.5 * a + rng.normal(size=300), 1)
+    result = delong_test(labels, a, b)
+    assert result["auc_a"] == pytest.approx(0.7450364191729323, abs=1e-12)
+    assert result["auc_b"] == pytest.approx(0.7605733082706767, abs=1e-12)
+    assert result["difference_ci95"] == pytest.approx([-0.08952829674955083, 0.05845451855406199], abs=1e-12)
+    assert result["p_value"] == pytest.approx(0.680663546997589, abs=1e-12)
+    tied_labels, tied_probs = _tied_set()
+    other = np.round(tied_probs + rng.normal(0, 0.1, 400), 1)
+    result = delong_test(tied_labels, tied_probs, other)
+    assert (result["auc_a"], result["auc_b"]) == pytest.approx((0.8280899548431472, 0.8042854152337091), abs=1e-12)
+    assert result["difference_ci95"] == pytest.approx([-0.0029005676812274735, 0.05050964690010361], abs=1e-12)
+    assert result["p_value"] == pytest.approx(0.08062293307721156, abs=1e-12)
+
+
+def test_bootstrap_agrees_with_the_old_figures():
+    # the resamples are drawn differently from the same seed, so the ends agree only up to Monte Carlo noise
+    # (about 0.002 with 2000 resamples here): 0.01 is several times that
+    labels, probs = _tied_set()
+    assert bootstrap_auc_ci(labels, probs) == pytest.approx([0.7862215526780107, 0.8687389724573102], abs=0.01)
+    assert bootstrap_auc_ci(labels, probs, seed=1) == pytest.approx([0.7851307604892491, 0.8683875863512664],
+                                                                     abs=0.01)
+    # one melanoma: it is in every resample, so the interval is the AUC itself, as before
+    assert bootstrap_auc_ci([0, 0, 1], [0.35, 0.8, 0.9], n_boot=1000) == [1.0, 1.0]
+    groups = subgroup_report(LABELS, PROBS, 0.5, ["f", "f", "m", "m", "f", "m", "f"])
+    assert (groups["f"]["auc_ci95"], groups["m"]["auc_ci95"]) == ([0.0, 1.0], [1.0, 1.0])
+
+
+def test_the_bootstrap_statistic_is_the_auc_for_every_resample():
+    from skincancer.metrics import _mann_whitney_auc
+
+    labels, probs = _tied_set()
+    pos, neg = probs[labels == 1], probs[labels == 0]
+    assert _mann_whitney_auc(pos, neg) == pytest.approx(roc_auc(labels, probs), abs=1e-12)
+    rng = np.random.default_rng(0)
+    rows_pos, rows_neg = rng.choice(pos, (5, len(pos))), rng.choice(neg, (5, len(neg)))
+    resample_labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    expected = [roc_auc(resample_labels, np.r_[p, n]) for p, n in zip(rows_pos, rows_neg, strict=True)]
+    assert _mann_whitney_auc(rows_pos, rows_neg) == pytest.approx(expected, abs=1e-12)
+    assert _mann_whitney_auc(rows_pos.T, rows_neg.T, axis=0) == pytest.approx(expected, abs=1e-12)

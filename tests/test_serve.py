@@ -23,7 +23,7 @@ from skincancer import NOTICE
 from skincancer.ensemble import load_models
 from skincancer.export import export_onnx
 from skincancer.predict import load_model
-from skincancer.serve import create_app
+from skincancer.serve import Metrics, create_app
 
 pytestmark = pytest.mark.slow
 LIMIT_MB = 1
@@ -147,6 +147,23 @@ def test_metrics_count_requests_latency_and_photos(served_run, lesion):
     assert value("skincancer_images_total", outcome="answered") == 4  # 2 single, 2 in the batch
     assert value("skincancer_images_total", outcome="failed") == 2  # the text file, the empty file
     assert value("skincancer_model_info", name="run", engine="onnx", version="0.1.0") == 1
+
+
+def test_two_apps_in_one_process_count_apart():
+    from prometheus_client import generate_latest
+
+    card = {"name": "run", "engine": "onnx", "version": "0.1.0"}
+    first, second = Metrics(["/api/predict"], card), Metrics(["/api/predict"], {**card, "name": "other"})
+    first.observe("/api/predict", 200, 0.3)
+    first.observe("/.env", 404, 0.01)
+    first.count_images(1, 0)
+    assert first.registry.get_sample_value("skincancer_requests_total", {"route": "/api/predict", "status": "200"}) == 1
+    assert first.registry.get_sample_value("skincancer_requests_total", {"route": "other", "status": "404"}) == 1
+    assert second.registry.get_sample_value("skincancer_requests_total",
+                                            {"route": "/api/predict", "status": "200"}) is None
+    assert second.registry.get_sample_value("skincancer_images_total", {"outcome": "answered"}) == 0
+    assert 'skincancer_model_info{engine="onnx",name="other",version="0.1.0"} 1.0' in generate_latest(
+        second.registry).decode()
 
 
 def test_health_model_page_and_docs(client, served_run):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import binomtest, bootstrap, norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .config import parse_threshold_policy
@@ -31,34 +31,29 @@ def roc_auc(labels, probs) -> float:
     return float(roc_auc_score(labels, probs))
 
 
+def _mann_whitney_auc(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUC as P(score_pos > score_neg) + 0.5 P(tie), from the ranks of the pooled scores; one per row when the scores
+    come stacked (the bootstrap's resamples)."""
+    pos, neg = np.moveaxis(pos, axis, -1), np.moveaxis(neg, axis, -1)
+    m, n = pos.shape[-1], neg.shape[-1]
+    ranks = rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)
+    return (ranks[..., :m].sum(axis=-1) - m * (m + 1) / 2) / (m * n)
+
+
 def bootstrap_auc_ci(labels, probs, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float]:
     """Percentile bootstrap interval of the AUC, resampling positives and negatives separately (stratified)."""
     labels, probs = _check(labels, probs)
     pos, neg = probs[labels == 1], probs[labels == 0]
     if len(pos) == 0 or len(neg) == 0:
         return [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    aucs = np.empty(n_boot)
-    for b in range(n_boot):
-        p = rng.choice(pos, len(pos))
-        n = rng.choice(neg, len(neg))
-        # Mann-Whitney form of the AUC: P(score_pos > score_neg) + 0.5 P(tie)
-        scores = np.concatenate([p, n])
-        ranks = _rankdata(scores)
-        aucs[b] = (ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n))
-    return [float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))]
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based), ties shared, as scipy.stats.rankdata(method='average')."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    boundaries = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1], [True]])
-    idx = np.flatnonzero(boundaries)
-    ranks_sorted = np.repeat((idx[:-1] + idx[1:] + 1) / 2.0, np.diff(idx))
-    ranks = np.empty_like(ranks_sorted)
-    ranks[order] = ranks_sorted
-    return ranks
+    # scipy wants two or more observations per sample; a lone image is in every resample anyway, and doubling it
+    # leaves the AUC (a mean over positive-negative pairs) unchanged
+    pos, neg = (np.repeat(x, 2) if len(x) == 1 else x for x in (pos, neg))
+    # resamples are ranked a batch at a time, about 2 million scores in all: memory stays bounded on large test sets
+    result = bootstrap((pos, neg), _mann_whitney_auc, n_resamples=n_boot, confidence_level=1 - alpha,
+                       method="percentile", vectorized=True, batch=max(1, 2_000_000 // (len(pos) + len(neg))),
+                       rng=np.random.default_rng(seed))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
 def delong_test(labels, scores_a, scores_b) -> dict:
@@ -76,7 +71,7 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     aucs, v10, v01 = [], [], []
     for scores in (a, b):
         pos, neg = scores[positive], scores[~positive]
-        t_all, t_pos, t_neg = _rankdata(np.concatenate([pos, neg])), _rankdata(pos), _rankdata(neg)
+        t_all, t_pos, t_neg = rankdata(np.concatenate([pos, neg])), rankdata(pos), rankdata(neg)
         aucs.append((t_all[:m].sum() - m * (m + 1) / 2) / (m * n))
         v10.append((t_all[:m] - t_pos) / n)  # per positive: the share of negatives it outranks
         v01.append(1 - (t_all[m:] - t_neg) / m)  # per negative: the share of positives that outrank it
@@ -109,15 +104,13 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float]:
-    """95% Wilson score interval of a proportion (sensitivity, specificity): unlike the normal approximation it stays
+def wilson_interval(successes: int, trials: int, confidence_level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion (sensitivity, specificity): unlike the normal approximation it stays
     inside [0, 1] and is not zero-width at 0/n or n/n."""
     if trials == 0:
         return [float("nan"), float("nan")]
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence_level, method="wilson")
+    return [float(interval.low), float(interval.high)]
 
 
 def _intervals(point: dict) -> dict[str, list[float]]:

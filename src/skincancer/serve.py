@@ -11,7 +11,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request,
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,68 +90,37 @@ QUIET_PATHS = ("/api/health", "/metrics")  # polled by load balancers and scrape
 
 
 class Metrics:
-    """The service's counters in Prometheus' text format (GET /metrics): requests by route and status, their
-    latency, and the photos answered. Routes outside the app's own are counted as "other", so that scanning for
-    random paths cannot grow the list without bound."""
+    """The service's Prometheus metrics (GET /metrics): requests by route and status, their latency, the photos
+    answered and the model served, in a registry of the app's own so that two apps in one process count apart.
+    Routes outside the app's own are counted as "other", so that scanning for random paths cannot grow the list
+    without bound."""
 
-    def __init__(self, routes: Sequence[str]):
+    def __init__(self, routes: Sequence[str], card: dict):
         self.routes = set(routes)
-        self.lock = threading.Lock()
-        self.requests: Counter = Counter()  # (route, status) -> requests
-        self.latency: dict[str, list[float]] = {}  # route -> counts per bucket (cumulative at render), sum, count
-        self.images: Counter = Counter()  # outcome -> photos
+        self.registry = CollectorRegistry()
+        # prometheus_client adds the _total of a counter's name itself
+        self.requests = Counter("skincancer_requests", "HTTP requests answered, by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("skincancer_request_seconds", "Time from a request's start to its answer's end.",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.images = Counter("skincancer_images", "Photos sent for prediction: answered, or failed (unreadable, "
+                              "too large, bad age/sex).", ["outcome"], registry=self.registry)
+        for outcome in ("answered", "failed"):  # both shown from the start, at 0
+            self.images.labels(outcome=outcome)
+        Info("skincancer_model", "The model served (value 1).", registry=self.registry).info(
+            {key: str(card[key]) for key in ("name", "engine", "version")})
 
     def route(self, path: str) -> str:
         return path if path in self.routes else "other"
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = self.route(path)
-        with self.lock:
-            self.requests[route, status] += 1
-            counts = self.latency.setdefault(route, [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for i, limit in enumerate(LATENCY_BUCKETS):
-                if seconds <= limit:
-                    counts[i] += 1
-                    break
-            counts[-2] += seconds
-            counts[-1] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
 
     def count_images(self, answered: int, failed: int) -> None:
-        with self.lock:
-            self.images["answered"] += answered
-            self.images["failed"] += failed
-
-    def render(self, card: dict) -> str:
-        def labels(**values) -> str:
-            return "{" + ",".join(f'{k}="{_prometheus_escape(v)}"' for k, v in values.items()) + "}"
-
-        with self.lock:
-            lines = ["# HELP skincancer_model_info The model served (value 1).", "# TYPE skincancer_model_info gauge",
-                     f"skincancer_model_info{labels(name=card['name'], engine=card['engine'], version=card['version'])}"
-                     " 1",
-                     "# HELP skincancer_requests_total HTTP requests answered, by route and status.",
-                     "# TYPE skincancer_requests_total counter"]
-            lines += [f"skincancer_requests_total{labels(route=route, status=status)} {n}"
-                      for (route, status), n in sorted(self.requests.items())]
-            lines += ["# HELP skincancer_request_seconds Time from a request's start to its answer's end.",
-                      "# TYPE skincancer_request_seconds histogram"]
-            for route, counts in sorted(self.latency.items()):
-                running = 0
-                for limit, n in zip(LATENCY_BUCKETS, counts, strict=False):
-                    running += n
-                    lines.append(f"skincancer_request_seconds_bucket{labels(route=route, le=f'{limit:g}')} {running:g}")
-                lines += [f"skincancer_request_seconds_bucket{labels(route=route, le='+Inf')} {counts[-1]:g}",
-                          f"skincancer_request_seconds_sum{labels(route=route)} {counts[-2]:.6f}",
-                          f"skincancer_request_seconds_count{labels(route=route)} {counts[-1]:g}"]
-            lines += ["# HELP skincancer_images_total Photos sent for prediction: answered, or failed (unreadable, "
-                      "too large, bad age/sex).", "# TYPE skincancer_images_total counter"]
-            lines += [f"skincancer_images_total{labels(outcome=outcome)} {self.images[outcome]}"
-                      for outcome in ("answered", "failed")]
-        return "\n".join(lines) + "\n"
-
-
-def _prometheus_escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        self.images.labels(outcome="answered").inc(answered)
+        self.images.labels(outcome="failed").inc(failed)
 
 
 class AccessLog:
@@ -243,7 +212,7 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     app = FastAPIOffline(title="skincancer", version=__version__,
                          description=f"Melanoma vs benign dermoscopy classifier. {NOTICE}")
     app.add_middleware(UploadLimit, file_limit=file_limit, files={BATCH_PATH: max_batch})
-    metrics = Metrics(["/", "/api/predict", BATCH_PATH, "/api/health", "/api/model", "/metrics", "/docs"])
+    metrics = Metrics(["/", "/api/predict", BATCH_PATH, "/api/health", "/api/model", "/metrics", "/docs"], card)
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: it also logs the uploads UploadLimit refuses
     app.state.classifier = classifier
     page = render_page(card, file_limit, max_batch)
@@ -263,10 +232,10 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
     def model() -> dict:
         return card
 
-    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
-    def prometheus() -> PlainTextResponse:
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
         """Prometheus' text format: requests by route and status, latency, photos answered and failed."""
-        return PlainTextResponse(metrics.render(card), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     async def one_file(request: Request) -> None:
         """/api/predict answers one photo: several `file` parts are refused, not all but the last dropped."""
