@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from skincancer import load_config, load_manifest
 from skincancer.backbones import build_model, preprocessing
 from skincancer.data import content_keys
-from skincancer.train import cached_features
+from skincancer.features import cached_features
 
 CLASSES = ["melanoma", "nevus", "seborrheic_keratosis"]
 

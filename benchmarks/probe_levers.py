@@ -29,7 +29,7 @@ from skincancer import load_config, load_manifest
 from skincancer.backbones import build_model, preprocessing
 from skincancer.data import build_transform, content_keys, load_image
 from skincancer.engine import DIHEDRAL
-from skincancer.train import cached_features
+from skincancer.features import cached_features
 
 SPEC = "tf_efficientnet_lite0:224:multiscale"
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,41 +74,45 @@ def main() -> None:
         run = out / f"{Path(args.config).stem}-{variant}"
         command = [*CLI, "train", "--config", args.config, *[a for p in train for a in ("--train", str(p))],
                    "--valid", str(paths["valid"]), "--select-on", "isic2017", "--out", str(run), "--overwrite"]
-        started = time.time()
         subprocess.run(command, check=True, cwd=ROOT)
-        seconds = time.time() - started
-        meta = json.loads((run / "model" / "model.json").read_text())
-        predictions = pd.read_csv(run / "valid_predictions.csv")
-        isic = predictions[predictions["source"] == "isic2017"].dropna(subset=["malignant"])
-        melanoma = isic["label"].to_numpy()
-        record = {
-            "variant": variant, "config": args.config,
-            "command": " ".join(map(str, command)).replace(str(ROOT) + "/", ""),
-            "seconds": round(seconds), "train_images": {s["name"]: s["train_images"] for s in meta["sources"]},
-            "validation_source": meta["validation_source"], "n_judged": int(len(isic)),
-            "melanoma_auc": float(roc_auc_score(melanoma, isic["malignant"])),
-            "sensitivity": meta["validation"]["sensitivity"], "specificity": meta["validation"]["specificity"],
-            "classes": meta["class_names"],
-        }
-        if "seborrheic_keratosis" in isic:
-            ids = set(pd.read_csv(paths["train"]).query("diagnosis == 'seborrheic_keratosis'")["image_id"]) | set(
-                pd.read_csv(paths["valid"]).query("diagnosis == 'seborrheic_keratosis'")["image_id"])
-            is_sk = isic["image_id"].isin(ids).to_numpy().astype(int)
-            record["sk_auc"] = float(roc_auc_score(is_sk, isic["seborrheic_keratosis"]))
+        record = collect(run, variant, args.config, " ".join(map(str, command)).replace(str(ROOT) + "/", ""), paths)
         (RESULTS / f"{Path(args.config).stem}-{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record, indent=2))
     write_table()
 
 
+def collect(run: Path, variant: str, config: str, command: str, paths: dict[str, Path]) -> dict:
+    """The ablation's figures from a finished run folder: out of fold, on the ISIC 2017 images alone."""
+    meta = json.loads((run / "model" / "model.json").read_text())
+    predictions = pd.read_csv(run / "valid_predictions.csv")
+    isic = predictions[predictions["source"] == "isic2017"].dropna(subset=["malignant"])
+    record = {
+        "variant": variant, "config": config, "command": command, "train_seconds": meta["train_seconds"],
+        "images": {s["name"]: s["train_images"] + s["valid_images"] for s in meta["sources"]},
+        "validation_source": meta["validation_source"], "n_judged": int(len(isic)),
+        "melanoma_auc": float(roc_auc_score(isic["label"], isic["malignant"])),
+        "sensitivity": meta["validation"]["sensitivity"], "specificity": meta["validation"]["specificity"],
+        "classes": meta["class_names"],
+    }
+    if "seborrheic_keratosis" in isic:
+        keratosis = set()
+        for split in ("train", "valid"):
+            frame = pd.read_csv(paths[split], dtype=str)
+            keratosis |= set(frame.loc[frame["diagnosis"] == "seborrheic_keratosis", "image_id"])
+        is_sk = isic["image_id"].astype(str).isin(keratosis).to_numpy().astype(int)
+        record["sk_auc"] = float(roc_auc_score(is_sk, isic["seborrheic_keratosis"]))
+    return record
+
+
 def write_table() -> None:
-    rows = ["| recipe | training images | ISIC 2017 out-of-fold melanoma AUC | SK AUC | sens / spec at its threshold | "
-            "train time | command |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| recipe | images (train+valid) | ISIC 2017 out-of-fold melanoma AUC | SK AUC | sens / spec at its "
+            "threshold | train time | command |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
-        images = " + ".join(f"{name} {n}" for name, n in r["train_images"].items())
+        images = " + ".join(f"{name} {n}" for name, n in r["images"].items())
         sk = f"{r['sk_auc']:.4f}" if "sk_auc" in r else "—"
         rows.append(f"| {r['config']}, {r['variant']} | {images} | {r['melanoma_auc']:.4f} ({r['n_judged']} images) | "
-                    f"{sk} | {r['sensitivity']:.3f} / {r['specificity']:.3f} | {r['seconds'] / 60:.0f} min | "
+                    f"{sk} | {r['sensitivity']:.3f} / {r['specificity']:.3f} | {r['train_seconds'] / 60:.0f} min | "
                     f"`{r['command']}` |")
     write_block("sources", "benchmarks/sources.py", rows, "Extra data: HAM10000 (issue 21)")
 

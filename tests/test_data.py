@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from skincancer.config import DEFAULT_LABELS, ISIC2017_LABELS
@@ -14,11 +15,11 @@ from skincancer.data import (
     check_image,
     collate,
     index_folder,
-    index_isic_csv,
     load_image,
     load_manifest,
     save_manifest,
 )
+from skincancer.sources import index_isic_csv
 
 
 def make_tree(data_dir: Path, root: Path, per_class: int = 2) -> Path:
@@ -248,3 +249,14 @@ def test_a_nul_in_a_manifest_path_is_named(data_dir, tmp_path):
     path.write_text("filepath,label\nplain\x00.jpg,0\n")
     with pytest.raises(DataError, match="row 2: column filepath holds a NUL character"):
         load_manifest(path)
+
+
+@pytest.mark.parametrize("augment", ["standard", "strong", "perez"])
+def test_training_augmentations_give_the_size_asked_and_vary(data_dir, augment):
+    """Each training augmentation set makes a tensor of the training size from a real image, different each draw."""
+    image = load_image(sorted((data_dir / "train" / "melanoma").glob("*.jpg"))[0])
+    transform = build_transform(96, [0.5] * 3, [0.5] * 3, augment)
+    torch.manual_seed(0)
+    first, second = transform(image), transform(image)
+    assert first.shape == second.shape == (3, 96, 96)
+    assert not torch.equal(first, second)

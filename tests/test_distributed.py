@@ -162,25 +162,25 @@ def test_a_stopped_multi_process_run_says_how_to_go_on(tmp_path):
     import yaml
 
     from skincancer import load_config
-    from skincancer.cli import _how_to_go_on
     from skincancer.config import config_to_dict
+    from skincancer.launch import how_to_go_on
 
     out = tmp_path / "run"
     config = load_config(None, train="t.csv", valid="v.csv", out=str(out), mode="finetune")
     again = "nothing was kept to resume: run the command again"
-    assert _how_to_go_on(config, 2, resume=False, overwrite=False) == again
+    assert how_to_go_on(config, 2, resume=False, overwrite=False) == again
     (out / "checkpoints" / "epoch-1").mkdir(parents=True)
     (out / "train.log").write_text("")
     (out / "checkpoints" / "last.json").write_text('{"path": "epoch-1"}')
     (out / "checkpoints" / "epoch-1" / "state.json").write_text('{"epoch": 1, "processes": 2}')
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
-    assert _how_to_go_on(config, 2, resume=False, overwrite=False).startswith(
+    assert how_to_go_on(config, 2, resume=False, overwrite=False).startswith(
         f"`skincancer train --resume {out} --nproc 2` continues it")
     # an --overwrite start stopped before it cleared the old run: the checkpoint there is the old run's
     other = load_config(None, train="t.csv", valid="v.csv", out=str(out), mode="finetune", epochs=3)
-    assert _how_to_go_on(other, 2, resume=False, overwrite=True) == again
+    assert how_to_go_on(other, 2, resume=False, overwrite=True) == again
     (out / "checkpoints" / "last.json").unlink()  # stopped before its first epoch
-    assert _how_to_go_on(config, 2, resume=False, overwrite=False).endswith(
+    assert how_to_go_on(config, 2, resume=False, overwrite=False).endswith(
         f"run the command again with --overwrite (it replaces what it had written in {out})")
 
 

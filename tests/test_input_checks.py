@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from skincancer import cli, download
 from skincancer.config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
-from skincancer.data import DataError, index_isic_csv, load_manifest, resolve_data
+from skincancer.data import DataError, load_manifest, resolve_data
 from skincancer.download import DownloadError, download_dataset, download_file, isic2017_archives, load_archive_list
+from skincancer.sources import index_isic_csv
 
 # ---------------------------------------------------------------- label maps and config values
 
@@ -311,7 +312,7 @@ def test_identical_images_are_reported_and_conflicting_labels_refused(tmp_path: 
 def test_training_names_validation_images_that_are_training_images(tmp_path: Path, data_dir, caplog):
     import pandas as pd
 
-    from skincancer.train import _warn_shared_images
+    from skincancer.runfolder import warn_shared_images
 
     files = sorted((data_dir / "train" / "nevus").glob("*.jpg"))[:3]
     copy = tmp_path / "renamed.jpg"
@@ -319,14 +320,14 @@ def test_training_names_validation_images_that_are_training_images(tmp_path: Pat
     other = str(sorted((data_dir / "valid" / "nevus").glob("*.jpg"))[0])
     train = pd.DataFrame({"filepath": [str(f) for f in files]})
     with caplog.at_level("WARNING", logger="skincancer"):
-        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), other]}))
+        warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), other]}))
         assert f"{copy} is also in train as {files[0]}" in caplog.text
         caplog.clear()
-        _warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy), other]}))
+        warn_shared_images(train.iloc[1:], pd.DataFrame({"filepath": [str(copy), other]}))
         assert caplog.text == ""
     # validation made only of training images (--valid the same as --train): nothing could be chosen honestly
     with pytest.raises(DataError, match="v.csv: every validation image is also a training image"):
-        _warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), str(files[1])]}), valid_source="v.csv")
+        warn_shared_images(train, pd.DataFrame({"filepath": [str(copy), str(files[1])]}), valid_source="v.csv")
 
 
 def test_python_api_names_odd_image_inputs(tiny_run):

@@ -91,7 +91,7 @@ def copy_run(run: Path, dest: Path, interrupted: bool = True) -> Path:
 
 def test_resume_continues_the_folder_named_not_the_one_in_its_config(finished_finetune, tmp_path):
     from skincancer import train
-    from skincancer.train import resume_config
+    from skincancer.resume import resume_config
 
     before = (finished_finetune / "model" / "model.safetensors").stat().st_mtime_ns
     moved = copy_run(finished_finetune, tmp_path / "moved")
@@ -105,7 +105,7 @@ def test_resume_continues_the_folder_named_not_the_one_in_its_config(finished_fi
 def test_damaged_checkpoint_is_named_not_a_traceback(finished_finetune, tmp_path, damage):
     from skincancer import train
     from skincancer.checkpoint import CheckpointError
-    from skincancer.train import resume_config
+    from skincancer.resume import resume_config
 
     run = copy_run(finished_finetune, tmp_path / "damaged")
     checkpoints = run / "checkpoints"
@@ -126,7 +126,7 @@ def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_
 
     from skincancer import train
     from skincancer.data import DataError
-    from skincancer.train import resume_config
+    from skincancer.resume import resume_config
 
     run = copy_run(finished_finetune, tmp_path / "changed")
     fewer = tmp_path / "fewer.csv"
@@ -146,7 +146,7 @@ def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_
 
 def test_resuming_a_finished_run_changes_nothing(finished_finetune, tmp_path):
     from skincancer import train
-    from skincancer.train import resume_config
+    from skincancer.resume import resume_config
 
     run = copy_run(finished_finetune, tmp_path / "done", interrupted=False)
     card = (run / "model" / "model.json").read_bytes()
@@ -158,7 +158,7 @@ def test_resume_refuses_another_number_of_processes(finished_finetune, tmp_path)
     """A run resumed with another process count would change its global batch and its schedule midway."""
     from skincancer import train
     from skincancer.data import DataError
-    from skincancer.train import resume_config
+    from skincancer.resume import resume_config
 
     run = copy_run(finished_finetune, tmp_path / "one")
     result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(run), "--nproc", "2"],

@@ -167,7 +167,7 @@ def test_two_sources_train_select_on_one_and_carry_their_licences(ham, cache_dir
              "ham": save_manifest(ham_manifest.iloc[:-8], tmp_path / "ham-train.csv"),
              "valid": save_manifest(pd.concat([isic_valid, ham_held], ignore_index=True),
                                     tmp_path / "valid.csv")}
-    training = importlib.import_module("skincancer.train")  # the module (skincancer.train is the function)
+    training = importlib.import_module("skincancer.linear")
     splits = []
     real = training.grouped_folds
     monkeypatch.setattr(training, "grouped_folds", lambda y, groups, *a, **k: splits.append(

@@ -16,7 +16,7 @@ NOTICE = (
 # The public API, imported on first use: `skincancer --help` and `import skincancer` need not pay for torch.
 _API = {
     "TrainConfig": "config", "load_config": "config",
-    "index_folder": "data", "index_isic_csv": "data", "load_manifest": "data", "save_manifest": "data",
+    "index_folder": "data", "index_isic_csv": "sources", "load_manifest": "data", "save_manifest": "data",
     "compare": "evaluate", "evaluate": "evaluate",
     "Classifier": "predict", "load_model": "predict",
     "train": "train",

@@ -205,7 +205,7 @@ def train(
     select_on: Annotated[str | None, typer.Option(help=(
         "a source (the manifests' `source` column) whose held-out images alone choose the model and its threshold"))
                          ] = None,
-    augment: Annotated[str | None, typer.Option(help="none | standard | strong")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | standard | strong | perez")] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
@@ -221,7 +221,8 @@ def train(
              if name not in ("resume", "nproc", "overwrite") and value is not None]
     if nproc is not None and nproc < 1:
         _fail(f"--nproc: expected 1 or more processes, got {nproc}")
-    from .train import check_resume_processes, check_start, is_finished, resume_config
+    from .resume import check_resume_processes, resume_config
+    from .runfolder import check_start, is_finished
     from .train import train as run_training
 
     if resume is not None and is_finished(resume):  # before torchrun starts N processes to say so
@@ -245,7 +246,13 @@ def train(
         if resume is not None:
             check_resume_processes(resume, nproc or 1)
     if nproc is not None and nproc > 1:
-        _launch_torchrun(nproc, cfg, resume=resume is not None, overwrite=overwrite)
+        from .launch import LaunchError, torchrun
+
+        try:
+            torchrun(nproc, cfg, resume=resume is not None, overwrite=overwrite)
+        except LaunchError as err:
+            _fail(str(err))
+        raise typer.Exit(0)
     run = run_training(cfg, resume=resume is not None, overwrite=overwrite)
     if not other_rank():  # under torchrun, rank 0 saves the run; the others only help
         typer.echo(f"run saved to {run}")
@@ -660,75 +667,6 @@ def _predict_on_ray(paths: list[Path], model: list[Path], out: Path | None, addr
         typer.echo(f"wrote {out}: {rows - failed} predicted, {failed} failed", err=True)
     if failed:
         raise typer.Exit(1)
-
-
-def _launch_torchrun(nproc: int, cfg, resume: bool, overwrite: bool) -> None:
-    """Re-run this very command under torchrun with N processes (gloo on CPU, nccl on CUDA)."""
-    import signal
-    import subprocess
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--local-ranks-filter=0", "-m", "skincancer", *args]  # the workers' output: rank 0's
-    typer.echo(f"launching: {' '.join(command)}", err=True)
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
-    # A signal to stop: this process keeps relaying torchrun's last lines until it has stopped its workers, then
-    # says in one line how to go on (instead of dying first and leaving them writing into a closed pipe). A
-    # SIGTERM (a scheduler's cancel, `kill`) is passed on; a terminal's Ctrl-C or hang-up reaches torchrun itself.
-    stopped: list[int] = []
-
-    def forward(signum, frame):
-        stopped.append(signum)
-        process.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    for quiet in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(quiet, lambda signum, frame: stopped.append(signum))
-    held: list[str] = []  # torchrun's own report of a failed worker: shown only if the worker said nothing clear
-    named = False
-    for line in process.stderr:
-        if held or re.match(r"[WE]\d{4} \d\d:\d\d", line) or line.startswith("Traceback (most recent call last)"):
-            held.append(line)
-            continue
-        named = named or line.startswith("error: ")
-        sys.stderr.write(line)
-    code = process.wait()
-    if code == 0:
-        sys.stderr.writelines(held)
-        raise typer.Exit(0)
-    if stopped:  # torchrun's traceback of the signal says nothing more
-        _fail(f"training stopped by {signal.Signals(stopped[0]).name}; {_how_to_go_on(cfg, nproc, resume, overwrite)}")
-    if not named:
-        sys.stderr.writelines(held)
-    _fail(f"training stopped (torchrun exit code {code}){'; the error is above' if named else ''}")
-
-
-def _how_to_go_on(cfg, nproc: int, resume: bool, overwrite: bool) -> str:
-    """After a stopped multi-process run: `--resume` where the folder holds this run's checkpoint, else start
-    again (an --overwrite start stopped before it had cleared the old run leaves the old run's checkpoint)."""
-    import yaml
-
-    from .config import config_to_dict
-    from .train import resume_processes
-
-    out = Path(cfg.out)
-    try:
-        same = resume or yaml.safe_load((out / "config.yaml").read_text()) == config_to_dict(cfg)
-    except (OSError, yaml.YAMLError):
-        same = False
-    if same and resume_processes(out) is not None:
-        return f"`skincancer train --resume {out} --nproc {nproc}` continues it from its last complete epoch"
-    again = "nothing was kept to resume: run the command again"
-    if not overwrite and (out / "train.log").is_file():
-        again += f" with --overwrite (it replaces what it had written in {out})"
-    return again
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     warmup_epochs: float = 0.5
     patience: int = 3
-    augment: str = "standard"  # none | standard | strong
+    augment: str = "standard"  # none | standard | strong | perez (Perez et al. 2018's set; docs/training.md)
     class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
     label_smoothing: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
@@ -81,8 +81,8 @@ class TrainConfig:
             raise ConfigError(f"mode: must be 'linear' or 'finetune', got {self.mode!r}")
         if self.head not in ("diagnosis", "binary"):
             raise ConfigError(f"head: must be 'diagnosis' or 'binary', got {self.head!r}")
-        if self.augment not in ("none", "standard", "strong"):
-            raise ConfigError(f"augment: must be 'none', 'standard' or 'strong', got {self.augment!r}")
+        if self.augment not in ("none", "standard", "strong", "perez"):
+            raise ConfigError(f"augment: must be 'none', 'standard', 'strong' or 'perez', got {self.augment!r}")
         if self.linear_fit not in ("train", "train+valid"):
             raise ConfigError(f"linear_fit: must be 'train' or 'train+valid', got {self.linear_fit!r}")
         if self.class_balance not in ("weighted_loss", "sampler", "none"):
@@ -143,6 +143,26 @@ class TrainConfig:
         if set(self.labels.values()) != {0, 1}:
             raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
         parse_threshold_policy(self.threshold_policy)
+
+    @property
+    def train_name(self) -> str:
+        """The training sources, for messages."""
+        return " + ".join(self.train_paths)
+
+    def positive_indices(self, class_names: list[str]) -> list[int]:
+        """The classes whose probabilities add up to the malignant probability."""
+        if self.head == "binary":
+            return [1]
+        return [i for i, name in enumerate(class_names) if self.labels[name] == 1]
+
+    def judged(self, frame) -> Any:
+        """The rows (a boolean array) whose held-out predictions choose the model and its threshold: those of
+        `select_on`, or all."""
+        import numpy as np
+
+        if not self.select_on:
+            return np.ones(len(frame), bool)
+        return (frame["source"] == self.select_on).to_numpy()
 
     @property
     def train_paths(self) -> list[str]:

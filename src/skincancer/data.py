@@ -23,7 +23,6 @@ from .progress import progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
-ISIC_COLUMNS = ["image_id", "melanoma", "seborrheic_keratosis"]
 MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
 MAX_PIXELS = 100_000_000  # about 10,000 x 10,000; larger headers are treated as decompression bombs
 
@@ -200,70 +199,24 @@ def read_csv_checked(path: str | Path, required: Iterable[str], dtype: type | di
     return frame
 
 
-def index_isic_csv(csv_path: str | Path, images: str | Path, labels: dict[str, int]) -> pd.DataFrame:
-    """Official ISIC 2017 ground truth (image_id,melanoma,seborrheic_keratosis) + an image folder -> manifest.
-
-    Images are found by id anywhere under `images` (flat or folder-per-class). Missing images are kept with an
-    empty filepath so that the caller reports them with the rest of the bad files.
-    """
-    frame = read_csv_checked(csv_path, ISIC_COLUMNS, dtype=str)  # cells as written, for the messages
-    images = Path(images)
-    if not images.is_dir():
-        raise DataError(f"{images}: not a directory")
-    by_id = {p.stem: p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
-    empty = frame["image_id"].isna() | (frame["image_id"].str.strip() == "")
-    if empty.any():
-        raise DataError(f"{csv_path}: row {_row(frame, empty)}: column image_id is empty")
-    _refuse_duplicates(csv_path, frame, "image_id", frame["image_id"])
-    rows = []
-    for i, row in frame.iterrows():
-        image_id = str(row["image_id"])
-        where = f"{csv_path}: row {i + 2} ({image_id})"
-        melanoma = _isic_flag(row["melanoma"], where, "melanoma")
-        keratosis = _isic_flag(row["seborrheic_keratosis"], where, "seborrheic_keratosis")
-        if melanoma and keratosis:
-            raise DataError(f"{where}: columns melanoma and seborrheic_keratosis are both 1; an image has one "
-                            "diagnosis (both 0 means nevus)")
-        diagnosis = "melanoma" if melanoma else "seborrheic_keratosis" if keratosis else "nevus"
-        if diagnosis not in labels:
-            raise DataError(f"{csv_path}: diagnosis {diagnosis!r} (row {i + 2}) not in the label map {labels}")
-        path = by_id.get(image_id)
-        rows.append((image_id, str(path.absolute()) if path else str(images / f"{image_id}.jpg"), diagnosis,
-                     labels[diagnosis]))
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-
-
-def _isic_flag(value: object, where: str, column: str) -> bool:
-    """One ground-truth cell: 0 or 1 (the official files write 0.0 / 1.0); anything else names the cell."""
-    if pd.isna(value) or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}: column {column} is empty; expected 0 or 1")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number not in (0.0, 1.0):
-        raise DataError(f"{where}: column {column} must be 0 or 1, got {_plain(value)!r}")
-    return number == 1.0
-
-
-def _plain(value: object) -> object:
+def plain(value: object) -> object:
     """numpy scalars as Python values, so that messages read 2, not np.int64(2)."""
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _row(frame: pd.DataFrame, mask: pd.Series) -> int:
+def file_row(frame: pd.DataFrame, mask: pd.Series) -> int:
     """The file row (the header is row 1) of the first True in `mask`."""
     return int(np.flatnonzero(mask.to_numpy())[0]) + 2
 
 
-def _refuse_duplicates(path: str | Path, frame: pd.DataFrame, column: str, values: pd.Series) -> None:
+def refuse_duplicates(path: str | Path, frame: pd.DataFrame, column: str, values: pd.Series) -> None:
     """A repeated image would count twice in n and narrow every confidence interval: name it and its rows."""
     repeated = values.duplicated(keep=False)
     if repeated.any():
         first = values[repeated].iloc[0]
         rows = (np.flatnonzero((values == first).to_numpy()) + 2).tolist()
         shown = frame.loc[values == first, column].iloc[0]
-        raise DataError(f"{path}: {column} {_plain(shown)!r} appears more than once (rows "
+        raise DataError(f"{path}: {column} {plain(shown)!r} appears more than once (rows "
                         f"{', '.join(map(str, rows))}); each image must be listed once")
 
 
@@ -332,17 +285,17 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
             continue
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
-            raise DataError(f"{path}: row {_row(frame, empty)}: column {column} is empty")
+            raise DataError(f"{path}: row {file_row(frame, empty)}: column {column} is empty")
     nul = frame["filepath"].str.contains("\x00", regex=False)
     if nul.any():
-        raise DataError(f"{path}: row {_row(frame, nul)}: column filepath holds a NUL character")
+        raise DataError(f"{path}: row {file_row(frame, nul)}: column filepath holds a NUL character")
     bad = ~frame["label"].isin([0, 1]) | frame["label"].map(lambda v: isinstance(v, (bool, np.bool_)))
     if bad.any():
-        raise DataError(f"{path}: row {_row(frame, bad)}: column label must hold 0 or 1, found "
-                        f"{_plain(frame.loc[bad, 'label'].iloc[0])!r}")
+        raise DataError(f"{path}: row {file_row(frame, bad)}: column label must hold 0 or 1, found "
+                        f"{plain(frame.loc[bad, 'label'].iloc[0])!r}")
     frame["label"] = frame["label"].astype(int)
     if "image_id" in frame.columns:
-        _refuse_duplicates(path, frame, "image_id", frame["image_id"].astype(str))
+        refuse_duplicates(path, frame, "image_id", frame["image_id"].astype(str))
     else:
         frame["image_id"] = [Path(p).stem for p in frame["filepath"].astype(str)]
     if "diagnosis" in frame.columns:
@@ -352,7 +305,7 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
         frame.attrs["diagnosis_from_label"] = True  # no diagnosis column: nothing to check against a label map
     base = path.parent.absolute()
     frame["filepath"] = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in frame["filepath"].astype(str)]
-    _refuse_duplicates(path, frame, "filepath", frame["filepath"])
+    refuse_duplicates(path, frame, "filepath", frame["filepath"])
     return frame
 
 
@@ -382,7 +335,7 @@ def _refuse_label_conflicts(path: Path, frame: pd.DataFrame) -> None:
         if labels.nunique() > 1:
             rows = [int(np.flatnonzero((frame["diagnosis"] == diagnosis).to_numpy() & (frame["label"] == value)
                                        .to_numpy())[0]) + 2 for value in (0, 1)]
-            raise DataError(f"{path}: diagnosis {_plain(diagnosis)!r} has label 0 (row {rows[0]}) and label 1 "
+            raise DataError(f"{path}: diagnosis {plain(diagnosis)!r} has label 0 (row {rows[0]}) and label 1 "
                             f"(row {rows[1]}); one diagnosis must map to one label")
 
 
@@ -406,6 +359,15 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     if augment == "none":
         return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), *normalize])
+    if augment == "perez":  # Perez et al. 2018 (arXiv:1809.01442): their best set on ISIC 2017
+        return T.Compose([
+            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomAffine(90, scale=(0.8, 1.2), shear=20, interpolation=T.InterpolationMode.BILINEAR),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.1),
+            *normalize,
+        ])
     strong = augment == "strong"
     return T.Compose([
         T.RandomRotation(180 if strong else 45, interpolation=T.InterpolationMode.BILINEAR),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -434,189 +433,37 @@ def prediction(classifier: Classifier, name: str, judged: Judged, row: int, meta
 
 
 def render_page(card: dict, file_limit: int, max_batch: int = 32) -> str:
-    """The single upload page; the model's facts are filled in here, the prediction by the page's script."""
-    e = html.escape
+    """The single upload page (templates/page.html, autoescaped); the model's facts are filled in here, the
+    prediction by the page's script."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from markupsafe import Markup
+
     validation = card["validation"] or {}
-    rows = "".join(
-        f"<tr><th>{e(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))}</th>"
-        f"<td>{f'{v:.3f}' if isinstance(v, float) else e(str(v))}</td></tr>"
-        for k, v in validation.items()
-    ) or "<tr><td>no validation figures recorded</td></tr>"
+    figures = [(FIGURE_NAMES.get(k, str(k).replace("_", " ")), f"{v:.3f}" if isinstance(v, float) else str(v))
+               for k, v in validation.items()]
     if card["members"]:
         architecture = f"an ensemble of {len(card['members'])} runs, their probabilities averaged (" + "; ".join(
             f"{m['name']}: {m['backbone']} at {m['image_size']} px, {m['tta']} view(s)" for m in card["members"]) + ")"
     else:
         architecture = f"{card['backbone']} at {card['image_size']} px"
-    return PAGE.format(
-        notice=e(NOTICE), name=e(card["name"]), architecture=e(architecture), version=e(str(card["version"])),
-        engine=e(card["engine"]), threshold=f"{card['threshold']:.4g}", policy=e(str(card["threshold_policy"])),
-        classes=e(", ".join(card["class_names"])), positive=e(card["positive_name"]), rows=rows,
-        positive_js=json.dumps(card["positive_name"]).replace("<", "\\u003c"),  # a JS string, safe inside <script>
+    environment = Environment(loader=PackageLoader("skincancer", "templates"), autoescape=select_autoescape(),
+                              keep_trailing_newline=True)
+    return environment.get_template("page.html").render(
+        notice=NOTICE, name=card["name"], architecture=architecture, version=str(card["version"]),
+        engine=card["engine"], threshold=f"{card['threshold']:.4g}", policy=str(card["threshold_policy"]),
+        classes=", ".join(card["class_names"]), positive=card["positive_name"], figures=figures,
+        # a JS string, safe inside <script>: JSON with "<" escaped, not HTML-escaped
+        positive_js=Markup(json.dumps(card["positive_name"]).replace("<", "\\u003c")),
         limit_mb=f"{file_limit / MB:g}", patient="" if card["metadata"] else " hidden", max_batch=max_batch,
-        source=e("out-of-fold predictions over the training and validation images"
-                 if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
-        sources=e("; ".join(f"{x['name']} ({x['train_images']} training images, {x['licence']})"
-                            for x in card["sources"]) if card["sources"] else "not recorded (a run saved before runs "
-                  "recorded their data sources)"),
-        licence=f'<p class="notice" id="licence"><strong>Licence.</strong> {e(card["licence"])}</p>'
-        if card["licence"] else "",
-        guard_note=e("Photos that do not look like the dermoscopy images this model was trained on, and blank, black "
-                     "or washed-out frames, get no verdict." if card["guard"] else
-                     "This model has no out-of-distribution guard: any photo gets a verdict, except blank, black or "
-                     "washed-out frames. Use dermoscopy images only."),
+        source=("out-of-fold predictions over the training and validation images"
+                if str(card["validation_source"]).startswith("out-of-fold") else "the validation split"),
+        sources=("; ".join(f"{x['name']} ({x['train_images']} training images, {x['licence']})"
+                           for x in card["sources"]) if card["sources"] else "not recorded (a run saved before runs "
+                 "recorded their data sources)"),
+        licence=card["licence"],
+        guard_note=("Photos that do not look like the dermoscopy images this model was trained on, and blank, black "
+                    "or washed-out frames, get no verdict." if card["guard"] else
+                    "This model has no out-of-distribution guard: any photo gets a verdict, except blank, black or "
+                    "washed-out frames. Use dermoscopy images only."),
     )
 
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>skincancer: melanoma vs benign</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem auto; padding: 0 1rem; color: #222; }}
-.notice {{ background: #fff4d6; border: 1px solid #e0b84c; padding: .75rem 1rem; border-radius: 6px; }}
-#drop {{ border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; margin: 1rem 0;
-        cursor: pointer; }}
-#drop.over {{ background: #eef5ff; border-color: #3a7bd5; }}
-.images {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
-.images figure {{ margin: 0; }} .images img {{ max-width: 28rem; max-height: 28rem; border-radius: 4px; }}
-td img {{ max-width: 8rem; max-height: 8rem; border-radius: 4px; vertical-align: middle; }}
-#probability {{ font-size: 2rem; font-weight: 600; }}
-.malignant {{ color: #b00020; }} .benign {{ color: #1b7f3b; }} #error, .failed {{ color: #b00020; font-weight: 600; }}
-.refused {{ background: #eef0f4; border: 1px solid #8a93a6; padding: .75rem 1rem; border-radius: 6px; }}
-table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .15rem .75rem .15rem 0; }}
-</style></head>
-<body>
-<h1>Melanoma vs benign: dermoscopy classifier</h1>
-<p class="notice" id="notice"><strong>Notice.</strong> {notice}</p>
-{licence}
-<div id="drop">Drop a dermoscopy photo here, or <label><u>choose a file</u>
-<input type="file" id="file" accept="image/*" multiple hidden></label> (at most {limit_mb} MB; several photos,
-up to {max_batch}, give a table)</div>
-<p><label><input type="checkbox" id="batch-cam"> Grad-CAM for every photo of a batch (slower)</label></p>
-<p id="patient"{patient}>Optional, used by this model where given (for every photo sent): age
-<input type="number" id="age" min="0"
-max="120" step="1" style="width:5rem"> sex <select id="sex"><option value="">unknown</option>
-<option value="female">female</option><option value="male">male</option></select></p>
-<p id="status"></p><p id="error" role="alert"></p>
-<section id="result" hidden>
-  <p id="refusal" class="refused" role="alert" hidden></p>
-  <div id="verdict">
-  <p>Malignancy probability: <span id="probability"></span></p>
-  <p>Label at the model's threshold ({threshold}): <strong id="label"></strong>. <span id="sentence"></span>
-  <span id="metadata-note"></span></p>
-  <table id="classes"></table>
-  </div>
-  <div class="images">
-    <figure><img id="photo" alt="uploaded photo"><figcaption>your photo</figcaption></figure>
-    <figure id="overlay-figure"><img id="overlay" alt="Grad-CAM overlay"><figcaption>Grad-CAM: regions that raise
-    the {positive} score</figcaption></figure>
-  </div>
-</section>
-<section id="batch" hidden>
-  <p><span id="batch-summary"></span> Label at the model's threshold ({threshold}).</p>
-  <table id="batch-table"><thead><tr><th>file</th><th>malignancy probability</th><th>label</th>
-  <th id="batch-cam-head">Grad-CAM</th></tr></thead>
-  <tbody></tbody></table>
-</section>
-<h2>The model</h2>
-<p>{name}: {architecture}, classes {classes}; threshold {threshold} ({policy});
-skincancer {version}; engine {engine}. API: <a href="/docs">/docs</a>.</p>
-<p id="guard-note">{guard_note}</p>
-<p id="sources">Trained on: {sources}</p>
-<h3>Validation figures ({source})</h3>
-<table id="validation">{rows}</table>
-<script>
-const drop = document.getElementById("drop"), input = document.getElementById("file");
-const $ = (id) => document.getElementById(id);
-drop.addEventListener("click", (event) => {{ if (event.target !== input) input.click(); }});
-drop.addEventListener("dragover", (event) => {{ event.preventDefault(); drop.classList.add("over"); }});
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (event) => {{
-  event.preventDefault(); drop.classList.remove("over");
-  choose(event.dataTransfer.files);
-}});
-input.addEventListener("change", () => choose(input.files));
-function choose(files) {{
-  if (files.length === 1) send(files[0]);
-  else if (files.length > {max_batch}) {{
-    $("error").textContent = files.length + " files: at most {max_batch} at once"; $("result").hidden = true;
-    $("batch").hidden = true;
-  }} else if (files.length > 1) sendBatch(Array.from(files));
-}}
-let latest = 0;  // only the answer to the last request sent is shown
-async function post(url, form, status, show) {{
-  const mine = ++latest;
-  $("error").textContent = ""; $("result").hidden = true; $("batch").hidden = true; $("status").textContent = status;
-  try {{
-    const response = await fetch(url, {{ method: "POST", body: form }});
-    const answer = await response.json();
-    if (mine !== latest) return;
-    $("status").textContent = "";
-    if (!response.ok) {{ $("error").textContent = "Error " + response.status + ": " + answer.detail; return; }}
-    show(answer);
-  }} catch (err) {{
-    if (mine === latest) {{ $("status").textContent = ""; $("error").textContent = "Request failed: " + err; }}
-  }}
-}}
-function sendBatch(files) {{
-  const form = new FormData();
-  for (const file of files) {{
-    form.append("files", file);
-    if (!$("patient").hidden) {{ form.append("age", $("age").value); form.append("sex", $("sex").value); }}
-  }}
-  const cam = $("batch-cam").checked;
-  post("/api/predict/batch" + (cam ? "?cam=true" : ""), form, "analysing " + files.length + " photos...",
-       (answer) => {{
-    const body = $("batch-table").tBodies[0]; body.innerHTML = ""; $("batch-cam-head").hidden = !cam;
-    for (const result of answer.results) {{
-      const row = body.insertRow(); row.insertCell().textContent = result.filename;
-      if (result.error) {{
-        const cell = row.insertCell(); cell.colSpan = cam ? 3 : 2; cell.className = "failed";
-        cell.textContent = "Error " + result.status + ": " + result.error;
-      }} else if (result.label === "refused") {{
-        const cell = row.insertCell(); cell.colSpan = cam ? 3 : 2; cell.className = "refused";
-        cell.textContent = "No verdict: " + result.refusal;
-      }} else {{
-        row.insertCell().textContent = (result.malignant_probability * 100).toFixed(1) + "%";
-        const label = row.insertCell(); label.textContent = result.label;
-        label.className = result.label === {positive_js} ? "malignant" : "benign";
-        if (cam) {{
-          const picture = document.createElement("img"); picture.alt = "Grad-CAM of " + result.filename;
-          picture.src = "data:image/png;base64," + result.cam_png_base64; row.insertCell().append(picture);
-        }}
-      }}
-    }}
-    $("batch-summary").textContent = answer.n + " photos, " + answer.n_failed + " failed.";
-    $("batch").hidden = false;
-  }});
-}}
-function send(file) {{
-  const form = new FormData(); form.append("file", file);
-  if (!$("patient").hidden) {{
-    if ($("age").value !== "") form.append("age", $("age").value);
-    if ($("sex").value !== "") form.append("sex", $("sex").value);
-  }}
-  post("/api/predict?cam=true", form, "analysing " + file.name + "...", (answer) => {{
-    const refused = answer.label === "refused";
-    $("refusal").hidden = !refused; $("verdict").hidden = refused; $("overlay-figure").hidden = refused;
-    $("refusal").textContent = refused ? answer.sentence : "";
-    $("photo").src = URL.createObjectURL(file);
-    if (refused) {{ $("result").hidden = false; return; }}
-    $("probability").textContent = (answer.malignant_probability * 100).toFixed(1) + "%";
-    $("label").textContent = answer.label;
-    $("label").className = answer.label === {positive_js} ? "malignant" : "benign";
-    $("sentence").textContent = answer.sentence;
-    const given = !$("patient").hidden && ($("age").value !== "" || $("sex").value !== "");
-    $("metadata-note").textContent = !given ? "" : answer.metadata_used ? "Age/sex were used."
-      : "Age/sex were not used: this model has no model for the fields given.";
-    $("classes").innerHTML = "";
-    for (const [name, p] of Object.entries(answer.probabilities)) {{
-      const row = $("classes").insertRow(); row.insertCell().textContent = name;
-      row.insertCell().textContent = (p * 100).toFixed(1) + "%";
-    }}
-    $("overlay").src = "data:image/png;base64," + answer.cam_png_base64;
-    $("result").hidden = false;
-  }});
-}}
-</script>
-</body></html>
-"""

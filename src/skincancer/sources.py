@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, file_row, plain, read_csv_checked, refuse_duplicates
 from .errors import DataError
 
 # Every layout's diagnosis codes, as written (case-insensitive), -> the one name manifests and models use.
@@ -172,8 +173,6 @@ def index_csv(csv_path: str | Path, images: str | Path, labels: dict[str, int], 
     """Any known ground-truth CSV (ISIC 2017, ISIC 2018/2019 one-hot, HAM10000 metadata) + its image folder ->
     manifest with source, licence and, where the layout knows lesions, group. Images missing from the folder keep
     an empty-looking path, for the caller to report with the other bad files."""
-    from .data import IMAGE_EXTENSIONS, index_isic_csv, read_csv_checked
-
     csv_path, images = Path(csv_path), Path(images)
     frame = read_csv_checked(csv_path, [], dtype=str)
     try:
@@ -201,6 +200,52 @@ def index_csv(csv_path: str | Path, images: str | Path, labels: dict[str, int], 
                  for i in rows["image_id"]]
         manifest = rows.assign(filepath=paths, label=rows["diagnosis"].map(labels).astype(int))
     return with_source(manifest, source or layout, licence)
+
+
+def index_isic_csv(csv_path: str | Path, images: str | Path, labels: dict[str, int]) -> pd.DataFrame:
+    """Official ISIC 2017 ground truth (image_id,melanoma,seborrheic_keratosis) + an image folder -> manifest.
+
+    Images are found by id anywhere under `images` (flat or folder-per-class). Missing images are kept with an
+    empty filepath so that the caller reports them with the rest of the bad files.
+    """
+    frame = read_csv_checked(csv_path, ISIC2017_COLUMNS, dtype=str)  # cells as written, for the messages
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"{images}: not a directory")
+    by_id = {p.stem: p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
+    empty = frame["image_id"].isna() | (frame["image_id"].str.strip() == "")
+    if empty.any():
+        raise DataError(f"{csv_path}: row {file_row(frame, empty)}: column image_id is empty")
+    refuse_duplicates(csv_path, frame, "image_id", frame["image_id"])
+    rows = []
+    for i, row in frame.iterrows():
+        image_id = str(row["image_id"])
+        where = f"{csv_path}: row {i + 2} ({image_id})"
+        melanoma = _isic_flag(row["melanoma"], where, "melanoma")
+        keratosis = _isic_flag(row["seborrheic_keratosis"], where, "seborrheic_keratosis")
+        if melanoma and keratosis:
+            raise DataError(f"{where}: columns melanoma and seborrheic_keratosis are both 1; an image has one "
+                            "diagnosis (both 0 means nevus)")
+        diagnosis = "melanoma" if melanoma else "seborrheic_keratosis" if keratosis else "nevus"
+        if diagnosis not in labels:
+            raise DataError(f"{csv_path}: diagnosis {diagnosis!r} (row {i + 2}) not in the label map {labels}")
+        path = by_id.get(image_id)
+        rows.append((image_id, str(path.absolute()) if path else str(images / f"{image_id}.jpg"), diagnosis,
+                     labels[diagnosis]))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _isic_flag(value: object, where: str, column: str) -> bool:
+    """One ground-truth cell: 0 or 1 (the official files write 0.0 / 1.0); anything else names the cell."""
+    if pd.isna(value) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: column {column} is empty; expected 0 or 1")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number not in (0.0, 1.0):
+        raise DataError(f"{where}: column {column} must be 0 or 1, got {plain(value)!r}")
+    return number == 1.0
 
 
 def with_source(manifest: pd.DataFrame, source: str, licence: str | None = None) -> pd.DataFrame:
