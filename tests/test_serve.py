@@ -22,8 +22,9 @@ from PIL import Image
 from skincancer import NOTICE
 from skincancer.ensemble import load_models
 from skincancer.export import export_onnx
+from skincancer.middleware import Metrics
 from skincancer.predict import load_model
-from skincancer.serve import Metrics, create_app
+from skincancer.serve import create_app
 
 pytestmark = pytest.mark.slow
 LIMIT_MB = 1
