@@ -20,7 +20,7 @@ def model_card(classifier: Classifier) -> dict:
     """What GET /api/model says: the model's name, version, classes, threshold and validation figures; for an
     ensemble, also each member's name, backbone, input size, engine and test-time views."""
     meta = classifier.meta
-    members = getattr(classifier, "members", [])
+    members = classifier.members
     return {
         "name": " + ".join(_run_name(m) for m in members) if members else _run_name(classifier),
         "backbone": meta["backbone"],
@@ -67,7 +67,7 @@ def _guard(classifier: Classifier) -> dict | None:
     """The out-of-distribution guard in brief (an ensemble: one decision over its members' scores)."""
     if not classifier.has_guard:
         return None
-    members = getattr(classifier, "members", None) or [classifier]
+    members = classifier.runs
     records = [m.meta["guard"] for m in members]
     return {"method": records[0].get("method"), "limit": 1.0,
             "false_rejection": [r.get("false_rejection") for r in records] if len(records) > 1
@@ -107,7 +107,7 @@ def markdown_card(classifier: Classifier) -> str:
     """The model card as Markdown: the model, its training record, its validation figures, intended use and
     limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs recorded."""
     card = model_card(classifier)
-    members = getattr(classifier, "members", None) or [classifier]
+    members = classifier.runs
     fixed = str(card["threshold_policy"]).startswith("fixed")
     labels, classes = card["labels"], card["class_names"]
     positive, negative = _md(card["positive_name"]), _md(card["negative_name"])

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import VIEWS
 from .errors import CheckpointError
 from .provenance import file_sha256
 
@@ -156,7 +157,7 @@ def _meta_problem(meta: dict) -> str | None:
     threshold = meta["threshold"]
     if not _finite(threshold) or not 0 <= threshold <= 1:
         return f"threshold: expected a probability between 0 and 1, got {threshold!r}"
-    if type(meta.get("tta", 1)) is not int or meta.get("tta", 1) not in (1, 2, 4, 8):
+    if type(meta.get("tta", 1)) is not int or meta.get("tta", 1) not in VIEWS:
         return f"tta: must be 1, 2, 4 or 8, got {meta.get('tta')!r}"
     if meta.get("mode", "linear") not in ("linear", "finetune"):
         return f"mode: must be 'linear' or 'finetune', got {meta.get('mode')!r}"

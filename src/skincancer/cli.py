@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from . import NOTICE
-from .config import DEFAULT_LABELS, load_config, parse_labels
+from .config import DEFAULT_LABELS, VIEWS, load_config, parse_labels
 from .errors import BackboneError, CheckpointError, ConfigError, DataError, MetadataError
 from .progress import in_torchrun, other_rank
 
@@ -95,7 +95,7 @@ def _leading_columns(path: Path) -> list[str]:
 
 
 def _check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
-    if tta is not None and tta not in (1, 2, 4, 8):
+    if tta is not None and tta not in VIEWS:
         _fail(f"--tta: must be 1, 2, 4 or 8 views, got {tta}")
     if batch_size < 1:
         _fail(f"--batch-size: expected 1 or more, got {batch_size}")
@@ -597,7 +597,7 @@ def serve(
     _check_can_bind(host, port)
     application = create_app(model, max_upload_mb=max_upload_mb, engine=engine, max_batch=max_batch, tta=tta)
     classifier = application.state.classifier
-    served = ", ".join(str(m.source) for m in getattr(classifier, "members", [classifier]))
+    served = ", ".join(str(m.source) for m in classifier.runs)
     typer.echo(f"serving {served} ({classifier.engine_name}) on http://{host}:{port}/  (API docs: /docs). {NOTICE}",
                err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -22,6 +22,7 @@ ISIC2017_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_kerato
 DEFAULT_LABELS: dict[str, int] = {**ISIC2017_LABELS, "basal_cell_carcinoma": 0, "actinic_keratosis": 0,
                                   "squamous_cell_carcinoma": 0, "vascular_lesion": 0, "dermatofibroma": 0}
 MAX_SEED = 2**32 - 1  # numpy's seed range
+VIEWS = (1, 2, 4, 8)  # test-time and feature views: the first n dihedral transforms (engine.DIHEDRAL)
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,9 @@ class TrainConfig:
         if not 0 < self.guard_false_rejection < 0.5:
             raise ConfigError(f"guard_false_rejection: expected a share between 0 and 0.5 (e.g. 0.02), got "
                               f"{self.guard_false_rejection}")
-        if self.tta not in (1, 2, 4, 8):
-            raise ConfigError(f"tta: must be 1, 2, 4 or 8, got {self.tta}")
-        if self.feature_views not in (1, 2, 4, 8):
-            raise ConfigError(f"feature_views: must be 1, 2, 4 or 8, got {self.feature_views}")
+        for name in ("tta", "feature_views"):
+            if getattr(self, name) not in VIEWS:
+                raise ConfigError(f"{name}: must be 1, 2, 4 or 8, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.linear_c or any(c <= 0 for c in self.linear_c):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from .progress import world_from_env
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ class World:
 
 def init_world() -> World:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA); else one process."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, size, local_rank = world_from_env()
     if size <= 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(rank, size, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

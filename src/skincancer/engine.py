@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .config import VIEWS
 from .data import collate
 from .distributed import every_rank
 from .progress import progress
@@ -28,7 +29,6 @@ DIHEDRAL: list[Callable[[torch.Tensor], torch.Tensor]] = [
     lambda x: x.transpose(-1, -2).flip(-2),
     lambda x: x.transpose(-1, -2).flip(-1, -2),
 ]
-TTA_CHOICES = (1, 2, 4, 8)
 
 
 def default_device() -> torch.device:
@@ -104,8 +104,8 @@ def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.nda
     """The loop every engine shares: forward(batch) per dihedral view, averaged, placed at the batch's indices
     (with extra(batch)'s columns after them, from the first view); an [n, outputs] array with NaN rows for
     unreadable files, and their (index, reason) pairs."""
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
+    if tta not in VIEWS:
+        raise ValueError(f"tta must be one of {VIEWS}, got {tta}")
     result: np.ndarray | None = None
     errors: list = []
     for batch in progress(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2):  # none for one batch

@@ -36,32 +36,36 @@ class Ensemble(Classifier):
             if member.meta.get("head", "diagnosis") != first.meta.get("head", "diagnosis"):
                 raise CheckpointError(f"{member.source}: head {member.meta.get('head')!r} differs from "
                                       f"{first.source}'s {first.meta.get('head')!r}")
-        self.members = list(members)
+        self._members = list(members)
         meta = dict(first.meta, backbone="+".join(m.meta["backbone"] for m in members), mode="ensemble")
         meta.pop("metadata_model", None)  # each member fuses its own
         meta["unfinished"] = any(m.meta.get("unfinished") for m in members)
-        meta["threshold"], meta["validation"], meta["validation_source"] = _ensemble_threshold(self.members)
+        meta["threshold"], meta["validation"], meta["validation_source"] = _ensemble_threshold(self._members)
         super().__init__(model=first.model, meta=meta, source=first.source)
 
     @property
+    def members(self) -> list[Classifier]:
+        return self._members
+
+    @property
     def engine_name(self) -> str:
-        names = [m.engine_name for m in self.members]
+        names = [m.engine_name for m in self._members]
         return names[0] if len(set(names)) == 1 else "+".join(names)
 
     @property
     def uses_metadata(self) -> bool:
-        return any(m.uses_metadata for m in self.members)
+        return any(m.uses_metadata for m in self._members)
 
     @property
     def has_guard(self) -> bool:
-        return all(m.has_guard for m in self.members)
+        return all(m.has_guard for m in self._members)
 
     def _outputs(self, images, batch_size: int, num_workers: int, tta: int | None, metadata, guarded: bool):
         """Mean of the members' probabilities (each fusing metadata if it has a metadata model); a file unreadable
         for one is unreadable for all. One guard decision: the mean of the members' out-of-distribution scores
         (each 1 at its own threshold), NaN unless every member has a guard; the frame checks of the first."""
         results = [m._outputs(images, batch_size, num_workers, tta if tta is not None else m.meta.get("tta", 1),
-                              metadata, guarded) for m in self.members]
+                              metadata, guarded) for m in self._members]
         probs = np.mean([r[0] for r in results], axis=0)
         scores = np.mean([r[2] for r in results], axis=0)
         return probs, results[0][1], scores, results[0][3]

@@ -129,8 +129,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
                         seen["valid"], ", ".join(seen["examples"]))
     # where each model came from (older runs did not record it: null)
     metrics["model"]["trained_with"] = {str(m.source): m.meta.get("environment")
-                                        for m in getattr(classifier, "members", [classifier])}
-    unfinished = [str(m.source) for m in getattr(classifier, "members", [classifier]) if m.meta.get("unfinished")]
+                                        for m in classifier.runs}
+    unfinished = [str(m.source) for m in classifier.runs if m.meta.get("unfinished")]
     if unfinished:
         metrics["unfinished_models"] = unfinished  # the report says their threshold is a placeholder
     write_json(out / "metrics.json", metrics)
@@ -258,7 +258,7 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
     """How many of `paths` have the bytes of an image the model (any ensemble member) trained on, or was validated
     on (its threshold, epoch or regularisation chosen there); None for runs saved before this was recorded."""
     fitted: dict[str, set] = {"train": set(), "valid": set()}
-    members = getattr(classifier, "members", [classifier])
+    members = classifier.runs
     unchecked = []
     for member in members:
         path = Path(member.source) / FITTED_IMAGES_FILE

@@ -50,9 +50,8 @@ def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
 
     An ensemble's map is the mean of its members' maps (each on its own input grid, brought to the largest), as its
     probability is the mean of theirs."""
-    members = getattr(classifier, "members", None)
-    if members:
-        maps = [malignant_heatmap(member, image) for member in members]
+    if classifier.members:
+        maps = [malignant_heatmap(member, image) for member in classifier.members]
         side = max(m.shape[0] for m in maps)
         return np.mean([_resized(m, (side, side)) for m in maps], axis=0).astype(np.float32)
     from pytorch_grad_cam import GradCAM

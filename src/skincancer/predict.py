@@ -42,6 +42,16 @@ class Classifier:
     guard: Guard | None = None  # the out-of-distribution statistics (None: a run fitted before the guard existed)
 
     @property
+    def members(self) -> list[Classifier]:
+        """An ensemble's runs; [] for a single run."""
+        return []
+
+    @property
+    def runs(self) -> list[Classifier]:
+        """The single runs behind this model: an ensemble's members, or itself."""
+        return self.members or [self]
+
+    @property
     def engine_name(self) -> str:
         return "torch" if self.engine is None else self.engine.name
 
@@ -88,9 +98,8 @@ class Classifier:
     def fuses(self, row: dict | None) -> bool:
         """Whether this image's {'age', 'sex'} change its prediction: a metadata model for the fields it gives
         (an ensemble: any member's)."""
-        members = getattr(self, "members", None)
-        if members:
-            return any(member.fuses(row) for member in members)
+        if self.members:
+            return any(member.fuses(row) for member in self.members)
         model = self.metadata_model
         return model is not None and model.covers(row)
 

@@ -32,20 +32,25 @@ class _Lines:
         self.stream.flush()
 
 
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them in the environment; (0, 1, 0) outside it. The one reader
+    of RANK, WORLD_SIZE and LOCAL_RANK (as timm's world_info_from_env)."""
+    try:
+        return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        return 0, 1, 0
+
+
 def in_torchrun() -> bool:
     """True in a process torchrun started (one of several)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
+    return world_from_env()[1] > 1
 
 
 def other_rank() -> bool:
     """True in a torchrun worker other than rank 0, whose messages and bars would repeat rank 0's."""
-    try:
-        return in_torchrun() and int(os.environ.get("RANK", "0")) > 0
-    except ValueError:
-        return False
+    rank, size, _ = world_from_env()
+    return size > 1 and rank > 0
 
 
 def progress(iterable=None, **kwargs) -> tqdm:

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .progress import world_from_env
 
 ENVIRONMENT_FILE = "environment.json"  # in a run's model folder, from the run's start (read back by --resume)
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "onnxruntime")
@@ -30,7 +31,7 @@ def environment(device: str | None = None) -> dict:
         "platform": platform.platform(),
         "packages": {**{name: _version(name) for name in PACKAGES}, "torch": torch.__version__},  # with +cu130 etc.
         "cpu_threads": torch.get_num_threads(),
-        "processes": int(os.environ.get("WORLD_SIZE", 1)),  # torchrun's; its own flags are not in sys.argv
+        "processes": world_from_env()[1],  # torchrun's; its own flags are not in sys.argv
     }
     if device is not None:
         env["device"] = device if device == "cpu" or not device.startswith("cuda") else (
