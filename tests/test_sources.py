@@ -219,3 +219,23 @@ def test_select_on_a_source_without_held_out_images_is_refused(cache_dir, tmp_pa
                                         r"isic2017"):
         train(config)
     assert not (tmp_path / "run").exists()  # a refused start leaves nothing behind
+
+
+def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, cache_dir, tmp_path):
+    from skincancer.sources import with_source
+
+    rows = ham_rows(ham, {"mel": 3, "nv": 3, "bkl": 3}, seed=2)
+    rows.to_csv(tmp_path / "ham.csv", index=False)
+    ham_manifest = index_csv(tmp_path / "ham.csv", HAM / "images", DEFAULT_LABELS)
+    train_paths = [save_manifest(with_source(subset("train", 4), "isic2017"), tmp_path / "isic.csv"),
+                   save_manifest(ham_manifest.iloc[:-6], tmp_path / "ham-train.csv")]
+    valid = save_manifest(pd.concat([with_source(subset("valid", 4), "isic2017"), ham_manifest.iloc[-6:]]),
+                          tmp_path / "valid.csv")
+    config = load_config(None, train=[str(p) for p in train_paths], valid=str(valid), out=str(tmp_path / "run"),
+                         mode="finetune", image_size=64, epochs=2, max_steps_per_epoch=2, batch_size=8,
+                         num_workers=0, select_on="isic2017", cache_dir=str(cache_dir), guard=False)
+    run = train(config)
+    meta = json.loads((run / "model" / "model.json").read_text())
+    assert meta["validation"]["n"] == 12  # the ISIC validation images alone chose the threshold
+    assert {s["name"] for s in meta["sources"]} == {"isic2017", "ham10000"}
+    assert set(pd.read_csv(run / "valid_predictions.csv")["source"]) == {"isic2017", "ham10000"}
