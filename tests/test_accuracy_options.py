@@ -95,13 +95,9 @@ def test_keep_last_logs_one_view_per_epoch_but_validates_the_kept_model_with_all
     np.testing.assert_allclose(saved["malignant"], probs[:, classifier.class_names.index("melanoma")], atol=1e-5)
 
 
-def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--model",
-                             str(finetune_run), "--data", str(small_data["test"]), "-o", str(tmp_path / "e"),
-                             "--num-workers", "0", "--engine", "torch"], capture_output=True, text=True)
+def test_cli_ensemble_and_model_default_tta(cli, tiny_run, finetune_run, small_data, tmp_path):
+    result = cli("evaluate", "--model", tiny_run, "--model", finetune_run, "--data", small_data["test"], "-o",
+                 tmp_path / "e", "--num-workers", "0", "--engine", "torch")
     assert result.returncode == 0, result.stderr
     metrics = __import__("json").loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["model"]["mode"] == "ensemble" and metrics["tta"] == "per model"
@@ -224,7 +220,7 @@ def test_eval_image_size_validates_and_predicts_larger_than_it_trained(small_dat
     np.testing.assert_allclose(onnx.predict_proba(list(valid["filepath"]))[0], probs, atol=1e-4)
 
 
-def test_linear_head_on_few_images_gives_no_extreme_probabilities(cache_dir, tmp_path):
+def test_linear_head_on_few_images_gives_no_extreme_probabilities(data_dir, cache_dir, tmp_path):
     """Found by review: 18 training images gave validation probabilities from 5e-34 to 1 and folded weights up to
     1237, hence a threshold of 0 and 'This image is 0.00% malignant': near-constant features, standardised by their
     tiny spread, were scaled up thousands of times. Their spread is now floored at a tenth of the median."""

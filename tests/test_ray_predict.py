@@ -177,6 +177,8 @@ def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tm
     import subprocess
     import sys
 
+    # a real process: Ray Data's console handlers and its own processes write to the real stderr (file descriptor
+    # 2, which an in-process runner does not capture); what reaches a script's stderr is the point
     out = tmp_path / "p.csv"
     images = sorted(image_folder.glob("*.jpg"))[1:4]
     # --num-workers 2 on a 2-CPU machine: a fixed pool of 2 one-CPU actors left the folder-listing task no CPU and
