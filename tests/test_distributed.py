@@ -25,6 +25,7 @@ def test_sharded_sampler_splits_one_epoch_without_overlap():
     assert 0.4 < np.mean(np.array(list(weighted)) >= 900) < 0.6  # classes drawn about equally
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training(cli, small_data, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     # keep: last, so the saved model is the final epoch's; whole epochs, so BatchNorm statistics drift per rank
@@ -59,6 +60,7 @@ def test_two_process_gloo_training(cli, small_data, cache_dir, tmp_path):
     assert nll == pytest.approx(logged["valid_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(cli, small_data, data_dir, tmp_path):
     import shutil
 
@@ -113,6 +115,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_a_bad_batch_on_one_rank_does_not_desynchronise_ddp(tmp_path):
     """A batch whose files all fail on one rank only: every rank skips that step (before, the other rank's gradient
     all-reduce paired with the next step's and the run hung)."""
@@ -177,6 +180,7 @@ def test_a_stopped_multi_process_run_says_how_to_go_on(tmp_path):
         f"run the command again with --overwrite (it replaces what it had written in {out})")
 
 
+@pytest.mark.slow
 def test_sigterm_to_nproc_stops_torchrun_and_its_workers(small_data, cache_dir, tmp_path):
     import signal
     import time

@@ -107,6 +107,7 @@ def isic_images(small_data) -> list[str]:
     return [str((manifest.parent / p).resolve()) for p in pd.read_csv(manifest)["filepath"]]
 
 
+@pytest.mark.slow
 def test_training_fits_a_guard_recorded_in_model_json(guarded_run):
     meta = json.loads((Path(guarded_run) / "model" / "model.json").read_text())
     record = meta["guard"]
@@ -116,6 +117,7 @@ def test_training_fits_a_guard_recorded_in_model_json(guarded_run):
     assert load_model(guarded_run, engine="torch").has_guard
 
 
+@pytest.mark.slow
 def test_far_images_get_no_verdict_and_dermoscopy_does(guarded_run, small_data, tmp_path):
     classifier = load_model(guarded_run, engine="torch")
     table = classifier.predict([str(p) for p in far_images(tmp_path)] + isic_images(small_data))
@@ -128,6 +130,7 @@ def test_far_images_get_no_verdict_and_dermoscopy_does(guarded_run, small_data, 
     assert set(isic["label"]) <= {"malignant", "benign", "refused"}
 
 
+@pytest.mark.slow
 def test_frame_checks_refuse_black_and_blank_frames(guarded_run):
     classifier = load_model(guarded_run, engine="torch")
     black, grey = np.zeros((200, 200, 3), np.uint8), np.full((200, 200, 3), 128, np.uint8)
@@ -137,6 +140,7 @@ def test_frame_checks_refuse_black_and_blank_frames(guarded_run):
     assert "uniform" in table["refusal"][1]
 
 
+@pytest.mark.slow
 def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(guarded_run, tmp_path):
     classifier = load_model(guarded_run, engine="torch")
     astronaut = str(far_images(tmp_path)[0])
@@ -145,6 +149,7 @@ def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(guarded
     assert not table["in_distribution"][0] and table["ood_score"][0] > 1 and table["refusal"][0]
 
 
+@pytest.mark.slow
 def test_cli_predict_sentence_and_table(guarded_run, tmp_path):
     astronaut, coffee, screenshot = far_images(tmp_path)
     runner = CliRunner()
@@ -164,6 +169,7 @@ def test_cli_predict_sentence_and_table(guarded_run, tmp_path):
     assert "got no verdict" in result.output
 
 
+@pytest.mark.slow
 def test_evaluate_counts_refused_images(guarded_run, small_data, tmp_path):
     from skincancer.evaluate import evaluate
 
@@ -178,6 +184,7 @@ def test_evaluate_counts_refused_images(guarded_run, small_data, tmp_path):
     assert "Images the model would refuse" in (tmp_path / "eval" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
     from skincancer.export import export_onnx
 
@@ -193,6 +200,7 @@ def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
     assert list(onnx_table["label"]) == list(torch_table["label"])
 
 
+@pytest.mark.slow
 def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(guarded_run, tmp_path):
     import torch
 
@@ -238,6 +246,7 @@ def unguarded_copy(guarded_run, tmp_path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(guarded_run, tmp_path):
     run = unguarded_copy(guarded_run, tmp_path)
     classifier = load_model(run, engine="torch")
@@ -252,6 +261,7 @@ def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(guarded
     assert black["label"][0] == "refused"  # the frame checks need no fitting
 
 
+@pytest.mark.slow
 def test_guard_command_fits_a_guard_for_an_old_run(guarded_run, tmp_path):
     run = unguarded_copy(guarded_run, tmp_path)
     result = CliRunner().invoke(app, ["guard", "--model", str(run)])
@@ -264,6 +274,7 @@ def test_guard_command_fits_a_guard_for_an_old_run(guarded_run, tmp_path):
     assert table["label"][0] == "refused"
 
 
+@pytest.mark.slow
 def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(guarded_run, run)
@@ -281,6 +292,7 @@ def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
     assert load_model(run, engine="torch").has_guard
 
 
+@pytest.mark.slow
 def test_ensemble_makes_one_decision(guarded_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(guarded_run, other)
@@ -296,6 +308,7 @@ def test_ensemble_makes_one_decision(guarded_run, tmp_path):
     assert not unguarded.has_guard and unguarded.predict(images)["ood_score"].isna().all()
 
 
+@pytest.mark.slow
 def test_api_gives_no_verdict_for_far_images(guarded_run, small_data, tmp_path):
     from fastapi.testclient import TestClient
 

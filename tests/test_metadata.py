@@ -177,6 +177,7 @@ def metadata_run(small_data, cache_dir, data_dir, tmp_path_factory):
     return train(config), manifests
 
 
+@pytest.mark.slow
 def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata_run):
     run, _ = metadata_run
     meta = json.loads((Path(run) / "model" / "model.json").read_text())
@@ -187,6 +188,7 @@ def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata
     assert 0 <= meta["validation"]["auc_with_metadata"] <= 1 and meta["validation"]["n_with_metadata"] > 0
 
 
+@pytest.mark.slow
 def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run, small_data):
     run, _ = metadata_run
     classifier = load_model(run)
@@ -214,6 +216,7 @@ def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run
     assert one["melanoma"].iloc[0] == pytest.approx(fused[0, 0], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_cli_fuse_metadata(cli, metadata_run, tmp_path):
     run, manifests = metadata_run
     metrics = evaluate(run, manifests["valid"], tmp_path / "with", num_workers=0, n_boot=50)
@@ -268,6 +271,7 @@ def test_records_reads_manifest_columns():
     assert records(frame) == [{"age": 40.0, "sex": "male"}, None, {"age": None, "sex": "female"}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ensemble", [False, True], ids=["model", "ensemble_with_a_metadata_member"])
 def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
     from fastapi.testclient import TestClient
@@ -303,6 +307,7 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
 
 
 
+@pytest.mark.slow
 def test_evaluate_reports_each_sex_and_age_band(cli, metadata_run, tiny_run, tmp_path):
     run, manifests = metadata_run
     result = cli("evaluate", "--model", tiny_run, "--data", manifests["valid"], "--out", tmp_path / "eval",
@@ -329,6 +334,7 @@ def test_evaluate_reports_each_sex_and_age_band(cli, metadata_run, tiny_run, tmp
     assert "<h2>Subgroups</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_unreadable_age_skips_subgroups_under_no_metadata(cli, metadata_run, tiny_run, tmp_path):
     _, manifests = metadata_run
     manifest = pd.read_csv(manifests["valid"], dtype=str)

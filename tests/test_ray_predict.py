@@ -44,6 +44,7 @@ def _console_levels() -> list[int]:
     return [handler.level for handler in ray_data_console_handlers()]
 
 
+@pytest.mark.slow
 def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):
     # a model whose own default is 2 views: predict_with_ray uses it, as `predict` and `predict --ray` do
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
@@ -75,6 +76,7 @@ def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_
     assert levels and _console_levels() == levels
 
 
+@pytest.mark.slow
 def test_cli_predict_ray_writes_csv_and_names_unreadable_files(local_ray, tiny_run, image_folder, tmp_path):
     out = tmp_path / "out.csv"
     files = sorted(image_folder.glob("*.jpg"))
@@ -171,6 +173,7 @@ def test_ray_cli_num_workers_sets_the_model_actors(tiny_run, image_folder, tmp_p
     assert result.exit_code == 2 and "counts model actors" in result.output
 
 
+@pytest.mark.slow
 def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tmp_path):
     """A run from a script (stderr not a terminal) printed ~200 lines of Ray Data execution plans and progress
     tables for one image; stderr now carries the command's own lines (and Ray's warnings), the file the rows."""
@@ -194,6 +197,7 @@ def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tm
     assert f"wrote {out}: 3 predicted, 0 failed" in done.stderr
 
 
+@pytest.mark.slow
 def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_run, image_folder, tmp_path):
     """Several --model under --ray: each actor holds every member; the rows are `predict`'s ensemble rows."""
     out = tmp_path / "ensemble.csv"
@@ -207,6 +211,7 @@ def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_
     assert list(table["label"]) == list(expected["label"])
 
 
+@pytest.mark.slow
 def test_ray_predict_reports_the_guard(local_ray, guarded_run, data_dir, tmp_path):
     from PIL import Image
     from skimage import data

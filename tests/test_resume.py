@@ -20,6 +20,7 @@ def train_args(small_data, out: Path) -> list[str]:
             "--max-steps-per-epoch", "5", "--num-workers", "0", "--seed", "7"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(cli, small_data, cache_dir, tmp_path):
     cache = {"SKINCANCER_CACHE": str(cache_dir)}
     reference = tmp_path / "reference"
@@ -65,13 +66,9 @@ def test_resume_refuses_extra_flags_and_non_runs(cli, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def finished_finetune(small_data, tmp_path_factory):
-    from skincancer import load_config, train
-
-    out = tmp_path_factory.mktemp("ft") / "run"
-    train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(out),
-                      mode="finetune", image_size=64, epochs=2, batch_size=6, max_steps_per_epoch=2, num_workers=0))
-    return out
+def finished_finetune(finetune_run) -> Path:
+    """A finished fine-tuning run of two epochs: the session's (the tests copy it before changing anything)."""
+    return Path(finetune_run)
 
 
 def copy_run(run: Path, dest: Path, interrupted: bool = True) -> Path:

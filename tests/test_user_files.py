@@ -76,6 +76,7 @@ def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(tiny_run,
     assert again["auc"] == first["auc"]
 
 
+@pytest.mark.slow
 def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small_data, cache_dir, tmp_path, caplog):
     """`train --overwrite` kept the replaced run's log lines above the new run's, and said nothing of the old
     model's evaluation saved inside the run folder."""
@@ -141,6 +142,7 @@ def test_predict_json_output_replaces_only_its_own_tables(tiny_run, data_dir, pr
     assert "expected a .csv or .json file name" in result.output
 
 
+@pytest.mark.slow
 def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     """A train.log that is a link (say, to a log several runs share) is never cut by --overwrite."""
     shared = tmp_path / "shared.log"
@@ -156,6 +158,7 @@ def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     assert shared.read_text().count("linear head C=0.1") == 2
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_and_a_stopped_run_logs_why(small_data, cache_dir, tmp_path, monkeypatch):
     """A start refused on its inputs left a folder holding an empty train.log; a run that stopped later had no word
     of why in its log (only on the console)."""
