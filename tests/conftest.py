@@ -28,8 +28,17 @@ PROCESS_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore
                            ("ignore", ResourceWarning, "")]
 
 
+class CliResult(subprocess.CompletedProcess):
+    """What `subprocess.run(..., capture_output=True, text=True)` returns, and `output`: both streams (stdout, then
+    stderr) for a message that may be on either."""
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
 def run_cli(*args, check: bool = False, env: Mapping[str, str | None] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None) -> CliResult:
     """`skincancer ARGS...` in this process, through skincancer.cli.main (its "error: ..." lines and exit codes),
     without paying a second start of torch: the exit code, stdout and stderr as `subprocess.run` gives them.
 
@@ -80,7 +89,7 @@ def run_cli(*args, check: bool = False, env: Mapping[str, str | None] | None = N
             signal.signal(number, handler)
         sys.argv, sys.excepthook = saved_argv, saved_hook
         os.chdir(saved_cwd)
-    result = subprocess.CompletedProcess(argv, code, out, err)
+    result = CliResult(argv, code, out, err)
     if check and code != 0:
         raise AssertionError(f"{' '.join(argv)} failed with exit code {code}:\n{out}\n{err}")
     return result
