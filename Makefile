@@ -1,4 +1,5 @@
-# skincancer: `make demo` (set up, then train + evaluate on ISIC 2017), `make test` (set up, then the test suite).
+# skincancer: `make demo` (set up, then train + evaluate on ISIC 2017), `make test` (set up, then the whole test suite),
+# `make test-fast` (the suite without the tests marked slow: the inner loop).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ RUN ?= runs/demo
 RUN_DATA = $(RUN)-data# the manifests; beside the run, since train never writes a run into a folder holding other files
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint benchmark-accuracy clean
+.PHONY: setup demo test test-fast lint benchmark-accuracy clean
 
 setup: $(STAMP)
 
@@ -58,6 +59,9 @@ benchmark-accuracy: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

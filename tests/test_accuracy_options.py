@@ -66,6 +66,7 @@ def test_ensemble_refuses_models_with_other_classes(tiny_run, tmp_path):
             load_models([tiny_run, twin])
 
 
+@pytest.mark.slow
 def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):
     common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="finetune", image_size=64,
                   epochs=1, max_steps_per_epoch=3, batch_size=8, num_workers=0, cache_dir=str(cache_dir), lr=0.01,
@@ -79,6 +80,7 @@ def test_ema_keeps_averaged_weights(small_data, cache_dir, tmp_path):
     assert load_model(ema).predict_proba([str(small_data["test"])])[1]  # a CSV is not an image: reported, not raised
 
 
+@pytest.mark.slow
 def test_keep_last_logs_one_view_per_epoch_but_validates_the_kept_model_with_all(small_data, cache_dir, tmp_path):
     common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="finetune", image_size=64,
                   epochs=2, max_steps_per_epoch=2, batch_size=8, num_workers=0, cache_dir=str(cache_dir), tta=4,
@@ -95,13 +97,9 @@ def test_keep_last_logs_one_view_per_epoch_but_validates_the_kept_model_with_all
     np.testing.assert_allclose(saved["malignant"], probs[:, classifier.class_names.index("melanoma")], atol=1e-5)
 
 
-def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--model",
-                             str(finetune_run), "--data", str(small_data["test"]), "-o", str(tmp_path / "e"),
-                             "--num-workers", "0", "--engine", "torch"], capture_output=True, text=True)
+def test_cli_ensemble_and_model_default_tta(cli, tiny_run, finetune_run, small_data, tmp_path):
+    result = cli("evaluate", "--model", tiny_run, "--model", finetune_run, "--data", small_data["test"], "-o",
+                 tmp_path / "e", "--num-workers", "0", "--engine", "torch")
     assert result.returncode == 0, result.stderr
     metrics = __import__("json").loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["model"]["mode"] == "ensemble" and metrics["tta"] == "per model"
@@ -111,6 +109,7 @@ def test_cli_ensemble_and_model_default_tta(tiny_run, finetune_run, small_data, 
     np.testing.assert_allclose(classifier.predict_proba([image])[0], classifier.predict_proba([image], tta=2)[0])
 
 
+@pytest.mark.slow
 def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_data, cache_dir, tiny_run, tmp_path):
     common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear", num_workers=0,
                   cache_dir=str(cache_dir), linear_c=[0.1, 1.0])
@@ -163,6 +162,7 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     assert not torch.allclose(*weights, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, cache_dir, tmp_path, monkeypatch):
     """feature_views: the head is trained on 8 dihedral views of each image; held-out images are scored by the mean
     of their `tta` views, exactly what the saved model does with that TTA: the validation AUC logged for the chosen
@@ -196,6 +196,7 @@ def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, ca
     assert not torch.equal(two.model.get_classifier().weight, model.model.get_classifier().weight)
 
 
+@pytest.mark.slow
 def test_eval_image_size_validates_and_predicts_larger_than_it_trained(small_data, cache_dir, tmp_path):
     """eval_image_size (FixRes): trained on 64 px crops, the model is validated, thresholded, saved and exported for
     80 px images; its validation predictions are the saved model's own, and they differ from those at 64 px."""
@@ -224,7 +225,8 @@ def test_eval_image_size_validates_and_predicts_larger_than_it_trained(small_dat
     np.testing.assert_allclose(onnx.predict_proba(list(valid["filepath"]))[0], probs, atol=1e-4)
 
 
-def test_linear_head_on_few_images_gives_no_extreme_probabilities(cache_dir, tmp_path):
+@pytest.mark.slow
+def test_linear_head_on_few_images_gives_no_extreme_probabilities(data_dir, cache_dir, tmp_path):
     """Found by review: 18 training images gave validation probabilities from 5e-34 to 1 and folded weights up to
     1237, hence a threshold of 0 and 'This image is 0.00% malignant': near-constant features, standardised by their
     tiny spread, were scaled up thousands of times. Their spread is now floored at a tenth of the median."""

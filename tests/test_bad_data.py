@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from badcorpus import ODD, bad_names, expected_reason, make_bad_corpus, real_images, unprivileged_preexec
+from conftest import run_cli
 from PIL import Image
 
 import skincancer
@@ -21,9 +22,15 @@ from skincancer.data import DataError, load_image
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str | Path, preexec=None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli_unprivileged(*args: str | Path) -> subprocess.CompletedProcess:
+    """The command over the bad corpus, whose chmod 000 file only an ordinary user fails to read. As root it runs in
+    a child process that drops the capabilities bypassing file permissions (this process must keep them); else in
+    this process."""
+    preexec = unprivileged_preexec()
+    if preexec is None:
+        return run_cli(*args)
     return subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+                          timeout=300, preexec_fn=preexec)
 
 
 def no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -43,7 +50,7 @@ def test_index_lists_every_bad_file_with_its_reason_and_fails(corpus, tmp_path):
     root, files = corpus
     out = tmp_path / "manifest.csv"
     # As root, chmod 000 stops nothing: the child drops the capabilities that bypass file permissions.
-    result = cli("index", root, "-o", out, preexec=unprivileged_preexec())
+    result = cli_unprivileged("index", root, "-o", out)
     no_traceback(result)
     assert result.returncode == 2, result.stderr
     assert not out.exists()
@@ -59,7 +66,7 @@ def test_index_lists_every_bad_file_with_its_reason_and_fails(corpus, tmp_path):
 def test_index_skip_bad_keeps_good_and_converts_odd_images(corpus, tmp_path, data_dir):
     root, files = corpus
     out = tmp_path / "manifest.csv"
-    result = cli("index", root, "-o", out, "--skip-bad", preexec=unprivileged_preexec())
+    result = cli_unprivileged("index", root, "-o", out, "--skip-bad")
     no_traceback(result)
     assert result.returncode == 0, result.stderr
     assert f"{len(bad_names())} skipped" in result.stdout
@@ -93,7 +100,7 @@ def turned_bad(corpus, tmp_path_factory, data_dir) -> dict:
     base = tmp_path_factory.mktemp("turned")
     train_root = base / "train"
     files = make_bad_corpus(train_root, data_dir, per_class=3)
-    result = cli("index", train_root, "-o", base / "train.csv", "--skip-bad", preexec=unprivileged_preexec())
+    result = cli_unprivileged("index", train_root, "-o", base / "train.csv", "--skip-bad")
     assert result.returncode == 0, result.stderr
     valid_root = base / "valid"
     for diagnosis in ISIC2017_LABELS:
@@ -143,7 +150,7 @@ def test_linear_training_skips_files_that_turned_bad(turned_bad, linear_run):
     assert 0 <= validation["auc"] <= 1
 
 
-def test_finetune_cli_skips_files_that_turned_bad(turned_bad, tmp_path):
+def test_finetune_cli_skips_files_that_turned_bad(cli, turned_bad, tmp_path):
     out = tmp_path / "finetune"
     settings = tiny_settings(turned_bad, out, "finetune")
     config = tmp_path / "tiny.yaml"
@@ -173,8 +180,8 @@ def test_evaluate_reports_skipped_files_in_metrics(turned_bad, linear_run, tmp_p
 
 def test_evaluate_cli_on_the_whole_bad_corpus_with_loader_workers(corpus, linear_run, tmp_path):
     root, files = corpus
-    result = cli("evaluate", "--model", linear_run, "--data", root, "--out", tmp_path / "eval", "--num-workers", "2",
-                 preexec=unprivileged_preexec())
+    result = cli_unprivileged("evaluate", "--model", linear_run, "--data", root, "--out", tmp_path / "eval",
+                              "--num-workers", "2")
     no_traceback(result)
     # everything is written, and the exit status says the figures leave images out
     assert result.returncode == 1, result.stderr[-3000:]
@@ -203,8 +210,7 @@ def test_predict_api_names_bad_files_and_scores_the_rest(turned_bad, linear_run)
 def test_predict_cli_on_the_whole_bad_corpus(corpus, linear_run, tmp_path):
     root, files = corpus
     out = tmp_path / "predictions.csv"
-    result = cli("predict", root, "--model", linear_run, "-o", out, "--num-workers", "0",
-                 preexec=unprivileged_preexec())
+    result = cli_unprivileged("predict", root, "--model", linear_run, "-o", out, "--num-workers", "0")
     no_traceback(result)
     assert result.returncode == 1, result.stderr  # finished, with failures to report
     table = pd.read_csv(out, keep_default_na=False)
@@ -236,12 +242,12 @@ def test_predict_cli_on_the_whole_bad_corpus(corpus, linear_run, tmp_path):
     ids=["unknown-key", "wrong-type-yaml", "wrong-type-flag", "negative-epochs", "image-size-0", "threshold-1.5",
          "unknown-flag"],
 )
-def test_bad_config_fails_before_any_work_naming_the_field(small_data, tmp_path, yaml_text, flags, field):
+def test_bad_config_fails_before_any_work_naming_the_field(cli, small_data, tmp_path, yaml_text, flags, field):
     config = tmp_path / "config.yaml"
     config.write_text(yaml_text or "mode: finetune\n")
     out = tmp_path / "run"
     result = cli("train", "--config", config, "--train", small_data["train"], "--valid", small_data["valid"],
-                 "--out", out, *flags, timeout=120)
+                 "--out", out, *flags)
     no_traceback(result)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert field in result.stderr, result.stderr
@@ -255,7 +261,7 @@ def test_bad_config_fails_before_any_work_naming_the_field(small_data, tmp_path,
 
 @pytest.mark.parametrize("mode", ["finetune", "linear"])
 @pytest.mark.parametrize(("split", "damage"), [("valid", "deleted"), ("train", "deleted"), ("train", "junk")])
-def test_train_stops_clearly_when_no_file_of_a_split_is_usable(data_dir, tmp_path, mode, split, damage):
+def test_train_stops_clearly_when_no_file_of_a_split_is_usable(cli, data_dir, tmp_path, mode, split, damage):
     """All files of a split deleted (or all turned to junk) after indexing: a clear error naming the manifest and
     the files, never a traceback from inside the loss or a 'trained' model that saw no image."""
     manifests = {}
@@ -289,7 +295,7 @@ def test_train_stops_clearly_when_no_file_of_a_split_is_usable(data_dir, tmp_pat
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_output_path_taken_by_a_file_is_a_clear_error(small_data, tiny_run, tmp_path, command):
+def test_output_path_taken_by_a_file_is_a_clear_error(cli, small_data, tiny_run, tmp_path, command):
     taken = tmp_path / "taken"
     taken.write_text("keep me\n")
     if command == "train":

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from skincancer import NOTICE
 from skincancer.card import CARD_FILE, markdown_card
-from skincancer.cli import app
 from skincancer.ensemble import load_models
 from skincancer.predict import load_model
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """The command in this process (no second start of torch): the exit code, stdout and stderr as a subprocess's."""
-    result = CliRunner().invoke(app, list(map(str, args)))
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def test_training_writes_a_card_from_what_the_run_recorded(tiny_run):
@@ -60,7 +51,7 @@ def test_a_binary_heads_card_names_the_diagnoses_and_names_are_escaped(small_dat
     assert "These images chose the model's settings" in text and "class weights" not in text
 
 
-def test_card_cli_for_a_run_and_an_ensemble(tiny_run, finetune_run, tmp_path):
+def test_card_cli_for_a_run_and_an_ensemble(cli, tiny_run, finetune_run, tmp_path):
     out = tmp_path / "cards" / "card.md"
     result = cli("card", "--model", tiny_run, "-o", out)
     assert result.returncode == 0, result.stderr

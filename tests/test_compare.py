@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +33,6 @@ def evaluation(folder: Path, malignant, columns: dict | None = None, model: dict
     return folder
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skincancer", "compare", *map(str, args)], capture_output=True,
-                          text=True)
-
-
 def test_the_malignant_column_is_found_by_name_not_by_place(tmp_path):
     good = LABELS + RNG.normal(scale=0.7, size=60)
     a = evaluation(tmp_path / "a", good)
@@ -54,14 +47,14 @@ def test_the_malignant_column_is_found_by_name_not_by_place(tmp_path):
     assert compare(a, c, task="cancer")["auc_b"] == pytest.approx(result["auc_a"])
 
 
-def test_a_model_fitted_on_the_compared_images_is_flagged(tmp_path):
+def test_a_model_fitted_on_the_compared_images_is_flagged(cli, tmp_path):
     good = LABELS + RNG.normal(scale=0.7, size=60)
     a, b = evaluation(tmp_path / "a", good), evaluation(tmp_path / "b", good + RNG.normal(size=60))
     assert "seen_in_fitting" not in compare(a, b)
     metrics = json.loads((b / "metrics.json").read_text())
     (b / "metrics.json").write_text(json.dumps({**metrics, "seen_in_fitting": {"train": 40, "valid": 0}}))
     assert compare(a, b)["seen_in_fitting"] == {"second": {"train": 40, "valid": 0}}
-    result = cli(a, b)
+    result = cli("compare", a, b)
     assert result.returncode == 0 and "the second model was fitted on 40" in result.stderr
 
 
@@ -93,27 +86,27 @@ def test_images_are_matched_by_id_as_text_and_unscored_ones_left_out(tmp_path):
         compare(a, c)
 
 
-def test_bad_inputs_are_named_and_never_overwritten(tmp_path):
+def test_bad_inputs_are_named_and_never_overwritten(cli, tmp_path):
     scores = LABELS + RNG.normal(size=60)
     a, b = evaluation(tmp_path / "a", scores), evaluation(tmp_path / "b", scores[::-1].copy())
     before = (b / "metrics.json").read_text()
     for out in (b / "metrics.json", b / "new.json"):
-        refused = cli(a, b, "-o", out)
+        refused = cli("compare", a, b, "-o", out)
         assert refused.returncode == 2 and "inside the evaluation" in refused.stderr
     assert (b / "metrics.json").read_text() == before and not (b / "new.json").exists()
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')
-    refused = cli(a, b, "-o", other)
+    refused = cli("compare", a, b, "-o", other)
     assert refused.returncode == 2 and "not an earlier comparison" in refused.stderr
-    assert cli(a, b, "-o", tmp_path / "c.json").returncode == 0
-    assert cli(a, b, "-o", tmp_path / "c.json").returncode == 0  # an earlier comparison may be replaced
+    assert cli("compare", a, b, "-o", tmp_path / "c.json").returncode == 0
+    assert cli("compare", a, b, "-o", tmp_path / "c.json").returncode == 0  # an earlier comparison may be replaced
 
     one = evaluation(tmp_path / "one", scores)
     pd.read_csv(one / "predictions.csv").assign(label=[1] + [0] * 59).to_csv(one / "predictions.csv", index=False)
     pd.read_csv(a / "predictions.csv").assign(label=[1] + [0] * 59).to_csv(a / "predictions.csv", index=False)
-    single = cli(a, one)
+    single = cli("compare", a, one)
     assert single.returncode == 2 and "at least 2 of each class" in single.stderr
     assert "Warning" not in single.stderr and "Traceback" not in single.stderr
     (one / "predictions.csv").write_text("")
-    empty = cli(a, one)
+    empty = cli("compare", a, one)
     assert empty.returncode == 2 and "predictions.csv: unreadable" in empty.stderr and "Traceback" not in empty.stderr

@@ -202,20 +202,17 @@ def test_unknown_class_folder_name_is_quoted(data_dir, tmp_path):
         index_folder(root, DEFAULT_LABELS)
 
 
-def test_preview_takes_labels_for_a_tree_with_its_own_classes(data_dir, tmp_path):
+def test_preview_takes_labels_for_a_tree_with_its_own_classes(cli, data_dir, tmp_path):
     """preview's error told users to pass --labels, which preview did not have."""
-    from typer.testing import CliRunner
-
-    from skincancer.cli import app
 
     root = make_tree(data_dir, tmp_path / "tree")
     (root / "seborrheic_keratosis").rename(root / "bcc")
-    runner = CliRunner()
-    result = runner.invoke(app, ["preview", str(root), "-o", str(tmp_path / "a.png")])
-    assert isinstance(result.exception, DataError) and "--labels" in str(result.exception)  # main() prints it
-    result = runner.invoke(app, ["preview", str(root), "-o", str(tmp_path / "b.png"),
-                                 "--labels", "melanoma=1,bcc=1,nevus=0"])
-    assert result.exit_code == 0, result.output
+    result = cli("preview", str(root), "-o", str(tmp_path / "a.png"))
+    assert result.returncode == 2 and "error: " in result.stderr, result.output  # the DataError, as main() prints it
+    assert "--labels" in result.stderr.split("error: ", 1)[1]
+    result = cli("preview", str(root), "-o", str(tmp_path / "b.png"),
+                 "--labels", "melanoma=1,bcc=1,nevus=0")
+    assert result.returncode == 0, result.output
     with Image.open(tmp_path / "b.png") as grid:
         assert grid.format == "PNG" and grid.width > 100
 

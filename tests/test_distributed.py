@@ -25,18 +25,17 @@ def test_sharded_sampler_splits_one_epoch_without_overlap():
     assert 0.4 < np.mean(np.array(list(weighted)) >= 900) < 0.6  # classes drawn about equally
 
 
-def test_two_process_gloo_training(small_data, cache_dir, tmp_path):
+@pytest.mark.slow
+def test_two_process_gloo_training(cli, small_data, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     # keep: last, so the saved model is the final epoch's; whole epochs, so BatchNorm statistics drift per rank
     config = tmp_path / "ddp.yaml"
     config.write_text("mode: finetune\nimage_size: 64\nepochs: 2\nbatch_size: 4\nnum_workers: 0\nkeep: last\n"
                       "patience: 0\n")
-    env = {**os.environ, "SKINCANCER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--config", str(config),
-         "--train", str(small_data["train"]), "--valid", str(small_data["valid"]), "--out", str(out),
-         "--threshold-policy", "youden"],
-        capture_output=True, text=True, env=env, timeout=600)
+    # the command in this process; it starts torchrun, whose two workers are real processes (stderr a pipe)
+    result = cli("train", "--nproc", "2", "--config", config, "--train", small_data["train"], "--valid",
+                 small_data["valid"], "--out", out, "--threshold-policy", "youden",
+                 env={"SKINCANCER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.distributed.run" in result.stderr
     # a worker's stderr is a pipe: its progress comes as timed lines (the log format), not a redrawn bar
@@ -61,7 +60,8 @@ def test_two_process_gloo_training(small_data, cache_dir, tmp_path):
     assert nll == pytest.approx(logged["valid_loss"], abs=1e-4)
 
 
-def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(small_data, data_dir, tmp_path):
+@pytest.mark.slow
+def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(cli, small_data, data_dir, tmp_path):
     import shutil
 
     from skincancer import index_folder, save_manifest
@@ -75,12 +75,9 @@ def test_two_process_training_on_unreadable_data_ends_in_one_clear_error(small_d
     manifest = save_manifest(index_folder(root, ISIC2017_LABELS), tmp_path / "train.csv")
     for path in sorted(root.rglob("*.jpg")):
         path.write_text("<html>gone</html>")  # every training image unreadable (after indexing)
-    result = subprocess.run(
-        [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--train", str(manifest),
-         "--valid", str(small_data["valid"]), "--out", str(tmp_path / "ddp"), "--mode", "finetune",
-         "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1",
-         "--num-workers", "0"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    result = cli("train", "--nproc", "2", "--train", manifest, "--valid", small_data["valid"], "--out",
+                 tmp_path / "ddp", "--mode", "finetune", "--image-size", "64", "--epochs", "1", "--batch-size", "4",
+                 "--max-steps-per-epoch", "1", "--num-workers", "0", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {manifest}: none of the 6 train images can be read" in result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
@@ -118,9 +115,11 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_a_bad_batch_on_one_rank_does_not_desynchronise_ddp(tmp_path):
     """A batch whose files all fail on one rank only: every rank skips that step (before, the other rank's gradient
     all-reduce paired with the next step's and the run hung)."""
+    # real processes: torchrun and its two ranks are the point
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     result = subprocess.run(
@@ -133,26 +132,23 @@ def test_a_bad_batch_on_one_rank_does_not_desynchronise_ddp(tmp_path):
     assert all(r["same"] for r in ranks)  # both ranks hold the same weights
 
 
-def test_nproc_checks_the_config_and_data_paths_before_torchrun_starts(small_data, tmp_path):
+def test_nproc_checks_the_config_and_data_paths_before_torchrun_starts(cli, small_data, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("mode: finetune\nbogus_key: 1\n")
-    base = [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--out", str(tmp_path / "run")]
-    result = subprocess.run([*base, "--config", str(config), "--train", str(small_data["train"]),
-                             "--valid", str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    base = ["train", "--nproc", "2", "--out", str(tmp_path / "run")]
+    result = cli(*base, "--config", config, "--train", small_data["train"], "--valid", small_data["valid"])
     assert result.returncode == 2 and f"unknown config key(s) in {config}: bogus_key" in result.stderr
     assert "launching" not in result.stderr
-    result = subprocess.run([*base, "--train", str(tmp_path / "nope.csv"), "--valid", str(small_data["valid"])],
-                            capture_output=True, text=True, timeout=120)
+    result = cli(*base, "--train", tmp_path / "nope.csv", "--valid", small_data["valid"])
     assert result.returncode == 2 and f"{tmp_path / 'nope.csv'}: no such file or folder" in result.stderr
     assert "launching" not in result.stderr and not (tmp_path / "run").exists()
-    result = subprocess.run([*base, "--valid", str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    result = cli(*base, "--valid", small_data["valid"])
     assert result.returncode == 2 and "train, valid and out are all required" in result.stderr
     assert "launching" not in result.stderr
     taken = tmp_path / "taken"  # a folder holding an interrupted run, without --overwrite
     (taken / "checkpoints" / "epoch-1").mkdir(parents=True)
     (taken / "train.log").write_text("")
-    result = subprocess.run([*base[:-1], str(taken), "--train", str(small_data["train"]), "--valid",
-                             str(small_data["valid"])], capture_output=True, text=True, timeout=120)
+    result = cli(*base[:-1], taken, "--train", small_data["train"], "--valid", small_data["valid"])
     assert result.returncode == 2 and f"{taken}: already holds an interrupted run" in result.stderr
     assert "launching" not in result.stderr
 
@@ -184,12 +180,14 @@ def test_a_stopped_multi_process_run_says_how_to_go_on(tmp_path):
         f"run the command again with --overwrite (it replaces what it had written in {out})")
 
 
+@pytest.mark.slow
 def test_sigterm_to_nproc_stops_torchrun_and_its_workers(small_data, cache_dir, tmp_path):
     import signal
     import time
 
     out = tmp_path / "run"
     env = {**os.environ, "SKINCANCER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    # a real process: the SIGTERM goes to the command itself, which must stop torchrun and its workers
     process = subprocess.Popen(
         [sys.executable, "-m", "skincancer", "train", "--nproc", "2", "--train", str(small_data["train"]),
          "--valid", str(small_data["valid"]), "--out", str(out), "--mode", "finetune", "--image-size", "64",

@@ -13,9 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from skincancer import cli
 from skincancer.config import ISIC2017_LABELS
 from skincancer.data import index_folder
 from skincancer.download import (
@@ -259,16 +257,15 @@ def test_archive_list_files(tmp_path):
                                                                                                    "test")]
 
 
-def test_cli_download_with_a_url_list_then_a_second_run(server, images, tmp_path):
+def test_cli_download_with_a_url_list_then_a_second_run(cli, server, images, tmp_path):
     server.files["tr.zip"] = make_zip(images, top="train/")
     (tmp_path / "urls.yaml").write_text(f"- url: {server.url}tr.zip\n  name: train\n")
-    runner = CliRunner()
     args = ["download", "isic2017", "--dest", str(tmp_path / "d"), "--urls", str(tmp_path / "urls.yaml")]
-    first = runner.invoke(cli.app, args)
-    assert first.exit_code == 0, first.output
+    first = cli(*args)
+    assert first.returncode == 0, first.output
     assert f"{tmp_path / 'd' / 'train'}: {PER_CLASS * len(ISIC2017_LABELS)} images" in first.output
     server.requests.clear()
-    second = runner.invoke(cli.app, args)
-    assert second.exit_code == 0 and server.requests == []
-    bad = runner.invoke(cli.app, ["download", "isic2018", "--dest", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "unknown dataset 'isic2018'" in bad.output
+    second = cli(*args)
+    assert second.returncode == 0 and server.requests == []
+    bad = cli("download", "isic2018", "--dest", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown dataset 'isic2018'" in bad.output

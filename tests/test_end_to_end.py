@@ -2,7 +2,6 @@
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,13 +13,6 @@ from sklearn.metrics import roc_auc_score
 
 from skincancer import evaluate, load_model
 from skincancer.metrics import wilson_interval
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"skincancer {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def nevus_folder(data_dir: Path, tmp_path: Path, n: int) -> Path:
@@ -54,9 +46,10 @@ def test_finetune_run_saves_best_epoch_and_predicts(finetune_run, small_data):
     np.testing.assert_allclose(table[["melanoma", "nevus", "seborrheic_keratosis"]].sum(axis=1), 1, atol=1e-5)
 
 
-def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
+def test_evaluate_writes_everything(cli, tiny_run, small_data, tmp_path):
     out = tmp_path / "eval"
-    result = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0")
+    result = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0",
+                 check=True)
     assert "AUC (95% CI)" in result.stdout
     for name in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "calibration.png",
                  "report.html", "isic_predictions.csv"):
@@ -101,14 +94,14 @@ def test_evaluate_writes_everything(tiny_run, small_data, tmp_path):
     assert expected and re.findall(r"<figcaption>([^<]*)</figcaption>", page) == expected
     assert page.count("data:image/jpeg;base64,") == len(expected)
     cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--num-workers", "0",
-        "--error-examples", "0")
+        "--error-examples", "0", check=True)
     assert "<figure>" not in (out / "report.html").read_text()  # no photo in the report when asked for none
     refused = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", out, "--error-examples", "-1",
                   check=False)
     assert refused.returncode == 2 and "--error-examples: expected 0 or more" in refused.stderr
 
 
-def test_evaluate_groups_by_the_users_own_columns(tiny_run, small_data, tmp_path, monkeypatch):
+def test_evaluate_groups_by_the_users_own_columns(cli, tiny_run, small_data, tmp_path, monkeypatch):
     from skincancer.data import DataError, load_manifest, save_manifest
 
     evaluate_module = sys.modules["skincancer.evaluate"]  # the package's `evaluate` is the function
@@ -138,7 +131,7 @@ def test_evaluate_groups_by_the_users_own_columns(tiny_run, small_data, tmp_path
         with pytest.raises(DataError, match=re.escape(words)):
             evaluate(tmp_path / "no-such-run", source, tmp_path / "refused", group_by=group_by)
     result = cli("evaluate", "--model", tiny_run, "--data", data, "--out", tmp_path / "cli", "--num-workers", "0",
-                 "--group-by", "site")
+                 "--group-by", "site", check=True)
     assert re.search(r"AUC site: trunk +\S+ \(\S+\) \(6 images, \d malignant\)", result.stdout), result.stdout
 
 
@@ -167,12 +160,12 @@ def test_manifest_labels_that_contradict_the_label_map_are_refused(tiny_run, sma
     assert metrics["n_positive"] == 12 and "diagnoses bcc are not among the model's" in caplog.text
 
 
-def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
+def test_predict_one_image_prints_the_sentence(cli, tiny_run, data_dir):
     """Always the malignant probability, with the model's call at its threshold: a review found '11.39% malignant'
     printed for an image the model flagged (threshold 8.45%), and '95.93% benign' for the other side."""
     classifier = load_model(tiny_run)
     for image in sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[:4]:
-        result = cli("predict", "--model", tiny_run, image)
+        result = cli("predict", "--model", tiny_run, image, check=True)
         match = re.fullmatch(r"This image is (\d+\.\d\d)% malignant: (above|below) the model's threshold of "
                              r"(\d+\.\d\d)%, so it is (flagged malignant|called benign)\.\n", result.stdout)
         assert match, result.stdout
@@ -184,7 +177,7 @@ def test_predict_one_image_prints_the_sentence(tiny_run, data_dir):
         assert "not a medical device" in result.stderr
 
 
-def test_predict_one_unreadable_image_prints_only_its_error(tiny_run, tmp_path):
+def test_predict_one_unreadable_image_prints_only_its_error(cli, tiny_run, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
     result = cli("predict", "--model", tiny_run, broken, check=False)
@@ -192,17 +185,18 @@ def test_predict_one_unreadable_image_prints_only_its_error(tiny_run, tmp_path):
     assert f"error: {broken}" in result.stderr
 
 
-def test_predict_json_by_suffix_and_files_passed_over_are_named(tiny_run, data_dir, tmp_path):
+def test_predict_json_by_suffix_and_files_passed_over_are_named(cli, tiny_run, data_dir, tmp_path):
     folder = nevus_folder(data_dir, tmp_path, 2)
     (folder / "notes.txt").write_text("field notes")
     out = tmp_path / "pred.json"
-    result = cli("predict", "--model", tiny_run, folder, "-o", out)  # refused before: "expected a .csv file name"
+    # refused before: "expected a .csv file name"
+    result = cli("predict", "--model", tiny_run, folder, "-o", out, check=True)
     assert [Path(row["source"]).name for row in json.loads(out.read_text())] == sorted(
         p.name for p in folder.glob("*.jpg"))
     assert "1 file(s) in the folder(s) not predicted" in result.stderr and "notes.txt" in result.stderr
 
 
-def test_predict_many_with_a_bad_file(tiny_run, data_dir, tmp_path):
+def test_predict_many_with_a_bad_file(cli, tiny_run, data_dir, tmp_path):
     folder = nevus_folder(data_dir, tmp_path, 3)
     (folder / "broken.jpg").write_text("not an image")
     out = tmp_path / "pred.csv"
@@ -213,11 +207,11 @@ def test_predict_many_with_a_bad_file(tiny_run, data_dir, tmp_path):
     assert len(table) == 4
     assert (table.loc[table.source.str.endswith("broken.jpg"), "error"] != "").all()
     assert table.loc[~table.source.str.endswith("broken.jpg"), "malignant"].astype(float).between(0, 1).all()
-    as_json = cli("predict", "--model", tiny_run, *sorted(folder.glob("ISIC*")), "--format", "json")
+    as_json = cli("predict", "--model", tiny_run, *sorted(folder.glob("ISIC*")), "--format", "json", check=True)
     assert len(json.loads(as_json.stdout)) == 3
 
 
-def test_predict_missing_path_names_it(tiny_run, tmp_path):
+def test_predict_missing_path_names_it(cli, tiny_run, tmp_path):
     result = cli("predict", "--model", tiny_run, tmp_path / "nope.jpg", check=False)
     assert result.returncode != 0 and "nope.jpg" in result.stderr and "not found" in result.stderr
 
@@ -231,7 +225,7 @@ def test_python_api_takes_paths_pil_and_arrays(tiny_run, data_dir):
     assert set(table["label"]) <= {"malignant", "benign"}
 
 
-def test_index_cli_lists_bad_files_and_skip_bad(data_dir, tmp_path):
+def test_index_cli_lists_bad_files_and_skip_bad(cli, data_dir, tmp_path):
     root = tmp_path / "tree"
     for diagnosis in ("melanoma", "nevus"):
         (root / diagnosis).mkdir(parents=True)
@@ -243,11 +237,11 @@ def test_index_cli_lists_bad_files_and_skip_bad(data_dir, tmp_path):
     assert result.returncode == 2
     assert "empty.jpg: empty file" in result.stderr and "notes.jpg: not an image" in result.stderr
     assert not (tmp_path / "m.csv").exists()
-    cli("index", root, "--labels", "melanoma=1,nevus=0", "-o", tmp_path / "m.csv", "--skip-bad")
+    cli("index", root, "--labels", "melanoma=1,nevus=0", "-o", tmp_path / "m.csv", "--skip-bad", check=True)
     assert len(pd.read_csv(tmp_path / "m.csv")) == 4
 
 
-def test_train_rejects_bad_config_before_work(tmp_path, small_data):
+def test_train_rejects_bad_config_before_work(cli, tmp_path, small_data):
     result = cli("train", "--train", small_data["train"], "--valid", small_data["valid"], "--out", tmp_path / "r",
                  "--epochs", "-2", check=False)
     assert result.returncode == 2 and "epochs" in result.stderr
@@ -302,17 +296,17 @@ def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, s
     assert "Not checked for images they were fitted on" in (tmp_path / "mixed_eval" / "report.html").read_text()
 
 
-def test_compare_two_evaluations_of_the_same_images(tiny_run, finetune_run, small_data, tmp_path):
+def test_compare_two_evaluations_of_the_same_images(cli, tiny_run, finetune_run, small_data, tmp_path):
     first, second = tmp_path / "probe", tmp_path / "finetune"
     metrics = [evaluate(run, small_data["test"], out, num_workers=0, n_boot=20)
                for run, out in ((tiny_run, first), (finetune_run, second))]
-    result = cli("compare", first, second, "-o", tmp_path / "compare.json")
+    result = cli("compare", first, second, "-o", tmp_path / "compare.json", check=True)
     written = json.loads((tmp_path / "compare.json").read_text())
     assert (written["auc_a"], written["auc_b"]) == pytest.approx((metrics[0]["auc"], metrics[1]["auc"]))
     assert written["difference"] == pytest.approx(metrics[0]["auc"] - metrics[1]["auc"])
     assert written["n"] == 18 and written["n_positive"] == 6 and 0 <= written["p_value"] <= 1
     assert f"{written['p_value']:.4g}" in result.stdout and "18 (6 malignant)" in result.stdout
-    cli("compare", first, second, "--task", "seborrheic_keratosis", "-o", tmp_path / "sk.json")
+    cli("compare", first, second, "--task", "seborrheic_keratosis", "-o", tmp_path / "sk.json", check=True)
     keratosis = json.loads((tmp_path / "sk.json").read_text())
     assert keratosis["auc_a"] == pytest.approx(metrics[0]["class_auc"]["seborrheic_keratosis"])
 
@@ -321,7 +315,7 @@ def test_compare_two_evaluations_of_the_same_images(tiny_run, finetune_run, smal
     subset.mkdir()
     (subset / "metrics.json").write_text((second / "metrics.json").read_text())
     pd.read_csv(second / "predictions.csv").iloc[:12].to_csv(subset / "predictions.csv", index=False)
-    partial = cli("compare", first, subset)
+    partial = cli("compare", first, subset, check=True)
     assert "images both scored          12" in partial.stdout and "6 more scored only by the first" in partial.stdout
     # the same image with another label is not the same data
     relabelled = pd.read_csv(second / "predictions.csv")

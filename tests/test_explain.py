@@ -7,9 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from skincancer.cli import app
 from skincancer.data import load_image
 from skincancer.explain import MalignantTarget, malignant_heatmap, overlay, target_layer
 from skincancer.predict import load_model
@@ -43,7 +41,7 @@ def test_heatmap_and_overlay_of_a_real_image(tiny_run, data_dir):
     assert all(not m._forward_hooks for m in classifier.model.modules())  # Grad-CAM hooks released
 
 
-def test_predict_cam_writes_one_overlay_per_readable_image(tiny_run, data_dir, tmp_path):
+def test_predict_cam_writes_one_overlay_per_readable_image(cli, tiny_run, data_dir, tmp_path):
     images = [sorted((data_dir / "test" / d).glob("*.jpg"))[0] for d in ("melanoma", "nevus")]
     same_name = tmp_path / "other" / images[0].name  # a second file with the same name in another folder
     same_name.parent.mkdir()
@@ -53,10 +51,10 @@ def test_predict_cam_writes_one_overlay_per_readable_image(tiny_run, data_dir, t
     clash = tmp_path / f"{images[0].stem}_2.jpg"  # the name the numbering would give the second copy
     clash.write_bytes(images[1].read_bytes())
     cam_dir = tmp_path / "cams"
-    result = CliRunner().invoke(app, ["predict", *map(str, [*images, same_name, broken, clash]), "--model",
-                                      str(tiny_run), "--engine", "torch", "--cam", str(cam_dir),
-                                      "-o", str(tmp_path / "p.csv")])
-    assert result.exit_code == 1, result.output  # one unreadable file: named, not fatal, but not success
+    result = cli("predict", *map(str, [*images, same_name, broken, clash]), "--model",
+                 str(tiny_run), "--engine", "torch", "--cam", str(cam_dir),
+                 "-o", str(tmp_path / "p.csv"))
+    assert result.returncode == 1, result.output  # one unreadable file: named, not fatal, but not success
     assert "broken.jpg" in result.output
     written = sorted(p.name for p in cam_dir.iterdir())
     assert written == sorted([f"{images[0].stem}_0_cam.png", f"{images[1].stem}_cam.png",

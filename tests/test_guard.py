@@ -11,10 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
-from typer.testing import CliRunner
 
 from skincancer.checkpoint import CheckpointError
-from skincancer.cli import app
 from skincancer.ensemble import Ensemble
 from skincancer.guard import GUARD_FILE, Guard, GuardError, fit_guard, frame_problem, load_guard, save_guard
 from skincancer.predict import load_model
@@ -107,6 +105,7 @@ def isic_images(small_data) -> list[str]:
     return [str((manifest.parent / p).resolve()) for p in pd.read_csv(manifest)["filepath"]]
 
 
+@pytest.mark.slow
 def test_training_fits_a_guard_recorded_in_model_json(guarded_run):
     meta = json.loads((Path(guarded_run) / "model" / "model.json").read_text())
     record = meta["guard"]
@@ -116,6 +115,7 @@ def test_training_fits_a_guard_recorded_in_model_json(guarded_run):
     assert load_model(guarded_run, engine="torch").has_guard
 
 
+@pytest.mark.slow
 def test_far_images_get_no_verdict_and_dermoscopy_does(guarded_run, small_data, tmp_path):
     classifier = load_model(guarded_run, engine="torch")
     table = classifier.predict([str(p) for p in far_images(tmp_path)] + isic_images(small_data))
@@ -128,6 +128,7 @@ def test_far_images_get_no_verdict_and_dermoscopy_does(guarded_run, small_data, 
     assert set(isic["label"]) <= {"malignant", "benign", "refused"}
 
 
+@pytest.mark.slow
 def test_frame_checks_refuse_black_and_blank_frames(guarded_run):
     classifier = load_model(guarded_run, engine="torch")
     black, grey = np.zeros((200, 200, 3), np.uint8), np.full((200, 200, 3), 128, np.uint8)
@@ -137,6 +138,7 @@ def test_frame_checks_refuse_black_and_blank_frames(guarded_run):
     assert "uniform" in table["refusal"][1]
 
 
+@pytest.mark.slow
 def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(guarded_run, tmp_path):
     classifier = load_model(guarded_run, engine="torch")
     astronaut = str(far_images(tmp_path)[0])
@@ -145,25 +147,26 @@ def test_no_guard_keeps_the_verdict_and_still_says_what_the_guard_thinks(guarded
     assert not table["in_distribution"][0] and table["ood_score"][0] > 1 and table["refusal"][0]
 
 
-def test_cli_predict_sentence_and_table(guarded_run, tmp_path):
+@pytest.mark.slow
+def test_cli_predict_sentence_and_table(cli, guarded_run, tmp_path):
     astronaut, coffee, screenshot = far_images(tmp_path)
-    runner = CliRunner()
-    result = runner.invoke(app, ["predict", "--model", str(guarded_run), str(astronaut)])
-    assert result.exit_code == 0, result.output
+    result = cli("predict", "--model", str(guarded_run), str(astronaut))
+    assert result.returncode == 0, result.output
     assert "No verdict for this image" in result.stdout and "malignant" not in result.stdout.lower().split(":")[0]
     assert "%" not in result.stdout  # no probability in the sentence
-    result = runner.invoke(app, ["predict", "--model", str(guarded_run), "--no-guard", str(astronaut)])
-    assert result.exit_code == 0 and "% malignant" in result.stdout
+    result = cli("predict", "--model", str(guarded_run), "--no-guard", str(astronaut))
+    assert result.returncode == 0 and "% malignant" in result.stdout
     out = tmp_path / "table.json"
-    result = runner.invoke(app, ["predict", "--model", str(guarded_run), str(astronaut), str(coffee), str(screenshot),
-                                 "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    result = cli("predict", "--model", str(guarded_run), str(astronaut), str(coffee), str(screenshot),
+                 "-o", str(out))
+    assert result.returncode == 0, result.output
     rows = json.loads(out.read_text())
     assert [r["label"] for r in rows] == ["refused"] * 3
     assert all(r["in_distribution"] is False and r["ood_score"] > 1 for r in rows)
     assert "got no verdict" in result.output
 
 
+@pytest.mark.slow
 def test_evaluate_counts_refused_images(guarded_run, small_data, tmp_path):
     from skincancer.evaluate import evaluate
 
@@ -178,6 +181,7 @@ def test_evaluate_counts_refused_images(guarded_run, small_data, tmp_path):
     assert "Images the model would refuse" in (tmp_path / "eval" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
     from skincancer.export import export_onnx
 
@@ -193,6 +197,7 @@ def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
     assert list(onnx_table["label"]) == list(torch_table["label"])
 
 
+@pytest.mark.slow
 def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(guarded_run, tmp_path):
     import torch
 
@@ -238,7 +243,8 @@ def unguarded_copy(guarded_run, tmp_path) -> Path:
     return run
 
 
-def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(guarded_run, tmp_path):
+@pytest.mark.slow
+def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(cli, guarded_run, tmp_path):
     run = unguarded_copy(guarded_run, tmp_path)
     classifier = load_model(run, engine="torch")
     assert not classifier.has_guard
@@ -246,16 +252,17 @@ def test_a_run_from_before_the_guard_still_predicts_and_says_it_has_none(guarded
     table = classifier.predict([str(astronaut)])
     assert table["label"][0] in ("malignant", "benign") and np.isnan(table["ood_score"][0])
     assert pd.isna(table["in_distribution"][0])
-    result = CliRunner().invoke(app, ["predict", "--model", str(run), str(astronaut)])
-    assert result.exit_code == 0 and "no out-of-distribution guard" in result.output
+    result = cli("predict", "--model", str(run), str(astronaut))
+    assert result.returncode == 0 and "no out-of-distribution guard" in result.output
     black = classifier.predict([np.zeros((100, 100, 3), np.uint8)])
     assert black["label"][0] == "refused"  # the frame checks need no fitting
 
 
-def test_guard_command_fits_a_guard_for_an_old_run(guarded_run, tmp_path):
+@pytest.mark.slow
+def test_guard_command_fits_a_guard_for_an_old_run(cli, guarded_run, tmp_path):
     run = unguarded_copy(guarded_run, tmp_path)
-    result = CliRunner().invoke(app, ["guard", "--model", str(run)])
-    assert result.exit_code == 0, result.output
+    result = cli("guard", "--model", str(run))
+    assert result.returncode == 0, result.output
     assert "guard fitted on" in result.output
     classifier = load_model(run, engine="torch")
     assert classifier.has_guard
@@ -264,7 +271,8 @@ def test_guard_command_fits_a_guard_for_an_old_run(guarded_run, tmp_path):
     assert table["label"][0] == "refused"
 
 
-def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
+@pytest.mark.slow
+def test_a_tampered_guard_refuses_to_load(cli, guarded_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(guarded_run, run)
     path = run / "model" / GUARD_FILE
@@ -273,14 +281,15 @@ def test_a_tampered_guard_refuses_to_load(guarded_run, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="changed since it was fitted"):
         load_model(run, engine="torch")
-    result = CliRunner().invoke(app, ["predict", "--model", str(run), str(far_images(tmp_path)[0])])
-    assert isinstance(result.exception, CheckpointError)  # main() prints it as "error: ..." with exit code 2
-    assert "changed since it was fitted" in str(result.exception)
-    refit = CliRunner().invoke(app, ["guard", "--model", str(run)])  # what the message advises: it mends the run
-    assert refit.exit_code == 0, refit.output
+    result = cli("predict", "--model", str(run), str(far_images(tmp_path)[0]))
+    assert result.returncode == 2 and "error: " in result.stderr, result.output  # a CheckpointError, as main() says it
+    assert "changed since it was fitted" in result.stderr.split("error: ", 1)[1]
+    refit = cli("guard", "--model", str(run))  # what the message advises: it mends the run
+    assert refit.returncode == 0, refit.output
     assert load_model(run, engine="torch").has_guard
 
 
+@pytest.mark.slow
 def test_ensemble_makes_one_decision(guarded_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(guarded_run, other)
@@ -296,6 +305,7 @@ def test_ensemble_makes_one_decision(guarded_run, tmp_path):
     assert not unguarded.has_guard and unguarded.predict(images)["ood_score"].isna().all()
 
 
+@pytest.mark.slow
 def test_api_gives_no_verdict_for_far_images(guarded_run, small_data, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from skincancer import cli, download
+from skincancer import download
 from skincancer.config import DEFAULT_LABELS, ConfigError, load_config, parse_labels
 from skincancer.data import DataError, load_manifest, resolve_data
 from skincancer.download import DownloadError, download_dataset, download_file, isic2017_archives, load_archive_list
@@ -136,11 +135,11 @@ def test_good_manifest_still_loads(tmp_path: Path):
 # ---------------------------------------------------------------- download options
 
 
-def test_base_url_that_is_not_a_url_is_named():
+def test_base_url_that_is_not_a_url_is_named(cli):
     with pytest.raises(DownloadError, match="'notaurl/' is not an http"):
         isic2017_archives("notaurl")
-    result = CliRunner().invoke(cli.app, ["download", "isic2017", "--dest", "unused", "--base-url", "notaurl"])
-    assert result.exit_code == 2 and "error: --base-url: 'notaurl/' is not an http" in result.output
+    result = cli("download", "isic2017", "--dest", "unused", "--base-url", "notaurl")
+    assert result.returncode == 2 and "error: --base-url: 'notaurl/' is not an http" in result.output
 
 
 def test_url_list_entries_must_be_urls(tmp_path: Path):
@@ -253,7 +252,7 @@ def test_evaluate_needs_both_labels_and_writes_strict_json(tiny_run, small_data,
     (["serve", "--model", "{run}", "--max-batch", "0"], "--max-batch: expected 1-1000 files"),
     (["train", "--train", "{manifest}", "--valid", "{manifest}", "--out", "{tmp}/r", "--nproc", "0"], "--nproc"),
 ])
-def test_cli_options_and_output_paths_are_checked_before_any_work(tiny_run, small_data, data_dir, tmp_path: Path,
+def test_cli_options_and_output_paths_are_checked_before_any_work(cli, tiny_run, small_data, data_dir, tmp_path: Path,
                                                                    args, message):
     tree = tmp_path / "tree" / "nevus"
     tree.mkdir(parents=True)
@@ -262,22 +261,22 @@ def test_cli_options_and_output_paths_are_checked_before_any_work(tiny_run, smal
     image.write_bytes(original)
     names = {"manifest": small_data["test"], "image": image, "run": tiny_run, "tmp": tmp_path,
              "tree": tmp_path / "tree", "copy": tmp_path / "copy"}
-    result = CliRunner().invoke(cli.app, [a.format(**names) for a in args])
+    result = cli(*(a.format(**names) for a in args))
     assert image.read_bytes() == original  # the input is never overwritten
     if message is None:
-        assert result.exit_code == 0, result.output
+        assert result.returncode == 0, result.output
         return
-    assert result.exit_code == 2, result.output
+    assert result.returncode == 2, result.output
     assert message in result.output, result.output
 
 
-def test_serve_names_a_port_in_use_before_loading_the_model(tmp_path: Path):
+def test_serve_names_a_port_in_use_before_loading_the_model(cli, tmp_path: Path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = CliRunner().invoke(cli.app, ["serve", "--model", str(tmp_path / "no-such-run"), "--port", str(port)])
-    assert result.exit_code == 2, result.output
+        result = cli("serve", "--model", str(tmp_path / "no-such-run"), "--port", str(port))
+    assert result.returncode == 2, result.output
     assert f"--port {port}: cannot listen there: already in use" in result.output
 
 
@@ -286,26 +285,27 @@ def test_positive_and_negative_names_must_differ():
         load_config(None, positive_name="x", negative_name="x")
 
 
-def test_predict_age_must_be_a_number(tiny_run, data_dir):
+def test_predict_age_must_be_a_number(cli, tiny_run, data_dir):
     image = sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0]
-    result = CliRunner().invoke(cli.app, ["predict", str(image), "--model", str(tiny_run), "--age", "nan"])
-    assert result.exit_code == 2 and "--age" in result.output, result.output
+    result = cli("predict", str(image), "--model", str(tiny_run), "--age", "nan")
+    assert result.returncode == 2 and "--age" in result.output, result.output
 
 
-def test_identical_images_are_reported_and_conflicting_labels_refused(tmp_path: Path, data_dir):
+def test_identical_images_are_reported_and_conflicting_labels_refused(cli, tmp_path: Path, data_dir):
     source = sorted((data_dir / "train" / "nevus").glob("*.jpg"))
     for diagnosis, names in (("nevus", ["a", "b", "c"]), ("melanoma", ["d"])):
         (tmp_path / "tree" / diagnosis).mkdir(parents=True)
         for name, src in zip(names, source, strict=False):
             (tmp_path / "tree" / diagnosis / f"{name}.jpg").write_bytes(src.read_bytes())
     (tmp_path / "tree" / "nevus" / "copy_of_b.jpg").write_bytes(source[1].read_bytes())
-    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv")])
+    result = cli("index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv"))
     # d.jpg (melanoma) has the bytes of a.jpg (nevus)
-    assert isinstance(result.exception, DataError), result.output  # main() prints it as `error: ...`, exit 2
-    assert "labelled both malignant and benign" in str(result.exception) and "a.jpg" in str(result.exception)
+    assert result.returncode == 2 and "error: " in result.stderr, result.output  # the DataError, as main() prints it
+    error = result.stderr.split("error: ", 1)[1]
+    assert "labelled both malignant and benign" in error and "a.jpg" in error
     (tmp_path / "tree" / "melanoma" / "d.jpg").write_bytes(source[5].read_bytes())
-    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv")])
-    assert result.exit_code == 0, result.output
+    result = cli("index", str(tmp_path / "tree"), "-o", str(tmp_path / "m.csv"))
+    assert result.returncode == 0, result.output
     assert "identical files (one image counted 2 times)" in result.output and "copy_of_b.jpg" in result.output
 
 
@@ -383,23 +383,22 @@ def test_python_api_reads_arrays_by_their_type_and_answers_each_image(tiny_run, 
     assert (again.path, again.reason, str(again)) == ("<image 0>", "image too small", "<image 0>: image too small")
 
 
-def test_predict_never_overwrites_a_file_it_did_not_write_and_honours_format(tiny_run, small_data, data_dir,
+def test_predict_never_overwrites_a_file_it_did_not_write_and_honours_format(cli, tiny_run, small_data, data_dir,
                                                                             tmp_path: Path):
     import json
 
     image = str(sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0])
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(Path(small_data["test"]).read_bytes())
-    runner = CliRunner()
-    result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "-o", str(manifest)])
-    assert result.exit_code == 2 and "not a table this command wrote" in result.output, result.output
+    result = cli("predict", image, "--model", str(tiny_run), "-o", str(manifest))
+    assert result.returncode == 2 and "not a table this command wrote" in result.output, result.output
     assert manifest.read_bytes() == Path(small_data["test"]).read_bytes()
     table = tmp_path / "p.csv"
     for _ in range(2):  # its own table it may replace
-        result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "-o", str(table)])
-        assert result.exit_code == 0, result.output
-    result = runner.invoke(cli.app, ["predict", image, "--model", str(tiny_run), "--format", "json"])
-    assert result.exit_code == 0, result.output
+        result = cli("predict", image, "--model", str(tiny_run), "-o", str(table))
+        assert result.returncode == 0, result.output
+    result = cli("predict", image, "--model", str(tiny_run), "--format", "json")
+    assert result.returncode == 0, result.output
     rows = json.loads(result.stdout[result.stdout.index("["):])
     assert rows[0]["source"] == image
 

@@ -37,8 +37,9 @@ def small_isic_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_demo_runs_end_to_end_on_a_fresh_run_folder(tmp_path):
+def test_make_demo_runs_end_to_end_on_a_fresh_run_folder(data_dir, tmp_path):
     data = small_isic_tree(tmp_path / "isic2017")
     run = tmp_path / "runs" / "demo"
     env = {**os.environ, "SKINCANCER_CACHE": str(tmp_path / "cache")}

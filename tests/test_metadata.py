@@ -3,18 +3,14 @@
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
 from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
-from skincancer.cli import app
 from skincancer.data import DataError
 from skincancer.metadata import (
     LEGACY_FEATURES,
@@ -30,13 +26,6 @@ from skincancer.metadata import (
     records,
 )
 
-runner = CliRunner()
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """The real command line (its error handling lives in skincancer.cli.main)."""
-    return subprocess.run([sys.executable, "-m", "skincancer", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 META_CSV = "ISIC-2017_Training_Data_metadata.csv"
 
 
@@ -160,12 +149,12 @@ def test_read_metadata_csv_checks_columns_and_values(data_dir, tmp_path):
         read_metadata_csv(tmp_path / "missing.csv")
 
 
-def test_index_joins_metadata_and_names_a_bad_file(data_dir, tmp_path):
+def test_index_joins_metadata_and_names_a_bad_file(cli, data_dir, tmp_path):
     out = tmp_path / "valid.csv"
-    result = runner.invoke(app, ["index", str(data_dir / "valid"), "-o", str(out), "--metadata",
-                                 str(data_dir / "ISIC-2017_Validation_Data_metadata.csv")])
-    assert result.exit_code == 0, result.output
-    assert "age or sex known for" in result.output
+    result = cli("index", data_dir / "valid", "-o", out, "--metadata",
+                 data_dir / "ISIC-2017_Validation_Data_metadata.csv")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "age or sex known for" in result.stdout + result.stderr
     manifest = load_manifest(out)
     assert len(manifest) == 150 and {"age_approximate", "sex"} <= set(manifest.columns)
     bad = tmp_path / "meta.csv"
@@ -188,6 +177,7 @@ def metadata_run(small_data, cache_dir, data_dir, tmp_path_factory):
     return train(config), manifests
 
 
+@pytest.mark.slow
 def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata_run):
     run, _ = metadata_run
     meta = json.loads((Path(run) / "model" / "model.json").read_text())
@@ -198,6 +188,7 @@ def test_training_with_metadata_stores_and_validates_the_metadata_model(metadata
     assert 0 <= meta["validation"]["auc_with_metadata"] <= 1 and meta["validation"]["n_with_metadata"] > 0
 
 
+@pytest.mark.slow
 def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run, small_data):
     run, _ = metadata_run
     classifier = load_model(run)
@@ -225,7 +216,8 @@ def test_model_with_metadata_predicts_with_and_without_it(metadata_run, tiny_run
     assert one["melanoma"].iloc[0] == pytest.approx(fused[0, 0], abs=1e-6)
 
 
-def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
+@pytest.mark.slow
+def test_evaluate_and_predict_cli_fuse_metadata(cli, metadata_run, tmp_path):
     run, manifests = metadata_run
     metrics = evaluate(run, manifests["valid"], tmp_path / "with", num_workers=0, n_boot=50)
     without = evaluate(run, manifests["valid"], tmp_path / "without", num_workers=0, n_boot=50, use_metadata=False)
@@ -235,12 +227,11 @@ def test_evaluate_and_predict_cli_fuse_metadata(metadata_run, tmp_path):
     # and its like-for-like partner: the same images scored without their metadata
     assert without["auc"] == pytest.approx(validation["auc_same_images_without_metadata"], abs=1e-6)
     image = load_manifest(manifests["valid"])["filepath"].iloc[0]
-    old = runner.invoke(app, ["predict", image, "--model", str(run), "--engine", "torch", "--age", "85",
-                              "--sex", "male", "--format", "json"])
-    young = runner.invoke(app, ["predict", image, "--model", str(run), "--engine", "torch", "--age", "15",
-                                "--sex", "female"])
-    assert old.exit_code == 0 and young.exit_code == 0, old.output + young.output
-    assert old.output != young.output
+    old = cli("predict", image, "--model", run, "--engine", "torch", "--age", "85", "--sex", "male", "--format",
+              "json")
+    young = cli("predict", image, "--model", run, "--engine", "torch", "--age", "15", "--sex", "female")
+    assert old.returncode == 0 and young.returncode == 0, old.stderr + young.stderr
+    assert (old.stdout, old.stderr) != (young.stdout, young.stderr)
     bad = cli("predict", image, "--model", run, "--sex", "robot")
     assert bad.returncode != 0 and "--sex: 'robot'" in bad.stderr and "Traceback" not in bad.stderr
     # a metadata CSV that misses an image: a column says whose age/sex were fused, a note names the rest
@@ -280,6 +271,7 @@ def test_records_reads_manifest_columns():
     assert records(frame) == [{"age": 40.0, "sex": "male"}, None, {"age": None, "sex": "female"}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ensemble", [False, True], ids=["model", "ensemble_with_a_metadata_member"])
 def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
     from fastapi.testclient import TestClient
@@ -315,11 +307,11 @@ def test_web_api_takes_optional_age_and_sex(metadata_run, tiny_run, ensemble):
 
 
 
-def test_evaluate_reports_each_sex_and_age_band(metadata_run, tiny_run, tmp_path):
+@pytest.mark.slow
+def test_evaluate_reports_each_sex_and_age_band(cli, metadata_run, tiny_run, tmp_path):
     run, manifests = metadata_run
-    result = subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--data",
-                             str(manifests["valid"]), "--out", str(tmp_path / "eval"), "--num-workers", "0"],
-                            capture_output=True, text=True)
+    result = cli("evaluate", "--model", tiny_run, "--data", manifests["valid"], "--out", tmp_path / "eval",
+                 "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     table = pd.read_csv(tmp_path / "eval" / "predictions.csv").merge(
@@ -342,7 +334,8 @@ def test_evaluate_reports_each_sex_and_age_band(metadata_run, tiny_run, tmp_path
     assert "<h2>Subgroups</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_an_unreadable_age_skips_subgroups_under_no_metadata(metadata_run, tiny_run, tmp_path):
+@pytest.mark.slow
+def test_an_unreadable_age_skips_subgroups_under_no_metadata(cli, metadata_run, tiny_run, tmp_path):
     _, manifests = metadata_run
     manifest = pd.read_csv(manifests["valid"], dtype=str)
     manifest.loc[0, "age_approximate"] = "old"
@@ -351,9 +344,8 @@ def test_an_unreadable_age_skips_subgroups_under_no_metadata(metadata_run, tiny_
     manifest.to_csv(bad, index=False)
 
     def run(*flags):
-        return subprocess.run([sys.executable, "-m", "skincancer", "evaluate", "--model", str(tiny_run), "--data",
-                               str(bad), "--out", str(tmp_path / f"eval{len(flags)}"), "--num-workers", "0", *flags],
-                              capture_output=True, text=True)
+        return cli("evaluate", "--model", tiny_run, "--data", bad, "--out", tmp_path / f"eval{len(flags)}",
+                   "--num-workers", "0", *flags)
 
     refused = run()
     assert refused.returncode == 2 and "row 1, age_approximate: 'old'" in refused.stderr

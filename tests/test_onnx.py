@@ -12,10 +12,8 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from skincancer.checkpoint import save_model
-from skincancer.cli import app
 from skincancer.export import ONNX_FILE, ExportError, OnnxEngine, export_onnx
 from skincancer.predict import load_model
 
@@ -103,21 +101,20 @@ def test_onnx_engine_names_a_bad_file(tmp_path):
         OnnxEngine(junk)
 
 
-def test_cli_export_then_predict_and_evaluate_with_each_engine(tiny_run, small_data, real_images, tmp_path):
+def test_cli_export_then_predict_and_evaluate_with_each_engine(cli, tiny_run, small_data, real_images, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
-    runner = CliRunner()
     target = tmp_path / "elsewhere" / "lite0.onnx"
-    result = runner.invoke(app, ["export", "--model", str(run), "-o", str(target)])
-    assert result.exit_code == 0, result.output
+    result = cli("export", "--model", str(run), "-o", str(target))
+    assert result.returncode == 0, result.output
     assert target.is_file() and target.with_name("lite0.onnx.json").is_file()
-    result = runner.invoke(app, ["export", "--model", str(run)])
-    assert result.exit_code == 0, result.output
+    result = cli("export", "--model", str(run))
+    assert result.returncode == 0, result.output
 
     tables = {}
     for engine in ("onnx", "torch"):
         out = tmp_path / f"{engine}.csv"
-        result = runner.invoke(app, ["predict", *real_images, "--model", str(run), "--engine", engine, "-o", str(out)])
-        assert result.exit_code == 0, result.output
+        result = cli("predict", *real_images, "--model", str(run), "--engine", engine, "-o", str(out))
+        assert result.returncode == 0, result.output
         tables[engine] = pd.read_csv(out)
     assert len(tables["onnx"]) == len(real_images)
     assert (tables["onnx"]["label"] == tables["torch"]["label"]).all()
@@ -125,15 +122,15 @@ def test_cli_export_then_predict_and_evaluate_with_each_engine(tiny_run, small_d
 
     aucs = {}
     for engine in ("onnx", "torch"):
-        result = runner.invoke(app, ["evaluate", "--model", str(run), "--data", str(small_data["test"]),
-                                     "--out", str(tmp_path / f"eval-{engine}"), "--engine", engine,
-                                     "--num-workers", "0"])
-        assert result.exit_code == 0, result.output
+        result = cli("evaluate", "--model", str(run), "--data", str(small_data["test"]),
+                     "--out", str(tmp_path / f"eval-{engine}"), "--engine", engine,
+                     "--num-workers", "0")
+        assert result.returncode == 0, result.output
         aucs[engine] = pd.read_json(tmp_path / f"eval-{engine}" / "metrics.json", typ="series")["auc"]
     assert aucs["onnx"] == pytest.approx(aucs["torch"], abs=1e-6)
 
-    result = runner.invoke(app, ["predict", real_images[0], "--model", str(run), "--engine", "tensorrt"])
-    assert result.exit_code == 2 and "--engine must be one of" in result.output
+    result = cli("predict", real_images[0], "--model", str(run), "--engine", "tensorrt")
+    assert result.returncode == 2 and "--engine must be one of" in result.output
 
 
 def test_probability_model_matches_softmax_of_logits(tiny_run):
@@ -191,8 +188,8 @@ def test_a_graph_that_is_not_this_runs_export_is_never_used(tiny_run, finetune_r
     graph.write_bytes(own)
 
 
-def test_export_never_writes_into_another_runs_model_folder(tiny_run, finetune_run, tmp_path):
+def test_export_never_writes_into_another_runs_model_folder(cli, tiny_run, finetune_run, tmp_path):
     run, other = copy_run(tiny_run, tmp_path / "run"), copy_run(finetune_run, tmp_path / "other")
-    result = CliRunner().invoke(app, ["export", "--model", str(run), "-o", str(other / "model" / ONNX_FILE)])
-    assert result.exit_code == 2 and "another run's model folder" in result.output
+    result = cli("export", "--model", str(run), "-o", str(other / "model" / ONNX_FILE))
+    assert result.returncode == 2 and "another run's model folder" in result.output
     assert not (other / "model" / ONNX_FILE).exists()

@@ -10,9 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray  # in the dev extra: CI runs this module, never skips it
-from typer.testing import CliRunner
 
-from skincancer import cli
 from skincancer.checkpoint import CheckpointError
 from skincancer.ensemble import load_models
 from skincancer.predict import expand_inputs, load_model
@@ -44,6 +42,7 @@ def _console_levels() -> list[int]:
     return [handler.level for handler in ray_data_console_handlers()]
 
 
+@pytest.mark.slow
 def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_folder, tmp_path):
     # a model whose own default is 2 views: predict_with_ray uses it, as `predict` and `predict --ray` do
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
@@ -75,13 +74,14 @@ def test_ray_predict_matches_the_single_process_path(local_ray, tiny_run, image_
     assert levels and _console_levels() == levels
 
 
-def test_cli_predict_ray_writes_csv_and_names_unreadable_files(local_ray, tiny_run, image_folder, tmp_path):
+@pytest.mark.slow
+def test_cli_predict_ray_writes_csv_and_names_unreadable_files(cli, local_ray, tiny_run, image_folder, tmp_path):
     out = tmp_path / "out.csv"
     files = sorted(image_folder.glob("*.jpg"))
     missing = tmp_path / "missing.jpg"
-    result = CliRunner().invoke(cli.app, ["predict", "--model", str(tiny_run), "--ray", str(files[0]),
-                                          str(image_folder / "more"), str(missing), "-o", str(out)])
-    assert result.exit_code == 1, result.output  # like `predict`: unreadable files make the exit status 1
+    result = cli("predict", "--model", str(tiny_run), "--ray", str(files[0]),
+                 str(image_folder / "more"), str(missing), "-o", str(out))
+    assert result.returncode == 1, result.output  # like `predict`: unreadable files make the exit status 1
     assert f"error: {missing}: file not found" in result.output
     table = pd.read_csv(out, keep_default_na=False)
     expected = load_model(tiny_run).predict([str(files[0]), *expand_inputs([image_folder / "more"]), str(missing)])
@@ -100,22 +100,21 @@ def test_bad_arguments_fail_before_ray_starts(tiny_run, image_folder, tmp_path):
         predict_with_ray(tmp_path / "no-run", [image_folder], tmp_path / "out.csv")
 
 
-def test_ray_cli_checks_its_output_and_options_before_ray_starts(tiny_run, image_folder, tmp_path):
+def test_ray_cli_checks_its_output_and_options_before_ray_starts(cli, tiny_run, image_folder, tmp_path):
     """Found by review: --ray -o replaced any CSV (a manifest), ran the whole job before finding -o was a folder
     (leaving .NAME.part behind), and ignored --cam and --format json."""
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("image_id,filepath,diagnosis,label\nISIC_1,a.jpg,nevus,0\n")
     folder = tmp_path / "d.csv"
     folder.mkdir()
-    runner = CliRunner()
     base = ["predict", str(image_folder), "--model", str(tiny_run), "--ray", "--tta", "1"]
     for extra, message in ((["-o", str(manifest)], "not a table this command wrote"),
                            (["-o", str(folder)], "is a folder"),
                            (["-o", str(tmp_path / "p.csv"), "--cam", str(tmp_path / "cams")], "--cam without --ray"),
                            (["--format", "json"], "drop --format json"),
                            (["--format", "csv", "-o", str(tmp_path / "p.parquet")], "drop --format csv")):
-        result = runner.invoke(cli.app, [*base, *extra])
-        assert result.exit_code == 2 and message in result.output, result.output
+        result = cli(*base, *extra)
+        assert result.returncode == 2 and message in result.output, result.output
     assert manifest.read_text().startswith("image_id,filepath")
     assert sorted(tmp_path.iterdir()) == sorted([manifest, folder])  # nothing written, no .part left
 
@@ -150,7 +149,7 @@ def test_a_stream_that_fails_midway_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ray_cli_num_workers_sets_the_model_actors(tiny_run, image_folder, tmp_path, monkeypatch):
+def test_ray_cli_num_workers_sets_the_model_actors(cli, tiny_run, image_folder, tmp_path, monkeypatch):
     """--num-workers was silently ignored under --ray; there it sets the number of model actors (0 is refused)."""
     import skincancer.ray_predict
 
@@ -162,21 +161,23 @@ def test_ray_cli_num_workers_sets_the_model_actors(tiny_run, image_folder, tmp_p
 
     monkeypatch.setattr(skincancer.ray_predict, "predict_with_ray", fake)
     base = ["predict", str(image_folder), "--model", str(tiny_run), "--ray", "-o", str(tmp_path / "p.csv")]
-    runner = CliRunner()
-    assert runner.invoke(cli.app, [*base, "--num-workers", "3"]).exit_code == 0
+    assert cli(*base, "--num-workers", "3").returncode == 0
     assert asked["actors"] == 3
-    assert runner.invoke(cli.app, base).exit_code == 0
+    assert cli(*base).returncode == 0
     assert asked["actors"] is None  # Ray sizes the pool
-    result = runner.invoke(cli.app, [*base, "--num-workers", "0"])
-    assert result.exit_code == 2 and "counts model actors" in result.output
+    result = cli(*base, "--num-workers", "0")
+    assert result.returncode == 2 and "counts model actors" in result.output
 
 
+@pytest.mark.slow
 def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tmp_path):
     """A run from a script (stderr not a terminal) printed ~200 lines of Ray Data execution plans and progress
     tables for one image; stderr now carries the command's own lines (and Ray's warnings), the file the rows."""
     import subprocess
     import sys
 
+    # a real process: Ray Data's console handlers and its own processes write to the real stderr (file descriptor
+    # 2, which an in-process runner does not capture); what reaches a script's stderr is the point
     out = tmp_path / "p.csv"
     images = sorted(image_folder.glob("*.jpg"))[1:4]
     # --num-workers 2 on a 2-CPU machine: a fixed pool of 2 one-CPU actors left the folder-listing task no CPU and
@@ -192,12 +193,13 @@ def test_ray_cli_keeps_ray_data_info_lines_off_stderr(tiny_run, image_folder, tm
     assert f"wrote {out}: 3 predicted, 0 failed" in done.stderr
 
 
-def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_run, image_folder, tmp_path):
+@pytest.mark.slow
+def test_ray_predicts_an_ensemble_as_predict_does(cli, local_ray, tiny_run, finetune_run, image_folder, tmp_path):
     """Several --model under --ray: each actor holds every member; the rows are `predict`'s ensemble rows."""
     out = tmp_path / "ensemble.csv"
-    result = CliRunner().invoke(cli.app, ["predict", "--model", str(tiny_run), "--model", str(finetune_run), "--ray",
-                                          str(image_folder / "more"), "--engine", "torch", "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    result = cli("predict", "--model", str(tiny_run), "--model", str(finetune_run), "--ray",
+                 str(image_folder / "more"), "--engine", "torch", "-o", str(out))
+    assert result.returncode == 0, result.output
     expected = load_models([tiny_run, finetune_run], engine="torch").predict(expand_inputs([image_folder / "more"]))
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table["source"]) == [str(Path(s).absolute()) for s in expected["source"]] and len(table) == 2
@@ -205,6 +207,7 @@ def test_ray_predicts_an_ensemble_as_predict_does(local_ray, tiny_run, finetune_
     assert list(table["label"]) == list(expected["label"])
 
 
+@pytest.mark.slow
 def test_ray_predict_reports_the_guard(local_ray, guarded_run, data_dir, tmp_path):
     from PIL import Image
     from skimage import data

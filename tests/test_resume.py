@@ -14,21 +14,22 @@ import pytest
 from skincancer.checkpoint import read_weights
 
 
-def train_args(small_data, out: Path, cache_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "skincancer", "train", "--train", str(small_data["train"]),
-            "--valid", str(small_data["valid"]), "--out", str(out), "--mode", "finetune", "--image-size", "64",
-            "--epochs", "4", "--batch-size", "6", "--max-steps-per-epoch", "5", "--num-workers", "0",
-            "--seed", "7"]
+def train_args(small_data, out: Path) -> list[str]:
+    return ["train", "--train", str(small_data["train"]), "--valid", str(small_data["valid"]), "--out", str(out),
+            "--mode", "finetune", "--image-size", "64", "--epochs", "4", "--batch-size", "6",
+            "--max-steps-per-epoch", "5", "--num-workers", "0", "--seed", "7"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(small_data, cache_dir, tmp_path):
-    env = {**os.environ, "SKINCANCER_CACHE": str(cache_dir)}
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(cli, small_data, cache_dir, tmp_path):
+    cache = {"SKINCANCER_CACHE": str(cache_dir)}
     reference = tmp_path / "reference"
-    subprocess.run(train_args(small_data, reference, cache_dir), check=True, capture_output=True, env=env)
+    cli(*train_args(small_data, reference), env=cache, check=True)
 
+    # a real process: SIGKILL is the point
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_args(small_data, killed, cache_dir), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "skincancer", *train_args(small_data, killed)],
+                               env={**os.environ, **cache}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = killed / "checkpoints" / "last.json"
     deadline = time.time() + 300
     while time.time() < deadline and not pointer.is_file():
@@ -40,8 +41,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(small_data, cache_d
     assert json.loads(pointer.read_text())["epoch"] < 4, "the run finished before it could be killed"
     assert not (killed / "valid_metrics.json").exists()
 
-    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(killed)],
-                            capture_output=True, text=True, env=env)
+    result = cli("train", "--resume", killed, env=cache)
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch" in result.stderr
     env = json.loads((killed / "model" / "model.json").read_text())["environment"]
@@ -58,23 +58,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(small_data, cache_d
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
 
 
-def test_resume_refuses_extra_flags_and_non_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(tmp_path), "--epochs", "3"],
-                            capture_output=True, text=True)
+def test_resume_refuses_extra_flags_and_non_runs(cli, tmp_path):
+    result = cli("train", "--resume", tmp_path, "--epochs", "3")
     assert result.returncode == 2 and "--epochs" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(tmp_path)],
-                            capture_output=True, text=True)
+    result = cli("train", "--resume", tmp_path)
     assert result.returncode == 2 and "not a run folder" in result.stderr
 
 
 @pytest.fixture(scope="module")
-def finished_finetune(small_data, tmp_path_factory):
-    from skincancer import load_config, train
-
-    out = tmp_path_factory.mktemp("ft") / "run"
-    train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(out),
-                      mode="finetune", image_size=64, epochs=2, batch_size=6, max_steps_per_epoch=2, num_workers=0))
-    return out
+def finished_finetune(finetune_run) -> Path:
+    """A finished fine-tuning run of two epochs: the session's (the tests copy it before changing anything)."""
+    return Path(finetune_run)
 
 
 def copy_run(run: Path, dest: Path, interrupted: bool = True) -> Path:
@@ -154,15 +148,14 @@ def test_resuming_a_finished_run_changes_nothing(finished_finetune, tmp_path):
     assert (run / "model" / "model.json").read_bytes() == card
 
 
-def test_resume_refuses_another_number_of_processes(finished_finetune, tmp_path):
+def test_resume_refuses_another_number_of_processes(cli, finished_finetune, tmp_path):
     """A run resumed with another process count would change its global batch and its schedule midway."""
     from skincancer import train
     from skincancer.data import DataError
     from skincancer.resume import resume_config
 
     run = copy_run(finished_finetune, tmp_path / "one")
-    result = subprocess.run([sys.executable, "-m", "skincancer", "train", "--resume", str(run), "--nproc", "2"],
-                            capture_output=True, text=True, timeout=120)
+    result = cli("train", "--resume", run, "--nproc", "2")
     assert result.returncode != 0
     assert "trained with 1 process, not 2" in result.stderr and "without --nproc" in result.stderr
     assert "launching" not in result.stderr and "Traceback" not in result.stderr  # refused before torchrun

@@ -103,11 +103,7 @@ def test_several_files_to_the_single_endpoint_are_refused(client, lesion):
     assert_refused(two, 422, "2 parts named 'file'", "/api/predict/batch")
 
 
-def test_serve_can_average_more_views_than_the_model_does(served_run, lesion):
-    from typer.testing import CliRunner
-
-    from skincancer.cli import app
-
+def test_serve_can_average_more_views_than_the_model_does(cli, served_run, lesion):
     with TestClient(create_app(served_run, tta=8)) as eight:
         answer = upload(eight, lesion.read_bytes()).json()
         assert eight.get("/api/model").json()["tta"] == 8
@@ -115,8 +111,8 @@ def test_serve_can_average_more_views_than_the_model_does(served_run, lesion):
     single, _ = load_model(served_run, engine="torch").predict_proba([str(lesion)], tta=1)
     assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-4)
     assert abs(expected[0, 0] - single[0, 0]) > 1e-4  # eight views are not the model's one
-    refused = CliRunner().invoke(app, ["serve", "--model", str(served_run), "--tta", "3"])
-    assert refused.exit_code == 2 and "--tta: must be 1, 2, 4 or 8" in refused.output
+    refused = cli("serve", "--model", str(served_run), "--tta", "3")
+    assert refused.returncode == 2 and "--tta: must be 1, 2, 4 or 8" in refused.output
 
 
 def test_metrics_count_requests_latency_and_photos(served_run, lesion):

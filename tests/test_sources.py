@@ -148,6 +148,7 @@ def test_config_takes_one_or_several_training_sources():
         load_config(None, train=["a.csv", 3])
 
 
+@pytest.mark.slow
 def test_two_sources_train_select_on_one_and_carry_their_licences(ham, cache_dir, tmp_path, monkeypatch):
     """A probe on ISIC 2017 + HAM10000, chosen on ISIC alone: the folds keep HAM lesions together, the threshold
     and validation figures come from ISIC images only, and every description of the model names HAM's licence."""
@@ -221,6 +222,7 @@ def test_select_on_a_source_without_held_out_images_is_refused(cache_dir, tmp_pa
     assert not (tmp_path / "run").exists()  # a refused start leaves nothing behind
 
 
+@pytest.mark.slow
 def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, cache_dir, tmp_path):
     from skincancer.sources import with_source
 

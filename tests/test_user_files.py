@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from skincancer import cli, evaluate, load_config, train
+from skincancer import evaluate, load_config, train
 from skincancer.data import DataError
 
 
-def invoke(*args) -> object:
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def test_index_never_writes_over_a_ground_truth_metadata_or_read_only_csv(data_dir, tmp_path):
+def test_index_never_writes_over_a_ground_truth_metadata_or_read_only_csv(cli, data_dir, tmp_path):
     """`index -o` took an ISIC ground-truth CSV for a manifest of its own (both start with image_id) and replaced
     it, read-only or not."""
     tree = tmp_path / "tree"
@@ -31,21 +26,21 @@ def test_index_never_writes_over_a_ground_truth_metadata_or_read_only_csv(data_d
         theirs = tmp_path / name
         shutil.copyfile(data_dir / name, theirs)  # writable: the header check alone must refuse it
         before = theirs.read_bytes()
-        result = invoke("index", tree, "-o", theirs)
-        assert result.exit_code == 2, result.output
+        result = cli("index", tree, "-o", theirs)
+        assert result.returncode == 2, result.output
         assert "already exists and is not a table this command wrote" in result.output
         assert theirs.read_bytes() == before
     mine = tmp_path / "manifest.csv"
-    assert invoke("index", tree, "-o", mine).exit_code == 0
-    assert invoke("index", tree, "-o", mine).exit_code == 0  # its own manifest: re-indexing replaces it
+    assert cli("index", tree, "-o", mine).returncode == 0
+    assert cli("index", tree, "-o", mine).returncode == 0  # its own manifest: re-indexing replaces it
     mine.chmod(0o444)
     before = mine.read_bytes()
-    result = invoke("index", tree, "-o", mine)
-    assert result.exit_code == 2 and "is read-only; it stays as it is" in result.output, result.output
+    result = cli("index", tree, "-o", mine)
+    assert result.returncode == 2 and "is read-only; it stays as it is" in result.output, result.output
     assert mine.read_bytes() == before and not mine.stat().st_mode & 0o222
 
 
-def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(tiny_run, small_data, tmp_path):
+def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(cli, tiny_run, small_data, tmp_path):
     """`evaluate --out` replaced a user's report.html, and wrote its plots into an image tree (which `predict`
     then scored as lesions)."""
     documents = tmp_path / "documents"
@@ -54,9 +49,9 @@ def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(tiny_run,
     with pytest.raises(DataError, match="documents: not empty and not an earlier evaluation"):
         evaluate(tiny_run, small_data["test"], documents, num_workers=0, n_boot=20)
     assert (documents / "report.html").read_text() == "mine" and len(list(documents.iterdir())) == 1
-    result = invoke("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", documents,
-                    "--num-workers", "0")
-    assert result.exit_code != 0 and (documents / "report.html").read_text() == "mine"
+    result = cli("evaluate", "--model", tiny_run, "--data", small_data["test"], "--out", documents,
+                 "--num-workers", "0")
+    assert result.returncode != 0 and (documents / "report.html").read_text() == "mine"
     with pytest.raises(DataError, match="report.html: a file is in the way"):
         evaluate(tiny_run, small_data["test"], documents / "report.html", num_workers=0, n_boot=20)
     (documents / "report.html").unlink()
@@ -76,6 +71,7 @@ def test_evaluate_goes_into_a_new_folder_or_an_earlier_evaluation_only(tiny_run,
     assert again["auc"] == first["auc"]
 
 
+@pytest.mark.slow
 def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small_data, cache_dir, tmp_path, caplog):
     """`train --overwrite` kept the replaced run's log lines above the new run's, and said nothing of the old
     model's evaluation saved inside the run folder."""
@@ -103,25 +99,24 @@ def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small
     assert messages()[-1].startswith("ERROR training stopped: ") and "not in the label map" in messages()[-1]
 
 
-def test_messages_name_the_real_mistake(tiny_run, small_data, data_dir, tmp_path):
-    result = invoke("train", "--train", small_data["train"], "--valid", tmp_path / "nosuch", "--out", tmp_path / "r")
-    assert result.exit_code != 0
-    assert f"{tmp_path / 'nosuch'}: no such file or folder" in str(result.exception or result.output)
+def test_messages_name_the_real_mistake(cli, tiny_run, small_data, data_dir, tmp_path):
+    result = cli("train", "--train", small_data["train"], "--valid", tmp_path / "nosuch", "--out", tmp_path / "r")
+    assert result.returncode != 0
+    assert f"{tmp_path / 'nosuch'}: no such file or folder" in result.output
     # an incomplete --labels: the label map is named, not the validation file's classes
-    result = invoke("train", "--train", small_data["train"], "--valid", small_data["valid"], "--out", tmp_path / "r",
-                    "--labels", "melanoma=1,bcc=1,nevus=0")
-    message = str(result.exception or result.output)
+    result = cli("train", "--train", small_data["train"], "--valid", small_data["valid"], "--out", tmp_path / "r",
+                 "--labels", "melanoma=1,bcc=1,nevus=0")
+    message = result.output
     assert (f"{small_data['train']}: diagnosis seborrheic_keratosis is not in the label map (melanoma=1, bcc=1, "
             "nevus=0); add it to --labels") in message
     assert not (tmp_path / "r").exists()  # neither failed start left a folder behind
     # resuming a finished run says so, and does not claim to have saved it
-    result = invoke("train", "--resume", tiny_run)
-    assert result.exit_code == 0 and "has finished already" in result.output and "run saved" not in result.output
+    result = cli("train", "--resume", tiny_run)
+    assert result.returncode == 0 and "has finished already" in result.output and "run saved" not in result.output
     # a metadata CSV that matches none of the images
-    result = CliRunner().invoke(cli.app, [
-        "index", str(data_dir / "valid"), "-o", str(tmp_path / "m.csv"),
-        "--metadata", str(data_dir / "ISIC-2017_Training_Data_metadata.csv")])
-    assert result.exit_code == 0, result.output
+    result = cli("index", data_dir / "valid", "-o", tmp_path / "m.csv",
+                 "--metadata", data_dir / "ISIC-2017_Training_Data_metadata.csv")
+    assert result.returncode == 0, result.output
     assert "gives age or sex for none of these images" in result.stderr
 
 
@@ -130,17 +125,18 @@ def predictions(tmp_path) -> Path:
     return tmp_path / "p.json"
 
 
-def test_predict_json_output_replaces_only_its_own_tables(tiny_run, data_dir, predictions):
+def test_predict_json_output_replaces_only_its_own_tables(cli, tiny_run, data_dir, predictions):
     image = sorted((data_dir / "test" / "nevus").glob("*.jpg"))[0]
-    assert invoke("predict", image, "--model", tiny_run, "-o", predictions).exit_code == 0
-    assert invoke("predict", image, "--model", tiny_run, "-o", predictions).exit_code == 0  # its own table
+    assert cli("predict", image, "--model", tiny_run, "-o", predictions).returncode == 0
+    assert cli("predict", image, "--model", tiny_run, "-o", predictions).returncode == 0  # its own table
     predictions.write_text('[{"name": "someone else\'s"}]')
-    result = invoke("predict", image, "--model", tiny_run, "-o", predictions)
-    assert result.exit_code == 2 and "not a table this command wrote" in result.output
-    result = invoke("predict", image, "--model", tiny_run, "-o", predictions.with_suffix(".png"))
+    result = cli("predict", image, "--model", tiny_run, "-o", predictions)
+    assert result.returncode == 2 and "not a table this command wrote" in result.output
+    result = cli("predict", image, "--model", tiny_run, "-o", predictions.with_suffix(".png"))
     assert "expected a .csv or .json file name" in result.output
 
 
+@pytest.mark.slow
 def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     """A train.log that is a link (say, to a log several runs share) is never cut by --overwrite."""
     shared = tmp_path / "shared.log"
@@ -156,6 +152,7 @@ def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     assert shared.read_text().count("linear head C=0.1") == 2
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_and_a_stopped_run_logs_why(small_data, cache_dir, tmp_path, monkeypatch):
     """A start refused on its inputs left a folder holding an empty train.log; a run that stopped later had no word
     of why in its log (only on the console)."""
