@@ -552,11 +552,23 @@ def export(
     out: Annotated[Path | None, typer.Option(
         "-o", "--out", help="ONNX file (default RUN/model/model.onnx, the one predict/serve --engine onnx use; "
                             "elsewhere, for other runtimes)")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help=(
+        "also quantise the export to int8 (RUN/model/model.int8.onnx), calibrated on training images and refused "
+        "where it strays from the float model on validation images"))] = False,
+    calibration: Annotated[list[Path] | None, typer.Option(help=(
+        "--int8: manifest(s) of calibration images (default: the run's training manifests)"))] = None,
+    check: Annotated[Path | None, typer.Option(help=(
+        "--int8: manifest of the images the int8 model is checked on (default: the run's validation manifest)"))
+    ] = None,
 ) -> None:
     """Export a run to ONNX (dynamic batch, probabilities out) for fast CPU inference with ONNX Runtime."""
     from .checkpoint import META_FILE, find_model_dir
     from .export import export_onnx
 
+    if out is not None and int8:
+        _fail("--int8 quantises the run's own export (RUN/model/model.onnx); drop --out")
+    if (calibration or check) and not int8:
+        _fail("--calibration and --check choose the images of --int8; add --int8 or drop them")
     if out is not None:
         _output_file(out, (".onnx",))
         if (out.parent / META_FILE).is_file() and out.parent.resolve() != find_model_dir(model).resolve():
@@ -564,6 +576,15 @@ def export(
                   "from this run's graph")
     path = export_onnx(model, out)
     typer.echo(f"wrote {path} and {path.name}.json (checked against PyTorch)")
+    if int8:
+        from .quantize import INT8_FILE, export_int8
+
+        report = export_int8(model, calibration or None, check)
+        auc = (f"; melanoma AUC {report['auc_int8']:.4f} against {report['auc_float']:.4f} in float"
+               if "auc_float" in report else "")
+        typer.echo(f"wrote {path.with_name(INT8_FILE)}: on {report['images']} check images the malignant "
+                   f"probability moved by {report['mean_difference']:.4f} on average (at most "
+                   f"{report['max_difference']:.4f}), {report['verdicts_changed']} verdict(s) changed{auc}")
 
 
 @app.command()

@@ -1,0 +1,177 @@
+"""int8: a run's ONNX export quantised with ONNX Runtime's static quantisation, calibrated on training images, and
+refused where it strays from the float model on real images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write, find_model_dir, write_json
+from .errors import CheckpointError
+from .metrics import roc_auc
+from .provenance import file_sha256
+
+log = logging.getLogger("skincancer")
+
+INT8_FILE = "model.int8.onnx"
+CALIBRATION_IMAGES = 128  # activation ranges settle well before this; each image costs a float forward pass
+CHECK_IMAGES = 300  # the parity check's share of the validation images (all of them when fewer)
+
+
+class QuantizeError(CheckpointError):
+    pass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far the int8 model may stray from the float one on the check images before the export is refused."""
+
+    auc: float = 0.005  # |melanoma AUC (int8) - AUC (float)|, where the check images have both classes
+    mean_difference: float = 0.01  # mean |p_int8 - p_float| of the malignant probability
+    max_difference: float = 0.10  # the largest single-image difference
+
+
+def int8_path(run: str | Path) -> Path:
+    return find_model_dir(run) / INT8_FILE
+
+
+def _sample(frame, n: int, seed: int = 0):
+    """At most n rows, every diagnosis kept in proportion (a fixed seed: the same export twice is the same)."""
+    if len(frame) <= n:
+        return frame
+    share = n / len(frame)
+    return (frame.groupby("diagnosis", group_keys=False)
+            .apply(lambda g: g.sample(max(1, round(len(g) * share)), random_state=seed)).reset_index(drop=True))
+
+
+def _arrays(classifier, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int]]:
+    """Normalised images [N, 3, S, S] float32 (the model's own preprocessing) and the indices that decoded."""
+    from .data import ImageDataset
+    from .engine import make_loader
+
+    loader = make_loader(ImageDataset(paths, None, classifier.transform()), batch_size, 0)
+    images, kept = [], []
+    for batch in loader:
+        if batch["image"] is not None:
+            images.append(batch["image"].numpy())
+            kept.extend(batch["index"].tolist())
+    if not images:
+        raise QuantizeError(f"none of the {len(paths)} images could be read")
+    return np.concatenate(images), kept
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over arrays, a few images per call."""
+
+    def __init__(self, name: str, images: np.ndarray, step: int = 8):
+        self.batches = iter([{name: images[i:i + step]} for i in range(0, len(images), step)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def quantize_graph(float_path: Path, out: Path, calibration: np.ndarray) -> None:
+    """Static int8 quantisation (QDQ; per-channel int8 weights, uint8 activations; MinMax ranges from the
+    calibration images) of the convolutions and matrix products; softmax and pooling stay in float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .export import INPUT_NAME
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        atomic_write(out, lambda target: quantize_static(
+            str(prepared), str(target), _Reader(INPUT_NAME, calibration), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"], calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False}))
+
+
+def parity(classifier, float_engine, int8_engine, images: np.ndarray, labels: np.ndarray | None) -> dict:
+    """The int8 model against the float one on the same images: malignant-probability differences, verdicts
+    changed at the run's threshold, AUC of each (where labels have both classes), guard decisions changed."""
+    n_classes = len(classifier.class_names)
+    both = [engine.outputs(images) if engine.has_features else engine.probabilities(images)
+            for engine in (float_engine, int8_engine)]
+    p_float, p_int8 = (classifier.malignant_probability(out[:, :n_classes]) for out in both)
+    difference = np.abs(p_int8 - p_float)
+    report = {"images": len(images), "mean_difference": float(difference.mean()),
+              "max_difference": float(difference.max()),
+              "verdicts_changed": int(((p_float >= classifier.threshold) != (p_int8 >= classifier.threshold)).sum())}
+    if labels is not None and 0 < labels.sum() < len(labels):
+        report["auc_float"], report["auc_int8"] = roc_auc(labels, p_float), roc_auc(labels, p_int8)
+    if classifier.guard is not None and all(out.shape[1] > n_classes for out in both):
+        refused = [classifier.guard.score(out[:, n_classes:]) > 1 for out in both]
+        report["guard_decisions_changed"] = int((refused[0] != refused[1]).sum())
+    return report
+
+
+def refusal(report: dict, tolerance: Tolerance) -> str | None:
+    """Why the int8 model is refused (None: within tolerance)."""
+    problems = []
+    if "auc_float" in report and abs(report["auc_int8"] - report["auc_float"]) > tolerance.auc:
+        problems.append(f"melanoma AUC {report['auc_int8']:.4f} against {report['auc_float']:.4f} in float "
+                        f"(tolerance {tolerance.auc})")
+    if report["mean_difference"] > tolerance.mean_difference:
+        problems.append(f"mean probability difference {report['mean_difference']:.4f} (tolerance "
+                        f"{tolerance.mean_difference})")
+    if report["max_difference"] > tolerance.max_difference:
+        problems.append(f"largest probability difference {report['max_difference']:.4f} (tolerance "
+                        f"{tolerance.max_difference})")
+    return "; ".join(problems) or None
+
+
+def export_int8(run: str | Path, calibration: list[str | Path] | None = None, check: str | Path | None = None,
+                tolerance: Tolerance = Tolerance(), calibration_images: int = CALIBRATION_IMAGES,
+                check_images: int = CHECK_IMAGES) -> dict:
+    """Quantise the run's current ONNX export to RUN/model/model.int8.onnx, calibrated on `calibration_images` of
+    its training images (default: the manifests in its config.yaml), then compare it with the float export on
+    `check_images` validation images; refused (nothing written) beyond `tolerance`. Returns the parity report, also
+    recorded in model.int8.onnx.json."""
+    from .config import load_config
+    from .export import OnnxEngine, find_export, weights_digest
+    from .predict import load_model
+    from .sources import read_sources
+
+    model_dir = find_model_dir(run)
+    float_engine = find_export(model_dir, required=True)  # int8 starts from a current float export
+    classifier = load_model(model_dir, engine="onnx")
+    if calibration is None or check is None:
+        config_path = model_dir.parent / "config.yaml"
+        if not config_path.is_file():
+            raise QuantizeError(f"{run}: no config.yaml naming the run's training data; give --calibration and "
+                                "--check manifests")
+        config = load_config(config_path)
+        calibration = calibration or config.train_paths
+        check = check or config.valid
+    labels = classifier.meta["labels"]
+    calibration_frame = _sample(read_sources([str(p) for p in calibration], labels), calibration_images)
+    check_frame = _sample(read_sources([str(check)], labels), check_images)
+    calibration_arrays, _ = _arrays(classifier, calibration_frame["filepath"].tolist())
+    check_arrays, kept = _arrays(classifier, check_frame["filepath"].tolist())
+    truth = check_frame["diagnosis"].map(labels).to_numpy()[kept] if "diagnosis" in check_frame else None
+    out = model_dir / INT8_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / INT8_FILE
+        quantize_graph(float_engine.path, candidate, calibration_arrays)
+        report = parity(classifier, float_engine, OnnxEngine(candidate), check_arrays,
+                        None if truth is None else np.asarray(truth, dtype=int))
+        problem = refusal(report, tolerance)
+        if problem:
+            raise QuantizeError(f"{out}: not written: the int8 model strays from the float one on {report['images']} "
+                                f"images of {check}: {problem}")
+        atomic_write(out, lambda target: Path(target).write_bytes(candidate.read_bytes()))
+    write_json(out.with_name(out.name + ".json"), {
+        **classifier.meta, "onnx": {**json.loads(float_engine.path.with_name(
+            float_engine.path.name + ".json").read_text())["onnx"], "weights_sha256": weights_digest(model_dir),
+            "onnx_sha256": file_sha256(out), "float_onnx_sha256": file_sha256(float_engine.path)},
+        "int8": {"calibration": [str(p) for p in calibration], "calibration_images": len(calibration_arrays),
+                 "check": str(check), "tolerance": asdict(tolerance), "parity": report}})
+    log.info("wrote %s: %s", out, report)
+    return report

@@ -1,0 +1,69 @@
+"""int8 export: quantised from the float export, checked against it on real images, refused beyond tolerance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skincancer.data import save_manifest
+from skincancer.export import OnnxEngine, export_onnx
+from skincancer.quantize import INT8_FILE, QuantizeError, Tolerance, export_int8, refusal
+
+pytestmark = pytest.mark.slow
+
+LOOSE = Tolerance(auc=1.0, mean_difference=1.0, max_difference=1.0)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("int8") / "run"
+    shutil.copytree(Path(tiny_run) / "model", run / "model")
+    export_onnx(run)
+    return run
+
+
+def test_int8_export_is_checked_recorded_and_runs(exported, small_data):
+    report = export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
+    path = exported / "model" / INT8_FILE
+    sidecar = json.loads(path.with_name(INT8_FILE + ".json").read_text())
+    assert sidecar["int8"]["parity"] == report and report["images"] == 15
+    assert sidecar["int8"]["calibration_images"] == 30 and "auc_int8" in report
+    assert path.stat().st_size < (exported / "model" / "model.onnx").stat().st_size / 2  # int8 weights
+    probs = OnnxEngine(path).probabilities(np.random.default_rng(0).normal(size=(3, 3, 224, 224)))
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_int8_calibrated_on_black_frames_is_refused_and_not_written(exported, small_data, tmp_path):
+    black = tmp_path / "black"
+    black.mkdir()
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (256, 256)).save(black / f"black_{i}.jpg")
+        rows.append({"filepath": str(black / f"black_{i}.jpg"), "image_id": f"black_{i}", "diagnosis": "nevus",
+                     "label": 0})
+    manifest = save_manifest(pd.DataFrame(rows), tmp_path / "black.csv")
+    good = export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
+    broken = export_int8(exported, [manifest], small_data["valid"], tolerance=LOOSE)
+    assert broken["mean_difference"] > 1.5 * good["mean_difference"]  # the check sees the broken ranges
+    (exported / "model" / INT8_FILE).unlink()
+    with pytest.raises(QuantizeError, match="strays from the float one"):
+        export_int8(exported, [manifest], small_data["valid"])
+    assert not (exported / "model" / INT8_FILE).exists()
+
+
+def test_refusal_names_each_tolerance_exceeded():
+    report = {"images": 10, "mean_difference": 0.02, "max_difference": 0.05, "auc_float": 0.80, "auc_int8": 0.79}
+    assert "AUC 0.7900 against 0.8000" in refusal(report, Tolerance())
+    assert "mean probability difference 0.0200" in refusal(report, Tolerance())
+    assert refusal(report, Tolerance(auc=0.02, mean_difference=0.05)) is None
+
+
+def test_cli_int8_options_need_int8(cli, exported, small_data):
+    result = cli("export", "--model", str(exported), "--check", str(small_data["valid"]), check=False)
+    assert result.returncode == 2 and "add --int8" in result.stderr
