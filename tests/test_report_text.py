@@ -59,3 +59,34 @@ def test_preview_grid_with_odd_names(tmp_path):
     manifest = pd.DataFrame({"image_id": NAMES, "filepath": [str(image)] * 2 + [str(tmp_path / "$1_$2.jpg")],
                              "diagnosis": NAMES, "label": [1, 0, 0]})
     assert written(preview_grid(manifest, tmp_path / "grid.png"))
+
+
+def test_report_escapes_hostile_names(tmp_path):
+    """A run folder, a data path, a file name or a class name with markup in it shows as text, never as markup."""
+    hostile = "<script>alert(1)</script>"
+    escaped = html.escape(hostile)
+    breakout = '" onerror="alert(2)'  # in an alt attribute: would close it and add a handler
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (120, 80, 60)).save(photo)
+    metrics = {"n": 6, "auc": 0.9, "threshold": 0.3, "data": f"/data/{hostile}", "class_auc": {hostile: 0.9},
+               "model": {"backbone": "b", "mode": "linear", "class_names": [hostile, "nevus"],
+                         "threshold_policy": hostile, "trained_with": {f"runs/{hostile}": None}},
+               "environment": {"data": {"images": 6, "fingerprint": "f" * 64}, "at": "now"},
+               "skipped": [{"path": f"/data/{hostile}.jpg", "reason": hostile}],
+               "subgroups": {"site": {hostile: {"n": 3, "n_positive": 1, "auc": 0.5, "sensitivity": 1.0,
+                                                "sensitivity_ci95": [0.2, 1.0], "specificity": 0.5,
+                                                "specificity_ci95": [0.1, 0.9]}}},
+               "guard": {"guarded": True, "n_refused": 1, "n_out_of_distribution": 1, "n_frame_problems": 0,
+                         "refused": [{"image_id": hostile, "reason": hostile}]}}
+    examples = {"missed": [{"image_id": hostile, "diagnosis": hostile, "probability": 0.01, "filepath": str(photo)}],
+                "false_alarms": [{"image_id": breakout, "diagnosis": "nevus", "probability": 0.9,
+                                  "filepath": str(photo)}]}
+    page = html_report(metrics, [], tmp_path / "report.html", title=f"evaluation of {hostile}",
+                       examples=examples).read_text()
+    assert "<script>" not in page and "</script>" not in page
+    assert f"<title>evaluation of {escaped}</title>" in page and f"<h1>evaluation of {escaped}</h1>" in page
+    assert f"data: /data/{escaped}." in page and f"<li>runs/{escaped}: saved before runs recorded" in page
+    assert f"<tr><th>AUC {escaped} vs rest</th>" in page and f"<td>site: {escaped}</td>" in page
+    assert f"<li>/data/{escaped}.jpg: {escaped}</li>" in page and f"<li>{escaped}: {escaped}</li>" in page
+    assert f'alt="{escaped}, {escaped}: 1.00%"><figcaption>{escaped}, {escaped}: 1.00%</figcaption>' in page
+    assert 'onerror="alert(2)' not in page and "onerror=&#34;alert(2)" in page

@@ -3,6 +3,7 @@ GET /api/model answers and as a Markdown page (`skincancer card`, and MODEL_CARD
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from . import NOTICE, __version__
@@ -104,93 +105,57 @@ def _run_name(classifier: Classifier) -> str:
 
 
 def markdown_card(classifier: Classifier) -> str:
-    """The model card as Markdown: the model, its training record, its validation figures, intended use and
-    limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs recorded."""
+    """The model card as Markdown (templates/card.md): the model, its training record, its validation figures,
+    intended use and limitations. Built from model.json (for an ensemble, each member's), so it says only what the runs
+    recorded."""
+    return _templates().get_template("card.md").render(card_context(classifier))
+
+
+def card_context(classifier: Classifier) -> dict:
+    """What templates/card.md shows, as plain values: the template passes the names a user chose through |md."""
     card = model_card(classifier)
     members = classifier.runs
-    fixed = str(card["threshold_policy"]).startswith("fixed")
     labels, classes = card["labels"], card["class_names"]
-    positive, negative = _md(card["positive_name"]), _md(card["negative_name"])
     trained = _trained_diagnoses(members) or list(labels)  # the training record's, where there is one
-    diagnoses = ", ".join(_md(d) for d in trained)
-    summed = [c for c in classes if labels.get(c) == 1]  # a diagnosis head sums its malignant classes
-    lines = [f"{CARD_HEADING}{_md(card['name'])}", "", f"> **Notice.** {NOTICE}", "", "## The model", ""]
-    if card["members"]:
-        lines += [f"An ensemble of {len(members)} runs; its probabilities are the mean of theirs.", "",
-                  "| run | backbone | training | input | test-time views |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {_md(_run_name(m))} | {_md(m.meta['backbone'])} | {_mode(m.meta)} | {_input(m.meta)} | "
-                  f"{card['members'][i]['tta']} |" for i, m in enumerate(members)]
-        lines.append("")
-    else:
-        views = classifier.meta.get("tta", 1)
-        lines += [f"- {_md(card['backbone'])}, {_mode(classifier.meta)}; input {_input(classifier.meta)}; "
-                  + (f"the mean over {views} flips and rotations of each photo." if views > 1 else "one view.")]
-    lines += [
-        f"- Trained on the diagnoses {diagnoses}: {positive} = "
-        + (", ".join(_md(d) for d in trained if labels.get(d) == 1) or "none") + f"; {negative} = "
-        + (", ".join(_md(d) for d in trained if labels.get(d) == 0) or "none") + ".",
-        f"- Outputs: a probability for each of {', '.join(_md(c) for c in classes)}; the {positive} probability is "
-        + (f"the sum over {', '.join(_md(c) for c in summed)}." if summed else f"its {positive} output."),
-        f"- Label: {positive} at a probability of {card['threshold']:.4g} or more "
-        + (f"({_md(card['threshold_policy'])}, not chosen on data)." if fixed else
-           f"({_md(card['threshold_policy'])}, chosen on {_source(card)})."),
-        f"- Age and sex: {_metadata_use(members)}",
-        f"- Out-of-distribution guard: {_guard_use(members)}",
-        f"- skincancer {_md(card['version'])}.", ""]
-    lines += ["## Data and licences", ""] + _licence_lines(card)
-    if card["unfinished"]:
-        lines += ["**Unfinished:** saved by a training run that had not finished; its threshold is a placeholder.", ""]
-    lines += ["## Training", ""]
-    for member in members:
-        lines += _training_lines(member, len(members) > 1)
-    lines += ["", f"## Validation figures ({_source(card)})", ""]
     validation = card["validation"] or {}
     figures = {k: v for k, v in validation.items() if "metadata" not in k}
-    with_metadata = {k: v for k, v in validation.items() if "metadata" in k}
-    if figures:
-        lines += _figure_table(figures)
-        few = isinstance(figures.get("n"), int) and figures["n"] < 500
-        lines += ["", ("These images chose the model's settings" if fixed else
-                       "The threshold was chosen on these same images") + ", so the figures are optimistic"
-                  + (f"; on {figures['n']} images they are also uncertain" if few else "")
-                  + ". Report figures from data that neither the model nor its threshold saw (`skincancer evaluate`)."]
-    else:
-        lines.append("None recorded.")
-    if with_metadata:
-        lines += ["", "With age and sex, on the validation split's images (fused as when the run was trained):", ""]
-        lines += _figure_table(with_metadata)
-    share = _malignant_share(members, labels)
-    lines += [
-        "", "## Intended use", "",
-        "Research and development on dermoscopic photographs like the ones it was trained on: comparing models, "
-        "studying errors, prototyping services. Not for diagnosing, screening, triaging or reassuring anyone; not for "
-        "clinical (non-dermoscopic) photographs.", "",
-        "## Limitations", "",
-        f"- It was trained on {diagnoses} only. Any other lesion (a basal cell carcinoma, say) still gets a "
-        f"{positive} probability, which means little; the guard refuses only some of them (it is tuned to refuse "
-        "what is not dermoscopy at all).",
-        "- Its performance is known only on data like its validation images. It can drop with other dermatoscopes, "
-        "clinics, populations and skin tones; public dermoscopy archives hold mostly light skin.",
-        "- Probabilities hold at most at the malignant share of the data they were checked on"
-        + (f" (training data: {100 * share:.1f}% malignant)" if share is not None else "")
-        + "; where malignancy is rarer, they overstate the risk."
-        + (" Trained with class weights or a balanced sampler, the malignant probabilities run higher still: read "
-           "them as scores, and check their calibration in an evaluation." if _balanced(members) else ""),
-        "- Photographs are squashed to a square before the model sees them; Grad-CAM maps show where the score comes "
-        "from, not why, and can point at rulers, ink or hair.", ""]
-    return "\n".join(lines)
+    return {
+        "name": card["name"], "notice": NOTICE, "backbone": card["backbone"], "mode": _mode(classifier.meta),
+        "input": _input(classifier.meta), "views": classifier.meta.get("tta", 1),
+        "members": [{"name": _run_name(m), "backbone": m.meta["backbone"], "mode": _mode(m.meta),
+                     "input": _input(m.meta), "tta": card["members"][i]["tta"]}
+                    for i, m in enumerate(members)] if card["members"] else [],
+        "diagnoses": trained, "malignant": [d for d in trained if labels.get(d) == 1],
+        "benign": [d for d in trained if labels.get(d) == 0], "classes": classes,
+        "summed": [c for c in classes if labels.get(c) == 1],  # a diagnosis head sums its malignant classes
+        "positive": card["positive_name"], "negative": card["negative_name"],
+        "threshold": f"{card['threshold']:.4g}", "policy": card["threshold_policy"],
+        "fixed": str(card["threshold_policy"]).startswith("fixed"), "source": _source(card),
+        "metadata_use": _metadata_use(members), "guard_use": _guard_use(members), "version": card["version"],
+        "sources": card["sources"], "licence": card["licence"], "unfinished": card["unfinished"],
+        "training": [_training(member, len(members) > 1) for member in members],
+        "figures": figures, "few": isinstance(figures.get("n"), int) and figures["n"] < 500,
+        "with_metadata": {k: v for k, v in validation.items() if "metadata" in k},
+        "share": _malignant_share(members, labels), "balanced": _balanced(members), "figure_names": FIGURE_NAMES,
+    }
+
+
+@functools.cache
+def _templates():
+    from jinja2 import Environment, PackageLoader
+
+    # Markdown, not HTML: no autoescaping; the template escapes names through |md
+    environment = Environment(loader=PackageLoader("skincancer", "templates"), autoescape=False, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+    environment.filters["md"] = _md
+    environment.filters["figure"] = lambda value: f"{value:.4f}" if isinstance(value, float) else _md(value)
+    return environment
 
 
 def _md(text) -> str:
     """A name as Markdown text: no table-breaking pipes, no raw HTML."""
     return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
             .replace("\n", " "))
-
-
-def _figure_table(figures: dict) -> list[str]:
-    return ["| figure | value |", "| --- | --- |"] + [
-        f"| {_md(FIGURE_NAMES.get(k, str(k).replace('_', ' ')))} | {f'{v:.4f}' if isinstance(v, float) else _md(v)} |"
-        for k, v in figures.items()]
 
 
 def _metadata_use(members: list[Classifier]) -> str:
@@ -214,41 +179,30 @@ def _input(meta: dict) -> str:
     return f"{size} px" + (f" (trained at {trained} px)" if trained and trained != size else "")
 
 
-def _licence_lines(card: dict) -> list[str]:
-    if card["sources"] is None:
-        return ["Not recorded (saved before runs recorded their data sources): check the licences of the data it "
-                "was trained on before using it.", ""]
-    lines = ["| source | licence | training images | validation images |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {_md(s['name'])} | {_md(s['licence'])} | {s['train_images']} | {s['valid_images']} |"
-              for s in card["sources"]]
-    lines.append("")
-    if card["licence"]:
-        lines += [f"**{_md(card['licence'])}** A model inherits the terms of the data it learnt from.", ""]
-    return lines
-
-
 def _source(card: dict) -> str:
     return ("out-of-fold predictions over the training and validation images"
             if str(card["validation_source"]).startswith("out-of-fold") else "the validation split")
 
 
-def _training_lines(member: Classifier, named: bool) -> list[str]:
+def _training(member: Classifier, named: bool) -> dict:
+    """A run's training record for the card: when, with which code, how long, and the images of each split."""
     meta, env = member.meta, member.meta.get("environment")
-    prefix = f"- {_run_name(member)}: " if named else "- "
+    name = f"{_run_name(member)}: " if named else ""
     if not isinstance(env, dict):
-        return [f"{prefix}no training record (saved before runs recorded their environment)."]
+        return {"name": name, "recorded": False}
     seconds = meta.get("train_seconds")
     took = "" if not isinstance(seconds, (int, float)) else (
         f"; {seconds:.0f} s" if seconds < 120 else f"; {seconds / 60:.0f} minutes")
-    lines = [f"{prefix}trained {env.get('at', '')} with {describe(env)}{took}."]
+    splits = []
     for split, data in (env.get("data") or {}).items():
         if isinstance(data, dict):
             counts = data.get("diagnoses")
-            mix = (" (" + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
+            mix = (" (" + ", ".join(f"{diagnosis} {n}" for diagnosis, n in counts.items()) + ")"
                    if isinstance(counts, dict) else "")
-            lines.append(f"  - {split}: {data.get('images', '?')} images{mix}; data fingerprint "
-                         f"{str(data.get('fingerprint', '?'))[:16]}.")
-    return lines
+            splits.append({"name": split, "images": data.get("images", "?"), "mix": mix,
+                           "fingerprint": str(data.get("fingerprint", "?"))[:16]})
+    return {"name": name, "recorded": True, "at": env.get("at", ""), "code": describe(env), "took": took,
+            "splits": splits}
 
 
 def _diagnosis_counts(member: Classifier) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import io
 from pathlib import Path
 
@@ -115,26 +114,24 @@ def preview_grid(manifest: pd.DataFrame, path: Path, n: int = 16, seed: int = 0,
     return _save(fig, path)
 
 
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+def _png(path: Path) -> dict:
+    return {"data": base64.b64encode(path.read_bytes()).decode(), "name": path.stem}
 
 
 THUMBNAIL_SIDE = 160
 
 
-def _thumbnail_tag(path: str | Path, caption: str) -> str:
-    """A figure with the image as an embedded JPEG thumbnail (or the reason it cannot be shown) and a caption."""
+def _thumbnail(path: str | Path, caption: str) -> dict:
+    """A figure: the image as an embedded JPEG thumbnail (`jpeg`), or the reason it cannot be shown (`unreadable`),
+    and its caption."""
     try:
         image = load_image(path)
-        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        picture = (f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}" '
-                   f'alt="{html.escape(caption)}">')
     except ImageError as err:
-        picture = f"<span>unreadable now: {html.escape(err.reason)}</span>"
-    return f"<figure>{picture}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        return {"unreadable": err.reason, "caption": caption}
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return {"jpeg": base64.b64encode(buffer.getvalue()).decode(), "caption": caption}
 
 
 def error_examples(table: pd.DataFrame, filepaths, score: str, threshold: float, n: int) -> dict[str, list[dict]]:
@@ -150,74 +147,34 @@ def error_examples(table: pd.DataFrame, filepaths, score: str, threshold: float,
             for name, part in (("missed", missed), ("false_alarms", alarms))}
 
 
-def _error_gallery(examples: dict | None, metrics: dict) -> str:
+def _error_gallery(examples: dict | None) -> list[dict] | None:
     """The report's section of thumbnails: what the model missed and what it mistook for malignant."""
     if not examples:
-        return ""
-    threshold = _fmt(metrics.get("threshold"))
-    parts = []
-    for name, heading, none in (
-            ("missed", "Malignant images it scored lowest (missed at the threshold)", "none: every malignant image "
-             "is at or above the threshold"),
-            ("false_alarms", "Benign images it scored highest (flagged at the threshold)", "none: every benign image "
-             "is below the threshold")):
-        figures = "".join(_thumbnail_tag(e["filepath"], f"{e['image_id']}, {e['diagnosis']}: "
-                                                        f"{100 * e['probability']:.2f}%") for e in examples[name])
-        parts.append(f"<h3>{heading}</h3>" + (f'<div class="gallery">{figures}</div>' if figures else f"<p>{none}</p>"))
-    return (f"<h2>Errors to look at</h2><p>At the threshold {threshold}, the worst errors of each kind, with the "
-            "malignant probability the model gave. Looking at them shows what it misses and what it mistakes for "
-            "malignant (rulers, ink marks, hair or a blurred photo can mislead such models); they are examples, not a "
-            "measurement.</p>" + "".join(parts))
+        return None
+    return [{"heading": heading, "none": none,
+             "figures": [_thumbnail(e["filepath"], f"{e['image_id']}, {e['diagnosis']}: {100 * e['probability']:.2f}%")
+                         for e in examples[name]]}
+            for name, heading, none in (
+                ("missed", "Malignant images it scored lowest (missed at the threshold)",
+                 "none: every malignant image is at or above the threshold"),
+                ("false_alarms", "Benign images it scored highest (flagged at the threshold)",
+                 "none: every benign image is below the threshold"))]
 
 
 def _fmt(value) -> str:
+    """A figure as the report shows it (the template escapes it): 4 decimals, n/a for NaN, lists in brackets."""
     if isinstance(value, float):
         return "n/a" if np.isnan(value) else f"{value:.4f}"
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return html.escape(str(value))
+    return str(value)
 
 
-def _subgroup_table(subgroups: dict | None) -> str:
-    """Per sex and age band where the data had them, and per value of the columns asked for: n, AUC, sensitivity and
-    specificity with their intervals."""
-    if not subgroups:
-        return ""
-    rows = "".join(
-        f"<tr><td>{html.escape(kind)}: {html.escape(name)}</td><td>{g['n']} ({g['n_positive']})</td>"
-        f"<td>{_fmt(g['auc'])} {_fmt(g.get('auc_ci95', ''))}</td>"
-        f"<td>{_fmt(g['sensitivity'])} {_fmt(g['sensitivity_ci95'])}</td>"
-        f"<td>{_fmt(g['specificity'])} {_fmt(g['specificity_ci95'])}</td></tr>"
-        for kind, groups in subgroups.items() for name, g in groups.items())
-    return (f"<h2>Subgroups</h2><p>By {html.escape(', '.join(subgroups))}, from the data's columns. Small groups "
-            "give wide intervals: a difference between groups is a question to test on more data, not a finding.</p>"
-            "<table><tr><th>group</th><th>images (malignant)</th><th>AUC [95% CI]</th><th>sensitivity [95% CI]</th>"
-            "<th>specificity [95% CI]</th></tr>"
-            f"{rows}</table>")
-
-
-def _metadata_note(metrics: dict) -> str:
-    """Whether age and sex went into these figures (evaluate fuses them where the data and the model have them)."""
-    if "n_with_metadata" not in metrics:
-        return ""
-    used = metrics["n_with_metadata"]
-    return (f"Age and sex were fused with the image for {used} of the {metrics.get('n', '?')} images." if used else
-            "Age and sex were not used: the figures are the images' alone.")
-
-
-def _calibration_note(calibration: dict) -> str:
-    return (f"<p>Calibration: a probability of 30% should mean that about 30 in 100 such images are malignant; the "
-            "calibration plot shows how far that held here (expected calibration error "
-            f"{_fmt(calibration['ece'])}). It holds at most for data like this, where "
-            f"{100 * calibration['prevalence']:.1f}% of the images are malignant: where melanoma is rarer (a general "
-            "clinic), the same image is less likely to be malignant than its probability says.</p>")
-
-
-def _provenance_note(metrics: dict) -> str:
+def _provenance(metrics: dict) -> list[str]:
     """Which code and data made these figures: the evaluation's environment and each model's training record."""
     env = metrics.get("environment")
     if not env:
-        return ""
+        return []
     data = env.get("data", {})
     lines = [f"Evaluated {data.get('images', '?')} images (data fingerprint {str(data.get('fingerprint', ''))[:16]}) "
              f"with {describe(env)}, {env.get('at', '')}."]
@@ -232,92 +189,59 @@ def _provenance_note(metrics: dict) -> str:
             lines.append(f"{run}: trained with {describe(trained)}, {trained.get('at', '')}{resumes}; {splits}.")
         else:
             lines.append(f"{run}: saved before runs recorded their environment.")
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return f'<h2>Provenance</h2><ul class="provenance">{items}</ul>'
+    return lines
 
 
-def _guard_note(guard: dict | None) -> str:
-    """What the out-of-distribution guard would have refused on these images, and the figures without them."""
-    if not guard:
-        return ""
-    kind = ("its out-of-distribution guard and frame checks" if guard.get("guarded") else
-            "frame checks only (this model has no out-of-distribution guard)")
-    text = (f"<h2>Images the model would refuse</h2><p>By {kind}: {guard['n_refused']} image(s) "
-            f"({guard['n_out_of_distribution']} not like the training images, {guard['n_frame_problems']} blank, "
-            "black or washed-out frames). They count in the figures above, as the model's own scores.")
-    kept = guard.get("without_refused")
-    if kept:
-        text += (f" Without them ({kept['n']} images): AUC {_fmt(kept['auc'])}, sensitivity "
-                 f"{_fmt(kept['sensitivity'])}, specificity {_fmt(kept['specificity'])}.")
-    items = "".join(f"<li>{html.escape(r['image_id'])}: {html.escape(r['reason'])}</li>"
-                    for r in guard.get("refused", [])[:20])
-    return text + "</p>" + (f"<ul>{items}</ul>" if items else "")
+def _figures(metrics: dict) -> list[tuple[str, object]]:
+    """The table's headline rows, (name, value), before the calibration's."""
+    headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "sensitivity_ci95", "specificity",
+                "specificity_ci95", "ppv", "npv", "accuracy", "balanced_accuracy"]
+    rows = [(k, metrics[k]) for k in headline if k in metrics]
+    at_half = metrics.get("at_0.5", {})
+    rows += [(f"{k} at 0.5", at_half[k]) for k in ("sensitivity", "specificity", "balanced_accuracy") if k in at_half]
+    rows += [(f"specificity at sensitivity {k}", v) for k, v in metrics.get("specificity_at_sensitivity", {}).items()]
+    return rows + [(f"AUC {k} vs rest", v) for k, v in metrics.get("class_auc", {}).items()]
+
+
+def report_context(metrics: dict, plots: list[Path], title: str, examples: dict | None) -> dict:
+    """What templates/report.html shows, as plain values: the template escapes every string in it."""
+    model = metrics.get("model", {})
+    source = str(model.get("validation_source") or "valid")
+    seen = metrics.get("seen_in_fitting") or {}
+    return {
+        "title": title, "notice": NOTICE, "data": str(metrics.get("data", "")), "figures": _figures(metrics),
+        "model": {"backbone": str(model.get("backbone", "")), "mode": str(model.get("mode", "")),
+                  "class_names": model.get("class_names", [])},
+        # whether age and sex went into these figures (evaluate fuses them where the data and the model have them)
+        "with_metadata": (metrics["n_with_metadata"] or 0) if "n_with_metadata" in metrics else None,
+        "n": metrics.get("n", "?"),
+        "unfinished": metrics.get("unfinished_models"),
+        "threshold_where": ("on out-of-fold predictions over the training and validation images"
+                            if source.startswith("out-of-fold") else "on the validation split"),
+        "threshold_policy": str(model.get("threshold_policy", "")),
+        "seen": {"train": seen["train"], "valid": seen["valid"], "examples": seen.get("examples", [])}
+        if seen.get("train") or seen.get("valid") else None,
+        "unchecked": seen.get("unchecked_models"),
+        "calibration": metrics.get("calibration"), "subgroups": metrics.get("subgroups"), "guard": metrics.get("guard"),
+        "plots": [_png(p) for p in plots], "threshold": metrics.get("threshold"), "examples": _error_gallery(examples),
+        "skipped": metrics.get("skipped", []), "provenance": _provenance(metrics),
+    }
+
+
+@functools.cache
+def _templates():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(loader=PackageLoader("skincancer", "templates"), autoescape=select_autoescape(),
+                              keep_trailing_newline=True)
+    environment.filters["fmt"] = _fmt
+    return environment
 
 
 def html_report(metrics: dict, plots: list[Path], path: Path, title: str = "skincancer evaluation",
                 examples: dict | None = None) -> Path:
-    """One self-contained HTML page (plots and thumbnails embedded) with the headline metrics and the notice;
-    `examples`: error_examples() for a section of thumbnails of the worst errors."""
-    headline = ["n", "n_positive", "auc", "auc_ci95", "threshold", "sensitivity", "sensitivity_ci95", "specificity",
-                "specificity_ci95", "ppv", "npv", "accuracy", "balanced_accuracy"]
-    rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in headline if k in metrics)
-    at_half = metrics.get("at_0.5", {})
-    rows += "".join(f"<tr><th>{k} at 0.5</th><td>{_fmt(at_half[k])}</td></tr>"
-                    for k in ("sensitivity", "specificity", "balanced_accuracy") if k in at_half)
-    rows += "".join(f"<tr><th>specificity at sensitivity {k}</th><td>{_fmt(v)}</td></tr>"
-                    for k, v in metrics.get("specificity_at_sensitivity", {}).items())
-    rows += "".join(f"<tr><th>AUC {html.escape(k)} vs rest</th><td>{_fmt(v)}</td></tr>"
-                    for k, v in metrics.get("class_auc", {}).items())
-    calibration = metrics.get("calibration")
-    if calibration:
-        rows += (f"<tr><th>Brier score (always answering the prevalence: {_fmt(calibration['brier_reference'])})</th>"
-                 f"<td>{_fmt(calibration['brier'])}</td></tr>"
-                 f"<tr><th>expected calibration error (10 bins)</th><td>{_fmt(calibration['ece'])}</td></tr>"
-                 f"<tr><th>mean probability / share malignant</th><td>{_fmt(calibration['mean_probability'])} / "
-                 f"{_fmt(calibration['prevalence'])}</td></tr>")
-    model = metrics.get("model", {})
-    skipped = metrics.get("skipped", [])
-    unfinished = metrics.get("unfinished_models")
-    source = str(model.get("validation_source") or "valid")
-    where = ("on out-of-fold predictions over the training and validation images" if source.startswith("out-of-fold")
-             else "on the validation split")
-    threshold_note = (
-        f'<strong class="notice">Unfinished training: {html.escape(", ".join(unfinished))} was saved before its '
-        "run finished; the threshold is a placeholder, not chosen on validation.</strong>" if unfinished else
-        f"The threshold was chosen {where} ({html.escape(str(model.get('threshold_policy', '')))}).")
-    seen = metrics.get("seen_in_fitting") or {}
-    if seen.get("train") or seen.get("valid"):
-        threshold_note += (
-            f' <strong class="notice">{seen["train"]} of these images were training images of the model and '
-            f'{seen["valid"]} were validation images (identical files, e.g. '
-            f'{html.escape(", ".join(seen.get("examples", [])))}): the figures are optimistic.</strong>')
-    if seen.get("unchecked_models"):
-        threshold_note += (f" Not checked for images they were fitted on (saved before runs recorded them): "
-                           f"{html.escape(', '.join(seen['unchecked_models']))}.")
-    skipped_html = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}th,td{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
-.notice{{background:#fff3cd;border:1px solid #e0c060;padding:10px;border-radius:4px}} img{{max-width:100%}}
-strong.notice{{display:block;margin:.5em 0}}
-.gallery{{display:flex;flex-wrap:wrap;gap:10px}} .gallery figure{{margin:0;width:160px;font-size:.8em}}</style>
-</head><body>
-<h1>{html.escape(title)}</h1>
-<p class="notice"><strong>Notice.</strong> {html.escape(NOTICE)}</p>
-<p>Model: {html.escape(str(model.get('backbone', '')))} ({html.escape(str(model.get('mode', '')))}),
-classes {html.escape(', '.join(model.get('class_names', [])))}; data: {html.escape(str(metrics.get('data', '')))}.
-AUC is computed from predicted probabilities (not thresholded labels); the 95% interval is a stratified bootstrap.
-{_metadata_note(metrics)} {threshold_note}</p>
-{_calibration_note(calibration) if calibration else ''}
-<table>{rows}</table>
-{_subgroup_table(metrics.get("subgroups"))}
-{_guard_note(metrics.get("guard"))}
-{''.join(_img_tag(p) for p in plots)}
-{_error_gallery(examples, metrics)}
-{f'<h2>Skipped files</h2><ul>{skipped_html}</ul>' if skipped else ''}
-{_provenance_note(metrics)}
-</body></html>
-"""
+    """One self-contained HTML page (templates/report.html, autoescaped; plots and thumbnails embedded) with the
+    headline metrics and the notice; `examples`: error_examples() for a section of thumbnails of the worst errors."""
+    page = _templates().get_template("report.html").render(report_context(metrics, plots, title, examples))
     atomic_write(path, lambda tmp: tmp.write_text(page))
     return path
