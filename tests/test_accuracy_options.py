@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CHEAP_PROBE
 from PIL import Image, ImageOps
 
 from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
@@ -112,8 +113,9 @@ def test_cli_ensemble_and_model_default_tta(cli, tiny_run, finetune_run, small_d
 @pytest.mark.slow
 def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_data, cache_dir, tiny_run, tmp_path):
     common = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear", num_workers=0,
-                  cache_dir=str(cache_dir), linear_c=[0.1, 1.0])
-    run = train(load_config(None, out=str(tmp_path / "pooled"), linear_fit="train+valid", **common))
+                  cache_dir=str(cache_dir), linear_c=[0.1, 1.0], pooling="final")
+    run = train(load_config(None, out=str(tmp_path / "pooled"), linear_fit="train+valid",
+                            class_balance="weighted_loss", **common))
     classifier = load_model(run)
     assert classifier.meta["validation_source"] == "out-of-fold (train+valid)"
     held_out = pd.read_csv(Path(run) / "valid_predictions.csv")
@@ -139,17 +141,12 @@ def test_linear_head_on_train_and_valid_takes_its_threshold_out_of_fold(small_da
     assert ensemble.threshold == pytest.approx(choose_threshold(valid_only["label"], mean, "sensitivity:0.90"))
     assert ensemble.meta["validation_source"] == "valid"
     # two probes fitted on train+valid share out-of-fold rows of training images: the ensemble says so
-    twin = train(load_config(None, out=str(tmp_path / "pooled2"), linear_fit="train+valid", seed=1, **common))
+    twin = train(load_config(None, out=str(tmp_path / "pooled2"), linear_fit="train+valid", seed=1,
+                             class_balance="weighted_loss", **common))
     assert load_models([run, twin]).meta["validation_source"] == "out-of-fold (train+valid)"
     # the validation images were fitted on, not just used to choose: recorded as such for `evaluate`
     fitted = json.loads((Path(run) / "model" / "fitted_images.json").read_text())
     assert (len(fitted["train"]), len(fitted["valid"])) == (45, 0)
-    # a run saved before validation_source was recorded: read from its validation table
-    meta_path = Path(twin) / "model" / "model.json"
-    meta = json.loads(meta_path.read_text())
-    del meta["validation_source"]
-    meta_path.write_text(json.dumps(meta))
-    assert load_model(twin).meta["validation_source"] == "out-of-fold (train+valid)"
     trained_on_train = load_model(tiny_run).model.get_classifier().weight
     assert not torch.allclose(classifier.model.get_classifier().weight, trained_on_train)
     # class_balance: none fits the head without class weights (which only matter when the classes are unbalanced)
@@ -180,7 +177,7 @@ def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, ca
                         lambda paths, real=train_module.content_keys: hashed.extend(paths) or real(paths))
     run = train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]),
                             out=str(tmp_path / "eight"), mode="linear", cache_dir=str(cache_dir), linear_c=[0.3],
-                            feature_views=8, tta=8, num_workers=0))
+                            feature_views=8, tta=8, num_workers=0, **CHEAP_PROBE))
     valid = load_manifest(small_data["valid"])
     assert sorted(hashed) == sorted([*load_manifest(small_data["train"])["filepath"], *valid["filepath"]])
     model = load_model(run, engine="torch")
@@ -192,7 +189,7 @@ def test_linear_head_on_eight_views_is_scored_as_the_model_scores(small_data, ca
     assert np.abs(one_view["malignant"] - table["malignant"]).max() > 1e-3  # the views do differ
     two = load_model(train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]),
                                        out=str(tmp_path / "two"), mode="linear", cache_dir=str(cache_dir),
-                                       linear_c=[0.3], num_workers=0)), engine="torch")
+                                       linear_c=[0.3], num_workers=0, **CHEAP_PROBE)), engine="torch")
     assert not torch.equal(two.model.get_classifier().weight, model.model.get_classifier().weight)
 
 
@@ -238,7 +235,7 @@ def test_linear_head_on_few_images_gives_no_extreme_probabilities(data_dir, cach
     train_csv = save_manifest(subset("train", 6), tmp_path / "train.csv")
     valid_csv = save_manifest(subset("valid", 4), tmp_path / "valid.csv")
     run = train(load_config(None, train=str(train_csv), valid=str(valid_csv), out=str(tmp_path / "run"),
-                            mode="linear", cache_dir=str(cache_dir), num_workers=0))
+                            mode="linear", cache_dir=str(cache_dir), num_workers=0, **CHEAP_PROBE))
     model = load_model(run, engine="torch")
     assert model.model.get_classifier().weight.abs().max().item() < 20
     saved = pd.read_csv(Path(run) / "valid_predictions.csv")["malignant"]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from badcorpus import ODD, bad_names, expected_reason, make_bad_corpus, real_images, unprivileged_preexec
-from conftest import run_cli
+from conftest import CHEAP_PROBE, run_cli
 from PIL import Image
 
 import skincancer
@@ -136,7 +136,8 @@ def assert_reported(text: str, paths) -> None:
 @pytest.fixture(scope="module")
 def linear_run(turned_bad, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "linear"
-    return skincancer.train(skincancer.load_config(None, linear_c=[1.0], **tiny_settings(turned_bad, out, "linear")))
+    return skincancer.train(skincancer.load_config(None, linear_c=[1.0], **tiny_settings(turned_bad, out, "linear"),
+                                                   **CHEAP_PROBE))
 
 
 def test_linear_training_skips_files_that_turned_bad(turned_bad, linear_run):
@@ -277,7 +278,7 @@ def test_train_stops_clearly_when_no_file_of_a_split_is_usable(cli, data_dir, tm
     for path in victims:
         path.unlink() if damage == "deleted" else path.write_text("<html>404 Not Found</html>\n")
     out, config = tmp_path / "run", tmp_path / "tiny.yaml"
-    config.write_text(json.dumps({"cache_dir": str(tmp_path / "cache")}))  # JSON is YAML
+    config.write_text(json.dumps({"cache_dir": str(tmp_path / "cache"), **CHEAP_PROBE}))  # JSON is YAML
     result = cli("train", "--config", config, "--mode", mode, "--train", manifests["train"], "--valid",
                  manifests["valid"], "--out", out, "--epochs", 1, "--image-size", 64, "--batch-size", 4,
                  "--num-workers", 0)
@@ -311,7 +312,7 @@ def test_output_path_taken_by_a_file_is_a_clear_error(cli, small_data, tiny_run,
 
 def test_train_never_replaces_a_run_or_fills_a_data_folder_unasked(small_data, cache_dir, tmp_path):
     settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear", linear_c=[1.0],
-                    num_workers=0, cache_dir=str(cache_dir))
+                    num_workers=0, cache_dir=str(cache_dir), **CHEAP_PROBE)
     out = tmp_path / "run"
     skincancer.train(skincancer.load_config(None, out=str(out), **settings))
     weights = (out / "model" / "model.safetensors").read_bytes()

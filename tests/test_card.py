@@ -40,7 +40,7 @@ def test_a_binary_heads_card_names_the_diagnoses_and_names_are_escaped(small_dat
     train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(run),
                       mode="linear", head="binary", cache_dir=str(cache_dir), linear_c=[0.1], num_workers=0,
                       labels={"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0, "bcc": 1},  # no bcc images
-                      threshold_policy="fixed:0.5", class_balance="none"))
+                      threshold_policy="fixed:0.5", class_balance="none", pooling="final", linear_fit="train"))
     text = (run / "model" / CARD_FILE).read_text()
     assert text.startswith("# Model card: a\\|b&lt;i&gt;\n") and "<i>" not in text
     assert "- Trained on the diagnoses melanoma, nevus, seborrheic_keratosis: malignant = melanoma; benign = nevus, " \

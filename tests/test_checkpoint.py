@@ -1,3 +1,4 @@
+import hashlib
 import json
 import pickle
 import shutil
@@ -84,8 +85,8 @@ def test_malicious_pickle_checkpoint_is_never_loaded(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was saved"):
         load_model(run)
     meta = json.loads((run / "model" / "model.json").read_text())
-    del meta["weights_sha256"]  # a model saved before the hash was recorded: the format itself refuses it
-    (run / "model" / "model.json").write_text(json.dumps(meta))
+    meta["weights_sha256"] = hashlib.sha256((run / "model" / "model.safetensors").read_bytes()).hexdigest()
+    (run / "model" / "model.json").write_text(json.dumps(meta))  # a hash forged to match: the format refuses it
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         load_model(run)
     assert not marker.exists()
@@ -139,6 +140,10 @@ def copy_model(tiny_run, dest: Path) -> Path:
     ("class_names", ["melanoma", "nevus", "bcc"], "no label for class 'bcc'"),
     ("class_names", ["melanoma", "nevus", "nevus"], "listed twice"),
     ("format_version", 99, "newer skincancer"),
+    ("format_version", "2", "newer skincancer"),
+    ("format_version", 1, r"format_version 1: written by a development version .*reads 2\); train the model again"),
+    ("weights_sha256", None, "weights_sha256: expected the SHA-256"),
+    ("weights_sha256", "abc", "weights_sha256: expected the SHA-256"),
     ("head", "foo", "head: must be"),
     ("mode", "foo", "mode: must be"),
     ("image_size", 0, "image_size"),
@@ -164,6 +169,17 @@ def test_impossible_model_json_values_are_named(tiny_run, tmp_path, field, value
     assert str(run / "model" / "model.json") in str(caught.value)
 
 
+@pytest.mark.parametrize("field", ["format_version", "weights_sha256", "threshold"])
+def test_a_model_json_without_a_required_field_names_it(tiny_run, tmp_path, field):
+    """Every model.json of this format has them (an unreleased older one lacked weights_sha256: never trusted)."""
+    run = copy_model(tiny_run, tmp_path / "short")
+    meta = json.loads((run / "model" / "model.json").read_text())
+    del meta[field]
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"model.json: missing field\\(s\\) {field}$"):
+        load_model(run, engine="torch")
+
+
 def test_corrupted_weights_are_refused_never_read_as_benign(tiny_run, tmp_path):
     run = copy_model(tiny_run, tmp_path / "flipped")
     weights = run / "model" / "model.safetensors"
@@ -173,17 +189,11 @@ def test_corrupted_weights_are_refused_never_read_as_benign(tiny_run, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="changed since it was saved"):
         load_model(run, engine="torch")
-    # without the recorded hash (older models), NaN weights are still refused
-    meta = json.loads((run / "model" / "model.json").read_text())
-    del meta["weights_sha256"]
-    (run / "model" / "model.json").write_text(json.dumps(meta))
+    # NaN weights saved as such (their hash recorded, so it matches) are refused too
     classifier = load_model(tiny_run, engine="torch")
     with torch.no_grad():
         classifier.model.get_classifier().weight[0, 0] = float("nan")
-    save_model(classifier.model, meta, run / "model")
-    meta = json.loads((run / "model" / "model.json").read_text())
-    del meta["weights_sha256"]
-    (run / "model" / "model.json").write_text(json.dumps(meta))
+    save_model(classifier.model, classifier.meta, run / "model")
     with pytest.raises(CheckpointError, match="contain NaN or infinity"):
         load_model(run, engine="torch")
 

@@ -100,7 +100,7 @@ def multiscale_run(small_data, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "multiscale"
     return train(load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(out),
                              mode="linear", pooling="multiscale", cache_dir=str(cache_dir), linear_c=[0.1],
-                             num_workers=0))
+                             num_workers=0, linear_fit="train", class_balance="weighted_loss"))
 
 
 def test_a_multiscale_models_heatmap_covers_every_pooled_stage(multiscale_run, data_dir):

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CHEAP_PROBE
 from sklearn.metrics import roc_auc_score
 
 from skincancer import evaluate, load_config, load_manifest, load_model, save_manifest, train
 from skincancer.data import DataError
 from skincancer.metadata import (
-    LEGACY_FEATURES,
     MetadataError,
     MetadataModel,
     attach,
@@ -43,7 +43,7 @@ def test_parse_age_and_sex_accept_unknowns_and_name_bad_values():
 def test_encode_by_feature_names_and_patterns_of_known_fields():
     np.testing.assert_allclose(encode(50, "female"), [0.5, 0.25, 0])  # age, age squared, male
     np.testing.assert_allclose(encode(50, "male", ["male", "age"]), [1, 0.5])
-    np.testing.assert_allclose(encode(None, "female", LEGACY_FEATURES), [0, 0, 1, 0, 1])
+    np.testing.assert_allclose(encode(None, "female"), [0, 0, 0])
     assert [pattern(50, "male"), pattern(50, None), pattern(None, "male"), pattern(None, None)] == [
         "age+sex", "age", "sex", None]
 
@@ -103,17 +103,20 @@ def test_a_field_not_given_is_left_out_not_read_as_evidence():
     only_sex = model.fuse(image, [{"age": None, "sex": "female"}])
     assert only_sex[0, 1] == pytest.approx(0.3, abs=0.02)  # p(class | sex) / p(class) is about 1
     assert model.fuse(image, [{"age": 70, "sex": None}])[0, 1] > 0.5  # age alone is evidence: its own model
-    # the one-model version read "age unknown" as evidence of class 1: the very shift this guards against
+    # one model for every pattern, with "age unknown" as a feature, read it as evidence of class 1: the very shift
+    # this guards against
     from sklearn.linear_model import LogisticRegression
 
-    x = np.stack([encode(r["age"], r["sex"], LEGACY_FEATURES) for r in rows])
-    old = LogisticRegression(max_iter=2000).fit(x, y)
-    legacy = MetadataModel.from_dict({"features": LEGACY_FEATURES, "coef": np.vstack([0 * old.coef_, old.coef_]),
-                                      "intercept": [0.0, old.intercept_[0]], "prior": np.bincount(y) / len(y)})
-    assert old.predict_proba(encode(None, "female", LEGACY_FEATURES)[None])[0, 1] > 0.6
-    # a model saved that way is still loaded, and used only where both fields are given
-    np.testing.assert_array_equal(legacy.fuse(image, [{"age": None, "sex": "female"}]), image)
-    assert legacy.fuse(image, [{"age": 70, "sex": "female"}])[0, 1] != pytest.approx(0.3)
+    def one_model_features(age, sex):  # age, age squared, age unknown, male, female
+        return [*encode(age, sex, ["age", "age_squared"]), float(age is None), float(sex == "male"),
+                float(sex == "female")]
+
+    old = LogisticRegression(max_iter=2000).fit(np.array([one_model_features(r["age"], r["sex"]) for r in rows]), y)
+    assert old.predict_proba([one_model_features(None, "female")])[0, 1] > 0.6
+    # a metadata model saved that way (never released) is refused, not read as a per-pattern one
+    with pytest.raises(MetadataError, match="expected per-pattern models"):
+        MetadataModel.from_dict({"features": ["age", "age_squared", "age_unknown", "male", "female"],
+                                 "coef": [[0.0] * 5] * 2, "intercept": [0.0] * 2, "prior": [0.5, 0.5]})
 
 
 def test_metadata_rows_name_a_single_dict_and_unknown_keys():
@@ -173,7 +176,8 @@ def metadata_run(small_data, cache_dir, data_dir, tmp_path_factory):
     for split in ("train", "valid"):
         manifests[split] = save_manifest(attach(load_manifest(small_data[split]), patient), root / f"{split}.csv")
     config = load_config(None, train=str(manifests["train"]), valid=str(manifests["valid"]), out=str(root / "run"),
-                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1, 1.0], num_workers=0, metadata=True)
+                         mode="linear", cache_dir=str(cache_dir), linear_c=[0.1, 1.0], num_workers=0, metadata=True,
+                         **CHEAP_PROBE)
     return train(config), manifests
 
 
@@ -244,11 +248,13 @@ def test_evaluate_and_predict_cli_fuse_metadata(cli, metadata_run, tmp_path):
     assert list(pd.read_csv(io.StringIO(both.stdout))["metadata_used"]) == [True, True, False]
     assert f"1 of 3 images have no age or sex in {table}" in both.stderr and Path(images[2]).name in both.stderr
     assert "not a medical device" in both.stderr  # tables carry the notice too, on stderr
-    # a run saved before per-field models loads, and says when the fields given are not used
+    # a model whose metadata model covers sex alone (too few training images with an age) says when the fields
+    # given are not used
     old = tmp_path / "old"
     shutil.copytree(Path(run) / "model", old / "model")
     meta = json.loads((old / "model" / "model.json").read_text())
-    meta["metadata_model"] = {"features": LEGACY_FEATURES, "coef": [[0.0] * 5] * 3, "intercept": [0.0] * 3,
+    meta["metadata_model"] = {"parts": {"sex": {"features": ["male"], "coef": [[0.0]] * 3, "intercept": [0.0] * 3,
+                                                "prior": [1 / 3] * 3, "n": 30}},
                               "prior": [1 / 3] * 3, "fusion": "bayes"}
     (old / "model" / "model.json").write_text(json.dumps(meta))
     alone = cli("predict", images[0], "--model", old, "--engine", "torch", "--age", "60")

@@ -116,8 +116,6 @@ def test_damaged_checkpoint_is_named_not_a_traceback(finished_finetune, tmp_path
 
 
 def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_finetune, small_data, tmp_path):
-    import dataclasses
-
     from skincancer import train
     from skincancer.data import DataError
     from skincancer.resume import resume_config
@@ -128,12 +126,12 @@ def test_resume_refuses_changed_data_and_overwrite_checks_inputs_first(finished_
     frame["filepath"] = [str(Path(small_data["train"]).parent / f) for f in frame["filepath"]]
     frame.iloc[::2].to_csv(fewer, index=False)
     with pytest.raises(DataError, match="changed since this run started"):
-        train(dataclasses.replace(resume_config(run), train=str(fewer)), resume=True)
+        train(resume_config(run).replace(train=str(fewer)), resume=True)
 
     weights = (run / "model" / "model.safetensors").read_bytes()
     config = (run / "config.yaml").read_text()
     with pytest.raises(DataError, match="nonexistent"):
-        train(dataclasses.replace(resume_config(run), train=str(tmp_path / "nonexistent.csv")), overwrite=True)
+        train(resume_config(run).replace(train=str(tmp_path / "nonexistent.csv")), overwrite=True)
     assert (run / "model" / "model.safetensors").read_bytes() == weights  # the old run is still whole
     assert (run / "config.yaml").read_text() == config
 

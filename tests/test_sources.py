@@ -175,7 +175,8 @@ def test_two_sources_train_select_on_one_and_carry_their_licences(ham, cache_dir
         (groups, folds := real(y, groups, *a, **k))) or folds)
     config = load_config(None, train=[str(paths["isic"]), str(paths["ham"])], valid=str(paths["valid"]),
                          out=str(tmp_path / "run"), mode="linear", linear_fit="train+valid", select_on="isic2017",
-                         cache_dir=str(cache_dir), linear_c=[0.1], feature_views=1, num_workers=0)
+                         cache_dir=str(cache_dir), linear_c=[0.1], feature_views=1, num_workers=0, pooling="final",
+                         class_balance="weighted_loss")
     run = train(config)
 
     assert splits, "the probe's C was not chosen by grouped folds"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CHEAP_PROBE
 
 from skincancer import evaluate, load_config, train
 from skincancer.data import DataError
@@ -76,7 +77,7 @@ def test_overwriting_a_run_starts_its_log_afresh_and_flags_old_evaluations(small
     """`train --overwrite` kept the replaced run's log lines above the new run's, and said nothing of the old
     model's evaluation saved inside the run folder."""
     settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(tmp_path / "run"),
-                    mode="linear", cache_dir=str(cache_dir), num_workers=0)
+                    mode="linear", cache_dir=str(cache_dir), num_workers=0, **CHEAP_PROBE)
     run = train(load_config(None, **settings, linear_c=[0.1]))
     evaluate(run, small_data["test"], run / "test", num_workers=0, n_boot=20)
 
@@ -145,7 +146,7 @@ def test_overwrite_leaves_a_linked_log_whole(small_data, cache_dir, tmp_path):
     run.mkdir()
     (run / "train.log").symlink_to(shared)
     settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(run), mode="linear",
-                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1])
+                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1], **CHEAP_PROBE)
     train(load_config(None, **settings))
     train(load_config(None, **settings), overwrite=True)
     assert shared.read_text().startswith("2026-01-01 00:00:00,000 INFO another run's line\n")
@@ -157,7 +158,7 @@ def test_a_failed_start_leaves_nothing_and_a_stopped_run_logs_why(small_data, ca
     """A start refused on its inputs left a folder holding an empty train.log; a run that stopped later had no word
     of why in its log (only on the console)."""
     settings = dict(train=str(small_data["train"]), valid=str(small_data["valid"]), mode="linear",
-                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1])
+                    cache_dir=str(cache_dir), num_workers=0, linear_c=[0.1], **CHEAP_PROBE)
     bad_labels = {"melanoma": 1, "nevus": 0}  # seborrheic_keratosis missing: refused before the run begins
     new, empty = tmp_path / "new" / "run", tmp_path / "empty"
     empty.mkdir()

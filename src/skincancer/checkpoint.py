@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -18,7 +20,8 @@ from .config import VIEWS
 from .errors import CheckpointError
 from .provenance import file_sha256
 
-FORMAT_VERSION = 1
+# 2: weights_sha256 required; formats before it were never released, and are refused with a word to retrain
+FORMAT_VERSION = 2
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 FITTED_IMAGES_FILE = "fitted_images.json"  # content hashes of the images a run trained and validated on
 META_REQUIRED = ("backbone", "class_names", "labels", "image_size", "mean", "std", "threshold")
@@ -102,6 +105,7 @@ def find_model_dir(path: str | Path) -> Path:
 
 
 def read_meta(model_dir: Path) -> dict:
+    """model.json as written, once ModelMeta has found every field it checks usable."""
     path = model_dir / META_FILE
     try:
         meta = json.loads(path.read_text())
@@ -109,78 +113,177 @@ def read_meta(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable model metadata ({err})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    missing = [k for k in META_REQUIRED if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
-    problem = _meta_problem(meta)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
+    try:
+        ModelMeta.model_validate(meta)
+    except ValidationError as err:
+        raise CheckpointError(f"{path}: {_meta_message(err)}") from None
     return meta
-
-
-def _meta_problem(meta: dict) -> str | None:
-    """What makes a model.json unusable (a hand edit, another tool's file, a newer format), or None."""
-    version = meta.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        return f"format_version {version!r}: written by a newer skincancer (this one reads {FORMAT_VERSION}); upgrade"
-    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
-        return f"backbone: expected a timm model name, got {meta['backbone']!r}"
-    if ":" in meta["backbone"] or "/" in meta["backbone"]:  # hf-hub:..., a URL: timm would go to the network
-        return f"backbone: expected a timm model name (no hub or path), got {meta['backbone']!r}"
-    names, labels = meta["class_names"], meta["labels"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        return f"class_names: expected a non-empty list of names, got {names!r}"
-    if len(set(names)) != len(names):
-        return f"class_names: a name is listed twice in {names}"
-    if not isinstance(labels, dict) or any(v not in (0, 1) or isinstance(v, bool) for v in labels.values()):
-        return f"labels: expected a map of diagnosis to 0 or 1, got {labels!r}"
-    head = meta.get("head", "diagnosis")
-    if head not in ("diagnosis", "binary"):
-        return f"head: must be 'diagnosis' or 'binary', got {head!r}"
-    if head == "diagnosis":
-        unlabelled = [n for n in names if n not in labels]
-        if unlabelled:
-            return f"labels: no label for class {unlabelled[0]!r} of class_names"
-        if not any(labels[n] == 1 for n in names) or all(labels[n] == 1 for n in names):
-            return f"labels: the classes {names} must include both malignant (1) and benign (0) ones"
-    elif len(names) != 2:
-        return f"class_names: a binary head has 2 outputs, got {len(names)} names"
-    size = meta["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 4096:
-        return f"image_size: expected a whole number of pixels (16-4096), got {size!r}"
-    for key in ("mean", "std"):
-        values = meta[key]
-        if (not isinstance(values, list) or len(values) != 3
-                or not all(_finite(v) and (-10 <= v <= 10 if key == "mean" else 1e-3 <= v <= 10) for v in values)):
-            kind = "numbers from 0.001 to 10" if key == "std" else "numbers from -10 to 10"
-            return f"{key}: expected 3 {kind} (one per RGB channel), got {values!r}"
-    threshold = meta["threshold"]
-    if not _finite(threshold) or not 0 <= threshold <= 1:
-        return f"threshold: expected a probability between 0 and 1, got {threshold!r}"
-    if type(meta.get("tta", 1)) is not int or meta.get("tta", 1) not in VIEWS:
-        return f"tta: must be 1, 2, 4 or 8, got {meta.get('tta')!r}"
-    if meta.get("mode", "linear") not in ("linear", "finetune"):
-        return f"mode: must be 'linear' or 'finetune', got {meta.get('mode')!r}"
-    positive, negative = meta.get("positive_name", "malignant"), meta.get("negative_name", "benign")
-    if not (isinstance(positive, str) and isinstance(negative, str) and positive.strip() and negative.strip()
-            and positive != negative):
-        return f"positive_name / negative_name: expected two different names, got {positive!r} / {negative!r}"
-    # read by cards, pages, fusion and the guard
-    for key in ("validation", "environment", "metadata_model", "validation_summary", "guard"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            return f"{key}: expected an object of fields, got {type(meta[key]).__name__} {meta[key]!r:.60}"
-    return None
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class ModelMeta(BaseModel):
+    """The fields of model.json that rebuild and use a model, each checked as it is read (a hand edit, another
+    tool's file, another format): the first problem becomes one CheckpointError that names the field. Other fields
+    (validation figures, provenance, epoch...) pass through unchecked."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    format_version: int
+    backbone: str
+    class_names: list[str]
+    labels: dict[str, int]
+    head: str = "diagnosis"
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    threshold: float
+    tta: int = 1
+    mode: str = "linear"
+    positive_name: str = "malignant"
+    negative_name: str = "benign"
+    weights_sha256: str
+    # read by cards, pages, fusion and the guard
+    validation: dict | None = None
+    environment: dict | None = None
+    metadata_model: dict | None = None
+    validation_summary: dict | None = None
+    guard: dict | None = None
+
+    @field_validator("format_version", mode="before")
+    @classmethod
+    def _this_format(cls, version: Any) -> Any:
+        if type(version) is not int or version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r}: written by a newer skincancer (this one reads "
+                             f"{FORMAT_VERSION}); upgrade")
+        if version < FORMAT_VERSION:  # formats before 2 were never released: no reader is kept for them
+            raise ValueError(f"format_version {version}: written by a development version of skincancer (this one "
+                             f"reads {FORMAT_VERSION}); train the model again")
+        return version
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _timm_name(cls, backbone: Any) -> Any:
+        if not isinstance(backbone, str) or not backbone:
+            raise ValueError(f"backbone: expected a timm model name, got {backbone!r}")
+        if ":" in backbone or "/" in backbone:  # hf-hub:..., a URL: timm would go to the network
+            raise ValueError(f"backbone: expected a timm model name (no hub or path), got {backbone!r}")
+        return backbone
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _names(cls, names: Any) -> Any:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"class_names: expected a non-empty list of names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"class_names: a name is listed twice in {names}")
+        return names
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_map(cls, labels: Any) -> Any:
+        if not isinstance(labels, dict) or any(v not in (0, 1) or isinstance(v, bool) for v in labels.values()):
+            raise ValueError(f"labels: expected a map of diagnosis to 0 or 1, got {labels!r}")
+        return labels
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _head(cls, head: Any) -> Any:
+        if head not in ("diagnosis", "binary"):
+            raise ValueError(f"head: must be 'diagnosis' or 'binary', got {head!r}")
+        return head
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _pixels(cls, size: Any) -> Any:
+        if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 4096:
+            raise ValueError(f"image_size: expected a whole number of pixels (16-4096), got {size!r}")
+        return size
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _per_channel(cls, values: Any, info: ValidationInfo) -> Any:
+        low, kind = (-10, "numbers from -10 to 10") if info.field_name == "mean" else (1e-3, "numbers from 0.001 to 10")
+        if not isinstance(values, list) or len(values) != 3 or not all(_finite(v) and low <= v <= 10 for v in values):
+            raise ValueError(f"{info.field_name}: expected 3 {kind} (one per RGB channel), got {values!r}")
+        return values
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _probability(cls, threshold: Any) -> Any:
+        if not _finite(threshold) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold: expected a probability between 0 and 1, got {threshold!r}")
+        return threshold
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _views(cls, tta: Any) -> Any:
+        if type(tta) is not int or tta not in VIEWS:
+            raise ValueError(f"tta: must be 1, 2, 4 or 8, got {tta!r}")
+        return tta
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, mode: Any) -> Any:
+        if mode not in ("linear", "finetune"):
+            raise ValueError(f"mode: must be 'linear' or 'finetune', got {mode!r}")
+        return mode
+
+    @field_validator("weights_sha256", mode="before")
+    @classmethod
+    def _digest(cls, digest: Any) -> Any:
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"weights_sha256: expected the SHA-256 of {WEIGHTS_FILE} (64 hex digits), got "
+                             f"{digest!r:.80}")
+        return digest
+
+    @field_validator("validation", "environment", "metadata_model", "validation_summary", "guard", mode="before")
+    @classmethod
+    def _object(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{info.field_name}: expected an object of fields, got {type(value).__name__} "
+                             f"{value!r:.60}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelMeta:
+        names, labels = self.class_names, self.labels
+        if self.head == "diagnosis":
+            unlabelled = [n for n in names if n not in labels]
+            if unlabelled:
+                raise ValueError(f"labels: no label for class {unlabelled[0]!r} of class_names")
+            if not any(labels[n] == 1 for n in names) or all(labels[n] == 1 for n in names):
+                raise ValueError(f"labels: the classes {names} must include both malignant (1) and benign (0) ones")
+        elif len(names) != 2:
+            raise ValueError(f"class_names: a binary head has 2 outputs, got {len(names)} names")
+        positive, negative = self.positive_name, self.negative_name
+        if not (positive.strip() and negative.strip() and positive != negative):
+            raise ValueError(f"positive_name / negative_name: expected two different names, got {positive!r} / "
+                             f"{negative!r}")
+        return self
+
+
+def _meta_message(err: ValidationError) -> str:
+    """The first problem pydantic found, worded as the checks above word it."""
+    problems = err.errors()
+    missing = [str(p["loc"][0]) for p in problems if p["type"] == "missing"]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    problem = problems[0]
+    cause = (problem.get("ctx") or {}).get("error")
+    if cause is not None:
+        return str(cause)
+    name = ".".join(map(str, problem["loc"])) or "model.json"
+    return f"{name}: {problem['msg'].lower()}, got {problem['input']!r:.60}"
+
+
 def read_weights(model_dir: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Weights from safetensors only: never unpickle a file a user hands us.
 
-    expected_sha256: model.json's `weights_sha256` (older models lack it and are not checked): a
-    file that changed since it was saved is refused; so is any weight that is NaN or infinite."""
+    expected_sha256: model.json's `weights_sha256` (None: not checked, for a caller reading a file it has just
+    written): a file that changed since it was saved is refused; so is any weight that is NaN or infinite."""
     path = model_dir / WEIGHTS_FILE
     if not path.is_file():
         others = sorted(p.name for p in model_dir.glob("*.pt*")) + sorted(p.name for p in model_dir.glob("*.bin"))

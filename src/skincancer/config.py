@@ -1,16 +1,13 @@
-"""Training configuration: one frozen dataclass, YAML defaults, CLI overrides, checked before any work starts."""
+"""Training configuration: one frozen pydantic model, YAML defaults, CLI overrides, checked before any work starts."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -25,8 +22,25 @@ MAX_SEED = 2**32 - 1  # numpy's seed range
 VIEWS = (1, 2, 4, 8)  # test-time and feature views: the first n dihedral transforms (engine.DIHEDRAL)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+# The defaults of the fields that mean something else in the two modes: a linear run without a config gets the
+# demo's probe (configs/linear.yaml, chosen by cross-validation; BENCHMARKS.md), a fine-tune what it always had (a
+# fine-tune has no use for the linear_* keys, but config.yaml records every field). The field defaults below are the
+# linear ones; a config with `mode: finetune` gets these instead where it does not set them.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": {"pooling": "multiscale", "class_balance": "none", "linear_fit": "train+valid",
+               "linear_c": [3e-4, 1e-3, 3e-3]},
+    "finetune": {"pooling": "final", "class_balance": "weighted_loss", "linear_fit": "train",
+                 "linear_c": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
+}
+_LINEAR = MODE_DEFAULTS["linear"]
+
+
+class TrainConfig(BaseModel):
+    """Every training setting, checked when made: a wrong type or an impossible value is one ConfigError that names
+    the field. Frozen; `config.replace(out=...)` makes a changed copy (checked again)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
     train: str | list[str] = ""  # one training manifest or folder, or a list of them (several sources)
     valid: str = ""
     out: str = ""
@@ -38,7 +52,7 @@ class TrainConfig:
     # training, so a fine-tuned model can see whole images best a little larger than it trained (FixRes)
     eval_image_size: int = 0
     head: str = "diagnosis"  # diagnosis: one output per diagnosis (3-class on ISIC); binary: malignant vs benign
-    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    labels: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_LABELS))
     positive_name: str = "malignant"
     negative_name: str = "benign"
     threshold_policy: str = "sensitivity:0.90"
@@ -55,29 +69,67 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     patience: int = 3
     augment: str = "standard"  # none | standard | strong | perez (Perez et al. 2018's set; docs/training.md)
-    class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
+    # weighted_loss | sampler | none; the probe: weighted unless none. By mode (MODE_DEFAULTS): linear none,
+    # finetune weighted_loss
+    class_balance: str = _LINEAR["class_balance"]
     label_smoothing: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values make smoke tests fast
     keep: str = "best"  # best: the epoch with the highest validation AUC (early stopping); last: the final epoch
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.998)
     tta: int = 1  # dihedral views averaged when validating and choosing the threshold; stored as the model's default
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    metadata: bool = False  # fit p(class | age, sex) on the training manifest's metadata; fused where given
+    # fit p(class | age, sex) on the training manifest's metadata; fused where given. Off by default in both modes
+    # (the demo's configs/linear.yaml turns it on): it needs manifests with metadata columns, which a folder lacks
+    metadata: bool = False
     # the out-of-distribution guard (skincancer.guard), fitted at the end of training: images past its threshold get
     # no verdict; the threshold refuses this share of held-in images
     guard: bool = True
     guard_false_rejection: float = 0.02
-    # linear
-    linear_c: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    pooling: str = "final"  # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet)
+    # linear (defaults by mode: MODE_DEFAULTS)
+    linear_c: list[float] = Field(default_factory=lambda: list(_LINEAR["linear_c"]))
+    # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet only)
+    pooling: str = _LINEAR["pooling"]
     feature_views: int = 2  # dihedral views of each image the head is trained on: 1, 2 (+ mirror), 4 or 8
     # train: C by k-fold CV on train, threshold on valid. train+valid: C by k-fold CV on both together, threshold and
     # validation figures from the out-of-fold predictions, final head fitted on both
-    linear_fit: str = "train"
+    linear_fit: str = _LINEAR["linear_fit"]
     cache_dir: str = ""  # "" = $SKINCANCER_CACHE or ~/.cache/skincancer
 
-    def __post_init__(self) -> None:
-        _check_types(self)
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError(_message(err, values)) from None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed, checked like a new config (the mode's defaults are not applied again)."""
+        return TrainConfig(**{**self.model_dump(), **changes})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("mode", "linear"), str):
+            return {**MODE_DEFAULTS.get(values.get("mode", "linear"), {}), **values}
+        return values
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        paths = value if isinstance(value, list) else [value]
+        if not paths or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"train: expected a path or a list of paths, got {value!r}")
+        return paths[0] if len(paths) == 1 else list(paths)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_map(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not all(isinstance(k, str) and type(v) is int and v in (0, 1)
+                                               for k, v in value.items()):
+            raise ConfigError(f"labels: expected a mapping of diagnosis name to 0 or 1, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_values(self) -> TrainConfig:
         if self.mode not in ("linear", "finetune"):
             raise ConfigError(f"mode: must be 'linear' or 'finetune', got {self.mode!r}")
         if self.head not in ("diagnosis", "binary"):
@@ -143,6 +195,7 @@ class TrainConfig:
         if set(self.labels.values()) != {0, 1}:
             raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
         parse_threshold_policy(self.threshold_policy)
+        return self
 
     @property
     def train_name(self) -> str:
@@ -205,38 +258,32 @@ def parse_labels(text: str) -> dict[str, int]:
     return labels
 
 
-def _check_types(config: TrainConfig) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(config):
-        value, expected = getattr(config, f.name), hints[f.name]
-        if f.name == "train":  # a path, or a list of paths (one training source each)
-            paths = value if isinstance(value, list) else [value]
-            if not paths or not all(isinstance(p, str) for p in paths):
-                raise ConfigError(f"train: expected a path or a list of paths, got {value!r}")
-            object.__setattr__(config, f.name, paths[0] if len(paths) == 1 else list(paths))
-            continue
-        origin = typing.get_origin(expected) or expected
-        if origin is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, f.name, float(value))
-            continue
-        if origin is float and isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
-        if origin is float and isinstance(value, str) and _is_number(value):
-            raise ConfigError(f"{f.name}: expected float, got the string {value!r}; write the number without quotes")
-        if origin is list and isinstance(value, list):
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"{f.name}: expected a list of numbers, got {value!r}")
-            if not all(math.isfinite(v) for v in value):
-                raise ConfigError(f"{f.name}: entries must be finite numbers, got {value!r}")
-            object.__setattr__(config, f.name, [float(v) for v in value])
-            continue
-        if origin is dict and isinstance(value, dict):
-            if not all(isinstance(k, str) and v in (0, 1) and not isinstance(v, float) for k, v in value.items()):
-                raise ConfigError(f"{f.name}: expected a mapping of diagnosis name to 0 or 1, got {value!r}")
-            continue
-        ok = isinstance(value, origin) and not (origin is int and isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"{f.name}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+               "list_type": "list", "dict_type": "dict"}
+
+
+def _message(err: ValidationError, values: dict[str, Any]) -> str:
+    """pydantic's first complaint as one line that names the field and what it expected, as the checks above do."""
+    problems = err.errors()
+    extra = [str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden"]
+    if extra:
+        return f"unknown config key(s): {', '.join(sorted(extra))}"
+    problem = problems[0]
+    cause = (problem.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # raised by a check of ours: already worded
+        return str(cause)
+    name, value = str(problem["loc"][0]) if problem["loc"] else "config", problem["input"]
+    if len(problem["loc"]) > 1:  # an entry of linear_c
+        if problem["type"] == "finite_number":
+            return f"{name}: entries must be finite numbers, got {values.get(name)!r}"
+        return f"{name}: expected a list of numbers, got {values.get(name)!r}"
+    if problem["type"] == "finite_number":
+        return f"{name}: must be a finite number, got {value}"
+    if problem["type"] == "float_type" and isinstance(value, str) and _is_number(value):
+        return f"{name}: expected float, got the string {value!r}; write the number without quotes"
+    if problem["type"] in _TYPE_NAMES:
+        return f"{name}: expected {_TYPE_NAMES[problem['type']]}, got {value!r}"
+    return f"{name}: {problem['msg']}, got {value!r}"
 
 
 def _is_number(text: str) -> bool:
@@ -287,14 +334,13 @@ def read_yaml(path: Path) -> Any:
 
 
 def config_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainConfig)}
+    return set(TrainConfig.model_fields)
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Read a YAML file (if given), apply the overrides that are not None, and check everything."""
     values: dict[str, Any] = {}
-    unknown = sorted(k for k, v in overrides.items()
-                     if v is not None and k not in config_fields() and k != "feature_flips")
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in config_fields())
     if unknown:  # a keyword argument, not the file's
         raise ConfigError(f"load_config: unknown field(s) {', '.join(unknown)}; the fields are those of TrainConfig")
     if path is not None:
@@ -306,9 +352,6 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if "feature_flips" in values:  # the older name, still in the config.yaml of runs made before feature_views
-        flips = values.pop("feature_flips")
-        values.setdefault("feature_views", 2 if flips else 1)
     unknown = sorted(set(values) - config_fields())
     if unknown:
         source = f" in {path}" if path is not None else ""
@@ -317,4 +360,4 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    return config.model_dump()

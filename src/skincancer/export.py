@@ -128,13 +128,11 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None,
 def _export_problem(path: Path, model_dir: Path, again: str) -> str | None:
     try:
         recorded = json.loads(path.with_name(path.name + ".json").read_text())["onnx"]
-        weights, graph = recorded["weights_sha256"], recorded.get("onnx_sha256")
+        weights, graph = recorded["weights_sha256"], recorded["onnx_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path}: its metadata ({path.name}.json) is missing or unreadable; {again}"
     if weights != weights_digest(model_dir):
         return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}"
-    if graph is None:
-        return f"{path}: made by an older version that did not record the graph's checksum; {again}"
     if graph != file_sha256(path):
         return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}"
     return None

@@ -133,14 +133,12 @@ def has_metadata(frame: pd.DataFrame) -> bool:
 # and in ISIC 2017 the images without an age come from particular sources, so giving only a sex moved predictions
 # by what 27 training images happened to be.
 PARTS = {"age+sex": ["age", "age_squared", "male"], "age": ["age", "age_squared"], "sex": ["male"]}
-LEGACY_FEATURES = ["age", "age_squared", "age_unknown", "male", "female"]  # one model for every pattern (before)
 
 
 def encode(age: float | None, sex: str | None, features: Sequence[str] = PARTS["age+sex"]) -> np.ndarray:
-    """A metadata model's inputs, by name: age/100, (age/100)^2, age unknown, male, female."""
+    """A metadata model's inputs, by name: age/100, (age/100)^2, male."""
     a = 0.0 if age is None else age / 100
-    values = {"age": a, "age_squared": a * a, "age_unknown": float(age is None), "male": float(sex == "male"),
-              "female": float(sex == "female")}
+    values = {"age": a, "age_squared": a * a, "male": float(sex == "male")}
     return np.array([values[name] for name in features])
 
 
@@ -232,11 +230,6 @@ class MetadataModel:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> MetadataModel:
-        if "parts" not in values and list(values.get("features", [])) == LEGACY_FEATURES:
-            # saved before the per-pattern models: its one model read "age unknown" as evidence, so it is used only
-            # where both fields are given
-            legacy = _Part(LEGACY_FEATURES, values["coef"], values["intercept"], values["prior"])
-            return cls({"age+sex": legacy}, values["prior"])
         parts = values.get("parts")
         if not isinstance(parts, Mapping) or not parts:
             raise MetadataError(f"metadata model: expected per-pattern models ({', '.join(PARTS)}), found "

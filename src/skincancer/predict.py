@@ -269,13 +269,11 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
-    if "validation_source" not in meta:  # runs saved before it was recorded
-        meta["validation_source"] = _validation_source(model_dir)
     try:
         model = model_from_meta(meta)
     except (BackboneError, ValueError) as err:
         raise CheckpointError(f"{model_dir / META_FILE}: {err}") from None
-    load_weights_into(model, read_weights(model_dir, meta.get("weights_sha256")), str(model_dir))
+    load_weights_into(model, read_weights(model_dir, meta["weights_sha256"]), str(model_dir))
     model.eval()
     if meta.get("unfinished"):
         log.warning("%s: saved during training (epoch %s) by a run that has not finished: its threshold (%s) is a "
@@ -305,17 +303,6 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
         log.warning("%s; using PyTorch", problem)
         runtime = None
     return Classifier(model=model, meta=meta, source=model_dir, engine=runtime, guard=guard)
-
-
-def _validation_source(model_dir: Path) -> str:
-    """Where an older run's threshold was chosen: out of fold when its validation table has a `split` column (a
-    probe fitted on train+valid), else the validation split."""
-    try:
-        with open(model_dir.parent / "valid_predictions.csv") as f:
-            header = f.readline().strip().split(",")
-    except OSError:
-        return "valid"
-    return "out-of-fold (train+valid)" if "split" in header else "valid"
 
 
 def sentence(probability: float, threshold: float, positive_name: str = "malignant",

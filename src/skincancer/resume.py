@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -141,5 +140,5 @@ def resume_config(run: str | Path, quiet: bool = False) -> TrainConfig:
     config = load_config(path)
     if Path(config.out).absolute() != Path(run).absolute() and not quiet:  # a copied or moved run: resumed here
         log.info("%s: resuming in %s (config.yaml says out: %s)", path, run, config.out)
-    return dataclasses.replace(config, out=str(run))
+    return config.replace(out=str(run))
 
