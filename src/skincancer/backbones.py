@@ -73,7 +73,9 @@ class MultiScaleClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         if not all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
-            raise BackboneError(f"{type(backbone).__name__}: multiscale pooling supports EfficientNet backbones only")
+            raise BackboneError(f"{type(backbone).__name__}: multiscale pooling (the linear probe's default) "
+                                "supports EfficientNet backbones only; for this one set `pooling: final` in the "
+                                "--config file")
         backbone.reset_classifier(0)
         self.backbone = backbone
         backbone.eval()  # a probe pass in training mode would shift the BatchNorm running statistics
