@@ -20,8 +20,9 @@ from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
 from .images import IMAGE_EXTENSIONS, EvalTransform, ImageError, ImageList, PixelRangeError, to_rgb, to_uint8
 
-# torch, timm and pandas are imported where they are needed: predicting with an ONNX export needs none of them
-# (`skincancer predict` of one image starts in a fraction of the time; tests/test_predict_imports.py keeps it so).
+# torch, timm, pandas and scikit-learn are imported where they are needed: predicting with an ONNX export needs no
+# torch or timm (pandas only for the table), so `skincancer predict` of one image starts in about a second
+# (tests/test_onnx.py keeps it so).
 if TYPE_CHECKING:
     import pandas as pd
     from torch import nn
