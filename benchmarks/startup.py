@@ -1,5 +1,6 @@
 """How long the command line takes to answer: `skincancer --help`, and `skincancer predict` of one image on a run
-(exported to ONNX), each the median wall time of several runs in fresh processes.
+(exported to ONNX), each the median wall time of several runs in fresh processes, with the host's load average
+before and after (a shared host's figures mean little without it).
 
     python benchmarks/startup.py --model runs/demo --image ../shared/data/isic2017/test/melanoma/ISIC_0012369.jpg
     python benchmarks/startup.py --src /tmp/before/src ...   # the same for another checkout's code (before/after)
@@ -36,11 +37,13 @@ def main() -> None:
     if args.src:
         env["PYTHONPATH"] = args.src
     cli = [sys.executable, "-m", "skincancer"]
-    result = {"src": args.src or "this checkout", "repeats": args.repeats}
+    result = {"src": args.src or "this checkout", "repeats": args.repeats,
+              "load_before": [round(x, 2) for x in os.getloadavg()]}
     for name, command in (("help", [*cli, "--help"]),
                           ("predict_one_image", [*cli, "predict", "--model", args.model, args.image])):
         times = wall(command, env, args.repeats)
         result[name] = {"median_s": round(statistics.median(times), 2), "all_s": [round(t, 2) for t in times]}
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
 
 

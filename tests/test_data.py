@@ -257,3 +257,56 @@ def test_training_augmentations_give_the_size_asked_and_vary(data_dir, augment):
     first, second = transform(image), transform(image)
     assert first.shape == second.shape == (3, 96, 96)
     assert not torch.equal(first, second)
+
+
+def test_numpy_preprocessing_matches_the_torch_transform(data_dir):
+    """ONNX prediction preprocesses in numpy (no torch): the same arrays as the torch transforms, image for image."""
+    from skincancer.images import EvalTransform, ImageList, collate_arrays
+
+    paths = [str(p) for d in ("melanoma", "nevus") for p in sorted((data_dir / "valid" / d).glob("*.jpg"))[:2]]
+    odd = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 301, 3), dtype=np.uint8))  # not square
+    for size, mean, std in ((224, [0.5] * 3, [0.5] * 3), (97, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
+        arrays, tensors = EvalTransform(size, mean, std), build_transform(size, mean, std)
+        for image in [*map(load_image, paths), odd]:
+            got, expected = arrays(image), tensors(image).numpy()
+            assert got.dtype == np.float32 and got.shape == expected.shape == (3, size, size)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        batch = collate_arrays([ImageList([*paths, "missing.jpg"], None, arrays)[i] for i in range(len(paths) + 1)])
+        reference = collate([ImageDataset([*paths, "missing.jpg"], None, tensors)[i] for i in range(len(paths) + 1)])
+        np.testing.assert_allclose(batch["image"], reference["image"].numpy(), rtol=0, atol=1e-6)
+        assert batch["index"].tolist() == reference["index"].tolist() and batch["errors"] == reference["errors"]
+
+
+def test_one_uint8_rule_for_arrays_and_float_images():
+    """images.to_uint8 owns the rule (data's float TIFFs and predict's arrays call it): rounding as before, in blocks
+    of rows, so a large float or 16-bit upload is never copied whole as float64."""
+    import tracemalloc
+
+    from skincancer.images import PixelRangeError, to_uint8
+
+    rng = np.random.default_rng(0)
+    for values, expected in (
+        (np.array([[0.0, 0.5, 1.0]], np.float32), [[0, 128, 255]]),
+        (np.array([[0.0, 127.4, 255.0]], np.float64), [[0, 127, 255]]),
+        (np.array([[0, 128, 255]], np.int32), [[0, 128, 255]]),
+        (np.array([[0, 32896, 65535]], np.uint16), [[0, 128, 255]]),
+        (np.array([[0, 7, 255]], np.uint8), [[0, 7, 255]]),
+    ):
+        got = to_uint8(values)
+        assert got.dtype == np.uint8 and got.tolist() == expected, values.dtype
+    for bad, finite in ((np.array([[0.0, np.nan]]), False), (np.array([[-3.0, 2.0]]), True),
+                        (np.array([[0, 300]], np.int16), True)):
+        with pytest.raises(PixelRangeError) as caught:
+            to_uint8(bad)
+        assert caught.value.finite == finite
+    for values in (rng.random((2000, 1500, 3), dtype=np.float32), rng.integers(0, 65536, (2000, 1500, 3), np.uint16)):
+        tracemalloc.start()
+        try:
+            converted = to_uint8(values)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        extra = peak - converted.nbytes  # beyond the 8-bit result; a whole float copy would be 2-4x values.nbytes
+        assert extra < 0.5 * values.nbytes, f"{extra / 1e6:.0f} MB for {values.nbytes / 1e6:.0f} MB of {values.dtype}"
+        scale = 255 if values.dtype == np.float32 else 255 / 65535
+        assert np.array_equal(converted, np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))

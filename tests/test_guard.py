@@ -325,3 +325,22 @@ def test_api_gives_no_verdict_for_far_images(guarded_run, small_data, tmp_path):
                                                      for p in [*far_images(tmp_path), photo]]).json()
     assert [r["label"] for r in batch["results"][:3]] == ["refused"] * 3
     assert "No verdict" in client.get("/").text or "no verdict" in client.get("/").text
+
+
+def test_frame_statistics_in_numpy_match_torch():
+    """The frame checks' figures come from numpy (ONNX prediction imports no torch): as torch computed them."""
+    import torch
+
+    from skincancer.guard import pixel_stats
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    images = torch.randn(5, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 2
+    images[1] = (0.02 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)  # black: std 0
+    rgb = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    luminance = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).flatten(1)
+    expected = torch.stack([luminance.mean(1), luminance.std(1)], 1).numpy()
+    for given in (images, images.numpy()):
+        got = pixel_stats(given, mean, std)
+        assert got.shape == (5, 2)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert frame_problem(*pixel_stats(images, mean, std)[1]) == "the frame is nearly uniform: there is no lesion to see"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from skincancer.checkpoint import save_model
+from skincancer.checkpoint import CheckpointError, save_model
 from skincancer.export import ONNX_FILE, ExportError, OnnxEngine, export_onnx
 from skincancer.predict import load_model
 
@@ -193,3 +196,56 @@ def test_export_never_writes_into_another_runs_model_folder(cli, tiny_run, finet
     result = cli("export", "--model", str(run), "-o", str(other / "model" / ONNX_FILE))
     assert result.returncode == 2 and "another run's model folder" in result.output
     assert not (other / "model" / ONNX_FILE).exists()
+
+
+def test_predicting_with_an_export_imports_no_torch(exported_run, real_images, tmp_path):
+    """`skincancer predict` of an exported run, the CLI and the API, in a fresh process: no torch, timm, torchvision
+    or scikit-learn is imported (they cost seconds a start), and the answer is PyTorch's."""
+    heavy = ("torch", "torchvision", "timm", "sklearn", "matplotlib")
+    script = f"""
+import io, json, sys
+from contextlib import redirect_stdout
+from skincancer.cli import main
+from skincancer.predict import load_model
+
+out = io.StringIO()
+sys.argv = ["skincancer", "predict", "--model", {str(exported_run)!r}, {real_images[0]!r}]
+with redirect_stdout(out):
+    try:
+        main()
+    except SystemExit as exit:
+        assert not exit.code, exit.code
+classifier = load_model({str(exported_run)!r})
+table = classifier.predict({real_images[:3]!r})
+print(json.dumps({{"sentence": out.getvalue(), "engine": classifier.engine_name,
+                   "malignant": table["malignant"].tolist(),
+                   "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == [] and got["engine"] == "onnx"
+    assert got["sentence"].startswith("This image is ")
+    expected = load_model(exported_run, engine="torch").predict(real_images[:3])["malignant"].to_numpy()
+    np.testing.assert_allclose(got["malignant"], expected, atol=1e-4)
+
+
+def test_an_onnx_run_builds_its_network_only_when_asked_and_as_before(exported_run, tmp_path):
+    """The ONNX path skips building the PyTorch network, which Grad-CAM still gets on first use; a model.json whose
+    network no longer matches the export loads the PyTorch way, with the errors of before."""
+    classifier = load_model(exported_run, engine="onnx")
+    assert "_model" in vars(classifier) and not isinstance(vars(classifier)["_model"], torch.nn.Module)
+    network, reference = classifier.model, load_model(exported_run, engine="torch").model
+    assert isinstance(network, torch.nn.Module) and classifier.model is network and not network.training
+    for (name, value), (_, expected) in zip(network.state_dict().items(), reference.state_dict().items(),
+                                            strict=True):
+        assert torch.equal(value, expected), name
+
+    run = copy_run(exported_run, tmp_path / "run")  # with its export
+    path = run / "model" / "model.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(meta, backbone="no_such_backbone")))
+    for engine in ("auto", "onnx", "torch"):
+        with pytest.raises(CheckpointError, match="unknown backbone 'no_such_backbone'"):
+            load_model(run, engine=engine)

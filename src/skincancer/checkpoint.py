@@ -8,17 +8,17 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .config import VIEWS
 from .errors import CheckpointError
 from .provenance import file_sha256
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: reading model.json must not pay for it
+    import torch
+    from torch import nn
 
 # 2: weights_sha256 required; formats before it were never released, and are refused with a word to retrain
 FORMAT_VERSION = 2
@@ -71,6 +71,8 @@ def _strict(value: Any) -> Any:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel / torch.compile wrappers."""
+    from torch import nn
+
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
@@ -82,6 +84,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, meta: dict, directory: str | Path) -> Path:
     """Write weights (safetensors) then metadata (JSON) into `directory`; model.json last marks it complete."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     missing = [k for k in META_REQUIRED if k not in meta]
     if missing:
@@ -284,6 +288,10 @@ def read_weights(model_dir: Path, expected_sha256: str | None = None) -> dict[st
 
     expected_sha256: model.json's `weights_sha256` (None: not checked, for a caller reading a file it has just
     written): a file that changed since it was saved is refused; so is any weight that is NaN or infinite."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = model_dir / WEIGHTS_FILE
     if not path.is_file():
         others = sorted(p.name for p in model_dir.glob("*.pt*")) + sorted(p.name for p in model_dir.glob("*.bin"))

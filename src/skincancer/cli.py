@@ -32,6 +32,8 @@ DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 
 def _patient_metadata(files: list[str], csv: Path | None, age: float | None, sex: str | None) -> list | None:
     """Per-file {'age', 'sex'} rows from --metadata CSV (matched on the file name's stem) or --age/--sex."""
+    if csv is None and age is None and sex is None:
+        return None  # before importing metadata (pandas, scikit-learn): most predictions have none
     from .metadata import parse_age, parse_sex, read_metadata_csv, records
 
     if csv is not None and (age is not None or sex is not None):
@@ -408,9 +410,9 @@ def predict(
             _fail(f"--ray writes CSV or Parquet by the -o suffix; drop --format {format}")
         return _predict_on_ray(paths, model, out, ray_address, engine=engine, tta=tta, batch_size=batch_size,
                                actors=num_workers, refuse=guard)
-    from .data import IMAGE_EXTENSIONS
     from .ensemble import load_models
     from .guard import NO_GUARD
+    from .images import IMAGE_EXTENSIONS
     from .predict import ENGINES, expand_inputs, refusal_sentence, sentence
 
     num_workers = 1 if num_workers is None else num_workers
@@ -536,7 +538,7 @@ def guard(
 ) -> None:
     """Fit the out-of-distribution guard of a trained run (training fits one; this adds it to a run made before
     the guard, or refits it at another false-rejection rate). Images past it get no verdict."""
-    from .guard import guard_run
+    from .train import guard_run
 
     if not 0 < false_rejection < 0.5:
         _fail(f"--false-rejection: expected a share between 0 and 0.5 (e.g. 0.02), got {false_rejection}")

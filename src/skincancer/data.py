@@ -1,11 +1,10 @@
-"""Data: index folder-per-class trees and ISIC CSVs into manifests; load images safely; Dataset; transforms."""
+"""Data: index folder-per-class trees and ISIC CSVs into manifests; check images (decoded by images.py); Dataset;
+transforms."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,20 +12,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from .checkpoint import atomic_write
 from .errors import DataError, ImageError  # noqa: F401 (raised here; imported from here too)
+from .images import (  # noqa: F401 (decoding lives in images.py, torch-free; imported from here too)
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageList,
+    check_image,
+    load_image,
+    to_rgb,
+)
 from .progress import progress
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["image_id", "filepath", "diagnosis", "label"]
-MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
-MAX_PIXELS = 100_000_000  # about 10,000 x 10,000; larger headers are treated as decompression bombs
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclass(frozen=True)
@@ -36,100 +38,6 @@ class BadFile:
 
 
 # ---------------------------------------------------------------- images
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open, fully decode and normalise one image to 8-bit RGB, honouring EXIF rotation.
-
-    Raises ImageError with a human-readable reason for anything that is not a usable photograph.
-    """
-    path = Path(path)
-    try:
-        if not path.exists():  # also False for a symlink loop or a dangling link: say which
-            if path.is_symlink():
-                raise ImageError(path, "symlink loop" if _is_link_loop(path) else "broken symlink (target not found)")
-            raise ImageError(path, "file not found")
-        if not path.is_file():
-            raise ImageError(path, "not a regular file")
-        if path.stat().st_size == 0:
-            raise ImageError(path, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(path, f"image too large ({img.width}x{img.height}): possible decompression bomb")
-                img.load()
-                return to_rgb(img)
-    except ImageError:
-        raise
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError(path, "not an image (cannot identify the file format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(path, "image too large: possible decompression bomb") from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ImageError(path, "symlink loop") from None
-        raise ImageError(path, f"corrupt or truncated image ({err})") from None
-    except (ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(path, f"corrupt image ({err})") from None
-
-
-def _is_link_loop(path: Path) -> bool:
-    try:
-        path.stat()
-    except OSError as err:
-        return err.errno == errno.ELOOP
-    return False
-
-
-def _to_8_bits(array: np.ndarray, sixteen: bool) -> np.ndarray:
-    """16-bit (or 32-bit integer) grey -> uint8, rounded, a block of rows at a time: a whole float copy of a
-    large upload would cost gigabytes (9400 x 9400 px: 0.7 GB for each float64 temporary)."""
-    top = 65535 if sixteen or array.max() > 255 else 255
-    out = np.empty(array.shape, np.uint8)
-    for start in range(0, array.shape[0], 64):
-        block = array[start:start + 64].astype(np.int64)
-        out[start:start + 64] = np.clip((block * 255 + top // 2) // top, 0, 255)
-    return out
-
-
-def _float_to_8_bits(array: np.ndarray, name: str) -> np.ndarray:
-    if array.size == 0 or not np.isfinite(array).all():
-        raise ImageError(name, "floating-point image holding NaN or infinity")
-    low, high, slack = float(array.min()), float(array.max()), 1e-3
-    if low < -slack or high > 255 + slack:
-        raise ImageError(name, f"floating-point image with values {low:g} to {high:g}; expected 0..1 or 0..255")
-    scale = 255.0 if high <= 1 + slack else 1.0
-    return np.clip(array * scale + 0.5, 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """EXIF orientation applied; alpha, grayscale, 16-bit and CMYK converted to 8-bit RGB; tiny images refused."""
-    img = ImageOps.exif_transpose(img)
-    if img.width < MIN_SIDE or img.height < MIN_SIDE:
-        name = getattr(img, "filename", "") or "image"
-        raise ImageError(name, f"image too small ({img.width}x{img.height}, need at least {MIN_SIDE} px a side)")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray(_to_8_bits(np.asarray(img), img.mode.startswith("I;16")), mode="L")
-    elif img.mode == "F":  # floating-point grey (TIFF): 0..1 or 0..255, as for arrays; anything else refused
-        img = Image.fromarray(_float_to_8_bits(np.asarray(img), getattr(img, "filename", "") or "image"), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        rgba = img.convert("RGBA")
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def check_image(path: str | Path) -> str | None:
-    """The reason a file is unusable, or None when it decodes as an image."""
-    try:
-        load_image(path)
-    except ImageError as err:
-        return err.reason
-    return None
 
 
 def check_files(paths: Sequence[str | Path], desc: str = "checking images") -> list[BadFile]:
@@ -380,26 +288,12 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     ])
 
 
-class ImageDataset(Dataset):
-    """Yields {'image', 'target', 'index'}; an unreadable file yields {'error', 'index'} instead of raising, so a
-    file that turns bad after indexing is reported and skipped rather than ending a long run."""
+class ImageDataset(ImageList, Dataset):
+    """images.ImageList as a torch Dataset (for DataLoader and the samplers): yields {'image', 'target', 'index'}; an
+    unreadable file yields {'error', 'index'} instead of raising."""
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: T.Compose):
-        self.paths, self.transform = list(paths), transform
-        self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        source = self.paths[index]
-        if isinstance(source, ImageError):  # an in-memory image found unusable before (too small)
-            return {"error": source.reason, "index": index}
-        try:
-            image = source if isinstance(source, Image.Image) else load_image(source)
-        except ImageError as err:
-            return {"error": err.reason, "index": index}
-        return {"image": self.transform(image), "target": self.targets[index], "index": index}
+        ImageList.__init__(self, paths, targets, transform)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -1,4 +1,5 @@
-"""Engine: the one inference loop (used by training, evaluate and predict), feature extraction and a training epoch."""
+"""Engine: PyTorch inference (training, evaluate, predict --engine torch; the loop is engines.collect), feature
+extraction and a training epoch."""
 
 from __future__ import annotations
 
@@ -11,25 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import VIEWS
 from .data import collate
 from .distributed import every_rank
+from .engines import DIHEDRAL, collect  # noqa: F401 (the loop every engine shares; DIHEDRAL imported from here too)
 from .progress import progress
 
 log = logging.getLogger("skincancer")
-
-# The dihedral group of the square: lesions have no up, down, left or right.
-DIHEDRAL: list[Callable[[torch.Tensor], torch.Tensor]] = [
-    lambda x: x,
-    lambda x: x.flip(-1),
-    lambda x: x.flip(-2),
-    lambda x: x.flip(-1, -2),
-    lambda x: x.transpose(-1, -2),
-    lambda x: x.transpose(-1, -2).flip(-1),
-    lambda x: x.transpose(-1, -2).flip(-2),
-    lambda x: x.transpose(-1, -2).flip(-1, -2),
-]
-
 
 def default_device() -> torch.device:
     """CUDA when present, else the CPU."""
@@ -96,31 +84,6 @@ def run_inference(model: nn.Module, dataset: Dataset, batch_size: int = 32, num_
             return model(x).float().softmax(dim=1).cpu().numpy()
 
     return collect(make_loader(dataset, batch_size, num_workers), len(dataset), forward, tta, desc, extra)
-
-
-def collect(loader: DataLoader, n: int, forward: Callable[[torch.Tensor], np.ndarray], tta: int = 1,
-            desc: str = "predicting", extra: Callable[[torch.Tensor], np.ndarray] | None = None
-            ) -> tuple[np.ndarray, list]:
-    """The loop every engine shares: forward(batch) per dihedral view, averaged, placed at the batch's indices
-    (with extra(batch)'s columns after them, from the first view); an [n, outputs] array with NaN rows for
-    unreadable files, and their (index, reason) pairs."""
-    if tta not in VIEWS:
-        raise ValueError(f"tta must be one of {VIEWS}, got {tta}")
-    result: np.ndarray | None = None
-    errors: list = []
-    for batch in progress(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2):  # none for one batch
-        errors.extend(batch["errors"])
-        if batch["image"] is None:
-            continue
-        values = sum(forward(view(batch["image"]).contiguous()) for view in DIHEDRAL[:tta]) / tta
-        if extra is not None:
-            values = np.concatenate([values, extra(batch["image"])], axis=1)
-        if result is None:
-            result = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
-        result[batch["index"].numpy()] = values
-    if result is None:
-        result = np.full((n, 0), np.nan, dtype=np.float32)
-    return result, errors
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

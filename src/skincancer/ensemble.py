@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .checkpoint import CheckpointError
-from .data import DataError, read_csv_checked
-from .metrics import choose_threshold, validation_summary
-from .predict import Classifier, load_model
+from .errors import DataError
+from .predict import Classifier, Deferred, load_model
+
+if TYPE_CHECKING:  # pandas and the metrics (scipy, scikit-learn): for ensembles only, imported where used
+    import pandas as pd
 
 log = logging.getLogger("skincancer")
 
@@ -41,7 +43,7 @@ class Ensemble(Classifier):
         meta.pop("metadata_model", None)  # each member fuses its own
         meta["unfinished"] = any(m.meta.get("unfinished") for m in members)
         meta["threshold"], meta["validation"], meta["validation_source"] = _ensemble_threshold(self._members)
-        super().__init__(model=first.model, meta=meta, source=first.source)
+        super().__init__(model=Deferred(lambda: first.model), meta=meta, source=first.source)
 
     @property
     def members(self) -> list[Classifier]:
@@ -74,6 +76,8 @@ class Ensemble(Classifier):
 def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str]:
     """Choose the ensemble's threshold the way each member's was chosen: on the members' validation predictions.
     Returns the threshold, the figures there, and where they come from (as model.json's validation_source)."""
+    from .metrics import choose_threshold, validation_summary
+
     tables = []
     for member in members:
         path = Path(member.source).parent / "valid_predictions.csv"
@@ -104,6 +108,8 @@ def _ensemble_threshold(members: Sequence[Classifier]) -> tuple[float, dict, str
 
 
 def _validation_table(path: Path, positive: str) -> pd.DataFrame:
+    from .data import read_csv_checked
+
     try:
         return read_csv_checked(path, ["image_id", "label", positive], dtype={"image_id": str}).set_index("image_id")
     except DataError as err:  # the run's own file, not the user's data: say how to get it back

@@ -151,15 +151,15 @@ def load_guard(model_dir: Path, record: dict | None) -> Guard | None:
 
 
 def pixel_stats(images, mean: list[float], std: list[float]) -> np.ndarray:
-    """[N, 2]: the mean and standard deviation of each normalised image's luminance (0..1)."""
-    import torch
-
-    scale = torch.as_tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
-    shift = torch.as_tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
-    rgb = (images * scale + shift).clamp(0, 1)
-    luminance = (rgb * torch.as_tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)).sum(1)
-    flat = luminance.flatten(1)
-    return torch.stack([flat.mean(1), flat.std(1)], 1).numpy()
+    """[N, 2]: the mean and standard deviation of each normalised image's luminance (0..1); images [N, 3, H, W] as a
+    numpy array or a CPU tensor."""
+    images = np.asarray(images, dtype=np.float32)
+    scale = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    shift = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    rgb = np.clip(images * scale + shift, 0, 1)
+    luminance = (rgb * np.asarray([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)).sum(1)
+    flat = luminance.reshape(len(luminance), -1)
+    return np.stack([flat.mean(1), flat.std(1, ddof=1)], 1)
 
 
 def frame_problem(brightness: float, spread: float) -> str | None:
@@ -218,42 +218,4 @@ def fit_model_guard(model, frozen: bool, train_paths, valid_paths, transform, tt
     log.info("guard: Mahalanobis distance on %d pooled features, fitted on %d images; threshold %.4f refuses "
              "%.1f%% of the %d held-in images (%s)", len(guard.mean), record["n_fit"], guard.threshold,
              100 * record["held_in_rejected"], record["n_held_in"], record["held_in"])
-    return record
-
-
-def guard_run(run: str | Path, train: str | Path | None = None, valid: str | Path | None = None,
-              false_rejection: float = FALSE_REJECTION, batch_size: int = 32, num_workers: int = 0) -> dict:
-    """Fit (or refit) the guard of a trained run, on the manifests it trained on (its config.yaml) unless others are
-    given; model.json and the model card are updated. Returns the guard's record."""
-    import pandas as pd
-
-    from .card import CARD_FILE, write_card
-    from .checkpoint import META_FILE, find_model_dir, read_meta, write_json
-    from .config import load_config
-    from .data import content_keys
-    from .predict import load_model
-    from .sources import fold_groups, read_sources
-
-    model_dir = find_model_dir(run)
-    if train is None or valid is None:
-        path = model_dir.parent / "config.yaml"
-        if not path.is_file():
-            raise GuardError(f"{run}: no config.yaml naming the run's training data; give --train and --valid")
-        config = load_config(path)
-        train, valid = train or config.train_paths, valid or config.valid
-    classifier = load_model(model_dir, engine="torch", guard=False)  # the guard being replaced may be damaged
-    meta = classifier.meta
-    if meta.get("unfinished"):
-        raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "
-                         "first: training fits the guard at its end")
-    frames = [read_sources(paths if isinstance(paths, list) else [paths], meta["labels"]) for paths in (train, valid)]
-    both = pd.concat(frames, ignore_index=True)
-    record = fit_model_guard(classifier.model, meta.get("mode") == "linear", frames[0]["filepath"],
-                             frames[1]["filepath"], classifier.transform(), int(meta.get("tta", 1)), model_dir,
-                             batch_size, num_workers, false_rejection,
-                             groups=fold_groups(both, content_keys(both["filepath"])))
-    saved = read_meta(model_dir)
-    saved["guard"] = record
-    write_json(model_dir / META_FILE, saved)
-    write_card(load_model(model_dir, engine="torch"), model_dir / CARD_FILE)
     return record

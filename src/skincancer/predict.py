@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
 from PIL import Image
-from torch import nn
 
-from .backbones import BackboneError, model_from_meta
-from .checkpoint import META_FILE, CheckpointError, find_model_dir, load_weights_into, read_meta, read_weights
-from .data import IMAGE_EXTENSIONS, ImageDataset, ImageError, build_transform, to_rgb
-from .engine import run_inference
+from .checkpoint import META_FILE, CheckpointError, find_model_dir, read_meta
+from .engines import ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
+from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
-from .metadata import MetadataModel, normalise_rows
+from .images import IMAGE_EXTENSIONS, EvalTransform, ImageError, ImageList, PixelRangeError, to_rgb, to_uint8
 
+# torch, timm, pandas and scikit-learn are imported where they are needed: predicting with an ONNX export needs no
+# torch or timm (pandas only for the table), so `skincancer predict` of one image starts in about a second
+# (tests/test_onnx.py keeps it so).
 if TYPE_CHECKING:
-    from .export import OnnxEngine
+    import pandas as pd
+    from torch import nn
+
+    from .metadata import MetadataModel
 
 log = logging.getLogger("skincancer")
 
@@ -31,11 +36,40 @@ _WARNED_VIEWS: set = set()  # (model folder, views) said once a process: a serve
 ENGINES = ("auto", "onnx", "torch")
 
 
+class Deferred:
+    """A value made on first use (once, whichever thread asks first): the PyTorch network of a run predicted with
+    ONNX Runtime, which only Grad-CAM and the like need."""
+
+    def __init__(self, make: Callable):
+        self.make, self.lock = make, threading.Lock()
+
+
+class _BuiltOnFirstUse:
+    """Classifier.model: the network given, or a Deferred one made the first time it is read."""
+
+    def __set_name__(self, owner, name: str):
+        self.slot = f"_{name}"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.slot)  # no class-level default (dataclasses asks)
+        value = obj.__dict__[self.slot]
+        if isinstance(value, Deferred):
+            with value.lock:
+                value = obj.__dict__[self.slot]
+                if isinstance(value, Deferred):
+                    value = obj.__dict__[self.slot] = value.make()
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Classifier:
     """A trained model plus everything needed to use it: preprocessing, class names, label map, threshold."""
 
-    model: nn.Module
+    model: nn.Module = _BuiltOnFirstUse()  # a Deferred one is built when first read (ONNX runs: Grad-CAM)
     meta: dict
     source: Path
     engine: OnnxEngine | None = None  # None: eager PyTorch on `model`; Grad-CAM always uses `model`
@@ -79,7 +113,14 @@ class Classifier:
         return [i for i, name in enumerate(self.class_names) if self.meta["labels"].get(name) == 1]
 
     def transform(self):
+        """The evaluation preprocessing as torch transforms (PIL image -> normalised tensor)."""
+        from .data import build_transform
+
         return build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
+
+    def array_transform(self) -> EvalTransform:
+        """The same preprocessing in numpy (PIL image -> normalised float32 array), for ONNX Runtime."""
+        return EvalTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, self.positive_indices].sum(axis=1)
@@ -88,7 +129,11 @@ class Classifier:
     def metadata_model(self) -> MetadataModel | None:
         """The age/sex model fused with the image's probabilities where metadata is given (None: image only)."""
         values = self.meta.get("metadata_model")
-        return MetadataModel.from_dict(values) if values else None
+        if not values:
+            return None
+        from .metadata import MetadataModel
+
+        return MetadataModel.from_dict(values)
 
     @property
     def uses_metadata(self) -> bool:
@@ -147,14 +192,13 @@ class Classifier:
                                                              and not _is_batch_array(images)):
             images = [images]  # one image, as `predict` takes it
         images = list(images)
-        rows = normalise_rows(metadata, len(images), _ids(images))
+        rows = _normalise_rows(metadata, images)
         sources = []
         for i, image in enumerate(images):
             try:
                 sources.append(_as_source(image, i))
             except ImageError as err:  # an image too small: its own error, as for an unreadable file
                 sources.append(err)
-        dataset = ImageDataset(sources, None, self.transform())
         features = guarded and self.guard is not None
         views = self.meta.get("guard", {}).get("views", tta) if features else tta
         if features and views != tta and (self.source, tta) not in _WARNED_VIEWS:
@@ -163,12 +207,17 @@ class Classifier:
                         "approximate", self.source, views, tta)
         output = "probs+features" if features else "probs"
         extra = (lambda batch: pixel_stats(batch, self.meta["mean"], self.meta["std"])) if guarded else None
-        if self.engine is not None:
-            values, errors = self.engine.run_inference(dataset, batch_size=batch_size, num_workers=num_workers,
-                                                       tta=tta, output=output, extra=extra)
+        if self.engine is not None:  # numpy all the way: no torch
+            values, errors = self.engine.run_inference(ImageList(sources, None, self.array_transform()),
+                                                       batch_size=batch_size, num_workers=num_workers, tta=tta,
+                                                       output=output, extra=extra)
         else:
-            values, errors = run_inference(self.model, dataset, batch_size=batch_size, num_workers=num_workers,
-                                           tta=tta, output=output, extra=extra)
+            from .data import ImageDataset
+            from .engine import run_inference
+
+            values, errors = run_inference(self.model, ImageDataset(sources, None, self.transform()),
+                                           batch_size=batch_size, num_workers=num_workers, tta=tta, output=output,
+                                           extra=extra)
         classes = len(self.class_names)
         probs = values[:, :classes] if values.shape[1] else values
         scores = np.full(len(images), np.nan)
@@ -209,13 +258,15 @@ class Classifier:
                             refuse=refuse)
         table = self.table(images, judged.probs, judged.errors, judged)
         if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
-            rows = normalise_rows(metadata, len(images), _ids(images))
+            rows = _normalise_rows(metadata, images)
             table.insert(table.columns.get_loc("error"), "metadata_used",
                          [self.fuses(row) and not error for row, error in zip(rows, table["error"], strict=True)])
         return table
 
     def table(self, images: Sequence, probs: np.ndarray, errors: list, judged: Judged | None = None) -> pd.DataFrame:
         """The prediction record every output renders (CLI, Ray, API): see predict. `judged`: the guard's columns."""
+        import pandas as pd
+
         error_by_index = dict(errors)
         malignant = self.malignant_probability(probs) if probs.shape[1] else np.full(len(images), np.nan)
         columns = {"source": [_describe(image, i) for i, image in enumerate(images)]}
@@ -262,19 +313,20 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
     """Load a trained run (the run folder, or its model/ folder); no pickle is ever read.
 
     engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`)
-    or 'auto' (onnx when a current export exists, else torch).
+    or 'auto' (onnx when a current export exists, else torch). With a current export of the same network and
+    weights (checked by their SHA-256), the PyTorch network is built only when something asks for `model`.
     guard: False loads the model without its out-of-distribution guard (`skincancer guard` refitting a damaged one).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
-    try:
-        model = model_from_meta(meta)
-    except (BackboneError, ValueError) as err:
-        raise CheckpointError(f"{model_dir / META_FILE}: {err}") from None
-    load_weights_into(model, read_weights(model_dir, meta["weights_sha256"]), str(model_dir))
-    model.eval()
+    runtime = _current_export(model_dir, meta, guard) if engine != "torch" else None
+    if runtime is None:
+        model = _build_network(model_dir, meta)
+        num_features = getattr(model, "num_features", None)
+    else:  # the export was checked against these weights in this network when it was made
+        model, num_features = Deferred(lambda: _build_network(model_dir, meta)), runtime.num_features
     if meta.get("unfinished"):
         log.warning("%s: saved during training (epoch %s) by a run that has not finished: its threshold (%s) is a "
                     "placeholder, not chosen on validation; finish it with `skincancer train --resume`",
@@ -283,26 +335,63 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
         guard = load_guard(model_dir, meta.get("guard")) if guard else None
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{model_dir / META_FILE}: guard: {err}") from None
-    if guard is not None and len(guard.mean) != getattr(model, "num_features", len(guard.mean)):
+    if guard is not None and len(guard.mean) != (num_features or len(guard.mean)):
         raise CheckpointError(f"{model_dir / 'guard.safetensors'}: statistics of {len(guard.mean)} features, the "
-                              f"model has {model.num_features}; fit it again with `skincancer guard --model "
+                              f"model has {num_features}; fit it again with `skincancer guard --model "
                               f"{model_dir.parent}`")
-    runtime = None
-    if engine != "torch":
-        from .export import find_export
-
+    if engine != "torch" and runtime is None:
         runtime = find_export(model_dir, required=engine == "onnx", image_size=int(meta["image_size"]),
                               classes=len(meta["class_names"]))
     if runtime is not None and guard is not None and not runtime.has_features:
         problem = (f"{runtime.path}: exported before the guard (no features output); run `skincancer export "
                    f"--model {model_dir.parent}` again")
         if engine == "onnx":
-            from .export import ExportError
-
             raise ExportError(problem)
         log.warning("%s; using PyTorch", problem)
         runtime = None
     return Classifier(model=model, meta=meta, source=model_dir, engine=runtime, guard=guard)
+
+
+# What model_from_meta builds the network from: an export made from the same fields and weights is that network.
+NETWORK_FIELDS = ("backbone", "class_names", "pooling", "head")
+
+
+def _current_export(model_dir: Path, meta: dict, guard: bool) -> OnnxEngine | None:
+    """The run's ONNX engine when it can stand in for the PyTorch network without building it: a current export
+    (find_export's checks) whose sidecar records this model.json's network fields and these weights (model.json's
+    weights_sha256 too), with the features output a guard needs. None otherwise, silently: the full load that
+    follows says what is wrong, as it always has."""
+    path = model_dir / ONNX_FILE
+    try:
+        recorded = json.loads(path.with_name(path.name + ".json").read_text())
+        digest = weights_digest(model_dir)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or any(recorded.get(k) != meta.get(k) for k in NETWORK_FIELDS):
+        return None
+    if meta["weights_sha256"] != digest:
+        return None
+    try:
+        runtime = find_export(model_dir, required=True, image_size=int(meta["image_size"]),
+                              classes=len(meta["class_names"]), weights_sha256=digest)
+    except ExportError:
+        return None
+    if guard and meta.get("guard") is not None and not runtime.has_features:
+        return None
+    return runtime
+
+
+def _build_network(model_dir: Path, meta: dict) -> nn.Module:
+    """The PyTorch network model.json describes, with its checked weights, in eval mode."""
+    from .backbones import model_from_meta
+    from .checkpoint import load_weights_into, read_weights
+
+    try:
+        model = model_from_meta(meta)
+    except (BackboneError, ValueError) as err:
+        raise CheckpointError(f"{model_dir / META_FILE}: {err}") from None
+    load_weights_into(model, read_weights(model_dir, meta["weights_sha256"]), str(model_dir))
+    return model.eval()
 
 
 def sentence(probability: float, threshold: float, positive_name: str = "malignant",
@@ -347,13 +436,22 @@ def _is_batch_array(images) -> bool:
     return isinstance(images, np.ndarray) and images.ndim == 4
 
 
+def _normalise_rows(metadata, images: list) -> list[dict | None] | None:
+    """metadata.normalise_rows for these images (None: no metadata, and no pandas to import)."""
+    if metadata is None:
+        return None
+    from .metadata import normalise_rows
+
+    return normalise_rows(metadata, len(images), _ids(images))
+
+
 def _as_source(image: ImageInput, index: int = 0):
     """A PIL image (RGB, checked) or a path for the dataset; an ImageError for an image too small to use."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         return to_rgb(Image.fromarray(_as_uint8(image, index)))
-    if isinstance(image, torch.Tensor):
+    if "torch" in sys.modules and isinstance(image, sys.modules["torch"].Tensor):  # none without torch loaded
         raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
     if isinstance(image, (bytes, bytearray)):
         raise TypeError(f"image {index}: bytes; pass a path, a PIL image (PIL.Image.open(io.BytesIO(data))) or an "
@@ -363,34 +461,25 @@ def _as_source(image: ImageInput, index: int = 0):
     return str(image)
 
 
-FLOAT_SLACK = 1e-3  # rounding in a float image computed in 0..1 (or 0..255)
-
-
 def _as_uint8(image: np.ndarray, index: int) -> np.ndarray:
-    """An H x W (grey) or H x W x 1/3/4 array as 8-bit, scaled by what its type holds: uint8 as is, uint16 from
-    0..65535, other integers 0..255, floats 0..1 (0..255 where a value is above 1). Anything else is refused:
-    guessing would give a confident probability for a washed-out or black image."""
+    """An H x W (grey) or H x W x 1/3/4 array as 8-bit (images.to_uint8: uint8 as is, uint16 from 0..65535, other
+    integers 0..255, floats 0..1 or 0..255); other shapes and types are refused."""
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
         raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"image {index}: array of shape {image.shape}; expected H x W (grey) or H x W x 1, 3 or 4")
-    if image.dtype.kind == "u" and image.dtype.itemsize == 1:
-        return np.ascontiguousarray(image.astype(np.uint8))
-    if image.dtype.kind == "u" and image.dtype.itemsize == 2:  # either byte order
-        return np.ascontiguousarray((image.astype(np.float64) / 257.0 + 0.5).astype(np.uint8))
     if image.dtype.kind not in "iuf":
         raise ValueError(f"image {index}: array of {image.dtype}; expected uint8, uint16, integers or floats")
-    if image.size and not np.isfinite(image).all():
-        raise ValueError(f"image {index}: array holds NaN or infinity")
-    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
-    if image.dtype.kind == "f" and low >= -FLOAT_SLACK and high <= 1 + FLOAT_SLACK:
-        image = image * 255.0
-    elif low < -FLOAT_SLACK or high > 255 + FLOAT_SLACK:
-        raise ValueError(f"image {index}: {image.dtype} array with values {low:g} to {high:g}; expected 0..255 "
-                         "(or floats in 0..1, or uint16 0..65535); a normalised tensor is not a photograph")
-    return np.ascontiguousarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
+    try:
+        return np.ascontiguousarray(to_uint8(image))
+    except PixelRangeError as err:
+        if not err.finite:
+            raise ValueError(f"image {index}: array holds NaN or infinity") from None
+        raise ValueError(f"image {index}: {image.dtype} array with values {err.low:g} to {err.high:g}; expected "
+                         "0..255 (or floats in 0..1, or uint16 0..65535); a normalised tensor is not a photograph"
+                         ) from None
 
 
 def _describe(image, index: int) -> str:

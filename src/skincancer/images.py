@@ -1,0 +1,198 @@
+"""Images: decode files safely to 8-bit RGB (the one rule for turning pixel arrays into 8 bits), and the evaluation
+preprocessing in numpy, so that prediction with ONNX Runtime needs no torch."""
+
+from __future__ import annotations
+
+import errno
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
+MAX_PIXELS = 100_000_000  # about 10,000 x 10,000; larger headers are treated as decompression bombs
+FLOAT_SLACK = 1e-3  # rounding in a float image computed in 0..1 (or 0..255)
+ROWS_AT_ONCE = 64  # rows converted at a time: a whole float copy of a 9400 x 9400 upload would cost 0.7 GB
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class PixelRangeError(ValueError):
+    """Pixel values that are no picture's: NaN or infinity (`finite` False), or outside 0..255 (and 0..1)."""
+
+    def __init__(self, low: float, high: float, finite: bool = True):
+        super().__init__(f"values {low:g} to {high:g}" if finite else "NaN or infinity")
+        self.low, self.high, self.finite = low, high, finite
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """An integer or float pixel array as 8 bits, rounded: uint8 as is, uint16 from 0..65535, other integers
+    0..255, floats 0..1 (0..255 where a value is above 1). Anything else raises PixelRangeError: guessing would give
+    a confident probability for a washed-out or black image. Converted a block of rows at a time, so no float64
+    copy of the whole image is ever made."""
+    if array.dtype.kind == "u" and array.dtype.itemsize == 1:
+        return array.astype(np.uint8, copy=False)
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
+        return scale_to_8_bits(array, 65535)
+    if array.size and not np.isfinite(array).all():
+        raise PixelRangeError(np.nan, np.nan, finite=False)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    scale = 1.0
+    if array.dtype.kind == "f" and low >= -FLOAT_SLACK and high <= 1 + FLOAT_SLACK:
+        scale = 255.0
+    elif low < -FLOAT_SLACK or high > 255 + FLOAT_SLACK:
+        raise PixelRangeError(low, high)
+    out = np.empty(array.shape, np.uint8)
+    for start in range(0, len(array), ROWS_AT_ONCE):
+        out[start:start + ROWS_AT_ONCE] = np.clip(array[start:start + ROWS_AT_ONCE] * scale + 0.5, 0, 255)
+    return out
+
+
+def scale_to_8_bits(array: np.ndarray, top: int) -> np.ndarray:
+    """Integers 0..top -> uint8, rounded, in integer arithmetic a block of rows at a time."""
+    out = np.empty(array.shape, np.uint8)
+    for start in range(0, array.shape[0], ROWS_AT_ONCE):
+        block = array[start:start + ROWS_AT_ONCE].astype(np.int64)
+        out[start:start + ROWS_AT_ONCE] = np.clip((block * 255 + top // 2) // top, 0, 255)
+    return out
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and normalise one image to 8-bit RGB, honouring EXIF rotation.
+
+    Raises ImageError with a human-readable reason for anything that is not a usable photograph.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():  # also False for a symlink loop or a dangling link: say which
+            if path.is_symlink():
+                raise ImageError(path, "symlink loop" if _is_link_loop(path) else "broken symlink (target not found)")
+            raise ImageError(path, "file not found")
+        if not path.is_file():
+            raise ImageError(path, "not a regular file")
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(path, f"image too large ({img.width}x{img.height}): possible decompression bomb")
+                img.load()
+                return to_rgb(img)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (cannot identify the file format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(path, "image too large: possible decompression bomb") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageError(path, "symlink loop") from None
+        raise ImageError(path, f"corrupt or truncated image ({err})") from None
+    except (ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(path, f"corrupt image ({err})") from None
+
+
+def _is_link_loop(path: Path) -> bool:
+    try:
+        path.stat()
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
+def _grey_to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or floating-point grey image as an 8-bit one (mode L)."""
+    array = np.asarray(img)
+    if img.mode != "F":  # 32-bit integer grey holding 8-bit values stays as it is; 16-bit is scaled from 0..65535
+        sixteen = img.mode.startswith("I;16") or array.max() > 255
+        return Image.fromarray(scale_to_8_bits(array, 65535 if sixteen else 255), mode="L")
+    name = getattr(img, "filename", "") or "image"
+    try:
+        if array.size == 0:
+            raise PixelRangeError(np.nan, np.nan, finite=False)
+        return Image.fromarray(to_uint8(array), mode="L")  # 0..1 or 0..255, as for arrays
+    except PixelRangeError as err:
+        if not err.finite:
+            raise ImageError(name, "floating-point image holding NaN or infinity") from None
+        raise ImageError(name, f"floating-point image with values {err.low:g} to {err.high:g}; expected 0..1 or "
+                               "0..255") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied; alpha, grayscale, 16-bit and CMYK converted to 8-bit RGB; tiny images refused."""
+    img = ImageOps.exif_transpose(img)
+    if img.width < MIN_SIDE or img.height < MIN_SIDE:
+        name = getattr(img, "filename", "") or "image"
+        raise ImageError(name, f"image too small ({img.width}x{img.height}, need at least {MIN_SIDE} px a side)")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _grey_to_8_bits(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        rgba = img.convert("RGBA")
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def check_image(path: str | Path) -> str | None:
+    """The reason a file is unusable, or None when it decodes as an image."""
+    try:
+        load_image(path)
+    except ImageError as err:
+        return err.reason
+    return None
+
+
+class EvalTransform:
+    """Evaluation preprocessing in numpy: squashed to a square (bicubic, as PIL resizes for torchvision's Resize),
+    scaled to 0..1 and normalised with mean/std: a float32 [3, S, S] array equal to data.build_transform's tensor
+    (tests/test_data.py checks it)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size = int(image_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+        return (pixels - self.mean) / self.std
+
+
+class ImageList:
+    """Images (paths, PIL images, or an ImageError found before) -> {'image', 'target', 'index'} through a
+    transform; an unreadable file yields {'error', 'index'} instead of raising, so a file that turns bad after
+    indexing is reported and skipped rather than ending a long run. data.ImageDataset is this, as a torch Dataset."""
+
+    def __init__(self, paths: Sequence, targets: Sequence[int] | None, transform: Callable):
+        self.paths, self.transform = list(paths), transform
+        self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.paths[index]
+        if isinstance(source, ImageError):  # an in-memory image found unusable before (too small)
+            return {"error": source.reason, "index": index}
+        try:
+            image = source if isinstance(source, Image.Image) else load_image(source)
+        except ImageError as err:
+            return {"error": err.reason, "index": index}
+        return {"image": self.transform(image), "target": self.targets[index], "index": index}
+
+
+def collate_arrays(samples: list[dict]) -> dict:
+    """data.collate in numpy: the good samples stacked, the bad ones carried as (index, reason) pairs."""
+    good = [s for s in samples if "error" not in s]
+    errors = [(s["index"], s["error"]) for s in samples if "error" in s]
+    return {"image": np.stack([s["image"] for s in good]) if good else None,
+            "index": np.array([s["index"] for s in good], dtype=np.int64), "errors": errors}
