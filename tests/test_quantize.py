@@ -67,3 +67,16 @@ def test_refusal_names_each_tolerance_exceeded():
 def test_cli_int8_options_need_int8(cli, exported, small_data):
     result = cli("export", "--model", str(exported), "--check", str(small_data["valid"]), check=False)
     assert result.returncode == 2 and "add --int8" in result.stderr
+
+
+def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_data, cli):
+    from skincancer.predict import load_model
+
+    export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
+    assert load_model(exported, engine="int8").engine_name == "int8"
+    assert load_model(exported).engine_name == "int8"  # auto: the int8 graph when a current one exists
+    assert load_model(exported, engine="onnx").engine_name == "onnx"
+    (exported / "model" / INT8_FILE).unlink()
+    assert load_model(exported).engine_name == "onnx"
+    result = cli("predict", "--model", str(exported), "--engine", "int8", str(small_data["valid"]), check=False)
+    assert result.returncode == 2 and "no int8 ONNX export" in result.stderr and "--int8` first" in result.stderr

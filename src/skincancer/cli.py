@@ -27,6 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
 log = logging.getLogger("skincancer")
 KNOWN_ERRORS = (DataError, ConfigError, CheckpointError, BackboneError, FileNotFoundError)
+ENGINE_HELP = "onnx | int8 | torch | auto (int8, else onnx, when `skincancer export` was run)"
 DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 
 
@@ -269,7 +270,7 @@ def evaluate(
                    ] = None,
     batch_size: int = 32,
     num_workers: int = 2,
-    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help=(
         "fuse the manifest's age/sex columns for models trained with metadata"))] = True,
     group_by: Annotated[list[str] | None, typer.Option(help=(
@@ -382,7 +383,7 @@ def predict(
     num_workers: Annotated[int | None, typer.Option(help=(
         "loader processes decoding images while the model runs (default 1); with --ray, the number of model "
         "actors (default: as many as Ray's CPUs allow)"))] = None,
-    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="predict on Ray Data actors; -o out.parquet|csv")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster: auto | ray://HOST:10001; default local")] = None,
@@ -594,7 +595,7 @@ def serve(
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
     port: int = 8000,
-    engine: Annotated[str, typer.Option(help="onnx | torch | auto (onnx when `skincancer export` was run)")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload (per file)")] = 20.0,
     max_batch: Annotated[int, typer.Option(help="most files in one POST /api/predict/batch")] = 32,
     tta: Annotated[int | None, typer.Option(help=(

@@ -19,6 +19,7 @@ from .provenance import file_sha256
 log = logging.getLogger("skincancer")
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # `skincancer export --int8`: the same graph quantised, checked against it
 INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "image", "probabilities", "features"
 ORT_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # 2 here
 # Images per session.run: a loader batch of 32 is fed in slices of 4, whose activations stay in the CPU caches
@@ -105,17 +106,19 @@ def weights_digest(model_dir: Path) -> str:
 
 
 def find_export(model_dir: Path, required: bool, image_size: int | None = None, classes: int | None = None,
-                weights_sha256: str | None = None) -> OnnxEngine | None:
+                weights_sha256: str | None = None, name: str = ONNX_FILE) -> OnnxEngine | None:
     """The ONNX engine for a run's model folder when a current export exists: its sidecar records the SHA-256 of
     the run's weights and of the graph itself, so an export made before retraining, or a graph copied in from
     another run, is never used. A missing export is an error when `required`, else None (the caller falls back to
     PyTorch); a stale, foreign or broken one is an error when `required`, else a warning and None.
-    weights_sha256: the weights' digest if the caller has it (weights_digest), not to read the file again."""
-    path = model_dir / ONNX_FILE
-    again = f"run `skincancer export --model {model_dir.parent}` again"
+    weights_sha256: the weights' digest if the caller has it (weights_digest), not to read the file again.
+    name: ONNX_FILE, or INT8_FILE for the int8 graph."""
+    path = model_dir / name
+    command = f"skincancer export --model {model_dir.parent}" + (" --int8" if name == INT8_FILE else "")
+    again = f"run `{command}` again"
     present = path.is_file()
     problem = (_export_problem(path, model_dir, again, weights_sha256) if present
-               else f"{path}: no ONNX export; run `skincancer export --model {model_dir.parent}` first")
+               else f"{path}: no {'int8 ' if name == INT8_FILE else ''}ONNX export; run `{command}` first")
     if problem is None:
         try:
             engine = OnnxEngine(path)
@@ -168,6 +171,7 @@ class OnnxEngine:
         import onnxruntime as ort
 
         self.path, self.slice_size = Path(path), slice_size
+        self.name = "int8" if self.path.name == INT8_FILE else "onnx"
         if not self.path.is_file():
             raise ExportError(f"{self.path}: no ONNX export; run `skincancer export --model RUN` first")
         threads = threads or int(os.environ.get("SKINCANCER_ORT_THREADS", ORT_THREADS))

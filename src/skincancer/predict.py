@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import META_FILE, CheckpointError, find_model_dir, read_meta
-from .engines import ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
+from .engines import INT8_FILE, ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
 from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
 from .images import IMAGE_EXTENSIONS, EvalTransform, ImageError, ImageList, PixelRangeError, to_rgb, to_uint8
@@ -33,7 +33,7 @@ log = logging.getLogger("skincancer")
 
 ImageInput = str | Path | Image.Image | np.ndarray
 _WARNED_VIEWS: set = set()  # (model folder, views) said once a process: a server would say it for every request
-ENGINES = ("auto", "onnx", "torch")
+ENGINES = ("auto", "onnx", "int8", "torch")
 
 
 class Deferred:
@@ -312,8 +312,9 @@ class Judged:
 def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Classifier:
     """Load a trained run (the run folder, or its model/ folder); no pickle is ever read.
 
-    engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`)
-    or 'auto' (onnx when a current export exists, else torch). With a current export of the same network and
+    engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`),
+    'int8' (its int8 graph, model.int8.onnx, made by `skincancer export --int8`) or 'auto' (int8, else onnx, when
+    a current export exists, else torch). With a current export of the same network and
     weights (checked by their SHA-256), the PyTorch network is built only when something asks for `model`.
     guard: False loads the model without its out-of-distribution guard (`skincancer guard` refitting a damaged one).
     """
@@ -321,7 +322,11 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
-    runtime = _current_export(model_dir, meta, guard) if engine != "torch" else None
+    runtime = None
+    if engine in ("int8", "auto") and (engine == "int8" or (model_dir / INT8_FILE).is_file()):
+        runtime = _current_export(model_dir, meta, guard, INT8_FILE)
+    if runtime is None and engine in ("onnx", "auto"):
+        runtime = _current_export(model_dir, meta, guard)
     if runtime is None:
         model = _build_network(model_dir, meta)
         num_features = getattr(model, "num_features", None)
@@ -340,12 +345,12 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
                               f"model has {num_features}; fit it again with `skincancer guard --model "
                               f"{model_dir.parent}`")
     if engine != "torch" and runtime is None:
-        runtime = find_export(model_dir, required=engine == "onnx", image_size=int(meta["image_size"]),
-                              classes=len(meta["class_names"]))
+        runtime = find_export(model_dir, required=engine != "auto", image_size=int(meta["image_size"]),
+                              classes=len(meta["class_names"]), name=INT8_FILE if engine == "int8" else ONNX_FILE)
     if runtime is not None and guard is not None and not runtime.has_features:
         problem = (f"{runtime.path}: exported before the guard (no features output); run `skincancer export "
                    f"--model {model_dir.parent}` again")
-        if engine == "onnx":
+        if engine != "auto":
             raise ExportError(problem)
         log.warning("%s; using PyTorch", problem)
         runtime = None
@@ -356,12 +361,12 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
 NETWORK_FIELDS = ("backbone", "class_names", "pooling", "head")
 
 
-def _current_export(model_dir: Path, meta: dict, guard: bool) -> OnnxEngine | None:
+def _current_export(model_dir: Path, meta: dict, guard: bool, name: str = ONNX_FILE) -> OnnxEngine | None:
     """The run's ONNX engine when it can stand in for the PyTorch network without building it: a current export
     (find_export's checks) whose sidecar records this model.json's network fields and these weights (model.json's
     weights_sha256 too), with the features output a guard needs. None otherwise, silently: the full load that
     follows says what is wrong, as it always has."""
-    path = model_dir / ONNX_FILE
+    path = model_dir / name
     try:
         recorded = json.loads(path.with_name(path.name + ".json").read_text())
         digest = weights_digest(model_dir)
@@ -373,7 +378,7 @@ def _current_export(model_dir: Path, meta: dict, guard: bool) -> OnnxEngine | No
         return None
     try:
         runtime = find_export(model_dir, required=True, image_size=int(meta["image_size"]),
-                              classes=len(meta["class_names"]), weights_sha256=digest)
+                              classes=len(meta["class_names"]), weights_sha256=digest, name=name)
     except ExportError:
         return None
     if guard and meta.get("guard") is not None and not runtime.has_features:

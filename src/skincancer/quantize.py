@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, find_model_dir, write_json
+from .engines import INPUT_NAME, INT8_FILE, OnnxEngine, find_export, weights_digest
 from .errors import CheckpointError
 from .metrics import roc_auc
 from .provenance import file_sha256
 
 log = logging.getLogger("skincancer")
 
-INT8_FILE = "model.int8.onnx"
 CALIBRATION_IMAGES = 128  # activation ranges settle well before this; each image costs a float forward pass
 CHECK_IMAGES = 300  # the parity check's share of the validation images (all of them when fewer)
 
@@ -81,8 +81,6 @@ def quantize_graph(float_path: Path, out: Path, calibration: np.ndarray) -> None
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .export import INPUT_NAME
-
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
@@ -135,7 +133,6 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     `check_images` validation images; refused (nothing written) beyond `tolerance`. Returns the parity report, also
     recorded in model.int8.onnx.json."""
     from .config import load_config
-    from .export import OnnxEngine, find_export, weights_digest
     from .predict import load_model
     from .sources import read_sources
 
