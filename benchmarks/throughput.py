@@ -24,7 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from skincancer.export import OnnxEngine, session_options, write_onnx
-from skincancer.predict import Classifier, expand_inputs, load_model
+from skincancer.images import expand_inputs
+from skincancer.predict import Classifier, load_model
 
 
 def best_rate(multiply, size: int, rounds: int = 3, seconds: float = 0.5) -> float:

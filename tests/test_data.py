@@ -159,7 +159,7 @@ def test_dataset_reports_bad_files_without_raising(bad_files, data_dir):
 
 def test_every_format_a_single_file_opens_is_found_in_a_folder(tmp_path):
     """`predict DIR` and `index DIR` must not skip formats that `predict FILE` reads (.gif was skipped)."""
-    from skincancer.predict import expand_inputs
+    from skincancer.images import expand_inputs
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     for suffix in ("jpg", "png", "gif", "bmp", "tiff", "webp"):

@@ -13,7 +13,8 @@ import ray  # in the dev extra: CI runs this module, never skips it
 
 from skincancer.checkpoint import CheckpointError
 from skincancer.ensemble import load_models
-from skincancer.predict import expand_inputs, load_model
+from skincancer.images import expand_inputs
+from skincancer.predict import load_model
 from skincancer.ray_predict import RayPredictError, predict_with_ray, ray_data_console_handlers
 
 

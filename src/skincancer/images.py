@@ -4,6 +4,7 @@ preprocessing in numpy, so that prediction with ONNX Runtime needs no torch."""
 from __future__ import annotations
 
 import errno
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+
+ImageInput = str | Path | Image.Image | np.ndarray  # what predict takes: a file, or an image in memory
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MIN_SIDE = 8  # smaller images carry no lesion detail; a 1x1 "image" is a broken export, not a photo
@@ -196,3 +199,70 @@ def collate_arrays(samples: list[dict]) -> dict:
     errors = [(s["index"], s["error"]) for s in samples if "error" in s]
     return {"image": np.stack([s["image"] for s in good]) if good else None,
             "index": np.array([s["index"] for s in good], dtype=np.int64), "errors": errors}
+
+
+def expand_inputs(paths: Sequence[str | Path], passed_over: list[str] | None = None) -> list[str]:
+    """Files as given; folders expanded (recursively) to the image files inside them, sorted.
+
+    passed_over: if given, collects the files inside the folders that were left out for not being images."""
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                    files.append(str(p))
+                elif passed_over is not None and p.is_file() and not p.name.startswith("."):
+                    passed_over.append(str(p))
+        else:
+            files.append(str(path))
+    return files
+
+
+def image_ids(images: Sequence) -> list[str | None]:
+    """Each image's id for matching metadata: a file's name without extension (None for in-memory images)."""
+    return [Path(image).stem if isinstance(image, (str, Path)) else None for image in images]
+
+
+def is_batch_array(images) -> bool:
+    return isinstance(images, np.ndarray) and images.ndim == 4
+
+
+def as_source(image: ImageInput, index: int = 0):
+    """A PIL image (RGB, checked) or a path for the dataset; an ImageError for an image too small to use."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return to_rgb(Image.fromarray(array_to_uint8(image, index)))
+    if "torch" in sys.modules and isinstance(image, sys.modules["torch"].Tensor):  # none without torch loaded
+        raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
+    if isinstance(image, (bytes, bytearray)):
+        raise TypeError(f"image {index}: bytes; pass a path, a PIL image (PIL.Image.open(io.BytesIO(data))) or an "
+                        "array")
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"image {index}: expected a path, a PIL image or an array, got {type(image).__name__}")
+    return str(image)
+
+
+def array_to_uint8(image: np.ndarray, index: int) -> np.ndarray:
+    """An H x W (grey) or H x W x 1/3/4 array as 8-bit (images.to_uint8: uint8 as is, uint16 from 0..65535, other
+    integers 0..255, floats 0..1 or 0..255); other shapes and types are refused."""
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"image {index}: array of shape {image.shape}; expected H x W (grey) or H x W x 1, 3 or 4")
+    if image.dtype.kind not in "iuf":
+        raise ValueError(f"image {index}: array of {image.dtype}; expected uint8, uint16, integers or floats")
+    try:
+        return np.ascontiguousarray(to_uint8(image))
+    except PixelRangeError as err:
+        if not err.finite:
+            raise ValueError(f"image {index}: array holds NaN or infinity") from None
+        raise ValueError(f"image {index}: {image.dtype} array with values {err.low:g} to {err.high:g}; expected "
+                         "0..255 (or floats in 0..1, or uint16 0..65535); a normalised tensor is not a photograph"
+                         ) from None
+
+
+def describe(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"<image {index}>"

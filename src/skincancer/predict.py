@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from .checkpoint import META_FILE, CheckpointError, find_model_dir, read_meta
 from .engines import INT8_FILE, ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
 from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
-from .images import IMAGE_EXTENSIONS, EvalTransform, ImageError, ImageList, PixelRangeError, to_rgb, to_uint8
+from .images import EvalTransform, ImageError, ImageInput, ImageList, as_source, describe, image_ids, is_batch_array
 
 # torch, timm, pandas and scikit-learn are imported where they are needed: predicting with an ONNX export needs no
 # torch or timm (pandas only for the table), so `skincancer predict` of one image starts in about a second
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("skincancer")
 
-ImageInput = str | Path | Image.Image | np.ndarray
 _WARNED_VIEWS: set = set()  # (model folder, views) said once a process: a server would say it for every request
 ENGINES = ("auto", "onnx", "int8", "torch")
 
@@ -189,14 +187,14 @@ class Classifier:
             raise TypeError("images: expected a list of paths, PIL images or arrays (for encoded bytes, "
                             "PIL.Image.open(io.BytesIO(data)))")
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray)
-                                                             and not _is_batch_array(images)):
+                                                             and not is_batch_array(images)):
             images = [images]  # one image, as `predict` takes it
         images = list(images)
         rows = _normalise_rows(metadata, images)
         sources = []
         for i, image in enumerate(images):
             try:
-                sources.append(_as_source(image, i))
+                sources.append(as_source(image, i))
             except ImageError as err:  # an image too small: its own error, as for an unreadable file
                 sources.append(err)
         features = guarded and self.guard is not None
@@ -250,7 +248,7 @@ class Classifier:
         if images is None or isinstance(images, (bytes, bytearray)):
             raise TypeError("images: expected an image or a list of paths, PIL images or arrays (for encoded bytes, "
                             "PIL.Image.open(io.BytesIO(data)))")
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not _is_batch_array(images):
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not is_batch_array(images):
             images = [images]
             metadata = [metadata] if isinstance(metadata, dict) else metadata
         images = list(images)
@@ -269,7 +267,7 @@ class Classifier:
 
         error_by_index = dict(errors)
         malignant = self.malignant_probability(probs) if probs.shape[1] else np.full(len(images), np.nan)
-        columns = {"source": [_describe(image, i) for i, image in enumerate(images)]}
+        columns = {"source": [describe(image, i) for i, image in enumerate(images)]}
         for c, name in enumerate(self.class_names):
             columns[name] = probs[:, c] if probs.shape[1] else np.full(len(images), np.nan)
         columns[self.positive_name] = malignant
@@ -415,77 +413,10 @@ def refusal_sentence(reason: str) -> str:
     return f"No verdict for this image: {reason}."
 
 
-def expand_inputs(paths: Sequence[str | Path], passed_over: list[str] | None = None) -> list[str]:
-    """Files as given; folders expanded (recursively) to the image files inside them, sorted.
-
-    passed_over: if given, collects the files inside the folders that were left out for not being images."""
-    files: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                    files.append(str(p))
-                elif passed_over is not None and p.is_file() and not p.name.startswith("."):
-                    passed_over.append(str(p))
-        else:
-            files.append(str(path))
-    return files
-
-
-def _ids(images: Sequence) -> list[str | None]:
-    """Each image's id for matching metadata: a file's name without extension (None for in-memory images)."""
-    return [Path(image).stem if isinstance(image, (str, Path)) else None for image in images]
-
-
-def _is_batch_array(images) -> bool:
-    return isinstance(images, np.ndarray) and images.ndim == 4
-
-
 def _normalise_rows(metadata, images: list) -> list[dict | None] | None:
     """metadata.normalise_rows for these images (None: no metadata, and no pandas to import)."""
     if metadata is None:
         return None
     from .metadata import normalise_rows
 
-    return normalise_rows(metadata, len(images), _ids(images))
-
-
-def _as_source(image: ImageInput, index: int = 0):
-    """A PIL image (RGB, checked) or a path for the dataset; an ImageError for an image too small to use."""
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return to_rgb(Image.fromarray(_as_uint8(image, index)))
-    if "torch" in sys.modules and isinstance(image, sys.modules["torch"].Tensor):  # none without torch loaded
-        raise TypeError("pass images as paths, PIL images or HxWxC uint8 arrays, not tensors")
-    if isinstance(image, (bytes, bytearray)):
-        raise TypeError(f"image {index}: bytes; pass a path, a PIL image (PIL.Image.open(io.BytesIO(data))) or an "
-                        "array")
-    if not isinstance(image, (str, Path)):
-        raise TypeError(f"image {index}: expected a path, a PIL image or an array, got {type(image).__name__}")
-    return str(image)
-
-
-def _as_uint8(image: np.ndarray, index: int) -> np.ndarray:
-    """An H x W (grey) or H x W x 1/3/4 array as 8-bit (images.to_uint8: uint8 as is, uint16 from 0..65535, other
-    integers 0..255, floats 0..1 or 0..255); other shapes and types are refused."""
-    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image {index}: array of shape {image.shape} looks channels-first; pass H x W x C")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-        raise ValueError(f"image {index}: array of shape {image.shape}; expected H x W (grey) or H x W x 1, 3 or 4")
-    if image.dtype.kind not in "iuf":
-        raise ValueError(f"image {index}: array of {image.dtype}; expected uint8, uint16, integers or floats")
-    try:
-        return np.ascontiguousarray(to_uint8(image))
-    except PixelRangeError as err:
-        if not err.finite:
-            raise ValueError(f"image {index}: array holds NaN or infinity") from None
-        raise ValueError(f"image {index}: {image.dtype} array with values {err.low:g} to {err.high:g}; expected "
-                         "0..255 (or floats in 0..1, or uint16 0..65535); a normalised tensor is not a photograph"
-                         ) from None
-
-
-def _describe(image, index: int) -> str:
-    return str(image) if isinstance(image, (str, Path)) else f"<image {index}>"
+    return normalise_rows(metadata, len(images), image_ids(images))

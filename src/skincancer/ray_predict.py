@@ -202,7 +202,7 @@ def _batches(dataset) -> Iterator[pd.DataFrame]:
 
 def _expand_input(row: dict) -> list[dict]:
     """One command-line input -> its image files, as the single-process `predict` lists them."""
-    from .predict import expand_inputs
+    from .images import expand_inputs
 
     return [{"path": path} for path in expand_inputs([row["input"]])]
 
