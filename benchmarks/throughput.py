@@ -5,6 +5,8 @@ InceptionV3 at 299 px (random weights: only the time matters), each beside the F
 (measured float32 matmul GFLOP/s divided by the model's FLOPs per image).
 
     .venv/bin/python benchmarks/throughput.py --model runs/linear224 --images ../shared/data/isic2017/test
+
+A run exported with `skincancer export --int8` gets an 'int8' row too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from skincancer.export import OnnxEngine, session_options, write_onnx
+from skincancer.checkpoint import find_model_dir
+from skincancer.engines import INT8_FILE, OnnxEngine, session_options
+from skincancer.export import write_onnx
 from skincancer.images import expand_inputs
 from skincancer.predict import Classifier, load_model
 
@@ -99,7 +103,8 @@ def end_to_end(classifier: Classifier, files: list[str], batch_size: int, num_wo
 
 
 def classifiers(run: str | None, backbone: str, image_size: int, workdir: Path) -> dict[str, Classifier]:
-    """{'torch': ..., 'onnx': ...} for the trained run, or for a randomly initialised timm backbone."""
+    """{'onnx': ..., 'torch': ...} for the trained run (and 'int8' where it has an int8 export), or for a randomly
+    initialised timm backbone."""
     if run is not None:
         torch_classifier = load_model(run, engine="torch")
     else:
@@ -112,7 +117,10 @@ def classifiers(run: str | None, backbone: str, image_size: int, workdir: Path) 
     write_onnx(torch_classifier.model, int(torch_classifier.meta["image_size"]), path)  # never touches the run
     onnx_classifier = Classifier(model=torch_classifier.model, meta=torch_classifier.meta,
                                  source=torch_classifier.source, engine=OnnxEngine(path))
-    return {"onnx": onnx_classifier, "torch": torch_classifier}
+    engines = {"onnx": onnx_classifier}
+    if run is not None and (find_model_dir(run) / INT8_FILE).is_file():  # `skincancer export --int8` was run
+        engines["int8"] = load_model(run, engine="int8")
+    return {**engines, "torch": torch_classifier}
 
 
 def main() -> None:

@@ -75,20 +75,36 @@ class _Reader:
         return next(self.batches, None)
 
 
-def quantize_graph(float_path: Path, out: Path, calibration: np.ndarray) -> None:
-    """Static int8 quantisation (QDQ; per-channel int8 weights, uint8 activations; MinMax ranges from the
-    calibration images) of the convolutions and matrix products; softmax and pooling stay in float."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def prepare(float_path: Path, out: Path) -> None:
+    """The float graph with its shapes inferred and constants folded: what the quantiser works on."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        atomic_write(out, lambda target: quantize_static(
-            str(prepared), str(target), _Reader(INPUT_NAME, calibration), quant_format=QuantFormat.QDQ,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "Gemm", "MatMul"], calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"CalibTensorRangeSymmetric": False}))
+    quant_pre_process(str(float_path), str(out), skip_symbolic_shape=True)
+
+
+def plans(prepared: Path) -> list[tuple[str, list[str]]]:
+    """Which convolutions go to int8, most first. Depthwise convolutions (and the stem) lose the most here: a frozen
+    ImageNet backbone's features move far when they are quantised (the demo probe's validation AUC fell from 0.937
+    to 0.876 with every convolution in int8, and stayed within 0.002 with the later half of the pointwise ones)."""
+    import onnx
+
+    convs = [node for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+    grouped = {node.name: next((a.i for a in node.attribute if a.name == "group"), 1) for node in convs}
+    pointwise = [node.name for node in convs[1:] if grouped[node.name] == 1]
+    return [("every convolution", [node.name for node in convs]),
+            ("the pointwise convolutions after the stem", pointwise),
+            ("the later half of the pointwise convolutions", pointwise[len(pointwise) // 2:])]
+
+
+def quantize_graph(prepared: Path, out: Path, calibration: np.ndarray, nodes: list[str]) -> None:
+    """Static int8 quantisation of `nodes` (QDQ; per-channel int8 weights, uint8 activations; MinMax ranges from
+    the calibration images); everything else, softmax and pooling included, stays in float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    atomic_write(out, lambda target: quantize_static(
+        str(prepared), str(target), _Reader(INPUT_NAME, calibration), quant_format=QuantFormat.QDQ,
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+        op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.MinMax))
 
 
 def parity(classifier, float_engine, int8_engine, images: np.ndarray, labels: np.ndarray | None) -> dict:
@@ -154,15 +170,23 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     check_arrays, kept = _arrays(classifier, check_frame["filepath"].tolist())
     truth = check_frame["diagnosis"].map(labels).to_numpy()[kept] if "diagnosis" in check_frame else None
     out = model_dir / INT8_FILE
+    truth = None if truth is None else np.asarray(truth, dtype=int)
     with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / INT8_FILE
-        quantize_graph(float_engine.path, candidate, calibration_arrays)
-        report = parity(classifier, float_engine, OnnxEngine(candidate), check_arrays,
-                        None if truth is None else np.asarray(truth, dtype=int))
-        problem = refusal(report, tolerance)
-        if problem:
+        prepared, candidate = Path(tmp) / "prepared.onnx", Path(tmp) / INT8_FILE
+        prepare(float_engine.path, prepared)
+        tried = []
+        for plan, nodes in plans(prepared):  # as much in int8 as the tolerance allows
+            quantize_graph(prepared, candidate, calibration_arrays, nodes)
+            report = {"plan": plan, "int8_convolutions": len(nodes),
+                      **parity(classifier, float_engine, OnnxEngine(candidate), check_arrays, truth)}
+            problem = refusal(report, tolerance)
+            if problem is None:
+                break
+            tried.append(f"with {plan} in int8 ({len(nodes)}): {problem}")
+            log.info("int8 %s", tried[-1])
+        else:
             raise QuantizeError(f"{out}: not written: the int8 model strays from the float one on {report['images']} "
-                                f"images of {check}: {problem}")
+                                f"images of {check}: " + "; ".join(tried))
         atomic_write(out, lambda target: Path(target).write_bytes(candidate.read_bytes()))
     write_json(out.with_name(out.name + ".json"), {
         **classifier.meta, "onnx": {**json.loads(float_engine.path.with_name(

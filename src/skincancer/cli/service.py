@@ -48,7 +48,8 @@ def export(
         report = export_int8(model, calibration or None, check)
         auc = (f"; melanoma AUC {report['auc_int8']:.4f} against {report['auc_float']:.4f} in float"
                if "auc_float" in report else "")
-        typer.echo(f"wrote {path.with_name(INT8_FILE)}: on {report['images']} check images the malignant "
+        typer.echo(f"wrote {path.with_name(INT8_FILE)} ({report['plan']} in int8): on {report['images']} check "
+                   "images the malignant "
                    f"probability moved by {report['mean_difference']:.4f} on average (at most "
                    f"{report['max_difference']:.4f}), {report['verdicts_changed']} verdict(s) changed{auc}")
 
