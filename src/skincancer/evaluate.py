@@ -71,6 +71,26 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     labels = frame["label"].to_numpy()
     _require_both_labels(frame["label"][ok], data, " among the readable images")
 
+    metrics = _figures(classifier, frame, probs, malignant, ok, patients, group_by, n_boot)
+    metrics["guard"] = guard_figures(judged, labels, malignant, ok, classifier.threshold, frame["image_id"], n_boot)
+    metrics.update({
+        "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
+        "n_with_metadata": _metadata_used(classifier, rows, ok),
+        "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
+                                                         "threshold", "threshold_policy", "validation_source",
+                                                         "validation")} | {"positive_name": classifier.positive_name},
+    })
+    table = _write_predictions(out, classifier, frame, judged, malignant, ok)
+    _add_provenance(metrics, classifier, frame, ok, data)
+    write_json(out / "metrics.json", metrics)
+    _write_report(out, metrics, classifier, frame, table, probs, malignant, ok, data, error_examples)
+    return metrics
+
+
+def _figures(classifier: Classifier, frame: pd.DataFrame, probs: np.ndarray, malignant: np.ndarray, ok: np.ndarray,
+             patients: list | None, group_by: Sequence[str], n_boot: int) -> dict:
+    """The malignant figures on the readable images, each class's AUC, and the figures of each subgroup."""
+    labels = frame["label"].to_numpy()
     metrics = binary_report(labels[ok], malignant[ok], classifier.threshold, n_boot=n_boot)
     metrics["class_auc"] = {}
     if classifier.meta.get("head") != "binary" and "diagnosis" in frame:
@@ -91,17 +111,15 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         values = [_group_value(v) for v in frame[column][ok]]
         metrics.setdefault("subgroups", {})[column] = subgroup_report(labels[ok], malignant[ok],
                                                                       classifier.threshold, values)
-    metrics["guard"] = guard_figures(judged, labels, malignant, ok, classifier.threshold, frame["image_id"], n_boot)
-    metrics.update({
-        "data": str(data), "tta": _tta_used(classifier, tta), "skipped": skipped,
-        "n_with_metadata": _metadata_used(classifier, rows, ok),
-        "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
-                                                         "threshold", "threshold_policy", "validation_source",
-                                                         "validation")} | {"positive_name": classifier.positive_name},
-    })
+    return metrics
 
+
+def _write_predictions(out: Path, classifier: Classifier, frame: pd.DataFrame, judged, malignant: np.ndarray,
+                       ok: np.ndarray) -> pd.DataFrame:
+    """predictions.csv (every image), and isic_predictions.csv for a model of the ISIC tasks; the table."""
+    probs, errors = judged.probs, judged.errors
     table = pd.DataFrame({
-        "image_id": frame["image_id"], "diagnosis": frame["diagnosis"], "label": labels,
+        "image_id": frame["image_id"], "diagnosis": frame["diagnosis"], "label": frame["label"].to_numpy(),
         **{name: probs[:, c] for c, name in enumerate(classifier.class_names)},
         classifier.positive_name: malignant,
         "predicted": np.where(np.isnan(malignant), -1, (malignant >= classifier.threshold).astype(int)),
@@ -115,6 +133,11 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         atomic_write(out / "isic_predictions.csv", lambda tmp: isic.to_csv(tmp, index=False))
     elif (out / "isic_predictions.csv").exists():
         (out / "isic_predictions.csv").unlink()  # an earlier evaluation's, of another model: never leave it stale
+    return table
+
+
+def _add_provenance(metrics: dict, classifier: Classifier, frame: pd.DataFrame, ok: np.ndarray, data) -> None:
+    """Where the figures came from: the environment and data, the images the model was fitted on, its training."""
     keys = content_keys(list(frame["filepath"]))  # each file hashed once: for the fingerprint and the overlap check
     metrics["environment"] = {**environment(), "data": {
         "images": int(ok.sum()),
@@ -133,8 +156,12 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     unfinished = [str(m.source) for m in classifier.runs if m.meta.get("unfinished")]
     if unfinished:
         metrics["unfinished_models"] = unfinished  # the report says their threshold is a placeholder
-    write_json(out / "metrics.json", metrics)
 
+
+def _write_report(out: Path, metrics: dict, classifier: Classifier, frame: pd.DataFrame, table: pd.DataFrame,
+                  probs: np.ndarray, malignant: np.ndarray, ok: np.ndarray, data, error_examples: int) -> None:
+    """The plots (ROC, confusion matrix, calibration) and report.html."""
+    labels = frame["label"].to_numpy()
     curves = {classifier.positive_name: (labels[ok], malignant[ok], metrics["auc"])}
     for name in ISIC_TASKS[1:]:
         if name in metrics["class_auc"] and not np.isnan(metrics["class_auc"][name]):
@@ -152,7 +179,6 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     examples = (worst_errors(table, frame["filepath"], classifier.positive_name, classifier.threshold, error_examples)
                 if error_examples > 0 else None)
     html_report(metrics, plots, out / "report.html", examples=examples)
-    return metrics
 
 
 def guard_figures(judged, labels: np.ndarray, malignant: np.ndarray, ok: np.ndarray, threshold: float,

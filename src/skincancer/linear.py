@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,56 +49,89 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         raise ValueError(f"fit_linear: {len(keys)} content keys for {len(train_df)} + {len(valid_df)} files")
     train_keys, valid_keys = keys[:len(train_df)], keys[len(train_df):]
 
-    def view_features(paths: pd.Series, split: str, n: int, file_keys: list) -> tuple[np.ndarray, np.ndarray]:
-        """[n views, usable images, D] and the mask of usable images (readable in every view)."""
-        per_view = [cached_features(model, paths, config, prep, view, split, file_keys) for view in range(n)]
-        ok = np.logical_and.reduce([mask for _, mask in per_view])
-        return np.stack([features[ok] for features, _ in per_view]), ok
-
-    x, ok = view_features(fit_df["filepath"], "train+valid" if pooled else "train", max(views, scored),
-                          keys if pooled else train_keys)
+    x, ok = _view_features(model, config, prep, fit_df["filepath"], "train+valid" if pooled else "train",
+                           max(views, scored), keys if pooled else train_keys)
     y = targets[ok]
     groups = fold_groups(fit_df, keys if pooled else train_keys)[ok]  # a lesion's images stay in one fold
     judged = config.judged(fit_df)[ok]  # the rows whose out-of-fold AUC chooses C (--select-on)
+    valid = None  # without pooling: the validation images' features, labels and judged rows
     if not pooled:
-        valid_x, valid_ok = view_features(valid_df["filepath"], "valid", scored, valid_keys)
-        valid_labels = valid_df["label"].to_numpy()[valid_ok]
-        valid_judged = config.judged(valid_df)[valid_ok]
-    positive = config.positive_indices(class_names)
-    is_positive = np.isin(y, positive).astype(int)
-    weight = None if config.class_balance == "none" else "balanced"
-
-    def fit(rows: np.ndarray, c: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
-        mean, std = x[0, rows].mean(0), x[0, rows].std(0)
-        # a near-constant feature (std 2e-4 against a median of 0.4 in the demo's) would be scaled up thousands of
-        # times, and a new image that moves it a little would swing the logits to 0 or 1: floor the spread
-        std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
-        clf = LogisticRegression(C=c, class_weight=weight, max_iter=3000)
-        clf.fit(((x[:views, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[rows], views))
-        return clf, mean, std
-
-    def proba(fitted: tuple, features: np.ndarray) -> np.ndarray:
-        """features [views, N, D] -> probabilities [N, classes], the mean over the first `tta` views."""
-        clf, mean, std = fitted
-        return np.mean([clf.predict_proba((features[v] - mean) / std) for v in range(scored)], axis=0)
+        valid_x, valid_ok = _view_features(model, config, prep, valid_df["filepath"], "valid", scored, valid_keys)
+        valid = (valid_x, valid_df["label"].to_numpy()[valid_ok], config.judged(valid_df)[valid_ok])
+    head = _Head(x, y, views, scored, None if config.class_balance == "none" else "balanced")
 
     folds = min(5, int(np.bincount(y[judged]).min())) if judged.any() else 0
     if pooled and folds < 2:
         raise DataError(f"{config.train_name} + {config.valid}: too few images of a class for cross-validation")
     splits = _source_folds(y, groups, judged, folds, config.seed) if folds >= 2 else []
+    rows, best = _search_c(head, judged, splits, valid, config, class_names, writer)
+    atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    _, c, (clf, mean, std), oof = best
+    log.info("chose C=%g by %s AUC %.4f (%d images)", c, "cross-validated" if splits else "validation", best[0],
+             len(y))
+    _set_classifier(unwrap(model).get_classifier(), clf, mean, std)
+    if not pooled:
+        return None
+    held_out = fit_df.assign(split=["train"] * len(train_df) + ["valid"] * len(valid_df))
+    return oof, held_out[ok].reset_index(drop=True)
+
+
+def _view_features(model: nn.Module, config: TrainConfig, prep: dict, paths: pd.Series, split: str, n: int,
+                   file_keys: list) -> tuple[np.ndarray, np.ndarray]:
+    """[n views, usable images, D] and the mask of usable images (readable in every view)."""
+    per_view = [cached_features(model, paths, config, prep, view, split, file_keys) for view in range(n)]
+    ok = np.logical_and.reduce([mask for _, mask in per_view])
+    return np.stack([features[ok] for features, _ in per_view]), ok
+
+
+@dataclass
+class _Head:
+    """Logistic regression on standardised features x [views, N, D] with targets y [N]: fitted on the first
+    `views` views of each image, scoring an image by the mean of its first `scored` views' probabilities."""
+
+    x: np.ndarray
+    y: np.ndarray
+    views: int
+    scored: int
+    class_weight: str | None
+
+    def fit(self, rows: np.ndarray, c: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
+        x, views = self.x, self.views
+        mean, std = x[0, rows].mean(0), x[0, rows].std(0)
+        # a near-constant feature (std 2e-4 against a median of 0.4 in the demo's) would be scaled up thousands of
+        # times, and a new image that moves it a little would swing the logits to 0 or 1: floor the spread
+        std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
+        clf = LogisticRegression(C=c, class_weight=self.class_weight, max_iter=3000)
+        clf.fit(((x[:views, rows] - mean) / std).reshape(-1, x.shape[-1]), np.tile(self.y[rows], views))
+        return clf, mean, std
+
+    def proba(self, fitted: tuple, features: np.ndarray) -> np.ndarray:
+        """features [views, N, D] -> probabilities [N, classes], the mean over the first `scored` views."""
+        clf, mean, std = fitted
+        return np.mean([clf.predict_proba((features[v] - mean) / std) for v in range(self.scored)], axis=0)
+
+
+def _search_c(head: _Head, judged: np.ndarray, splits: list, valid: tuple | None, config: TrainConfig,
+              class_names: list[str], writer: SummaryWriter) -> tuple[list[dict], tuple]:
+    """Fit the head for every C of config.linear_c; the summary rows and the best (score, C, fitted, out-of-fold
+    probabilities). The score: the cross-validated AUC over `splits` (none: the validation AUC on `valid`)."""
+    y = head.y
+    positive = config.positive_indices(class_names)
+    is_positive = np.isin(y, positive).astype(int)
     rows, best = [], None
     for c in progress(config.linear_c, desc="fitting linear head", unit="C", leave=False):
         cv_auc, oof = float("nan"), np.full((len(y), len(class_names)), np.nan)
-        if folds >= 2:
+        if splits:
             for kept, held in splits:
-                oof[held] = proba(fit(kept, c), x[:, held])
+                oof[held] = head.proba(head.fit(kept, c), head.x[:, held])
             cv_auc = roc_auc(is_positive[judged], oof[judged][:, positive].sum(1))
         row = {"C": c, "cv_auc": cv_auc}
-        fitted = fit(np.arange(len(y)), c)
-        if not pooled:
+        fitted = head.fit(np.arange(len(y)), c)
+        if valid is not None:
+            valid_x, valid_labels, valid_judged = valid
             row["valid_auc"] = roc_auc(valid_labels[valid_judged],
-                                       proba(fitted, valid_x[:, valid_judged])[:, positive].sum(1))
-        score = cv_auc if folds >= 2 and not math.isnan(cv_auc) else row["valid_auc"]
+                                       head.proba(fitted, valid_x[:, valid_judged])[:, positive].sum(1))
+        score = cv_auc if splits and not math.isnan(cv_auc) else row["valid_auc"]
         rows.append(row)
         for key, value in row.items():
             if key != "C":
@@ -105,24 +139,20 @@ def fit_linear(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.D
         log.info("linear head C=%g: %s", c, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "C"))
         if best is None or score > best[0]:
             best = (score, c, fitted, oof)
-    atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-    _, c, (clf, mean, std), oof = best
-    log.info("chose C=%g by %s AUC %.4f (%d images)", c, "cross-validated" if folds >= 2 else "validation", best[0],
-             len(y))
+    return rows, best
+
+
+def _set_classifier(classifier: nn.Linear, clf: LogisticRegression, mean: np.ndarray, std: np.ndarray) -> None:
+    """The fitted head as the model's classifier layer, its standardisation folded in."""
     weight_matrix, bias = clf.coef_, clf.intercept_
     if weight_matrix.shape[0] == 1:  # sklearn's binary case: one logit for class 1; softmax over [0, w] is the same
         weight_matrix, bias = np.vstack([np.zeros_like(weight_matrix), weight_matrix]), np.concatenate([[0.0], bias])
     # Fold the standardisation into the layer: w.(x - m)/s + b = (w/s).x + (b - w.(m/s)).
     folded_w = weight_matrix / std
     folded_b = bias - (weight_matrix * (mean / std)).sum(1)
-    classifier = unwrap(model).get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(torch.as_tensor(folded_w, dtype=torch.float32))
         classifier.bias.copy_(torch.as_tensor(folded_b, dtype=torch.float32))
-    if not pooled:
-        return None
-    held_out = fit_df.assign(split=["train"] * len(train_df) + ["valid"] * len(valid_df))
-    return oof, held_out[ok].reset_index(drop=True)
 
 
 def _source_folds(y: np.ndarray, groups: np.ndarray, judged: np.ndarray, folds: int, seed: int) -> list:

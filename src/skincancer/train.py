@@ -6,6 +6,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from .data import (
     manifest_labels,
 )
 from .distributed import (
+    World,
     device_for,
     init_world,
     shutdown,
@@ -80,148 +82,191 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         return out
     if resume and config.mode == "linear":
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
-    replace = False
-    # a folder this call makes is removed again if the inputs do not check out: a failed start leaves nothing
-    created = world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))
-    made = first_missing(out)  # the outermost folder `mkdir` is about to make (None: `out` exists)
-    if world.is_main:
-        if not resume:
-            replace = claim_out(out, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-    old_log = (out / "train.log").stat().st_size if world.is_main and (out / "train.log").is_file() else 0
-    file_log = log_to(out / "train.log") if world.is_main else logging.NullHandler()
-    begun = False  # the inputs checked out: the run writes its files
+    start = _RunStart(out, world, resume, overwrite)
     try:
         seed_everything(config.seed)
-        train_df = read_sources(config.train_paths, config.labels)
-        valid_df = read_sources([config.valid], config.labels)
-        # every file decoded once up front (about 1 ms each): every process drops the same unreadable files, and a
-        # split with none left stops here, not inside an epoch (or one process of a multi-process run)
-        train_df = readable(train_df, config.train_name, "train")
-        valid_df = readable(valid_df, config.valid, "valid")
-        keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
-        device = device_for(world, config.device)
-        env = {}  # only rank 0 saves the model: the others neither need it nor run git beside it
-        if world.is_main:
-            data = {split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, df["diagnosis"]),
-                            "diagnoses": {str(k): int(n) for k, n in sorted(df["diagnosis"].value_counts().items())}}
-                    for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
-                                                  ("valid", valid_df, keys[len(train_df):]))}
-            env = run_environment(out, {**environment(str(device)), "data": data}, resume)
-            log.info("%s; command: %s", describe(env), " ".join(sys.argv))
-        warn_shared_images(train_df, valid_df, keys, config.valid)
-        class_names = _class_names(config, train_df, valid_df)
-        train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
-        log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
-                 len(valid_df), _counts(valid_df))
-        if valid_df["label"].nunique() < 2:
-            raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
-        _check_select_on(config, train_df, valid_df)
-        metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
-        if replace:  # the inputs are readable: only now does the old run go, its log lines too
-            clear_run(out)
-            drop_log_head(file_log, out / "train.log", old_log)
-        begun = True
-        if world.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
-            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
-            # from the start, so that a model saved by an interrupted run is covered too
-            write_fitted_images(out / "model", keys[:len(train_df)], keys[len(train_df):],
-                                fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
-            write_json(out / "model" / ENVIRONMENT_FILE, env)  # read back by --resume; model.json gets it too
-
-        model = build_model(config.backbone, len(class_names), pretrained=config.pretrained, pooling=config.pooling)
+        inputs = _read_inputs(config, out, world, resume)
+        start.begin(config, inputs)
+        model = build_model(config.backbone, len(inputs.class_names), pretrained=config.pretrained,
+                            pooling=config.pooling)
         prep = preprocessing(model)
-        model.to(device)
+        model.to(inputs.device)
         meta = {
-            "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": class_names,
+            "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": inputs.class_names,
             "labels": config.labels, "positive_name": config.positive_name, "negative_name": config.negative_name,
             "image_size": config.inference_size, "train_image_size": config.image_size, **prep, "threshold": 0.5,
             "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
-            "class_balance": config.class_balance, "sources": source_table(train_df, valid_df),
+            "class_balance": config.class_balance, "sources": source_table(inputs.train_df, inputs.valid_df),
             **({"select_on": config.select_on} if config.select_on else {}),
-            "skincancer_version": __version__, "environment": env,
+            "skincancer_version": __version__, "environment": inputs.env,
         }
         if world.is_main:
             _print_summary(model, config)
         writer = SummaryWriter(str(out / "tensorboard")) if world.is_main else NoWriter()
-        held_out = None
+        splits = (inputs.train_df, inputs.train_targets, inputs.valid_df, inputs.valid_targets, inputs.class_names)
         if config.mode == "linear":
-            held_out = fit_linear(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
-                                  out, writer, keys)
-            epoch = 0
+            held_out, epoch = fit_linear(model, config, prep, *splits, out, writer, inputs.keys), 0
         else:
-            epoch = fit_finetune(model, config, prep, train_df, train_targets, valid_df, valid_targets, class_names,
-                                 meta, out, writer, resume=resume, world=world)
+            held_out, epoch = None, fit_finetune(model, config, prep, *splits, meta, out, writer, resume=resume,
+                                                 world=world)
             if not world.is_main:
                 return out
-
-        guard_valid = None  # the validation pass's features, for the guard of a fine-tuned model
-        valid_split = valid_df  # a probe fitted on train+valid replaces valid_df by its out-of-fold rows below
-        if held_out is not None:
-            # A head fitted on train+valid: threshold and validation figures from its out-of-fold predictions.
-            valid_probs, valid_df = held_out
-            meta["validation_source"] = "out-of-fold (train+valid)"
-        else:
-            # Otherwise they always come from the saved model's own outputs on validation.
-            valid_set = ImageDataset(valid_df["filepath"], None, eval_transform(config, prep))
-            outputs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers,
-                                            tta=config.tta, output="probs+features", desc="validating")
-            valid_probs, guard_valid = outputs[:, :len(class_names)], outputs[:, len(class_names):]
-            report_bad(errors, valid_df["filepath"], "validation")
-            meta["validation_source"] = "valid"
-        meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
-        if metadata_model is not None:
-            meta["metadata_model"] = metadata_model.to_dict()
-            # the metadata model saw the training images: validate it on validation images only
-            only_valid = np.ones(len(valid_df), bool)
-            if "split" in valid_df:
-                only_valid = (valid_df["split"] == "valid").to_numpy()
-            meta["validation"].update(metadata_validation(metadata_model, valid_probs[only_valid],
-                                                          valid_df[only_valid].reset_index(drop=True), class_names,
-                                                          config))
-        if config.guard:
-            frozen = config.mode == "linear"
-            fitted = probe_guard_features(model, config, prep, train_df, valid_split, keys) if frozen else None
-            try:
-                meta["guard"] = fit_model_guard(
-                    model, frozen, train_df["filepath"], valid_split["filepath"], eval_transform(config, prep),
-                    config.tta, out / "model", config.batch_size, config.num_workers, config.guard_false_rejection,
-                    valid_features=guard_valid, fitted_features=fitted, seed=config.seed,
-                    groups=fold_groups(pd.concat([train_df, valid_split], ignore_index=True), keys))
-            except GuardError as err:  # a smoke-test-sized split: the model works, unguarded, and says so
-                log.warning("no out-of-distribution guard: %s", err)
-        meta["epoch"] = epoch
-        meta["train_seconds"] = round(time.time() - started, 1)
-        save_model(model, meta, out / "model")
-        write_card(load_model(out / "model", engine="torch"), out / "model" / CARD_FILE)
-        writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
-        writer.close()
-        model.cpu()
-        log.info("%s AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
-                 meta["validation_source"], meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
-                 meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
-                 meta["train_seconds"])
+        _finish(model, config, prep, inputs, meta, held_out, epoch, out, writer, started)
         return out
     except BaseException as err:
-        if not (created and not begun):  # a log that stays says why the run stopped (the console shows it too)
-            file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "training stopped: %s",
-                                           (str(err) or type(err).__name__,), None))
+        start.stopped(err)
         raise
     finally:
-        log.removeHandler(file_log)
-        file_log.close()
+        start.close_log()
         shutdown(world)
-        if created and not begun:
-            remove_start(out, made)
+        start.undo_if_refused()
 
 
-# ---------------------------------------------------------------- linear probe
+class _RunStart:
+    """The run folder's life cycle: claimed (made if need be) and logged to before the inputs are read; a folder
+    this call made is removed again if they are refused, so a failed start leaves nothing. Once they check out, an
+    old run being replaced goes and the new run's config.yaml is written (`begin`)."""
+
+    def __init__(self, out: Path, world: World, resume: bool, overwrite: bool):
+        self.out, self.is_main = out, world.is_main
+        self.created = world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))
+        self.made = first_missing(out)  # the outermost folder `mkdir` is about to make (None: `out` exists)
+        self.replace = world.is_main and not resume and claim_out(out, overwrite)  # True: a run there is replaced
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.old_log = (out / "train.log").stat().st_size if world.is_main and (out / "train.log").is_file() else 0
+        self.file_log = log_to(out / "train.log") if world.is_main else logging.NullHandler()
+        self.begun = False  # the inputs checked out: the run writes its files
+
+    def begin(self, config: TrainConfig, inputs: _Inputs) -> None:
+        if self.replace:  # the inputs are readable: only now does the old run go, its log lines too
+            clear_run(self.out)
+            drop_log_head(self.file_log, self.out / "train.log", self.old_log)
+        self.begun = True
+        if self.is_main:  # written once the inputs check out, so a failed start leaves an old run's config alone
+            out, keys, n_train = self.out, inputs.keys, len(inputs.train_df)
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
+            # from the start, so that a model saved by an interrupted run is covered too
+            write_fitted_images(out / "model", keys[:n_train], keys[n_train:],
+                                fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
+            write_json(out / "model" / ENVIRONMENT_FILE, inputs.env)  # read back by --resume; model.json gets it too
+
+    def stopped(self, err: BaseException) -> None:
+        if not (self.created and not self.begun):  # a log that stays says why the run stopped (the console too)
+            self.file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "training stopped: %s",
+                                                (str(err) or type(err).__name__,), None))
+
+    def close_log(self) -> None:
+        log.removeHandler(self.file_log)
+        self.file_log.close()
+
+    def undo_if_refused(self) -> None:
+        if self.created and not self.begun:
+            remove_start(self.out, self.made)
 
 
-# ---------------------------------------------------------------- fine-tuning
+@dataclass
+class _Inputs:
+    """A run's checked inputs: both splits, their files' content keys (train's, then valid's) and what follows."""
+
+    train_df: pd.DataFrame
+    valid_df: pd.DataFrame
+    keys: list[str | None]
+    device: torch.device
+    env: dict
+    class_names: list[str]
+    train_targets: np.ndarray
+    valid_targets: np.ndarray
+    metadata_model: MetadataModel | None
 
 
-# ---------------------------------------------------------------- resumable training state
+def _read_inputs(config: TrainConfig, out: Path, world: World, resume: bool) -> _Inputs:
+    train_df = read_sources(config.train_paths, config.labels)
+    valid_df = read_sources([config.valid], config.labels)
+    # every file decoded once up front (about 1 ms each): every process drops the same unreadable files, and a
+    # split with none left stops here, not inside an epoch (or one process of a multi-process run)
+    train_df = readable(train_df, config.train_name, "train")
+    valid_df = readable(valid_df, config.valid, "valid")
+    keys = content_keys([*train_df["filepath"], *valid_df["filepath"]])  # each file hashed once
+    device = device_for(world, config.device)
+    env = {}  # only rank 0 saves the model: the others neither need it nor run git beside it
+    if world.is_main:
+        data = {split: {"images": len(df), "fingerprint": data_fingerprint(split_keys, df["diagnosis"]),
+                        "diagnoses": {str(k): int(n) for k, n in sorted(df["diagnosis"].value_counts().items())}}
+                for split, df, split_keys in (("train", train_df, keys[:len(train_df)]),
+                                              ("valid", valid_df, keys[len(train_df):]))}
+        env = run_environment(out, {**environment(str(device)), "data": data}, resume)
+        log.info("%s; command: %s", describe(env), " ".join(sys.argv))
+    warn_shared_images(train_df, valid_df, keys, config.valid)
+    class_names = _class_names(config, train_df, valid_df)
+    train_targets, valid_targets = _targets(config, class_names, train_df), _targets(config, class_names, valid_df)
+    log.info("train: %d images (%s); valid: %d images (%s)", len(train_df), _counts(train_df),
+             len(valid_df), _counts(valid_df))
+    if valid_df["label"].nunique() < 2:
+        raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
+    _check_select_on(config, train_df, valid_df)
+    metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
+    return _Inputs(train_df, valid_df, keys, device, env, class_names, train_targets, valid_targets, metadata_model)
+
+
+def _finish(model: nn.Module, config: TrainConfig, prep: dict, inputs: _Inputs, meta: dict,
+            held_out: tuple[np.ndarray, pd.DataFrame] | None, epoch: int, out: Path, writer: SummaryWriter,
+            started: float) -> None:
+    """Rank 0, after fitting: threshold and validation figures, the metadata model's, the guard; the model saved."""
+    class_names = inputs.class_names
+    guard_valid = None  # the validation pass's features, for the guard of a fine-tuned model
+    if held_out is not None:
+        # A head fitted on train+valid: threshold and validation figures from its out-of-fold predictions.
+        valid_probs, valid_df = held_out
+        meta["validation_source"] = "out-of-fold (train+valid)"
+    else:
+        # Otherwise they always come from the saved model's own outputs on validation.
+        valid_df = inputs.valid_df
+        valid_set = ImageDataset(valid_df["filepath"], None, eval_transform(config, prep))
+        outputs, errors = run_inference(model, valid_set, config.batch_size, config.num_workers,
+                                        tta=config.tta, output="probs+features", desc="validating")
+        valid_probs, guard_valid = outputs[:, :len(class_names)], outputs[:, len(class_names):]
+        report_bad(errors, valid_df["filepath"], "validation")
+        meta["validation_source"] = "valid"
+    meta.update(finish_validation(valid_probs, valid_df, class_names, meta, config, out))
+    if inputs.metadata_model is not None:
+        meta["metadata_model"] = inputs.metadata_model.to_dict()
+        # the metadata model saw the training images: validate it on validation images only
+        only_valid = np.ones(len(valid_df), bool)
+        if "split" in valid_df:
+            only_valid = (valid_df["split"] == "valid").to_numpy()
+        meta["validation"].update(metadata_validation(inputs.metadata_model, valid_probs[only_valid],
+                                                      valid_df[only_valid].reset_index(drop=True), class_names,
+                                                      config))
+    if config.guard:
+        _fit_guard(model, config, prep, inputs, meta, guard_valid, out)
+    meta["epoch"] = epoch
+    meta["train_seconds"] = round(time.time() - started, 1)
+    save_model(model, meta, out / "model")
+    write_card(load_model(out / "model", engine="torch"), out / "model" / CARD_FILE)
+    writer.add_scalar("valid/final_auc", meta["validation"]["auc"], epoch)
+    writer.close()
+    model.cpu()
+    log.info("%s AUC %.4f; threshold %.4f (%s): sensitivity %.3f, specificity %.3f; %s in %.0f s",
+             meta["validation_source"], meta["validation"]["auc"], meta["threshold"], config.threshold_policy,
+             meta["validation"]["sensitivity"], meta["validation"]["specificity"], out / "model",
+             meta["train_seconds"])
+
+
+def _fit_guard(model: nn.Module, config: TrainConfig, prep: dict, inputs: _Inputs, meta: dict,
+               guard_valid: np.ndarray | None, out: Path) -> None:
+    """meta['guard']: the out-of-distribution guard, fitted on the training and (all) validation images."""
+    train_df, valid_split = inputs.train_df, inputs.valid_df  # the validation rows, not a probe's out-of-fold ones
+    frozen = config.mode == "linear"
+    fitted = probe_guard_features(model, config, prep, train_df, valid_split, inputs.keys) if frozen else None
+    try:
+        meta["guard"] = fit_model_guard(
+            model, frozen, train_df["filepath"], valid_split["filepath"], eval_transform(config, prep),
+            config.tta, out / "model", config.batch_size, config.num_workers, config.guard_false_rejection,
+            valid_features=guard_valid, fitted_features=fitted, seed=config.seed,
+            groups=fold_groups(pd.concat([train_df, valid_split], ignore_index=True), inputs.keys))
+    except GuardError as err:  # a smoke-test-sized split: the model works, unguarded, and says so
+        log.warning("no out-of-distribution guard: %s", err)
 
 
 # ---------------------------------------------------------------- metadata
