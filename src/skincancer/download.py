@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath
 import yaml
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS
+from .checkpoint import write_json
+from .images import IMAGE_EXTENSIONS
 from .progress import progress as progress_bar
 from .provenance import file_sha256
 
@@ -395,7 +396,4 @@ def _check_layout(root: Path, what: str) -> int:
 
 
 def _write_marker(dest: Path, done: dict) -> None:
-    path = dest / MARKER
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(dest / MARKER, done)
