@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from skincancer.data import save_manifest
+from skincancer.engines import ExportError
 from skincancer.export import OnnxEngine, export_onnx
-from skincancer.quantize import INT8_FILE, QuantizeError, Tolerance, export_int8, refusal
+from skincancer.quantize import INT8_FILE, QuantizeError, Tolerance, _sample, export_int8, refusal
 
 pytestmark = pytest.mark.slow
 
-LOOSE = Tolerance(auc=1.0, mean_difference=1.0, max_difference=1.0)
+LOOSE = Tolerance(auc=1.0, mean_difference=1.0, max_difference=1.0, guard_changes=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,16 @@ def test_refusal_names_each_tolerance_exceeded():
     assert "AUC 0.7900 against 0.8000" in refusal(report, Tolerance())
     assert "mean probability difference 0.0200" in refusal(report, Tolerance())
     assert refusal(report, Tolerance(auc=0.02, mean_difference=0.05)) is None
+    moved = {**report, "guard_decisions_changed": 1}
+    assert "the guard decides 1 of 10 images otherwise" in refusal(moved, Tolerance(auc=0.02, mean_difference=0.05))
+
+
+def test_check_images_keep_their_diagnoses_when_sampled():
+    frame = pd.DataFrame({"filepath": [f"{i}.jpg" for i in range(40)],
+                          "diagnosis": ["melanoma"] * 10 + ["nevus"] * 30})
+    sampled = _sample(frame, 8)
+    assert list(sampled.columns) == ["filepath", "diagnosis"]  # the AUC check needs the diagnoses
+    assert sampled["diagnosis"].value_counts().to_dict() == {"nevus": 6, "melanoma": 2}
 
 
 def test_cli_int8_options_need_int8(cli, exported, small_data):
@@ -76,6 +87,13 @@ def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_d
     assert load_model(exported, engine="int8").engine_name == "int8"
     assert load_model(exported).engine_name == "int8"  # auto: the int8 graph when a current one exists
     assert load_model(exported, engine="onnx").engine_name == "onnx"
+    sidecar = exported / "model" / (INT8_FILE + ".json")
+    record = json.loads(sidecar.read_text())
+    record["onnx"]["float_onnx_sha256"] = "0" * 64  # as if model.onnx had been exported again since
+    sidecar.write_text(json.dumps(record))
+    assert load_model(exported).engine_name == "onnx"  # auto: the stale int8 graph is passed over
+    with pytest.raises(ExportError, match="quantised from another export"):
+        load_model(exported, engine="int8")
     (exported / "model" / INT8_FILE).unlink()
     assert load_model(exported).engine_name == "onnx"
     result = cli("predict", "--model", str(exported), "--engine", "int8", str(small_data["valid"]), check=False)

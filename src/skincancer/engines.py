@@ -143,7 +143,17 @@ def _export_problem(path: Path, model_dir: Path, again: str, weights_sha256: str
         return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}"
     if graph != file_sha256(path):
         return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}"
+    if path.name == INT8_FILE and recorded.get("float_onnx_sha256") != _recorded_graph(model_dir / ONNX_FILE):
+        return f"{path}: quantised from another export than {model_dir / ONNX_FILE} (exported again since?); {again}"
     return None
+
+
+def _recorded_graph(path: Path) -> str | None:
+    """The SHA-256 an export's sidecar records for its graph (None: no readable sidecar)."""
+    try:
+        return json.loads(path.with_name(path.name + ".json").read_text())["onnx"]["onnx_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def session_options(threads: int = ORT_THREADS):
@@ -173,7 +183,8 @@ class OnnxEngine:
         self.path, self.slice_size = Path(path), slice_size
         self.name = "int8" if self.path.name == INT8_FILE else "onnx"
         if not self.path.is_file():
-            raise ExportError(f"{self.path}: no ONNX export; run `skincancer export --model RUN` first")
+            raise ExportError(f"{self.path}: no ONNX export; run `skincancer export --model RUN"
+                              f"{' --int8' if self.name == 'int8' else ''}` first")
         threads = threads or int(os.environ.get("SKINCANCER_ORT_THREADS", ORT_THREADS))
         try:
             self.session = ort.InferenceSession(str(self.path), session_options(threads),
@@ -204,7 +215,7 @@ class OnnxEngine:
         """Normalised images -> probabilities and pooled features side by side [N, classes + D]."""
         if not self.has_features:
             raise ExportError(f"{self.path}: exported without the features output the guard needs; run `skincancer "
-                              "export --model RUN` again")
+                              f"export --model RUN{' --int8' if self.name == 'int8' else ''}` again")
         return self._run(batch, [OUTPUT_NAME, FEATURES_NAME])
 
     def _run(self, batch: np.ndarray, names: list[str] | None) -> np.ndarray:
@@ -233,4 +244,4 @@ class OnnxEngine:
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_arrays)
         else:
             loader = ArrayBatches(dataset, batch_size)
-        return collect(loader, len(dataset), forward, tta, desc="predicting (onnx)", extra=extra)
+        return collect(loader, len(dataset), forward, tta, desc=f"predicting ({self.name})", extra=extra)

@@ -35,7 +35,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
     `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
     `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model.
-    `engine`: how runs given as paths are loaded (onnx | torch | auto), once `out` is known to be usable.
+    `engine`: how runs given as paths are loaded (onnx | int8 | torch | auto), once `out` is known to be usable.
     `error_examples`: the report shows thumbnails of up to this many missed malignant and flagged benign images,
     the worst of each kind (0: none, and no image in the report).
     `group_by`: manifest columns (a site, a camera, a skin type...) whose values get their own figures, as sex and
@@ -78,7 +78,8 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
         "n_with_metadata": _metadata_used(classifier, rows, ok),
         "model": {k: classifier.meta.get(k) for k in ("backbone", "mode", "head", "class_names", "image_size",
                                                          "threshold", "threshold_policy", "validation_source",
-                                                         "validation")} | {"positive_name": classifier.positive_name},
+                                                         "validation")}
+                 | {"positive_name": classifier.positive_name, "engine": classifier.engine_name},
     })
     table = _write_predictions(out, classifier, frame, judged, malignant, ok)
     _add_provenance(metrics, classifier, frame, ok, data)

@@ -323,6 +323,10 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
     runtime = None
     if engine in ("int8", "auto") and (engine == "int8" or (model_dir / INT8_FILE).is_file()):
         runtime = _current_export(model_dir, meta, guard, INT8_FILE)
+        if runtime is None and engine == "auto":
+            log.warning("%s: not current (retrained or exported again since?); run `skincancer export --model %s "
+                        "--int8` again; using the float graph if it is current", model_dir / INT8_FILE,
+                        model_dir.parent)
     if runtime is None and engine in ("onnx", "auto"):
         runtime = _current_export(model_dir, meta, guard)
     if runtime is None:
@@ -347,7 +351,7 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
                               classes=len(meta["class_names"]), name=INT8_FILE if engine == "int8" else ONNX_FILE)
     if runtime is not None and guard is not None and not runtime.has_features:
         problem = (f"{runtime.path}: exported before the guard (no features output); run `skincancer export "
-                   f"--model {model_dir.parent}` again")
+                   f"--model {model_dir.parent}{' --int8' if runtime.name == 'int8' else ''}` again")
         if engine != "auto":
             raise ExportError(problem)
         log.warning("%s; using PyTorch", problem)

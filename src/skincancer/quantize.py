@@ -34,6 +34,7 @@ class Tolerance:
     auc: float = 0.005  # |melanoma AUC (int8) - AUC (float)|, where the check images have both classes
     mean_difference: float = 0.01  # mean |p_int8 - p_float| of the malignant probability
     max_difference: float = 0.10  # the largest single-image difference
+    guard_changes: float = 0.01  # share of check images the out-of-distribution guard decides otherwise
 
 
 def int8_path(run: str | Path) -> Path:
@@ -44,9 +45,12 @@ def _sample(frame, n: int, seed: int = 0):
     """At most n rows, every diagnosis kept in proportion (a fixed seed: the same export twice is the same)."""
     if len(frame) <= n:
         return frame
+    import pandas as pd
+
     share = n / len(frame)
-    return (frame.groupby("diagnosis", group_keys=False)
-            .apply(lambda g: g.sample(max(1, round(len(g) * share)), random_state=seed)).reset_index(drop=True))
+    parts = [group.sample(max(1, round(len(group) * share)), random_state=seed)
+             for _, group in frame.groupby("diagnosis")]
+    return pd.concat(parts).reset_index(drop=True)
 
 
 def _arrays(classifier, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int]]:
@@ -138,6 +142,10 @@ def refusal(report: dict, tolerance: Tolerance) -> str | None:
     if report["max_difference"] > tolerance.max_difference:
         problems.append(f"largest probability difference {report['max_difference']:.4f} (tolerance "
                         f"{tolerance.max_difference})")
+    changed = report.get("guard_decisions_changed", 0) / max(1, report["images"])
+    if changed > tolerance.guard_changes:
+        problems.append(f"the guard decides {report['guard_decisions_changed']} of {report['images']} images "
+                        f"otherwise (tolerance {tolerance.guard_changes:.0%})")
     return "; ".join(problems) or None
 
 
@@ -155,6 +163,12 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     model_dir = find_model_dir(run)
     float_engine = find_export(model_dir, required=True)  # int8 starts from a current float export
     classifier = load_model(model_dir, engine="onnx")
+    if classifier.meta.get("unfinished"):
+        raise QuantizeError(f"{model_dir}: saved by a run that has not finished (its threshold is a placeholder); "
+                            "finish it (`skincancer train --resume`) first")
+    out = model_dir / INT8_FILE
+    for stale in (out, out.with_name(out.name + ".json")):  # a refused graph must not leave an older one in use
+        stale.unlink(missing_ok=True)
     if calibration is None or check is None:
         config_path = model_dir.parent / "config.yaml"
         if not config_path.is_file():
@@ -163,13 +177,16 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
         config = load_config(config_path)
         calibration = calibration or config.train_paths
         check = check or config.valid
+        missing = [str(p) for p in [*calibration, check] if not Path(p).exists()]
+        if missing:
+            raise QuantizeError(f"{', '.join(missing)}: named by {config_path} but not found from here; give "
+                                "--calibration and --check manifests")
     labels = classifier.meta["labels"]
     calibration_frame = _sample(read_sources([str(p) for p in calibration], labels), calibration_images)
     check_frame = _sample(read_sources([str(check)], labels), check_images)
     calibration_arrays, _ = _arrays(classifier, calibration_frame["filepath"].tolist())
     check_arrays, kept = _arrays(classifier, check_frame["filepath"].tolist())
     truth = check_frame["diagnosis"].map(labels).to_numpy()[kept] if "diagnosis" in check_frame else None
-    out = model_dir / INT8_FILE
     truth = None if truth is None else np.asarray(truth, dtype=int)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, candidate = Path(tmp) / "prepared.onnx", Path(tmp) / INT8_FILE
