@@ -98,3 +98,10 @@ def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_d
     assert load_model(exported).engine_name == "onnx"
     result = cli("predict", "--model", str(exported), "--engine", "int8", str(small_data["valid"]), check=False)
     assert result.returncode == 2 and "no int8 ONNX export" in result.stderr and "--int8` first" in result.stderr
+
+
+def test_cli_int8_names_a_missing_manifest_before_any_work(cli, exported, tmp_path):
+    before = (exported / "model" / "model.onnx").stat().st_mtime_ns
+    result = cli("export", "--model", str(exported), "--int8", "--check", str(tmp_path / "nope.csv"), check=False)
+    assert result.returncode == 2 and f"--check {tmp_path / 'nope.csv'}: no such file" in result.stderr
+    assert (exported / "model" / "model.onnx").stat().st_mtime_ns == before  # nothing re-exported

@@ -128,6 +128,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_CHOICES = {"head": ("diagnosis", "binary"), "mode": ("linear", "finetune")}  # model.json fields of a fixed set
+
+
 class ModelMeta(BaseModel):
     """The fields of model.json that rebuild and use a model, each checked as it is read (a hand edit, another
     tool's file, another format): the first problem becomes one CheckpointError that names the field. Other fields
@@ -192,12 +195,13 @@ class ModelMeta(BaseModel):
             raise ValueError(f"labels: expected a map of diagnosis to 0 or 1, got {labels!r}")
         return labels
 
-    @field_validator("head", mode="before")
+    @field_validator("head", "mode", mode="before")
     @classmethod
-    def _head(cls, head: Any) -> Any:
-        if head not in ("diagnosis", "binary"):
-            raise ValueError(f"head: must be 'diagnosis' or 'binary', got {head!r}")
-        return head
+    def _choice(cls, value: Any, info: ValidationInfo) -> Any:
+        choices = _CHOICES[info.field_name]
+        if value not in choices:
+            raise ValueError(f"{info.field_name}: must be {' or '.join(map(repr, choices))}, got {value!r}")
+        return value
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -227,13 +231,6 @@ class ModelMeta(BaseModel):
         if type(tta) is not int or tta not in VIEWS:
             raise ValueError(f"tta: must be 1, 2, 4 or 8, got {tta!r}")
         return tta
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _mode(cls, mode: Any) -> Any:
-        if mode not in ("linear", "finetune"):
-            raise ValueError(f"mode: must be 'linear' or 'finetune', got {mode!r}")
-        return mode
 
     @field_validator("weights_sha256", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, find_model_dir, write_json
-from .engines import INPUT_NAME, INT8_FILE, OnnxEngine, find_export, weights_digest
+from .engines import INPUT_NAME, INT8_FILE, OnnxEngine
 from .errors import CheckpointError
 from .metrics import roc_auc
 from .provenance import file_sha256
@@ -37,10 +37,6 @@ class Tolerance:
     guard_changes: float = 0.01  # share of check images the out-of-distribution guard decides otherwise
 
 
-def int8_path(run: str | Path) -> Path:
-    return find_model_dir(run) / INT8_FILE
-
-
 def _sample(frame, n: int, seed: int = 0):
     """At most n rows, every diagnosis kept in proportion (a fixed seed: the same export twice is the same)."""
     if len(frame) <= n:
@@ -61,6 +57,8 @@ def _arrays(classifier, paths: list[str], batch_size: int = 32) -> tuple[np.ndar
     loader = make_loader(ImageDataset(paths, None, classifier.transform()), batch_size, 0)
     images, kept = [], []
     for batch in loader:
+        for index, reason in batch["errors"]:
+            log.warning("%s: %s; left out", paths[index], reason)
         if batch["image"] is not None:
             images.append(batch["image"].numpy())
             kept.extend(batch["index"].tolist())
@@ -105,10 +103,9 @@ def quantize_graph(prepared: Path, out: Path, calibration: np.ndarray, nodes: li
     the calibration images); everything else, softmax and pooling included, stays in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    atomic_write(out, lambda target: quantize_static(
-        str(prepared), str(target), _Reader(INPUT_NAME, calibration), quant_format=QuantFormat.QDQ,
-        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-        op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.MinMax))
+    quantize_static(str(prepared), str(out), _Reader(INPUT_NAME, calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_quantize=nodes, op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.MinMax)
 
 
 def parity(classifier, float_engine, int8_engine, images: np.ndarray, labels: np.ndarray | None) -> dict:
@@ -161,33 +158,31 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     from .sources import read_sources
 
     model_dir = find_model_dir(run)
-    float_engine = find_export(model_dir, required=True)  # int8 starts from a current float export
-    classifier = load_model(model_dir, engine="onnx")
+    classifier = load_model(model_dir, engine="onnx")  # int8 starts from a current float export
+    float_engine = classifier.engine
     if classifier.meta.get("unfinished"):
         raise QuantizeError(f"{model_dir}: saved by a run that has not finished (its threshold is a placeholder); "
                             "finish it (`skincancer train --resume`) first")
     out = model_dir / INT8_FILE
-    for stale in (out, out.with_name(out.name + ".json")):  # a refused graph must not leave an older one in use
-        stale.unlink(missing_ok=True)
     if calibration is None or check is None:
         config_path = model_dir.parent / "config.yaml"
         if not config_path.is_file():
             raise QuantizeError(f"{run}: no config.yaml naming the run's training data; give --calibration and "
                                 "--check manifests")
         config = load_config(config_path)
-        calibration = calibration or config.train_paths
-        check = check or config.valid
-        missing = [str(p) for p in [*calibration, check] if not Path(p).exists()]
+        named = [] if calibration else config.train_paths
+        named += [] if check else [config.valid]
+        missing = [str(p) for p in named if not Path(p).exists()]
         if missing:
             raise QuantizeError(f"{', '.join(missing)}: named by {config_path} but not found from here; give "
                                 "--calibration and --check manifests")
+        calibration, check = calibration or config.train_paths, check or config.valid
     labels = classifier.meta["labels"]
     calibration_frame = _sample(read_sources([str(p) for p in calibration], labels), calibration_images)
     check_frame = _sample(read_sources([str(check)], labels), check_images)
     calibration_arrays, _ = _arrays(classifier, calibration_frame["filepath"].tolist())
     check_arrays, kept = _arrays(classifier, check_frame["filepath"].tolist())
-    truth = check_frame["diagnosis"].map(labels).to_numpy()[kept] if "diagnosis" in check_frame else None
-    truth = None if truth is None else np.asarray(truth, dtype=int)
+    truth = np.asarray(check_frame["diagnosis"].map(labels).to_numpy()[kept], dtype=int)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, candidate = Path(tmp) / "prepared.onnx", Path(tmp) / INT8_FILE
         prepare(float_engine.path, prepared)
@@ -202,13 +197,16 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
             tried.append(f"with {plan} in int8 ({len(nodes)}): {problem}")
             log.info("int8 %s", tried[-1])
         else:
+            for stale in (out, out.with_name(out.name + ".json")):  # a refused graph leaves no older one in use
+                stale.unlink(missing_ok=True)
             raise QuantizeError(f"{out}: not written: the int8 model strays from the float one on {report['images']} "
                                 f"images of {check}: " + "; ".join(tried))
         atomic_write(out, lambda target: Path(target).write_bytes(candidate.read_bytes()))
+    # the float export's record, checked against its weights and graph when it was loaded
+    float_record = json.loads(float_engine.path.with_name(float_engine.path.name + ".json").read_text())["onnx"]
     write_json(out.with_name(out.name + ".json"), {
-        **classifier.meta, "onnx": {**json.loads(float_engine.path.with_name(
-            float_engine.path.name + ".json").read_text())["onnx"], "weights_sha256": weights_digest(model_dir),
-            "onnx_sha256": file_sha256(out), "float_onnx_sha256": file_sha256(float_engine.path)},
+        **classifier.meta, "onnx": {**float_record, "onnx_sha256": file_sha256(out),
+                                    "float_onnx_sha256": float_record["onnx_sha256"]},
         "int8": {"calibration": [str(p) for p in calibration], "calibration_images": len(calibration_arrays),
                  "check": str(check), "tolerance": asdict(tolerance), "parity": report}})
     log.info("wrote %s: %s", out, report)

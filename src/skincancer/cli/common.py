@@ -4,7 +4,6 @@ any work."""
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import re
 from pathlib import Path
@@ -13,7 +12,6 @@ import typer
 
 from ..config import DEFAULT_LABELS, VIEWS
 
-log = logging.getLogger("skincancer")
 ENGINE_HELP = "onnx | int8 | torch | auto (int8, else onnx, when `skincancer export` was run)"
 DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 

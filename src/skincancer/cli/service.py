@@ -35,6 +35,9 @@ def export(
         fail("--int8 quantises the run's own export (RUN/model/model.onnx); drop --out")
     if (calibration or check) and not int8:
         fail("--calibration and --check choose the images of --int8; add --int8 or drop them")
+    for option, path in [*(("--calibration", p) for p in calibration or []), ("--check", check)]:
+        if path is not None and not path.exists():
+            fail(f"{option} {path}: no such file or folder")
     if out is not None:
         output_file(out, (".onnx",))
         if (out.parent / META_FILE).is_file() and out.parent.resolve() != find_model_dir(model).resolve():
