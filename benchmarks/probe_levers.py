@@ -28,7 +28,7 @@ from sklearn.svm import SVC
 from skincancer import load_config, load_manifest
 from skincancer.backbones import build_model, preprocessing
 from skincancer.data import build_transform, content_keys, load_image
-from skincancer.engine import DIHEDRAL
+from skincancer.engines import DIHEDRAL
 from skincancer.features import cached_features
 
 SPEC = "tf_efficientnet_lite0:224:multiscale"

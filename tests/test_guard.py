@@ -201,7 +201,8 @@ def test_onnx_engine_guards_like_torch(guarded_run, small_data, tmp_path):
 def test_an_export_made_before_the_guard_is_not_used_for_a_guarded_run(guarded_run, tmp_path):
     import torch
 
-    from skincancer.export import ONNX_FILE, ExportError, export_onnx
+    from skincancer.engines import ONNX_FILE, ExportError
+    from skincancer.export import export_onnx
     from skincancer.provenance import file_sha256
 
     run = tmp_path / "run"

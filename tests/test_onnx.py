@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from skincancer.checkpoint import CheckpointError, save_model
-from skincancer.export import ONNX_FILE, ExportError, OnnxEngine, export_onnx
+from skincancer.engines import ONNX_FILE, ExportError, OnnxEngine
+from skincancer.export import export_onnx
 from skincancer.predict import load_model
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from skincancer.data import save_manifest
-from skincancer.engines import ExportError
-from skincancer.export import OnnxEngine, export_onnx
+from skincancer.engines import ExportError, OnnxEngine
+from skincancer.export import export_onnx
 from skincancer.quantize import INT8_FILE, QuantizeError, Tolerance, _sample, export_int8, refusal
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import collate
 from .distributed import every_rank
-from .engines import DIHEDRAL, collect  # noqa: F401 (the loop every engine shares; DIHEDRAL imported from here too)
+from .engines import collect
 from .progress import progress
 
 log = logging.getLogger("skincancer")

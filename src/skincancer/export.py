@@ -13,19 +13,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, find_model_dir, write_json
 from .engine import ProbabilitiesAndFeatures
-from .engines import (  # noqa: F401 (the engine and its names live in engines.py; imported from here too)
-    FEATURES_NAME,
-    INPUT_NAME,
-    ONNX_FILE,
-    ORT_SLICE,
-    ORT_THREADS,
-    OUTPUT_NAME,
-    ExportError,
-    OnnxEngine,
-    find_export,
-    session_options,
-    weights_digest,
-)
+from .engines import FEATURES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportError, OnnxEngine, weights_digest
 from .predict import load_model
 from .provenance import file_sha256
 

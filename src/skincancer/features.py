@@ -22,7 +22,8 @@ from .data import (
     check_image,
     content_keys,
 )
-from .engine import DIHEDRAL, run_inference
+from .engine import run_inference
+from .engines import DIHEDRAL
 from .runfolder import report_bad
 
 log = logging.getLogger("skincancer")
