@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from collections import OrderedDict
 from pathlib import Path
 
 import timm
 import torch
+from timm.models import remap_state_dict
 from torch import nn
 
 from .errors import BackboneError
@@ -34,23 +34,22 @@ def bundled_weights_path(backbone: str) -> Path | None:
     return Path(getattr(module, cls).get_model_file_path())
 
 
-def map_lukemelas_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> OrderedDict:
+def map_lukemelas_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
     """Map an efficientnet_pytorch (lukemelas) state dict onto a timm tf_efficientnet_lite model.
 
-    Both list the same tensors in the same order (stem, blocks, head, classifier), only under other names,
-    so we pair them by position and insist that every shape matches.
+    Both list the same tensors in the same order (stem, blocks, head, classifier), only under other names: timm's
+    `remap_state_dict` pairs them by position. It ignores a count mismatch and reports a shape mismatch with an
+    assert, so both are checked here first, and a mismatch is a BackboneError that names the tensor.
     """
     target_state = target.state_dict()
     if len(source) != len(target_state):
         raise BackboneError(f"weights have {len(source)} tensors, the model expects {len(target_state)}")
-    mapped = OrderedDict()
     for (src_name, tensor), (dst_name, expected) in zip(source.items(), target_state.items(), strict=True):
         if tensor.shape != expected.shape:
             raise BackboneError(
                 f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}"
             )
-        mapped[dst_name] = tensor
-    return mapped
+    return remap_state_dict(source, target, allow_reshape=False)
 
 
 def load_imagenet_weights(model: nn.Module, backbone: str) -> None:
@@ -68,7 +67,9 @@ class MultiScaleClassifier(nn.Module):
     (5-fold CV melanoma AUC of a linear probe on ISIC 2017 train: 0.807 against 0.786).
     """
 
-    FIRST_STAGE = 2
+    # later stages' outputs in timm's forward_intermediates numbering with extra_blocks (0 the stem, i the output of
+    # blocks[i - 1]): blocks 2-6 of an EfficientNet's seven
+    STAGES = [3, 4, 5, 6, 7]
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -91,15 +92,8 @@ class MultiScaleClassifier(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The spatial maps whose averages are the features: later stages' outputs, then the head's."""
-        net = self.backbone
-        x = net.bn1(net.conv_stem(x))
-        maps = []
-        for i, stage in enumerate(net.blocks):
-            x = stage(x)
-            if i >= self.FIRST_STAGE:
-                maps.append(x)
-        maps.append(net.bn2(net.conv_head(x)))
-        return maps
+        head, maps = self.backbone.forward_intermediates(x, indices=self.STAGES, extra_blocks=True)
+        return [*maps, head]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.mean((2, 3)) for m in self.feature_maps(x)], dim=1)
