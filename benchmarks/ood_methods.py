@@ -29,7 +29,7 @@ def features() -> dict[str, np.ndarray]:
     if CACHE.is_file():  # float64, as the guard fits them: the shrunk covariance is ill-conditioned in float32
         return {k: v.astype(np.float64) for k, v in np.load(CACHE).items()}
     from skincancer.backbones import build_model, preprocessing
-    from skincancer.data import ImageDataset, build_transform
+    from skincancer.datasets import ImageDataset, build_transform
     from skincancer.engine import run_inference
 
     model = build_model("tf_efficientnet_lite0", 3, pretrained=True, pooling="multiscale").eval()

@@ -27,7 +27,8 @@ from sklearn.svm import SVC
 
 from skincancer import load_config, load_manifest
 from skincancer.backbones import build_model, preprocessing
-from skincancer.data import build_transform, content_keys, load_image
+from skincancer.data import content_keys, load_image
+from skincancer.datasets import build_transform
 from skincancer.engines import DIHEDRAL
 from skincancer.features import cached_features
 

@@ -13,7 +13,7 @@ from skincancer.backbones import (
     map_lukemelas_state_dict,
     preprocessing,
 )
-from skincancer.data import build_transform
+from skincancer.datasets import build_transform
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +13,13 @@ from PIL import Image
 from skincancer.config import DEFAULT_LABELS, ISIC2017_LABELS
 from skincancer.data import (
     DataError,
-    ImageDataset,
-    build_transform,
     check_image,
-    collate,
     index_folder,
     load_image,
     load_manifest,
     save_manifest,
 )
+from skincancer.datasets import ImageDataset, build_transform, collate
 from skincancer.sources import index_isic_csv
 
 
@@ -29,6 +30,27 @@ def make_tree(data_dir: Path, root: Path, per_class: int = 2) -> Path:
         for src in sorted((data_dir / "train" / diagnosis).glob("*.jpg"))[:per_class]:
             shutil.copy(src, root / diagnosis / src.name)
     return root
+
+
+def test_index_imports_no_torch(data_dir, tmp_path):
+    """`skincancer index` in a fresh process loads no torch, torchvision or scikit-learn (seconds a start), and writes
+    its manifest."""
+    tree, out = make_tree(data_dir, tmp_path / "tree"), tmp_path / "manifest.csv"
+    script = f"""
+import sys
+from skincancer.cli import main
+sys.argv = ["skincancer", "index", {str(tree)!r}, "-o", {str(out)!r}]
+try:
+    main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print([m for m in ("torch", "torchvision", "timm", "sklearn") if m in sys.modules])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert len(load_manifest(out)) == 6
 
 
 def test_index_folder_labels_and_diagnoses(data_dir, tmp_path):

@@ -1,5 +1,5 @@
-"""Data: index folder-per-class trees and ISIC CSVs into manifests; check images (decoded by images.py); Dataset;
-transforms."""
+"""Data: index folder-per-class trees and ISIC CSVs into manifests; check images (decoded by images.py). No torch:
+`skincancer index` starts in a second. The torch Dataset and the transforms are in datasets.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from .checkpoint import atomic_write
 from .errors import DataError, ImageError  # noqa: F401 (raised here; imported from here too)
@@ -21,7 +18,6 @@ from .images import (  # noqa: F401 (decoding lives in images.py, torch-free; im
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
     MIN_SIDE,
-    ImageList,
     check_image,
     load_image,
     to_rgb,
@@ -257,54 +253,3 @@ def resolve_data(source: str | Path, labels: dict[str, int]) -> pd.DataFrame:
     if source.suffix.lower() == ".csv":
         return load_manifest(source)
     raise DataError(f"{source}: expected a manifest .csv or a folder-per-class directory")
-
-
-# ---------------------------------------------------------------- dataset and transforms
-
-
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none") -> T.Compose:
-    """Eval: squash to a square (as the ISIC copies are). Train: random crops, dihedral flips, rotation, colour."""
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    if augment == "none":
-        return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), *normalize])
-    if augment == "perez":  # Perez et al. 2018 (arXiv:1809.01442): their best set on ISIC 2017
-        return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomAffine(90, scale=(0.8, 1.2), shear=20, interpolation=T.InterpolationMode.BILINEAR),
-            T.RandomHorizontalFlip(),
-            T.RandomVerticalFlip(),
-            T.ColorJitter(0.3, 0.3, 0.3, 0.1),
-            *normalize,
-        ])
-    strong = augment == "strong"
-    return T.Compose([
-        T.RandomRotation(180 if strong else 45, interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomResizedCrop(image_size, scale=(0.35 if strong else 0.5, 1.0), ratio=(0.75, 1.33),
-                            interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-        T.ColorJitter(*((0.3, 0.3, 0.3, 0.05) if strong else (0.2, 0.2, 0.15, 0.02))),
-        *normalize,
-    ])
-
-
-class ImageDataset(ImageList, Dataset):
-    """images.ImageList as a torch Dataset (for DataLoader and the samplers): yields {'image', 'target', 'index'}; an
-    unreadable file yields {'error', 'index'} instead of raising."""
-
-    def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: T.Compose):
-        ImageList.__init__(self, paths, targets, transform)
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stack the good samples; carry the bad ones as (index, reason) pairs."""
-    good = [s for s in samples if "error" not in s]
-    errors = [(s["index"], s["error"]) for s in samples if "error" in s]
-    if not good:
-        return {"image": None, "target": None, "index": torch.empty(0, dtype=torch.long), "errors": errors}
-    return {
-        "image": torch.stack([s["image"] for s in good]),
-        "target": torch.tensor([s["target"] for s in good], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
-        "errors": errors,
-    }

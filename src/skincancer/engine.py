@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import collate
+from .datasets import collate
 from .distributed import every_rank
 from .engines import collect
 from .progress import progress

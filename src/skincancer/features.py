@@ -17,11 +17,10 @@ from .checkpoint import atomic_write
 from .config import TrainConfig
 from .data import (
     DataError,
-    ImageDataset,
-    build_transform,
     check_image,
     content_keys,
 )
+from .datasets import ImageDataset, build_transform
 from .engine import run_inference
 from .engines import DIHEDRAL
 from .runfolder import report_bad

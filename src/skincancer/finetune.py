@@ -20,9 +20,8 @@ from .checkpoint import atomic_write, save_model, unwrap
 from .config import TrainConfig
 from .data import (
     DataError,
-    ImageDataset,
-    build_transform,
 )
+from .datasets import ImageDataset, build_transform
 from .distributed import (
     ShardedSampler,
     World,

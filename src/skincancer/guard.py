@@ -189,7 +189,7 @@ def frame_problem(brightness: float, spread: float) -> str | None:
 def image_features(model, paths, transform, tta: int = 1, batch_size: int = 32, num_workers: int = 0,
                    desc: str = "guard features") -> np.ndarray:
     """Pooled features [N, D] of image files, the mean of `tta` dihedral views (NaN rows: unreadable)."""
-    from .data import ImageDataset
+    from .datasets import ImageDataset
     from .engine import run_inference
 
     features, _ = run_inference(model, ImageDataset(list(paths), None, transform), batch_size, num_workers, tta=tta,

@@ -156,7 +156,7 @@ def check_image(path: str | Path) -> str | None:
 
 class EvalTransform:
     """Evaluation preprocessing in numpy: squashed to a square (bicubic, as PIL resizes for torchvision's Resize),
-    scaled to 0..1 and normalised with mean/std: a float32 [3, S, S] array equal to data.build_transform's tensor
+    scaled to 0..1 and normalised with mean/std: a float32 [3, S, S] array equal to datasets.build_transform's tensor
     (tests/test_data.py checks it)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -173,7 +173,8 @@ class EvalTransform:
 class ImageList:
     """Images (paths, PIL images, or an ImageError found before) -> {'image', 'target', 'index'} through a
     transform; an unreadable file yields {'error', 'index'} instead of raising, so a file that turns bad after
-    indexing is reported and skipped rather than ending a long run. data.ImageDataset is this, as a torch Dataset."""
+    indexing is reported and skipped rather than ending a long run. datasets.ImageDataset is this, as a torch
+    Dataset."""
 
     def __init__(self, paths: Sequence, targets: Sequence[int] | None, transform: Callable):
         self.paths, self.transform = list(paths), transform
@@ -194,7 +195,7 @@ class ImageList:
 
 
 def collate_arrays(samples: list[dict]) -> dict:
-    """data.collate in numpy: the good samples stacked, the bad ones carried as (index, reason) pairs."""
+    """datasets.collate in numpy: the good samples stacked, the bad ones carried as (index, reason) pairs."""
     good = [s for s in samples if "error" not in s]
     errors = [(s["index"], s["error"]) for s in samples if "error" in s]
     return {"image": np.stack([s["image"] for s in good]) if good else None,

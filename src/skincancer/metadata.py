@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 
 from .errors import DataError, MetadataError  # noqa: F401 (raised here; imported from here too)
 
@@ -175,6 +174,8 @@ class MetadataModel:
     def fit(cls, rows: Sequence[dict | None], targets: np.ndarray, num_classes: int, c: float = 1.0,
             ) -> MetadataModel:
         """A model for each pattern of known fields whose training images hold every class; at least one."""
+        from sklearn.linear_model import LogisticRegression
+
         targets = np.asarray(targets)
         parts = {}
         for kind, features in PARTS.items():

@@ -112,7 +112,7 @@ class Classifier:
 
     def transform(self):
         """The evaluation preprocessing as torch transforms (PIL image -> normalised tensor)."""
-        from .data import build_transform
+        from .datasets import build_transform
 
         return build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
 
@@ -210,7 +210,7 @@ class Classifier:
                                                        batch_size=batch_size, num_workers=num_workers, tta=tta,
                                                        output=output, extra=extra)
         else:
-            from .data import ImageDataset
+            from .datasets import ImageDataset
             from .engine import run_inference
 
             values, errors = run_inference(self.model, ImageDataset(sources, None, self.transform()),

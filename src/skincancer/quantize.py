@@ -51,7 +51,7 @@ def _sample(frame, n: int, seed: int = 0):
 
 def _arrays(classifier, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int]]:
     """Normalised images [N, 3, S, S] float32 (the model's own preprocessing) and the indices that decoded."""
-    from .data import ImageDataset
+    from .datasets import ImageDataset
     from .engine import make_loader
 
     loader = make_loader(ImageDataset(paths, None, classifier.transform()), batch_size, 0)

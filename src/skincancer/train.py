@@ -24,11 +24,11 @@ from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import DEFAULT_LABELS, TrainConfig, config_to_dict
 from .data import (
     DataError,
-    ImageDataset,
     check_labels_agree,
     content_keys,
     manifest_labels,
 )
+from .datasets import ImageDataset
 from .distributed import (
     World,
     device_for,
