@@ -201,7 +201,8 @@ def test_export_never_writes_into_another_runs_model_folder(cli, tiny_run, finet
 
 def test_predicting_with_an_export_imports_no_torch(exported_run, real_images, tmp_path):
     """`skincancer predict` of an exported run, the CLI and the API, in a fresh process: no torch, timm, torchvision
-    or scikit-learn is imported (they cost seconds a start), and the answer is PyTorch's."""
+    or scikit-learn is imported (they cost seconds a start), nor pandas for one image's sentence, and the answer is
+    PyTorch's."""
     heavy = ("torch", "torchvision", "timm", "sklearn", "matplotlib")
     script = f"""
 import io, json, sys
@@ -216,17 +217,18 @@ with redirect_stdout(out):
         main()
     except SystemExit as exit:
         assert not exit.code, exit.code
+sentence_loaded = [m for m in {heavy!r} + ("pandas",) if m in sys.modules]
 classifier = load_model({str(exported_run)!r})
 table = classifier.predict({real_images[:3]!r})
 print(json.dumps({{"sentence": out.getvalue(), "engine": classifier.engine_name,
                    "malignant": table["malignant"].tolist(),
-                   "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
+                   "loaded": [m for m in {heavy!r} if m in sys.modules], "sentence_loaded": sentence_loaded}}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["loaded"] == [] and got["engine"] == "onnx"
+    assert got["loaded"] == [] and got["sentence_loaded"] == [] and got["engine"] == "onnx"
     assert got["sentence"].startswith("This image is ")
     expected = load_model(exported_run, engine="torch").predict(real_images[:3])["malignant"].to_numpy()
     np.testing.assert_allclose(got["malignant"], expected, atol=1e-4)

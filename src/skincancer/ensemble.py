@@ -20,7 +20,7 @@ log = logging.getLogger("skincancer")
 
 
 class Ensemble(Classifier):
-    """Several classifiers over the same classes; behaves as one Classifier (predict, predict_proba, table)."""
+    """Several classifiers over the same classes; behaves as one Classifier (predict, predictions, predict_proba)."""
 
     def __init__(self, members: Sequence[Classifier]):
         if len(members) < 2:

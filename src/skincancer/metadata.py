@@ -10,11 +10,12 @@ image model's probabilities are returned unchanged, so one model serves images w
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .errors import DataError, MetadataError  # noqa: F401 (raised here; imported from here too)
 
@@ -23,6 +24,8 @@ CARRIED = ("group", "anatom_site")  # joined into a manifest as they are: the le
 ALIASES = {"image": "image_id", "age_approx": "age_approximate", "lesion_id": "group",
            "anatom_site_general": "anatom_site"}
 SEXES = ("male", "female")
+if TYPE_CHECKING:  # pandas is imported where a frame is read or built: predicting one image needs none
+    import pandas as pd
 MISSING = ("", "unknown", "nan", "none", "na", "n/a")
 
 
@@ -64,6 +67,8 @@ def parse_sex(value, where: str = "sex") -> str | None:
 def records(frame: pd.DataFrame, source: str = "metadata") -> list[dict | None]:
     """One {'age', 'sex'} per row of a frame with age_approximate / sex columns (either may be absent); None for
     rows where both are unknown."""
+    import pandas as pd
+
     rows: list[dict | None] = []
     ages = frame["age_approximate"] if "age_approximate" in frame else pd.Series([None] * len(frame))
     sexes = frame["sex"] if "sex" in frame else pd.Series([None] * len(frame))
@@ -76,6 +81,8 @@ def records(frame: pd.DataFrame, source: str = "metadata") -> list[dict | None]:
 
 def read_metadata_csv(path: str | Path) -> pd.DataFrame:
     """An ISIC metadata CSV (image_id, age_approximate, sex), checked; indexed by image_id."""
+    import pandas as pd
+
     path = Path(path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -97,6 +104,8 @@ def read_metadata_csv(path: str | Path) -> pd.DataFrame:
 
 def _in_image_order(frame: pd.DataFrame, n: int, ids: Sequence[str | None] | None) -> pd.DataFrame:
     """A metadata frame's rows in the images' order: by image_id where it has one, else as given."""
+    import pandas as pd
+
     if "image_id" in frame.columns or frame.index.name == "image_id":
         keyed = frame.set_index("image_id") if "image_id" in frame.columns else frame
         keyed = keyed[~keyed.index.duplicated(keep="first")] if keyed.index.has_duplicates else keyed
@@ -243,20 +252,26 @@ class MetadataModel:
                     for kind, p in parts.items()}, values["prior"])
 
 
+def _is_frame(value) -> bool:
+    """Whether value is a pandas DataFrame, without importing pandas for a caller that never made one."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, pandas.DataFrame)
+
+
 def normalise_rows(metadata, n: int, ids: Sequence[str | None] | None = None) -> list[dict | None] | None:
     """Accept None, a list of dicts/None (keys age or age_approximate, sex) or a DataFrame; check every value.
     A DataFrame with an image_id column (or index) is matched on `ids`, the images' file names without extension;
     one without is taken in order, and only with its own 0..n-1 index (a reordered one would pair wrongly)."""
     if metadata is None:
         return None
-    if isinstance(metadata, pd.DataFrame):
+    if _is_frame(metadata):
         metadata = _in_image_order(metadata, n, ids)
     if isinstance(metadata, Mapping):  # one image's
         if n != 1:
             raise MetadataError(f"metadata: a single dict for {n} images; give a list with one dict (or None) per "
                                 "image")
         metadata = [metadata]
-    if isinstance(metadata, pd.DataFrame):
+    if _is_frame(metadata):
         rows = records(metadata)
     else:
         rows = []

@@ -241,10 +241,19 @@ class Classifier:
         """One row per image: source, a probability per class, the malignant probability, the label at the
         model's threshold ('refused' where the guard refuses the image), the out-of-distribution score (1 is the
         limit), whether the image is in distribution, why it was refused, and an error message for files that
-        could not be read.
+        could not be read; `metadata_used` where metadata was given to a model that fuses it. The rows are
+        `predictions`' records (Prediction), as a table.
 
         metadata: see predict_proba; one dict (or None) per image, a single dict for a single image.
         refuse: False keeps every verdict (the guard's columns are still filled), for research."""
+        predictions = self.predictions(images, batch_size=batch_size, num_workers=num_workers, tta=tta,
+                                       metadata=metadata, refuse=refuse)
+        return predictions_table(predictions, self.class_names, self.positive_name,
+                                 metadata_used=metadata is not None and self.uses_metadata)
+
+    def predictions(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0,
+                    tta: int | None = None, metadata=None, refuse: bool = True) -> list[Prediction]:
+        """What the model says of each image (see Prediction): `predict` without the table (and without pandas)."""
         if images is None or isinstance(images, (bytes, bytearray)):
             raise TypeError("images: expected an image or a list of paths, PIL images or arrays (for encoded bytes, "
                             "PIL.Image.open(io.BytesIO(data)))")
@@ -254,37 +263,77 @@ class Classifier:
         images = list(images)
         judged = self.judge(images, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=metadata,
                             refuse=refuse)
-        table = self.table(images, judged.probs, judged.errors, judged)
-        if metadata is not None and self.uses_metadata:  # which rows' age/sex were fused
-            rows = _normalise_rows(metadata, images)
-            table.insert(table.columns.get_loc("error"), "metadata_used",
-                         [self.fuses(row) and not error for row, error in zip(rows, table["error"], strict=True)])
-        return table
+        return self.records(images, judged, metadata)
 
-    def table(self, images: Sequence, probs: np.ndarray, errors: list, judged: Judged | None = None) -> pd.DataFrame:
-        """The prediction record every output renders (CLI, Ray, API): see predict. `judged`: the guard's columns."""
-        import pandas as pd
-
-        error_by_index = dict(errors)
+    def records(self, images: Sequence[ImageInput], judged: Judged, metadata=None,
+                sources: Sequence[str] | None = None) -> list[Prediction]:
+        """The one place that decides what a prediction says (its label, the guard's word, the sentence a person
+        reads), from what `judge` returned for these images. metadata: as given to `judge`; each record says
+        whether its age/sex were fused. sources: the images' names (default: the path, or '<image N>')."""
+        errors = dict(judged.errors)
+        probs = judged.probs
         malignant = self.malignant_probability(probs) if probs.shape[1] else np.full(len(images), np.nan)
-        columns = {"source": [describe(image, i) for i, image in enumerate(images)]}
-        for c, name in enumerate(self.class_names):
-            columns[name] = probs[:, c] if probs.shape[1] else np.full(len(images), np.nan)
-        columns[self.positive_name] = malignant
-        columns["label"] = [
-            "" if np.isnan(p) else self.positive_name if p >= self.threshold else self.negative_name
-            for p in malignant
-        ]
-        if judged is not None:
-            readable = [i not in error_by_index for i in range(len(images))]
-            columns["label"] = ["refused" if ok and judged.refused(i) else label
-                                for i, (ok, label) in enumerate(zip(readable, columns["label"], strict=True))]
-            columns["ood_score"] = judged.ood_score
-            columns["in_distribution"] = pd.array([judged.in_distribution(i) if ok else None
-                                                   for i, ok in enumerate(readable)], dtype="boolean")
-            columns["refusal"] = [r if i not in error_by_index else "" for i, r in enumerate(judged.refusals)]
-        columns["error"] = [error_by_index.get(i, "") for i in range(len(images))]
-        return pd.DataFrame(columns)
+        rows = _normalise_rows(metadata, list(images)) if self.uses_metadata else None
+        if sources is None:
+            sources = [describe(image, i) for i, image in enumerate(images)]
+        records = []
+        for i, source in enumerate(sources):
+            error, probability = errors.get(i, ""), malignant[i]
+            refused = not error and judged.refused(i)
+            verdict = ("" if np.isnan(probability) else
+                       self.positive_name if probability >= self.threshold else self.negative_name)
+            records.append(Prediction(
+                source=source,
+                probabilities=probs[i] if probs.shape[1] else np.full(len(self.class_names), np.nan),
+                malignant=probability,
+                label="refused" if refused else verdict,
+                ood_score=judged.ood_score[i],
+                in_distribution=None if error else judged.in_distribution(i),
+                refusal="" if error else judged.refusals[i],
+                error=error,
+                sentence=("" if error else refusal_sentence(judged.refusals[i]) if refused else
+                          sentence(float(probability), self.threshold, self.positive_name, self.negative_name)),
+                metadata_used=rows is not None and not error and self.fuses(rows[i]),
+            ))
+        return records
+
+
+@dataclass(frozen=True, eq=False)  # eq: its arrays have no single truth value
+class Prediction:
+    """What the model says of one image, decided once (Classifier.records) and rendered by every output: the CLI's
+    sentence and table, the REST API's answer and the page, Ray's table."""
+
+    source: str
+    probabilities: np.ndarray  # [classes], the engine's dtype (NaN: unreadable)
+    malignant: np.floating  # the positive classes' probability (NaN: unreadable)
+    label: str  # the positive or negative name at the threshold; 'refused' (the guard); '' (unreadable)
+    ood_score: np.floating  # 1 is the limit; NaN without a guard or for an unreadable file
+    in_distribution: bool | None  # None: no guard to ask, or unreadable
+    refusal: str  # why the image gets no verdict ('' : it does; under --no-guard said, not enforced)
+    error: str  # why the file could not be read ('' : it could)
+    sentence: str  # the tutorial's sentence, or why there is no verdict ('' : unreadable)
+    metadata_used: bool = False  # whether the patient's age/sex were fused into the probabilities
+
+
+def predictions_table(predictions: Sequence[Prediction], class_names: Sequence[str], positive_name: str,
+                      metadata_used: bool = False) -> pd.DataFrame:
+    """The records as `predict`'s table: source, each class, the positive probability, label, ood_score,
+    in_distribution, refusal, [metadata_used,] error; numbers in the engine's dtype."""
+    import pandas as pd
+
+    stacked = np.stack([p.probabilities for p in predictions]) if predictions else np.empty((0, len(class_names)))
+    columns = {"source": [p.source for p in predictions]}
+    for c, name in enumerate(class_names):
+        columns[name] = stacked[:, c]
+    columns[positive_name] = np.array([p.malignant for p in predictions])
+    columns["label"] = [p.label for p in predictions]
+    columns["ood_score"] = np.array([p.ood_score for p in predictions])
+    columns["in_distribution"] = pd.array([p.in_distribution for p in predictions], dtype="boolean")
+    columns["refusal"] = [p.refusal for p in predictions]
+    if metadata_used:
+        columns["metadata_used"] = [p.metadata_used for p in predictions]
+    columns["error"] = [p.error for p in predictions]
+    return pd.DataFrame(columns)
 
 
 @dataclass

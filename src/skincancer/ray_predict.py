@@ -1,6 +1,6 @@
 """Ray batch prediction: a run's Classifier in Ray Data actors over a lazy stream of image paths, to a file.
 
-Each actor loads the model once and runs `Classifier.predict_proba` and `Classifier.table` on its batches, so the
+Each actor loads the model once and runs `Classifier.predict` on its batches, so the
 preprocessing, the engine (ONNX or torch) and the output columns are those of the single-process `predict`
 (sources as absolute paths, which the workers resolved).
 Folders are listed inside Ray tasks and results are written as they arrive: neither the list of images nor
@@ -209,7 +209,7 @@ def _expand_input(row: dict) -> list[dict]:
 
 class _ClassifierActor:
     """Holds one loaded model (or ensemble); called with a batch of paths, returns their rows of
-    `Classifier.table`."""
+    `Classifier.predict`."""
 
     def __init__(self, runs: list[str], engine: str, batch_size: int, tta: int | None, threads: int = 1,
                  refuse: bool = True):

@@ -33,7 +33,7 @@ from .data import ImageError, load_image
 from .ensemble import load_models
 from .metadata import MetadataError, parse_age, parse_sex
 from .middleware import MB, AccessLog, Metrics, UploadLimit, UploadTooLarge
-from .predict import Classifier, Judged, refusal_sentence, sentence
+from .predict import Classifier, Prediction
 
 log = logging.getLogger("skincancer")
 NOT_AN_IMAGE = "not an image"
@@ -145,16 +145,16 @@ class Service:
             metadata = [patient for *_, patient in pending] if classifier.uses_metadata else None
             judged = classifier.judge([image for _, _, image, _ in pending], num_workers=0, tta=self.tta,
                                       batch_size=BATCH_CHUNK, metadata=metadata, refuse=guard)
-        failed = dict(judged.errors)
-        for row, (index, name, _, patient) in enumerate(pending):
-            fused = metadata is not None and classifier.fuses(patient)
-            results[index] = ({"filename": name, "error": f"{name}: {failed[row]}", "status": 422}
-                              if row in failed else prediction(classifier, name, judged, row, fused))
+        records = classifier.records([image for _, _, image, _ in pending], judged, metadata,
+                                     sources=[name for _, name, _, _ in pending])
+        for record, (index, name, _, _) in zip(records, pending, strict=True):
+            results[index] = ({"filename": name, "error": f"{name}: {record.error}", "status": 422} if record.error
+                              else answer(record, classifier.class_names))
         if cam:
             from .explain import explain
 
-            for row, (index, _, image, _) in enumerate(pending):
-                if row not in failed and not judged.refused(row):
+            for record, (index, _, image, _) in zip(records, pending, strict=True):
+                if not record.error and record.label != "refused":
                     with self.inference_lock:  # as for one photo; other requests may predict between two maps
                         results[index]["cam_png_base64"] = png_base64(explain(classifier, image))
         pending.clear()
@@ -269,14 +269,15 @@ def predict(file: UploadFile = File(..., description="a dermoscopy photograph (J
         served.metrics.count_images(0, 1)
         raise
     served.metrics.count_images(1, 0)
-    answer = prediction(classifier, name, judged, 0, use_metadata)
-    if cam and not judged.refused(0):  # no map of a score that means nothing for the image
+    record = classifier.records([image], judged, [patient] if use_metadata else None, sources=[name])[0]
+    reply = answer(record, classifier.class_names)
+    if cam and record.label != "refused":  # no map of a score that means nothing for the image
         from .explain import explain
 
         with served.inference_lock:  # Grad-CAM hooks the PyTorch model, which the torch engine also predicts with
             picture = explain(classifier, image)
-        answer["cam_png_base64"] = png_base64(picture)
-    return served.answered(answer, started)
+        reply["cam_png_base64"] = png_base64(picture)
+    return served.answered(reply, started)
 
 
 async def predict_batch(request: Request, cam: bool = Query(
@@ -344,26 +345,20 @@ def read_upload(file: UploadFile, file_limit: int, name: str) -> Image.Image:
     return decode_upload(data, name)
 
 
-def prediction(classifier: Classifier, name: str, judged: Judged, row: int, metadata_used: bool) -> dict:
-    """One image's answer: probabilities per class, the malignant probability, the label at the threshold, and the
-    guard's word: its out-of-distribution score (1 is the limit; null without a guard), whether the image is in
-    distribution, and why it gets no verdict (label 'refused', the sentence says why)."""
-    probs = judged.probs[row]
-    malignant = float(classifier.malignant_probability(probs[None])[0])
-    reason = judged.refusals[row]
-    score = float(judged.ood_score[row])
-    verdict = classifier.positive_name if malignant >= classifier.threshold else classifier.negative_name
+def answer(record: Prediction, class_names: Sequence[str]) -> dict:
+    """One image's answer, as the API gives it: Classifier.records' Prediction (probabilities per class, the
+    malignant probability, the label at the threshold, the guard's word and the sentence) in JSON's types, null
+    where there is nothing to say (no guard, no refusal)."""
     return {
-        "filename": name,
-        "probabilities": {c: float(p) for c, p in zip(classifier.class_names, probs, strict=True)},
-        "malignant_probability": malignant,
-        "label": "refused" if judged.refused(row) else verdict,
-        "ood_score": score if np.isfinite(score) else None,
-        "in_distribution": judged.in_distribution(row),
-        "refusal": reason or None,
-        "metadata_used": metadata_used,
-        "sentence": (refusal_sentence(reason) if judged.refused(row) else
-                     sentence(malignant, classifier.threshold, classifier.positive_name, classifier.negative_name)),
+        "filename": record.source,
+        "probabilities": {c: float(p) for c, p in zip(class_names, record.probabilities, strict=True)},
+        "malignant_probability": float(record.malignant),
+        "label": record.label,
+        "ood_score": float(record.ood_score) if np.isfinite(record.ood_score) else None,
+        "in_distribution": record.in_distribution,
+        "refusal": record.refusal or None,
+        "metadata_used": record.metadata_used,
+        "sentence": record.sentence,
     }
 
 

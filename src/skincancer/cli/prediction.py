@@ -104,21 +104,25 @@ def predict(
     _say_metadata_use(classifier, files, rows, metadata)
     if not classifier.has_guard:
         typer.echo(f"note: {NO_GUARD}; only blank, black or washed-out frames are refused", err=True)
-    table = classifier.predict(files, batch_size=batch_size, num_workers=num_workers, tta=tta, metadata=rows,
-                               refuse=guard)
+    predictions = classifier.predictions(files, batch_size=batch_size, num_workers=num_workers, tta=tta,
+                                         metadata=rows, refuse=guard)
     _say_unused_metadata(classifier, files, rows)
-    failed = table[table["error"] != ""]
-    for _, row in failed.iterrows():
-        typer.echo(f"error: {row['source']}: {row['error']}", err=True)
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        typer.echo(f"error: {p.source}: {p.error}", err=True)
     single = len(files) == 1 and not any(p.is_dir() for p in paths)
     if single and out is None and not table_asked:
-        if failed.empty:  # one unreadable image: its error above is the whole answer
-            _say_sentence(classifier, table.iloc[0])
+        if not failed:  # one unreadable image: its error above is the whole answer
+            _say_sentence(predictions[0])
     else:
+        from ..predict import predictions_table
+
+        table = predictions_table(predictions, classifier.class_names, classifier.positive_name,
+                                  metadata_used=rows is not None and classifier.uses_metadata)
         _write_table(table, format, out, len(failed), guard)
     if cam is not None:
-        _write_overlays(classifier, files, table, cam, len(model))
-    if not failed.empty:
+        _write_overlays(classifier, predictions, cam, len(model))
+    if failed:
         raise typer.Exit(1)
 
 
@@ -158,17 +162,11 @@ def _say_unused_metadata(classifier, files: list[str], rows: list | None) -> Non
                    + ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""), err=True)
 
 
-def _say_sentence(classifier, row) -> None:
+def _say_sentence(prediction) -> None:
     """One image: the tutorial's sentence, or why the image gets no verdict."""
-    from ..predict import refusal_sentence, sentence
-
-    if row["label"] == "refused":
-        typer.echo(refusal_sentence(row["refusal"]))
-    else:
-        typer.echo(sentence(row[classifier.positive_name], classifier.threshold, classifier.positive_name,
-                            classifier.negative_name))
-        if row["refusal"]:  # --no-guard: the verdict stands, the guard's word beside it
-            typer.echo(f"warning (--no-guard): {row['refusal']}", err=True)
+    typer.echo(prediction.sentence)
+    if prediction.refusal and prediction.label != "refused":  # --no-guard: the verdict stands, the guard's word too
+        typer.echo(f"warning (--no-guard): {prediction.refusal}", err=True)
     typer.echo(f"note: {NOTICE}", err=True)
 
 
@@ -189,11 +187,11 @@ def _write_table(table, format: str, out: Path | None, failed: int, guard: bool)
     typer.echo(f"note: {NOTICE}", err=True)
 
 
-def _write_overlays(classifier, files: list[str], table, cam: Path, models: int) -> None:
+def _write_overlays(classifier, predictions: list, cam: Path, models: int) -> None:
     from ..explain import write_overlays
 
-    judged_files = [f for f, e, label in zip(files, table["error"], table["label"], strict=True)
-                    if not e and label != "refused"]  # no map of a score that means nothing for the image
+    judged_files = [p.source for p in predictions
+                    if not p.error and p.label != "refused"]  # no map of a score that means nothing for the image
     written = write_overlays(classifier, judged_files, cam)
     made = [f"{source} -> {png}" for source, png in written.items() if not png.startswith("error:")]
     if made:
