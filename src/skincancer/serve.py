@@ -33,7 +33,8 @@ from .data import ImageError, load_image
 from .ensemble import load_models
 from .metadata import MetadataError, parse_age, parse_sex
 from .middleware import MB, AccessLog, Metrics, UploadLimit, UploadTooLarge
-from .predict import Classifier, Prediction
+from .predict import Classifier
+from .records import Prediction
 
 log = logging.getLogger("skincancer")
 NOT_AN_IMAGE = "not an image"

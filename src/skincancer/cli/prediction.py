@@ -87,12 +87,7 @@ def predict(
     from ..predict import ENGINES
 
     num_workers = 1 if num_workers is None else num_workers
-    table_asked = format is not None
-    if format is None and out is not None and out.suffix.lower() == ".json":
-        format = "json"  # -o preds.json says it
-    format = format or "csv"
-    if format not in ("csv", "json"):
-        fail(f"--format must be csv or json, got {format!r}")
+    table_asked, format = format is not None, _table_format(format, out)
     if engine not in ENGINES:
         fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     files = _image_files(paths)
@@ -115,11 +110,7 @@ def predict(
         if not failed:  # one unreadable image: its error above is the whole answer
             _say_sentence(predictions[0])
     else:
-        from ..predict import predictions_table
-
-        table = predictions_table(predictions, classifier.class_names, classifier.positive_name,
-                                  metadata_used=rows is not None and classifier.uses_metadata)
-        _write_table(table, format, out, len(failed), guard)
+        _write_table(classifier, predictions, rows is not None, format, out, len(failed), guard)
     if cam is not None:
         _write_overlays(classifier, predictions, cam, len(model))
     if failed:
@@ -170,8 +161,23 @@ def _say_sentence(prediction) -> None:
     typer.echo(f"note: {NOTICE}", err=True)
 
 
-def _write_table(table, format: str, out: Path | None, failed: int, guard: bool) -> None:
+def _table_format(format: str | None, out: Path | None) -> str:
+    """csv or json: --format, else -o's suffix (preds.json says json), else csv."""
+    if format is None and out is not None and out.suffix.lower() == ".json":
+        format = "json"
+    format = format or "csv"
+    if format not in ("csv", "json"):
+        fail(f"--format must be csv or json, got {format!r}")
+    return format
+
+
+def _write_table(classifier, predictions: list, metadata_given: bool, format: str, out: Path | None, failed: int,
+                 guard: bool) -> None:
     """Several images (or a table asked for): CSV or JSON to stdout or to --out."""
+    from ..records import predictions_table
+
+    table = predictions_table(predictions, classifier.class_names, classifier.positive_name,
+                              metadata_used=metadata_given and classifier.uses_metadata)
     text = table.to_csv(index=False) if format == "csv" else json.dumps(
         json.loads(table.to_json(orient="records")), indent=2) + "\n"
     if out is not None:
