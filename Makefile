@@ -57,11 +57,13 @@ benchmark-accuracy: setup
 	$(BIN)/skincancer evaluate $(foreach run,$(MEMBERS),--model $(run)) --data $(BENCH)/data/test.csv \
 		--out $(BENCH)/test --engine onnx
 
+# two workers (pytest-xdist; one thread each, tests/conftest.py); the Ray tests share one (--dist loadgroup)
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -19,6 +19,15 @@ from typer.testing import CliRunner
 from skincancer import index_folder, load_config, save_manifest, train
 from skincancer.config import DEFAULT_LABELS
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers (pytest-xdist) on this 2-core machine: one thread each, here and in the
+    # processes the tests start. Two threads each had their OpenMP threads spin against the other worker's, and the
+    # suite ran slower than in one process.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017").resolve()
 NO_DATA = f"test data not found at {DATA} (see README: the ISIC 2017 copy lives in ../shared/data)"
 

@@ -17,6 +17,8 @@ from skincancer.images import expand_inputs
 from skincancer.predict import load_model
 from skincancer.ray_predict import RayPredictError, predict_with_ray, ray_data_console_handlers
 
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray at a time: make test runs pytest -n 2 --dist loadgroup
+
 
 @pytest.fixture(scope="module")
 def local_ray():
