@@ -134,10 +134,22 @@ def card_context(classifier: Classifier) -> dict:
         "metadata_use": _metadata_use(members), "guard_use": _guard_use(members), "version": card["version"],
         "sources": card["sources"], "licence": card["licence"], "unfinished": card["unfinished"],
         "training": [_training(member, len(members) > 1) for member in members],
+        "taught": [_taught(member, len(members) > 1) for member in members if member.meta.get("distilled_from")],
         "figures": figures, "few": isinstance(figures.get("n"), int) and figures["n"] < 500,
         "with_metadata": {k: v for k, v in validation.items() if "metadata" in k},
         "share": _malignant_share(members, labels), "balanced": _balanced(members), "figure_names": FIGURE_NAMES,
     }
+
+
+def _taught(member: Classifier, named: bool) -> dict:
+    """A distilled model's teacher, for the card: who, how much of the target, on how many images."""
+    record = member.meta["distilled_from"]
+    teachers = []
+    for t in record["teachers"]:
+        teachers.append(f"{Path(t['run']).name} ({t['backbone']}, {t['tta']} view{'s' if t['tta'] > 1 else ''})")
+    return {"name": f"{_run_name(member)}: " if named else "", "teachers": teachers, "alpha": record["alpha"],
+            "rest": round(1 - record["alpha"], 4), "labelled": record["labelled_images"],
+            "extra": record["extra_images"]}
 
 
 @functools.cache

@@ -85,6 +85,13 @@ class TrainConfig(BaseModel):
     # no verdict; the threshold refuses this share of held-in images
     guard: bool = True
     guard_false_rejection: float = 0.02
+    # distillation (skincancer distill; finetune only): the teacher's run folders (several: their ensemble), whose
+    # per-class probabilities with all their views are the targets; each labelled image's target is
+    # distill_alpha * the teacher's + (1 - distill_alpha) * its true label; the `extra` images (manifests, folders or
+    # files; no labels needed) have the teacher's alone
+    teacher: list[str] = Field(default_factory=list)
+    distill_alpha: float = 0.7
+    extra: list[str] = Field(default_factory=list)
     # linear (defaults by mode: MODE_DEFAULTS)
     linear_c: list[float] = Field(default_factory=lambda: list(_LINEAR["linear_c"]))
     # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet only)
@@ -195,6 +202,12 @@ class TrainConfig(BaseModel):
         if set(self.labels.values()) != {0, 1}:
             raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
         parse_threshold_policy(self.threshold_policy)
+        if (self.teacher or self.extra) and self.mode != "finetune":
+            raise ConfigError("teacher / extra: distillation trains a network (mode: finetune), not a linear probe")
+        if self.extra and not self.teacher:
+            raise ConfigError("extra: images without labels need a teacher to give their targets; add teacher")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         return self
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -52,9 +53,12 @@ def collate(samples: list[dict]) -> dict:
     errors = [(s["index"], s["error"]) for s in samples if "error" in s]
     if not good:
         return {"image": None, "target": None, "index": torch.empty(0, dtype=torch.long), "errors": errors}
+    targets = [s["target"] for s in good]
     return {
         "image": torch.stack([s["image"] for s in good]),
-        "target": torch.tensor([s["target"] for s in good], dtype=torch.long),
+        # a class index each, or (distillation) a row of target probabilities each
+        "target": (torch.as_tensor(np.stack(targets), dtype=torch.float32) if np.ndim(targets[0]) else
+                   torch.tensor(targets, dtype=torch.long)),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "errors": errors,
     }

@@ -41,12 +41,15 @@ log = logging.getLogger("skincancer")
 
 def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd.DataFrame, train_targets: np.ndarray,
                  valid_df: pd.DataFrame, valid_targets: np.ndarray, class_names: list[str], meta: dict, out: Path,
-                 writer: SummaryWriter, resume: bool = False, world: World = World()) -> int:
+                 writer: SummaryWriter, resume: bool = False, world: World = World(),
+                 soft_targets: np.ndarray | None = None) -> int:
     """Whole network, AdamW + warmup/cosine, class balancing, early stopping on validation AUC; best kept.
 
     After every epoch the full training state goes to out/checkpoints (atomically), so `resume` replays from the
-    last complete epoch exactly: weights, EMA, optimiser, schedule, shuffling order and random number generators."""
-    train_set = ImageDataset(train_df["filepath"], train_targets, build_transform(
+    last complete epoch exactly: weights, EMA, optimiser, schedule, shuffling order and random number generators.
+    soft_targets [N, classes]: what the loss aims at (distillation); train_targets then only balance the classes."""
+    aims = train_targets if soft_targets is None else soft_targets
+    train_set = ImageDataset(train_df["filepath"], aims, build_transform(
         config.image_size, prep["mean"], prep["std"], config.augment))
     valid_set = ImageDataset(valid_df["filepath"], valid_targets, eval_transform(config, prep))
     class_weights = _class_weights(config, train_targets, class_names)

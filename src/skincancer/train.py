@@ -29,6 +29,7 @@ from .data import (
     manifest_labels,
 )
 from .datasets import ImageDataset
+from .distill import distil
 from .distributed import (
     World,
     device_for,
@@ -107,8 +108,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if config.mode == "linear":
             held_out, epoch = fit_linear(model, config, prep, *splits, out, writer, inputs.keys), 0
         else:
+            # a student learns its teacher's targets (on extra images too): distil gives its splits and targets
+            splits, soft = distil(config, splits, meta, out, world) if config.teacher else (splits, None)
             held_out, epoch = None, fit_finetune(model, config, prep, *splits, meta, out, writer, resume=resume,
-                                                 world=world)
+                                                 world=world, soft_targets=soft)
             if not world.is_main:
                 return out
         _finish(model, config, prep, inputs, meta, held_out, epoch, out, writer, started)

@@ -18,8 +18,8 @@ from . import data, evaluation, prediction, service, training
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Melanoma vs benign skin lesion classifier. {NOTICE}")
 KNOWN_ERRORS = (DataError, ConfigError, CheckpointError, BackboneError, FileNotFoundError)
-for command in (data.index, data.preview, training.train, evaluation.evaluate, evaluation.compare, prediction.predict,
-                training.card, training.guard, service.export, service.serve, service.download):
+for command in (data.index, data.preview, training.train, training.distill, evaluation.evaluate, evaluation.compare,
+                prediction.predict, training.card, training.guard, service.export, service.serve, service.download):
     app.command()(command)
 
 

@@ -1,4 +1,4 @@
-"""Commands on training: train, fit a run's guard, write its model card."""
+"""Commands on training: train, distil a teacher into a student, fit a run's guard, write its model card."""
 
 from __future__ import annotations
 
@@ -86,6 +86,42 @@ def train(
     if not other_rank():  # under torchrun, rank 0 saves the run; the others only help
         typer.echo(f"run saved to {run}")
 
+
+
+def distill(
+    teacher: Annotated[list[str], typer.Option(help=(
+        "the teacher's run folder; repeat for an ensemble (its members' probabilities averaged, each with its own "
+        "test-time views)"))],
+    train: Annotated[list[str], typer.Option(help=(
+        "labelled training manifest CSV or folder-per-class directory; repeat for several sources"))],
+    valid: Annotated[str, typer.Option(help="validation manifest CSV or folder: the epoch and threshold")],
+    out: Annotated[str, typer.Option(help="the student's run folder to create")],
+    extra: Annotated[list[str] | None, typer.Option(help=(
+        "extra images the teacher labels (a transfer set; no labels needed): manifest CSV, folder or file; "
+        "repeat"))] = None,
+    alpha: Annotated[float | None, typer.Option(help=(
+        "share of a labelled image's target taken from the teacher (the rest: its true label); default 0.7"))] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config for the student (fine-tuning); flags override it")
+                      ] = None,
+    backbone: Annotated[str | None, typer.Option(help="the student's timm model (default tf_efficientnet_lite0)")
+                        ] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace the run already in --out")] = False,
+) -> None:
+    """Train one student network (fine-tuned, one view) on a teacher's probabilities: an ordinary run folder whose
+    model.json and card name the teacher. An interrupted one goes on with `skincancer train --resume OUT`."""
+    from ..runfolder import check_start
+    from ..train import train as run_training
+
+    cfg = load_config(config, mode="finetune", teacher=teacher, extra=extra or None, distill_alpha=alpha,
+                      train=train, valid=valid, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
+                      batch_size=batch_size, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch)
+    check_start(cfg, overwrite=overwrite, resume=False)
+    typer.echo(f"run saved to {run_training(cfg, overwrite=overwrite)}")
 
 
 def card(

@@ -1,0 +1,183 @@
+"""Distillation: a student network trained on a teacher's soft targets (skincancer distill).
+
+The teacher (one run, or several as their ensemble) gives each training image its per-class probabilities, with all
+its test-time views. A labelled image's target is distill_alpha * the teacher's + (1 - distill_alpha) * its true
+label; an extra image (a transfer set: no label needed, e.g. HAM10000) has the teacher's alone. Cross-entropy with
+probability targets is the KL divergence to them up to a constant. Validation, the threshold and the guard are those
+of any fine-tune, on the labelled images. The teacher's probabilities are computed once and kept in the run folder
+(TARGETS_FILE), so `train --resume` does not pay for them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import CheckpointError, atomic_write
+from .data import TEXT_COLUMNS, DataError, content_keys, read_csv_checked
+from .images import expand_inputs
+from .provenance import file_sha256
+
+log = logging.getLogger("skincancer")
+
+TARGETS_FILE = "teacher_targets.safetensors"
+
+
+@dataclass
+class Distillation:
+    """What fit_finetune trains on when a teacher is given."""
+
+    train_df: pd.DataFrame  # the labelled training images, then the extra ones (diagnosis '', label -1)
+    hard: np.ndarray  # [N] the class for balancing: the true one, or the teacher's most probable for extra images
+    soft: np.ndarray  # [N, classes] float32: the targets
+    record: dict  # model.json's `distilled_from`
+
+
+def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, np.ndarray]:
+    """train's splits (train_df, train_targets, valid_df, valid_targets, class_names) with the extra images added,
+    and the targets to train on (teacher_targets: computed and saved by rank 0 of a multi-process run, then read by
+    the others). meta gets `distilled_from` and the `sources` of the images and of the teachers (their licences
+    travel on)."""
+    from .distributed import barrier
+    from .sources import source_table
+
+    train_df, train_targets, valid_df, valid_targets, class_names = splits
+    if not world.is_main:
+        barrier(world)
+    taught = teacher_targets(config, class_names, train_df, train_targets, out)
+    if world.is_main:
+        barrier(world)
+    meta["distilled_from"] = taught.record
+    meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record)]
+    return (taught.train_df, taught.hard, valid_df, valid_targets, class_names), taught.soft
+
+
+def extra_images(paths: list[str]) -> pd.DataFrame:
+    """The extra images named by manifests (only `filepath` is read: their diagnoses need not be the model's),
+    folders (every image inside) or files, as manifest rows without labels."""
+    frames = []
+    for path in paths:
+        if Path(path).suffix.lower() == ".csv":
+            frame = read_csv_checked(path, ["filepath"], dtype=dict.fromkeys(TEXT_COLUMNS, str))
+            base = Path(path).parent.absolute()
+            files = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in frame["filepath"].astype(str)]
+            frames.append(pd.DataFrame({
+                "image_id": frame["image_id"].astype(str) if "image_id" in frame else [Path(f).stem for f in files],
+                "filepath": files, "source": frame["source"].astype(str) if "source" in frame else Path(path).stem,
+                "licence": frame["licence"].astype(str) if "licence" in frame else "not stated"}))
+        else:
+            files = expand_inputs([path])
+            if not files:
+                raise DataError(f"extra: {path}: no image files")
+            frames.append(pd.DataFrame({"image_id": [Path(f).stem for f in files], "filepath": files,
+                                        "source": Path(path).name if Path(path).is_dir() else Path(path).parent.name,
+                                        "licence": "not stated"}))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.assign(diagnosis="", label=-1)
+
+
+def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, train_targets: np.ndarray,
+                    out: Path) -> Distillation:
+    """The student's training set and targets (see the module's docstring); the teacher's probabilities are read
+    from out/TARGETS_FILE when it holds them for these very images and this teacher, else computed and saved."""
+    from .ensemble import load_models
+
+    teacher = load_models(config.teacher)
+    if teacher.class_names != class_names or teacher.meta["labels"] != config.labels:
+        raise DataError(f"teacher: classes {teacher.class_names} (labels {teacher.meta['labels']}) differ from the "
+                        f"student's {class_names} (labels {config.labels}); give the student the teacher's labels")
+    extra = extra_images(config.extra) if config.extra else train_df.iloc[:0]
+    keys = content_keys([*train_df["filepath"], *extra["filepath"]])
+    seen, kept = set(keys[:len(train_df)]), []
+    for key in keys[len(train_df):]:  # an extra image that is a training image (or another extra one) once
+        kept.append(key is not None and key not in seen)
+        seen.add(key)
+    if not all(kept):
+        log.info("extra: %d image(s) left out: unreadable, or copies of training images or of each other",
+                 kept.count(False))
+    extra = extra[kept].reset_index(drop=True)
+    keys = [*keys[:len(train_df)], *(k for k, keep in zip(keys[len(train_df):], kept, strict=True) if keep)]
+    paths = [*train_df["filepath"], *extra["filepath"]]
+    digests = [_teacher_digest(m.source) for m in teacher.runs]
+    probs = _cached(out / TARGETS_FILE, keys, digests)
+    if probs is None:
+        log.info("teacher %s: targets for %d images (%d views each)", " + ".join(map(str, config.teacher)),
+                 len(paths), int(teacher.meta.get("tta", 1)))
+        probs, errors = teacher.predict_proba(paths, batch_size=config.batch_size, num_workers=config.num_workers)
+        for index, reason in errors:
+            log.warning("teacher: %s: %s (left out of training)", paths[index], reason)
+        _save(out / TARGETS_FILE, probs, keys, digests)
+    probs = probs.astype(np.float32)
+    n = len(train_df)
+    onehot = np.eye(len(class_names), dtype=np.float32)[train_targets]
+    soft = np.concatenate([config.distill_alpha * probs[:n] + (1 - config.distill_alpha) * onehot, probs[n:]])
+    hard = np.concatenate([train_targets, np.nan_to_num(probs[n:], nan=0).argmax(1)]).astype(int)
+    joined = pd.concat([train_df, extra], ignore_index=True)
+    readable = np.isfinite(soft).all(1)  # the teacher could not read an image: no target, so not trained on
+    record = {
+        "teachers": [{"run": str(_run_folder(m.source)), "backbone": m.meta["backbone"], "weights_sha256": d,
+                      "tta": int(m.meta.get("tta", 1)), "sources": m.meta.get("sources")}
+                     for m, d in zip(teacher.runs, digests, strict=True)],
+        "alpha": config.distill_alpha, "labelled_images": int(readable[:n].sum()),
+        "extra_images": int(readable[n:].sum()), "file": TARGETS_FILE,
+    }
+    return Distillation(joined[readable].reset_index(drop=True), hard[readable], soft[readable], record)
+
+
+def teacher_sources(record: dict) -> list[dict]:
+    """The data the teachers learnt from, as rows of the student's `sources` (their licences travel on)."""
+    rows = []
+    for teacher in record["teachers"]:
+        for source in teacher.get("sources") or []:
+            rows.append({**source, "name": f"{source['name']} (through the teacher {Path(teacher['run']).name})"})
+    return rows
+
+
+def _run_folder(model_dir: Path) -> Path:
+    """The run folder a model folder sits in (RUN/model), or the model folder itself if it stands alone."""
+    model_dir = Path(model_dir)
+    return model_dir.parent if model_dir.name == "model" else model_dir
+
+
+def _teacher_digest(model_dir) -> str:
+    import json
+
+    return json.loads((Path(model_dir) / "model.json").read_text())["weights_sha256"]
+
+
+def _cached(path: Path, keys: list, digests: list[str]) -> np.ndarray | None:
+    """The saved probabilities if they are for these images (content keys) and these teachers' weights."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            saved = handle.metadata() or {}
+            probs = handle.get_tensor("probabilities")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); delete it to compute the teacher's targets again") from None
+    if saved.get("keys") != _digest(keys) or saved.get("teachers") != ",".join(digests):
+        return None
+    return probs
+
+
+def _save(path: Path, probs: np.ndarray, keys: list, digests: list[str]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({"probabilities": np.ascontiguousarray(probs, dtype=np.float32)},
+                                             str(tmp), metadata={"keys": _digest(keys), "teachers": ",".join(digests)}))
+    log.info("teacher targets saved to %s (sha256 %s)", path, file_sha256(path)[:12])
+
+
+def _digest(keys: list) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(str(k) for k in keys).encode()).hexdigest()

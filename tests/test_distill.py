@@ -1,0 +1,89 @@
+"""skincancer distill: a student network learns a teacher's probabilities (on extra, unlabelled images too) and is an
+ordinary run folder that names its teacher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skincancer import load_config, load_manifest
+from skincancer.config import ConfigError
+from skincancer.predict import Classifier, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def student(cli, tiny_run, small_data, cache_dir, data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A student (Lite0 at 96 px, one epoch of two steps) distilled from tiny_run over the small training subset and
+    four unlabelled test images."""
+    root = tmp_path_factory.mktemp("distill")
+    extra = root / "unlabelled"
+    extra.mkdir()
+    for path in sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[:2] + \
+            sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:2]:
+        shutil.copy(path, extra / path.name)
+    out = root / "student"
+    result = cli("distill", "--teacher", tiny_run, "--train", small_data["train"], "--valid", small_data["valid"],
+                 "--extra", extra, "--out", out, "--image-size", "96", "--epochs", "1", "--max-steps-per-epoch", "2",
+                 "--batch-size", "8", "--num-workers", "0", env={"SKINCANCER_CACHE": str(cache_dir)})
+    assert result.returncode == 0, result.output
+    return out, sorted(str(p) for p in extra.glob("*.jpg"))
+
+
+def test_the_student_is_a_run_that_predicts_and_names_its_teacher(student, tiny_run, small_data):
+    out, extra = student
+    meta = json.loads((out / "model" / "model.json").read_text())
+    record = meta["distilled_from"]
+    teacher_meta = json.loads((Path(tiny_run) / "model" / "model.json").read_text())
+    assert record["teachers"][0]["weights_sha256"] == teacher_meta["weights_sha256"]
+    assert record["labelled_images"] == 30 and record["extra_images"] == 4 and record["alpha"] == 0.7
+    assert meta["mode"] == "finetune" and meta["class_names"] == teacher_meta["class_names"]
+    assert 0 < meta["threshold"] < 1 and meta["validation_source"] == "valid"  # chosen on validation, as any run
+    # the teacher's data travels on with its licence; the extra images are listed as a source of their own
+    names = [s["name"] for s in meta["sources"]]
+    assert "unlabelled" in names and any("through the teacher linear" in n for n in names)
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert "distilled from the teacher linear (tf_efficientnet_lite0, 1 view)" in card
+    assert "4 extra images at the teacher's alone" in card
+    table = load_model(out).predict(extra)
+    assert (table["error"] == "").all() and table["label"].isin(["malignant", "benign", "refused"]).all()
+
+
+def test_the_targets_are_the_teachers_and_a_resume_reads_them_back(student, tiny_run, small_data, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from skincancer.distill import TARGETS_FILE, teacher_targets
+
+    out, extra = student
+    train = load_manifest(small_data["train"])
+    saved = load_file(str(out / TARGETS_FILE))["probabilities"]
+    expected, _ = load_model(tiny_run).predict_proba([*train["filepath"], *extra])
+    np.testing.assert_allclose(saved, expected, atol=1e-5)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr(Classifier, "predict_proba", never)
+    config = load_config(out / "config.yaml")
+    class_names = json.loads((out / "model" / "model.json").read_text())["class_names"]
+    targets = train["diagnosis"].map({n: i for i, n in enumerate(class_names)}).to_numpy()
+    taught = teacher_targets(config, class_names, train, targets, out)
+    assert len(taught.train_df) == 34 and (taught.train_df["label"].to_numpy()[30:] == -1).all()
+    onehot = np.eye(len(class_names))[targets]
+    np.testing.assert_allclose(taught.soft[:30], 0.7 * expected[:30] + 0.3 * onehot, atol=1e-5)
+    np.testing.assert_allclose(taught.soft[30:], expected[30:], atol=1e-5)
+    np.testing.assert_allclose(taught.soft.sum(1), 1.0, atol=1e-5)
+
+
+def test_distillation_settings_are_checked():
+    with pytest.raises(ConfigError, match="mode: finetune"):
+        load_config(None, mode="linear", teacher=["runs/t"])
+    with pytest.raises(ConfigError, match="need a teacher"):
+        load_config(None, mode="finetune", extra=["images/"])
+    with pytest.raises(ConfigError, match="distill_alpha"):
+        load_config(None, mode="finetune", teacher=["runs/t"], distill_alpha=1.5)
