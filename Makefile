@@ -57,7 +57,8 @@ benchmark-accuracy: setup
 	$(BIN)/skincancer evaluate $(foreach run,$(MEMBERS),--model $(run)) --data $(BENCH)/data/test.csv \
 		--out $(BENCH)/test --engine onnx
 
-# two workers (pytest-xdist; one thread each, tests/conftest.py); the Ray tests share one (--dist loadgroup)
+# one pytest-xdist worker per core (two on the 2-core machine; one torch thread each, tests/conftest.py); the Ray
+# tests share one worker (--dist loadgroup)
 PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
 test: setup
 	$(PYTEST)

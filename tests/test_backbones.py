@@ -89,3 +89,18 @@ def test_multiscale_last_features_are_the_plain_models():
     with torch.no_grad():
         expected = plain.forward_head(plain.forward_features(x), pre_logits=True)
         torch.testing.assert_close(wrapped.forward_features(x)[:, -1280:], expected)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_b0", "tf_efficientnetv2_b0"])
+def test_multiscale_pooling_reads_every_later_stage_of_other_efficientnets(backbone):
+    from skincancer.backbones import MultiScaleClassifier
+
+    model = build_model(backbone, num_classes=3, pretrained=False, pooling="multiscale").eval()
+    net = model.backbone
+    with torch.no_grad():
+        maps = model.feature_maps(torch.randn(1, 3, 64, 64))
+    assert len(maps) == len(net.blocks) - MultiScaleClassifier.FIRST_STAGE + 1  # later stages, then the head
+    assert [m.shape[1] for m in maps[:-1]] == [stage[-1].conv_pwl.out_channels if hasattr(stage[-1], "conv_pwl")
+                                               else stage[-1].conv.out_channels
+                                               for stage in net.blocks[MultiScaleClassifier.FIRST_STAGE:]]
+    assert maps[-1].shape[1] == net.num_features

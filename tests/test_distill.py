@@ -87,3 +87,38 @@ def test_distillation_settings_are_checked():
         load_config(None, mode="finetune", extra=["images/"])
     with pytest.raises(ConfigError, match="distill_alpha"):
         load_config(None, mode="finetune", teacher=["runs/t"], distill_alpha=1.5)
+
+
+def test_without_extra_images_and_with_extras_that_are_held_out_images(tiny_run, small_data, tmp_path):
+    from skincancer.data import DataError
+    from skincancer.distill import teacher_targets
+
+    train, valid = load_manifest(small_data["train"]), load_manifest(small_data["valid"])
+    class_names = json.loads((Path(tiny_run) / "model" / "model.json").read_text())["class_names"]
+    targets = train["diagnosis"].map({n: i for i, n in enumerate(class_names)}).to_numpy()
+    config = load_config(None, mode="finetune", teacher=[str(tiny_run)])
+    alone = teacher_targets(config, class_names, train, targets, tmp_path / "a", valid)
+    assert len(alone.train_df) == 30 and alone.record["extra_images"] == 0
+    # extra images that are validation or training images (same bytes, other names) teach nothing: left out
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i, path in enumerate([*valid["filepath"][:2], *train["filepath"][:1]]):
+        shutil.copy(path, copies / f"copy_{i}.jpg")
+    held = teacher_targets(config.replace(extra=[str(copies)]), class_names, train, targets, tmp_path / "b", valid)
+    assert len(held.train_df) == 30 and held.record["extra_images"] == 0
+    with pytest.raises(DataError, match="no such file or folder"):
+        teacher_targets(config.replace(extra=[str(tmp_path / "typo")]), class_names, train, targets, tmp_path, valid)
+
+
+def test_a_teacher_with_another_label_map_is_refused_before_the_run_folder_is_touched(tiny_run, small_data,
+                                                                                     tmp_path):
+    from skincancer import train
+    from skincancer.data import DataError
+
+    out = tmp_path / "student"
+    config = load_config(None, mode="finetune", teacher=[str(tiny_run)], train=str(small_data["train"]),
+                         valid=str(small_data["valid"]), out=str(out),
+                         labels={"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 1})
+    with pytest.raises(DataError, match="teacher: classes"):
+        train(config)
+    assert not out.exists()

@@ -67,9 +67,7 @@ class MultiScaleClassifier(nn.Module):
     (5-fold CV melanoma AUC of a linear probe on ISIC 2017 train: 0.807 against 0.786).
     """
 
-    # later stages' outputs in timm's forward_intermediates numbering with extra_blocks (0 the stem, i the output of
-    # blocks[i - 1]): blocks 2-6 of an EfficientNet's seven
-    STAGES = [3, 4, 5, 6, 7]
+    FIRST_STAGE = 2  # blocks[2:] (0-based): for Lite0-2, the stages of 40, 80, 112, 192 and 320 channels
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -77,6 +75,12 @@ class MultiScaleClassifier(nn.Module):
             raise BackboneError(f"{type(backbone).__name__}: multiscale pooling (the linear probe's default) "
                                 "supports EfficientNet backbones only; for this one set `pooling: final` in the "
                                 "--config file")
+        if getattr(backbone, "stage_ends", [None])[-1] != len(backbone.blocks):
+            raise BackboneError(f"{type(backbone).__name__}: its last stage does not end its blocks; multiscale "
+                                "pooling cannot read its head: set `pooling: final` in the --config file")
+        # those blocks' outputs in timm's forward_intermediates numbering with extra_blocks (0: the stem; i: the
+        # output of blocks[i - 1])
+        self.stages = list(range(self.FIRST_STAGE + 1, len(backbone.blocks) + 1))
         backbone.reset_classifier(0)
         self.backbone = backbone
         backbone.eval()  # a probe pass in training mode would shift the BatchNorm running statistics
@@ -92,7 +96,7 @@ class MultiScaleClassifier(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The spatial maps whose averages are the features: later stages' outputs, then the head's."""
-        head, maps = self.backbone.forward_intermediates(x, indices=self.STAGES, extra_blocks=True)
+        head, maps = self.backbone.forward_intermediates(x, indices=self.stages, extra_blocks=True)
         return [*maps, head]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

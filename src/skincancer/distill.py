@@ -40,28 +40,45 @@ class Distillation:
 
 def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, np.ndarray]:
     """train's splits (train_df, train_targets, valid_df, valid_targets, class_names) with the extra images added,
-    and the targets to train on (teacher_targets: computed and saved by rank 0 of a multi-process run, then read by
-    the others). meta gets `distilled_from` and the `sources` of the images and of the teachers (their licences
-    travel on)."""
-    from .distributed import barrier
+    and the targets to train on (teacher_targets; every process of a multi-process run computes them, which takes
+    no longer than one doing it while the others wait on a barrier that may time out, and rank 0 saves them). meta
+    gets `distilled_from` and the `sources` of the images and of the teachers (their licences travel on); the
+    extra images join the training images in model/fitted_images.json."""
+    from .runfolder import write_fitted_images
     from .sources import source_table
 
     train_df, train_targets, valid_df, valid_targets, class_names = splits
-    if not world.is_main:
-        barrier(world)
-    taught = teacher_targets(config, class_names, train_df, train_targets, out)
-    if world.is_main:
-        barrier(world)
+    taught = teacher_targets(config, class_names, train_df, train_targets, out, valid_df, save=world.is_main)
     meta["distilled_from"] = taught.record
     meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record)]
+    if world.is_main:
+        write_fitted_images(out / "model", content_keys(taught.train_df["filepath"]),
+                            content_keys(valid_df["filepath"]))
     return (taught.train_df, taught.hard, valid_df, valid_targets, class_names), taught.soft
+
+
+def check_teacher(config, class_names: list[str] | None = None):
+    """The teacher (one run, or several as an ensemble), refused unless its label map is the student's and, once
+    they are known, its classes are the student's: checked before a run folder is touched."""
+    from .ensemble import load_models
+
+    teacher = load_models(config.teacher)
+    if teacher.meta["labels"] != config.labels or (class_names is not None and teacher.class_names != class_names):
+        raise DataError(f"teacher: classes {teacher.class_names} (labels {teacher.meta['labels']}) differ from the "
+                        f"student's {class_names or ''} (labels {config.labels}); give the student the teacher's "
+                        "labels (labels: in the config)")
+    return teacher
 
 
 def extra_images(paths: list[str]) -> pd.DataFrame:
     """The extra images named by manifests (only `filepath` is read: their diagnoses need not be the model's),
     folders (every image inside) or files, as manifest rows without labels."""
+    from .sources import licence_of
+
     frames = []
     for path in paths:
+        if not Path(path).exists():
+            raise DataError(f"extra: {path}: no such file or folder")
         if Path(path).suffix.lower() == ".csv":
             frame = read_csv_checked(path, ["filepath"], dtype=dict.fromkeys(TEXT_COLUMNS, str))
             base = Path(path).parent.absolute()
@@ -69,38 +86,36 @@ def extra_images(paths: list[str]) -> pd.DataFrame:
             frames.append(pd.DataFrame({
                 "image_id": frame["image_id"].astype(str) if "image_id" in frame else [Path(f).stem for f in files],
                 "filepath": files, "source": frame["source"].astype(str) if "source" in frame else Path(path).stem,
-                "licence": frame["licence"].astype(str) if "licence" in frame else "not stated"}))
+                "licence": frame["licence"].astype(str) if "licence" in frame else None}))
         else:
             files = expand_inputs([path])
             if not files:
                 raise DataError(f"extra: {path}: no image files")
             frames.append(pd.DataFrame({"image_id": [Path(f).stem for f in files], "filepath": files,
                                         "source": Path(path).name if Path(path).is_dir() else Path(path).parent.name,
-                                        "licence": "not stated"}))
+                                        "licence": None}))
     frame = pd.concat(frames, ignore_index=True)
+    frame["licence"] = frame["licence"].fillna(frame["source"].map(licence_of)).astype(str)  # ham10000: CC BY-NC
     return frame.assign(diagnosis="", label=-1)
 
 
 def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, train_targets: np.ndarray,
-                    out: Path) -> Distillation:
+                    out: Path, valid_df: pd.DataFrame | None = None, save: bool = True) -> Distillation:
     """The student's training set and targets (see the module's docstring); the teacher's probabilities are read
-    from out/TARGETS_FILE when it holds them for these very images and this teacher, else computed and saved."""
-    from .ensemble import load_models
-
-    teacher = load_models(config.teacher)
-    if teacher.class_names != class_names or teacher.meta["labels"] != config.labels:
-        raise DataError(f"teacher: classes {teacher.class_names} (labels {teacher.meta['labels']}) differ from the "
-                        f"student's {class_names} (labels {config.labels}); give the student the teacher's labels")
+    from out/TARGETS_FILE when it holds them for these very images and this teacher, else computed (and saved).
+    An extra image that is a training or validation image (same bytes), or another extra one, is left out."""
+    teacher = check_teacher(config, class_names)
     extra = extra_images(config.extra) if config.extra else train_df.iloc[:0]
     keys = content_keys([*train_df["filepath"], *extra["filepath"]])
-    seen, kept = set(keys[:len(train_df)]), []
-    for key in keys[len(train_df):]:  # an extra image that is a training image (or another extra one) once
+    seen = {*keys[:len(train_df)], *(content_keys(valid_df["filepath"]) if valid_df is not None else [])}
+    kept = []
+    for key in keys[len(train_df):]:
         kept.append(key is not None and key not in seen)
         seen.add(key)
     if not all(kept):
-        log.info("extra: %d image(s) left out: unreadable, or copies of training images or of each other",
-                 kept.count(False))
-    extra = extra[kept].reset_index(drop=True)
+        log.warning("extra: %d image(s) left out: unreadable, or copies of training or validation images or of "
+                    "each other", kept.count(False))
+    extra = extra[np.asarray(kept, dtype=bool)].reset_index(drop=True)
     keys = [*keys[:len(train_df)], *(k for k, keep in zip(keys[len(train_df):], kept, strict=True) if keep)]
     paths = [*train_df["filepath"], *extra["filepath"]]
     digests = [_teacher_digest(m.source) for m in teacher.runs]
@@ -111,7 +126,8 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
         probs, errors = teacher.predict_proba(paths, batch_size=config.batch_size, num_workers=config.num_workers)
         for index, reason in errors:
             log.warning("teacher: %s: %s (left out of training)", paths[index], reason)
-        _save(out / TARGETS_FILE, probs, keys, digests)
+        if save:
+            _save(out / TARGETS_FILE, probs, keys, digests)
     probs = probs.astype(np.float32)
     n = len(train_df)
     onehot = np.eye(len(class_names), dtype=np.float32)[train_targets]
@@ -133,8 +149,10 @@ def teacher_sources(record: dict) -> list[dict]:
     """The data the teachers learnt from, as rows of the student's `sources` (their licences travel on)."""
     rows = []
     for teacher in record["teachers"]:
-        for source in teacher.get("sources") or []:
-            rows.append({**source, "name": f"{source['name']} (through the teacher {Path(teacher['run']).name})"})
+        through = f"(through the teacher {Path(teacher['run']).name})"
+        for source in teacher.get("sources") or [{"name": "data not recorded", "licence": "not recorded: check the "
+                                                  "teacher's training data", "train_images": 0, "valid_images": 0}]:
+            rows.append({**source, "name": f"{source['name']} {through}"})
     return rows
 
 

@@ -293,7 +293,7 @@ class Classifier:
                 refusal="" if error else judged.refusals[i],
                 error=error,
                 sentence=("" if error else refusal_sentence(judged.refusals[i]) if refused else
-                          sentence(float(probability), self.threshold, self.positive_name, self.negative_name)),
+                          sentence(probability, self.threshold, self.positive_name, self.negative_name)),
                 metadata_used=rows is not None and not error and self.fuses(rows[i]),
             ))
         return records

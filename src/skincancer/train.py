@@ -22,14 +22,9 @@ from .backbones import build_model, count_parameters, preprocessing
 from .card import CARD_FILE, write_card
 from .checkpoint import atomic_write, save_model, unwrap, write_json
 from .config import DEFAULT_LABELS, TrainConfig, config_to_dict
-from .data import (
-    DataError,
-    check_labels_agree,
-    content_keys,
-    manifest_labels,
-)
+from .data import DataError, check_labels_agree, content_keys, manifest_labels
 from .datasets import ImageDataset
-from .distill import distil
+from .distill import check_teacher, distil
 from .distributed import (
     World,
     device_for,
@@ -83,6 +78,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         return out
     if resume and config.mode == "linear":
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
+    if config.teacher:
+        check_teacher(config)  # before the run folder is touched: a refused teacher leaves it as it was
     start = _RunStart(out, world, resume, overwrite)
     try:
         seed_everything(config.seed)
