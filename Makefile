@@ -37,6 +37,11 @@ demo: setup
 # all, on a quiet 2-core machine (BENCHMARKS.md). The evaluations run on ONNX Runtime (each export is checked against
 # PyTorch): the same figures to 4 decimals as eager PyTorch, about 3x faster.
 BENCH := runs/benchmark
+# A member an earlier `make benchmark-accuracy` started is resumed from its last epoch (a finished one is kept as it
+# is); FRESH=1 trains every member afresh (after a change to its config or the code).
+member = if [ -z "$(FRESH)" ] && [ -f $(2)/config.yaml ]; then $(BIN)/skincancer train --resume $(2); \
+	else $(BIN)/skincancer train --config $(1) --overwrite --train $(BENCH)/data/train.csv \
+	--valid $(BENCH)/data/valid.csv --out $(2); fi
 MEMBERS := $(BENCH)/lite0 $(BENCH)/lite2 $(BENCH)/linear
 benchmark-accuracy: setup
 	$(BIN)/skincancer index $(DATA)/train --source isic2017 -o $(BENCH)/data/train.csv \
@@ -45,12 +50,9 @@ benchmark-accuracy: setup
 		--metadata $(DATA)/ISIC-2017_Validation_Data_metadata.csv
 	$(BIN)/skincancer index --isic-csv $(DATA)/ISIC-2017_Test_v2_Part3_GroundTruth.csv --images $(DATA)/test \
 		-o $(BENCH)/data/test.csv
-	$(BIN)/skincancer train --config configs/isic2017.yaml --overwrite --train $(BENCH)/data/train.csv \
-		--valid $(BENCH)/data/valid.csv --out $(BENCH)/lite0
-	$(BIN)/skincancer train --config configs/isic2017-lite2.yaml --overwrite --train $(BENCH)/data/train.csv \
-		--valid $(BENCH)/data/valid.csv --out $(BENCH)/lite2
-	$(BIN)/skincancer train --config configs/linear.yaml --overwrite --train $(BENCH)/data/train.csv \
-		--valid $(BENCH)/data/valid.csv --out $(BENCH)/linear
+	$(call member,configs/isic2017.yaml,$(BENCH)/lite0)
+	$(call member,configs/isic2017-lite2.yaml,$(BENCH)/lite2)
+	$(call member,configs/linear.yaml,$(BENCH)/linear)
 	for run in $(MEMBERS); do $(BIN)/skincancer export --model $$run || exit 1; done
 	for run in $(MEMBERS); do $(BIN)/skincancer evaluate --model $$run --data $(BENCH)/data/test.csv \
 		--out $$run/test --engine onnx || exit 1; done
