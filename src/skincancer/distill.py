@@ -36,6 +36,8 @@ class Distillation:
     hard: np.ndarray  # [N] the class for balancing: the true one, or the teacher's most probable for extra images
     soft: np.ndarray  # [N, classes] float32: the targets
     record: dict  # model.json's `distilled_from`
+    keys: list  # content keys of train_df's files, and of the validation files (hashed once, for fitted_images)
+    valid_keys: list
 
 
 def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, np.ndarray]:
@@ -52,8 +54,7 @@ def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, 
     meta["distilled_from"] = taught.record
     meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record)]
     if world.is_main:
-        write_fitted_images(out / "model", content_keys(taught.train_df["filepath"]),
-                            content_keys(valid_df["filepath"]))
+        write_fitted_images(out / "model", taught.keys, taught.valid_keys)
     return (taught.train_df, taught.hard, valid_df, valid_targets, class_names), taught.soft
 
 
@@ -107,7 +108,8 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
     teacher = check_teacher(config, class_names)
     extra = extra_images(config.extra) if config.extra else train_df.iloc[:0]
     keys = content_keys([*train_df["filepath"], *extra["filepath"]])
-    seen = {*keys[:len(train_df)], *(content_keys(valid_df["filepath"]) if valid_df is not None else [])}
+    valid_keys = content_keys(valid_df["filepath"]) if valid_df is not None else []
+    seen = {*keys[:len(train_df)], *valid_keys}
     kept = []
     for key in keys[len(train_df):]:
         kept.append(key is not None and key not in seen)
@@ -118,7 +120,7 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
     extra = extra[np.asarray(kept, dtype=bool)].reset_index(drop=True)
     keys = [*keys[:len(train_df)], *(k for k, keep in zip(keys[len(train_df):], kept, strict=True) if keep)]
     paths = [*train_df["filepath"], *extra["filepath"]]
-    digests = [_teacher_digest(m.source) for m in teacher.runs]
+    digests = [m.meta["weights_sha256"] for m in teacher.runs]
     probs = _cached(out / TARGETS_FILE, keys, digests)
     if probs is None:
         log.info("teacher %s: targets for %d images (%d views each)", " + ".join(map(str, config.teacher)),
@@ -142,7 +144,8 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
         "alpha": config.distill_alpha, "labelled_images": int(readable[:n].sum()),
         "extra_images": int(readable[n:].sum()), "file": TARGETS_FILE,
     }
-    return Distillation(joined[readable].reset_index(drop=True), hard[readable], soft[readable], record)
+    return Distillation(joined[readable].reset_index(drop=True), hard[readable], soft[readable], record,
+                        [k for k, ok in zip(keys, readable, strict=True) if ok], valid_keys)
 
 
 def teacher_sources(record: dict) -> list[dict]:
@@ -160,12 +163,6 @@ def _run_folder(model_dir: Path) -> Path:
     """The run folder a model folder sits in (RUN/model), or the model folder itself if it stands alone."""
     model_dir = Path(model_dir)
     return model_dir.parent if model_dir.name == "model" else model_dir
-
-
-def _teacher_digest(model_dir) -> str:
-    import json
-
-    return json.loads((Path(model_dir) / "model.json").read_text())["weights_sha256"]
 
 
 def _cached(path: Path, keys: list, digests: list[str]) -> np.ndarray | None:
