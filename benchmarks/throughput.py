@@ -6,7 +6,13 @@ InceptionV3 at 299 px (random weights: only the time matters), each beside the F
 
     .venv/bin/python benchmarks/throughput.py --model runs/linear224 --images ../shared/data/isic2017/test
 
-A run exported with `skincancer export --int8` gets an 'int8' row too.
+A run exported with `skincancer export --int8` gets an 'int8' row too. With `--ensemble RUN` (repeated: the
+benchmark ensemble, each member exported), the ensemble is timed end to end in the same run (ONNX Runtime, each
+member with its own test-time views), and every row says how many times faster than it it is and what share of the
+FLOP ceiling it reaches (issue 24: a distilled, quantised student against its teacher):
+
+    .venv/bin/python benchmarks/throughput.py --model runs/benchmark/student --skip-inception \
+        --ensemble runs/benchmark/lite0 --ensemble runs/benchmark/lite2 --ensemble runs/benchmark/linear
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from skincancer.checkpoint import find_model_dir
 from skincancer.engines import INT8_FILE, OnnxEngine, session_options
+from skincancer.ensemble import load_models
 from skincancer.export import write_onnx
 from skincancer.images import expand_inputs
 from skincancer.predict import Classifier, load_model
@@ -123,6 +130,23 @@ def classifiers(run: str | None, backbone: str, image_size: int, workdir: Path) 
     return {**engines, "torch": torch_classifier}
 
 
+def ensemble_record(runs: list[str], files: list[str], batch_size: int, num_workers: int, peak: float) -> dict:
+    """The ensemble end to end on ONNX Runtime (every member exported), with its FLOPs per image: each member's
+    forward FLOPs times its test-time views."""
+    ensemble = load_models(runs, engine="onnx")
+    flops = 0.0
+    for run, member in zip(runs, ensemble.members, strict=True):
+        eager = load_model(run, engine="torch")
+        flops += gflops_per_image(eager.model, int(eager.meta["image_size"])) * int(member.meta.get("tta", 1))
+    rate = end_to_end(ensemble, files, batch_size, num_workers)
+    return {"model": " + ".join(f"{m.meta['backbone']}@{m.meta['image_size']}x{m.meta.get('tta', 1)}"
+                                for m in ensemble.members),
+            "weights": "trained runs (ensemble)", "engine": "onnx", "batch_size": batch_size,
+            "num_workers": num_workers, "images": len(files), "end_to_end_images_per_s": round(rate, 2),
+            "gflops_per_image": round(flops, 3), "flop_ceiling_images_per_s": round(peak / flops, 1),
+            "share_of_flop_ceiling": round(rate / (peak / flops), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/linear224", help="trained run (EfficientNet-Lite0)")
@@ -134,6 +158,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="loader processes decoding while the model runs")
     parser.add_argument("--seconds", type=float, default=4.0, help="time per model-only measurement")
     parser.add_argument("--skip-inception", action="store_true")
+    parser.add_argument("--ensemble", action="append", default=[], help="run folder of an ensemble member (repeat): "
+                        "the ensemble is timed end to end in the same run and every row compared with it")
+    parser.add_argument("--ensemble-limit", type=int, default=96, help="images for the ensemble (slow)")
     args = parser.parse_args()
 
     files = expand_inputs([args.images])
@@ -144,6 +171,12 @@ def main() -> None:
                "torch": torch.__version__}
     matmul = matmul_gflops()
     peak = max(matmul.values())
+    ensemble = None
+    if args.ensemble:
+        ensemble = ensemble_record(args.ensemble, files[:args.ensemble_limit], args.batch_size, args.num_workers,
+                                   peak)
+        print(json.dumps({**ensemble, "matmul_gflops_per_s": matmul, **machine,
+                          "load_average_1min": round(os.getloadavg()[0], 2)}), flush=True)
     models = [(args.model, "tf_efficientnet_lite0", None, args.limit)]
     if not args.skip_inception:
         models.append((None, "inception_v3", 299, args.inception_limit))
@@ -154,17 +187,20 @@ def main() -> None:
             flops = gflops_per_image(engines["torch"].model, int(meta["image_size"]))
             for name, classifier in engines.items():
                 n = min(limit, args.torch_limit) if name == "torch" else limit
+                rate = end_to_end(classifier, files[:n], args.batch_size, args.num_workers)
                 record = {
                     "model": meta["backbone"], "weights": "trained run" if run else "random",
                     "image_size": meta["image_size"], "engine": name, "batch_size": args.batch_size,
                     "num_workers": args.num_workers, "images": min(n, len(files)),
-                    "end_to_end_images_per_s": round(end_to_end(classifier, files[:n], args.batch_size,
-                                                                args.num_workers), 1),
+                    "end_to_end_images_per_s": round(rate, 1),
                     "end_to_end_images_per_s_no_workers": round(end_to_end(classifier, files[:n], args.batch_size,
                                                                            0), 1),
                     "model_only_images_per_s": round(model_only(classifier, args.batch_size, args.seconds), 1),
                     "gflops_per_image": round(flops, 3), "matmul_gflops_per_s": matmul,
                     "flop_ceiling_images_per_s": round(peak / flops, 1),
+                    "share_of_flop_ceiling": round(rate / (peak / flops), 3),
+                    **({"times_the_ensemble": round(rate / ensemble["end_to_end_images_per_s"], 1)} if ensemble
+                       else {}),
                     "load_average_1min": round(os.getloadavg()[0], 2), **machine,
                 }
                 print(json.dumps(record), flush=True)
