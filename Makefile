@@ -33,16 +33,18 @@ demo: setup
 
 # The headline model of issue 3: an ensemble of the linear probe (configs/linear.yaml) and two fine-tunes
 # (configs/isic2017.yaml: Lite0; configs/isic2017-lite2.yaml: Lite2), each member and the ensemble evaluated once on
-# the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. 64 minutes of training, 79 in
+# the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. Then its fast student
+# (runs/benchmark/student, float and int8), distilled from it. 64 minutes of training, 79 in
 # all, on a quiet 2-core machine (BENCHMARKS.md). The evaluations run on ONNX Runtime (each export is checked against
 # PyTorch): the same figures to 4 decimals as eager PyTorch, about 3x faster.
 BENCH := runs/benchmark
 # A member an earlier `make benchmark-accuracy` started is resumed from its last epoch (a finished one is kept as it
 # is); FRESH=1 trains every member afresh (after a change to its config or the code).
 member = if [ -z "$(FRESH)" ] && [ -f $(2)/config.yaml ]; then $(BIN)/skincancer train --resume $(2); \
-	else $(BIN)/skincancer train --config $(1) --overwrite --train $(BENCH)/data/train.csv \
+	else $(BIN)/skincancer $(or $(3),train) --config $(1) --overwrite --train $(BENCH)/data/train.csv \
 	--valid $(BENCH)/data/valid.csv --out $(2); fi
 MEMBERS := $(BENCH)/lite0 $(BENCH)/lite2 $(BENCH)/linear
+TEACHERS := $(foreach run,$(MEMBERS),--teacher $(run))
 benchmark-accuracy: setup
 	$(BIN)/skincancer index $(DATA)/train --source isic2017 -o $(BENCH)/data/train.csv \
 		--metadata $(DATA)/ISIC-2017_Training_Data_metadata.csv
@@ -58,6 +60,14 @@ benchmark-accuracy: setup
 		--out $$run/test --engine onnx || exit 1; done
 	$(BIN)/skincancer evaluate $(foreach run,$(MEMBERS),--model $(run)) --data $(BENCH)/data/test.csv \
 		--out $(BENCH)/test --engine onnx
+	# the fast model (issue 24): one Lite0 distilled from the ensemble (configs/student.yaml), exported to ONNX and
+	# int8 (calibrated on training images, checked on validation ones), each evaluated once on the test split
+	$(call member,configs/student.yaml,$(BENCH)/student,distill $(TEACHERS))
+	$(BIN)/skincancer export --model $(BENCH)/student --int8
+	$(BIN)/skincancer evaluate --model $(BENCH)/student --data $(BENCH)/data/test.csv --out $(BENCH)/student/test \
+		--engine onnx
+	$(BIN)/skincancer evaluate --model $(BENCH)/student --data $(BENCH)/data/test.csv \
+		--out $(BENCH)/student/test-int8 --engine int8
 
 # one pytest-xdist worker per core (two on the 2-core machine; one torch thread each, tests/conftest.py); the Ray
 # tests share one worker (--dist loadgroup)
