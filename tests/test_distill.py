@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from skincancer import load_config, load_manifest
+from skincancer.card import markdown_card
 from skincancer.config import ConfigError
 from skincancer.predict import Classifier, load_model
 
@@ -49,8 +50,11 @@ def test_the_student_is_a_run_that_predicts_and_names_its_teacher(student, tiny_
     assert "unlabelled" in names and any("through the teacher linear" in n for n in names)
     card = (out / "model" / "MODEL_CARD.md").read_text()
     assert "distilled from the teacher linear (tf_efficientnet_lite0, 1 view)" in card
-    assert "4 extra images at the teacher's alone" in card
-    table = load_model(out).predict(extra)
+    assert "4 extra images at the teacher's alone." in card and "smoothed" not in card
+    classifier = load_model(out)
+    classifier.meta["distilled_from"]["label_smoothing"] = 0.1  # the card says when the targets were smoothed too
+    assert "these targets then smoothed\n  by 0.1 (label_smoothing)" in markdown_card(classifier)
+    table = classifier.predict(extra)
     assert (table["error"] == "").all() and table["label"].isin(["malignant", "benign", "refused"]).all()
 
 

@@ -149,7 +149,7 @@ def _taught(member: Classifier, named: bool) -> dict:
         teachers.append(f"{Path(t['run']).name} ({t['backbone']}, {t['tta']} view{'s' if t['tta'] > 1 else ''})")
     return {"name": f"{_run_name(member)}: " if named else "", "teachers": teachers, "alpha": record["alpha"],
             "rest": round(1 - record["alpha"], 4), "labelled": record["labelled_images"],
-            "extra": record["extra_images"]}
+            "extra": record["extra_images"], "smoothing": record.get("label_smoothing", 0.0)}
 
 
 @functools.cache

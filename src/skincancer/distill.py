@@ -40,7 +40,7 @@ class Distillation:
     valid_keys: list
 
 
-def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, np.ndarray]:
+def distil(config, splits: tuple, meta: dict, out: Path, world, teacher=None) -> tuple[tuple, np.ndarray]:
     """train's splits (train_df, train_targets, valid_df, valid_targets, class_names) with the extra images added,
     and the targets to train on (teacher_targets; every process of a multi-process run computes them, which takes
     no longer than one doing it while the others wait on a barrier that may time out, and rank 0 saves them). meta
@@ -50,7 +50,8 @@ def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, 
     from .sources import source_table
 
     train_df, train_targets, valid_df, valid_targets, class_names = splits
-    taught = teacher_targets(config, class_names, train_df, train_targets, out, valid_df, save=world.is_main)
+    taught = teacher_targets(config, class_names, train_df, train_targets, out, valid_df, save=world.is_main,
+                             teacher=teacher)
     meta["distilled_from"] = taught.record
     meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record)]
     if world.is_main:
@@ -58,12 +59,13 @@ def distil(config, splits: tuple, meta: dict, out: Path, world) -> tuple[tuple, 
     return (taught.train_df, taught.hard, valid_df, valid_targets, class_names), taught.soft
 
 
-def check_teacher(config, class_names: list[str] | None = None):
-    """The teacher (one run, or several as an ensemble), refused unless its label map is the student's and, once
-    they are known, its classes are the student's: checked before a run folder is touched."""
+def check_teacher(config, class_names: list[str] | None = None, teacher=None):
+    """The teacher (one run, or several as an ensemble; loaded unless given), refused unless its label map is the
+    student's and, once they are known, its classes are the student's: checked before a run folder is touched."""
     from .ensemble import load_models
 
-    teacher = load_models(config.teacher)
+    if teacher is None:
+        teacher = load_models(config.teacher)
     if teacher.meta["labels"] != config.labels or (class_names is not None and teacher.class_names != class_names):
         raise DataError(f"teacher: classes {teacher.class_names} (labels {teacher.meta['labels']}) differ from the "
                         f"student's {class_names or ''} (labels {config.labels}); give the student the teacher's "
@@ -101,11 +103,12 @@ def extra_images(paths: list[str]) -> pd.DataFrame:
 
 
 def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, train_targets: np.ndarray,
-                    out: Path, valid_df: pd.DataFrame | None = None, save: bool = True) -> Distillation:
+                    out: Path, valid_df: pd.DataFrame | None = None, save: bool = True,
+                    teacher=None) -> Distillation:
     """The student's training set and targets (see the module's docstring); the teacher's probabilities are read
     from out/TARGETS_FILE when it holds them for these very images and this teacher, else computed (and saved).
     An extra image that is a training or validation image (same bytes), or another extra one, is left out."""
-    teacher = check_teacher(config, class_names)
+    teacher = check_teacher(config, class_names, teacher)
     extra = extra_images(config.extra) if config.extra else train_df.iloc[:0]
     keys = content_keys([*train_df["filepath"], *extra["filepath"]])
     valid_keys = content_keys(valid_df["filepath"]) if valid_df is not None else []
@@ -141,8 +144,8 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
         "teachers": [{"run": str(_run_folder(m.source)), "backbone": m.meta["backbone"], "weights_sha256": d,
                       "tta": int(m.meta.get("tta", 1)), "sources": m.meta.get("sources")}
                      for m, d in zip(teacher.runs, digests, strict=True)],
-        "alpha": config.distill_alpha, "labelled_images": int(readable[:n].sum()),
-        "extra_images": int(readable[n:].sum()), "file": TARGETS_FILE,
+        "alpha": config.distill_alpha, "label_smoothing": config.label_smoothing,
+        "labelled_images": int(readable[:n].sum()), "extra_images": int(readable[n:].sum()), "file": TARGETS_FILE,
     }
     return Distillation(joined[readable].reset_index(drop=True), hard[readable], soft[readable], record,
                         [k for k, ok in zip(keys, readable, strict=True) if ok], valid_keys)

@@ -78,8 +78,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         return out
     if resume and config.mode == "linear":
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
-    if config.teacher:
-        check_teacher(config)  # before the run folder is touched: a refused teacher leaves it as it was
+    # the teacher is checked before the run folder is touched: a refused teacher leaves it as it was
+    teacher = check_teacher(config) if config.teacher else None
     start = _RunStart(out, world, resume, overwrite)
     try:
         seed_everything(config.seed)
@@ -106,7 +106,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             held_out, epoch = fit_linear(model, config, prep, *splits, out, writer, inputs.keys), 0
         else:
             # a student learns its teacher's targets (on extra images too): distil gives its splits and targets
-            splits, soft = distil(config, splits, meta, out, world) if config.teacher else (splits, None)
+            splits, soft = distil(config, splits, meta, out, world, teacher) if teacher is not None else (splits, None)
             held_out, epoch = None, fit_finetune(model, config, prep, *splits, meta, out, writer, resume=resume,
                                                  world=world, soft_targets=soft)
             if not world.is_main:
