@@ -430,3 +430,19 @@ def test_an_unfinished_model_is_flagged_by_the_api_and_the_report(tiny_run, smal
                        n_boot=20)
     assert metrics["unfinished_models"] == [str(run / "model")]
     assert "Unfinished training" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_serve_without_model_serves_the_fast_model_else_the_demo_else_says_what_to_do(tmp_path: Path, monkeypatch,
+                                                                                       capsys):
+    import typer
+
+    from skincancer.cli.service import default_served
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(typer.Exit):
+        default_served()
+    assert "none of runs/benchmark/student, runs/demo" in capsys.readouterr().err
+    for run in ("runs/demo", "runs/benchmark/student"):  # the student, once distilled, comes first
+        (tmp_path / run / "model").mkdir(parents=True)
+        (tmp_path / run / "model" / "model.json").write_text("{}")
+        assert default_served() == Path(run)

@@ -12,6 +12,10 @@ import typer
 from .. import NOTICE
 from .common import ENGINE_HELP, check_inference_options, fail, output_file
 
+# what `serve` serves without --model: the fast model `make benchmark-accuracy` distils from its ensemble (one
+# network, int8 where exported), else `make demo`'s probe
+DEFAULT_SERVED = ("runs/benchmark/student", "runs/demo")
+
 
 def export(
     model: Annotated[Path, typer.Option(help="run folder")],
@@ -58,7 +62,9 @@ def export(
 
 
 def serve(
-    model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
+    model: Annotated[list[Path] | None, typer.Option(help=(
+        "run folder; repeat for an ensemble (probabilities averaged). Default: runs/benchmark/student (the fast "
+        "model `make benchmark-accuracy` distils) where it exists, else runs/demo"))] = None,
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
     port: int = 8000,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
@@ -84,6 +90,7 @@ def serve(
     if not 1 <= max_batch <= 1000:  # Starlette's multipart parser refuses more than 1000 files
         fail(f"--max-batch: expected 1-1000 files, got {max_batch}")
     check_inference_options(tta, 1, 0)
+    model = model or [default_served()]
     _check_can_bind(host, port)
     application = create_app(model, max_upload_mb=max_upload_mb, engine=engine, max_batch=max_batch, tta=tta)
     classifier = application.state.classifier
@@ -91,6 +98,17 @@ def serve(
     typer.echo(f"serving {served} ({classifier.engine_name}) on http://{host}:{port}/  (API docs: /docs). {NOTICE}",
                err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def default_served() -> Path:
+    """The first run of DEFAULT_SERVED (relative to the working folder) that has a model."""
+    from ..checkpoint import META_FILE
+
+    for run in map(Path, DEFAULT_SERVED):
+        if (run / "model" / META_FILE).is_file():
+            return run
+    fail(f"--model: none given, and none of {', '.join(DEFAULT_SERVED)} (the runs `make benchmark-accuracy` and "
+         "`make demo` write) is in this folder; pass --model RUN")
 
 
 def _check_can_bind(host: str, port: int) -> None:
