@@ -63,9 +63,10 @@ benchmark-accuracy: setup
 	# the fast model (issue 24): one Lite0 distilled from the ensemble (configs/student.yaml), exported to ONNX and
 	# int8 (calibrated on training images, checked on validation ones), each evaluated once on the test split
 	$(call member,configs/student.yaml,$(BENCH)/student,distill $(TEACHERS))
-	$(BIN)/skincancer export --model $(BENCH)/student --int8
+	$(BIN)/skincancer export --model $(BENCH)/student
 	$(BIN)/skincancer evaluate --model $(BENCH)/student --data $(BENCH)/data/test.csv --out $(BENCH)/student/test \
 		--engine onnx
+	$(BIN)/skincancer export --model $(BENCH)/student --int8
 	$(BIN)/skincancer evaluate --model $(BENCH)/student --data $(BENCH)/data/test.csv \
 		--out $(BENCH)/student/test-int8 --engine int8
 

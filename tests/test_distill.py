@@ -43,6 +43,7 @@ def test_the_student_is_a_run_that_predicts_and_names_its_teacher(student, tiny_
     teacher_meta = json.loads((Path(tiny_run) / "model" / "model.json").read_text())
     assert record["teachers"][0]["weights_sha256"] == teacher_meta["weights_sha256"]
     assert record["labelled_images"] == 30 and record["extra_images"] == 4 and record["alpha"] == 0.7
+    assert record["label_smoothing"] == 0.0
     assert meta["mode"] == "finetune" and meta["class_names"] == teacher_meta["class_names"]
     assert 0 < meta["threshold"] < 1 and meta["validation_source"] == "valid"  # chosen on validation, as any run
     # the teacher's data travels on with its licence; the extra images are listed as a source of their own

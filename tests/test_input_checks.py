@@ -434,6 +434,8 @@ def test_an_unfinished_model_is_flagged_by_the_api_and_the_report(tiny_run, smal
 
 def test_serve_without_model_serves_the_fast_model_else_the_demo_else_says_what_to_do(tmp_path: Path, monkeypatch,
                                                                                        capsys):
+    import contextlib
+
     import typer
 
     from skincancer.cli.service import default_served
@@ -444,5 +446,8 @@ def test_serve_without_model_serves_the_fast_model_else_the_demo_else_says_what_
     assert "none of runs/benchmark/student, runs/demo" in capsys.readouterr().err
     for run in ("runs/demo", "runs/benchmark/student"):  # the student, once distilled, comes first
         (tmp_path / run / "model").mkdir(parents=True)
-        (tmp_path / run / "model" / "model.json").write_text("{}")
+        (tmp_path / run / "model" / "model.json").write_text('{"unfinished": true}')  # still training: passed over
+        with pytest.raises(typer.Exit) if run == "runs/demo" else contextlib.nullcontext():
+            assert default_served() == Path("runs/demo")
+        (tmp_path / run / "model" / "model.json").write_text('{"train_seconds": 60}')
         assert default_served() == Path(run)

@@ -126,8 +126,8 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
     digests = [m.meta["weights_sha256"] for m in teacher.runs]
     probs = _cached(out / TARGETS_FILE, keys, digests)
     if probs is None:
-        log.info("teacher %s: targets for %d images (%d views each)", " + ".join(map(str, config.teacher)),
-                 len(paths), int(teacher.meta.get("tta", 1)))
+        log.info("teacher %s: targets for %d images (views %s)", " + ".join(map(str, config.teacher)),
+                 len(paths), " + ".join(str(int(m.meta.get("tta", 1))) for m in teacher.runs))
         probs, errors = teacher.predict_proba(paths, batch_size=config.batch_size, num_workers=config.num_workers)
         for index, reason in errors:
             log.warning("teacher: %s: %s (left out of training)", paths[index], reason)

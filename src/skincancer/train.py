@@ -107,6 +107,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         else:
             # a student learns its teacher's targets (on extra images too): distil gives its splits and targets
             splits, soft = distil(config, splits, meta, out, world, teacher) if teacher is not None else (splits, None)
+            teacher = None  # its targets are computed: free its networks before training
             held_out, epoch = None, fit_finetune(model, config, prep, *splits, meta, out, writer, resume=resume,
                                                  world=world, soft_targets=soft)
             if not world.is_main:

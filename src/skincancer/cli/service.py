@@ -101,14 +101,15 @@ def serve(
 
 
 def default_served() -> Path:
-    """The first run of DEFAULT_SERVED (relative to the working folder) that has a model."""
-    from ..checkpoint import META_FILE
+    """The first run of DEFAULT_SERVED (relative to the working folder) that has finished training (a student still
+    training keeps a placeholder model)."""
+    from ..runfolder import is_finished
 
     for run in map(Path, DEFAULT_SERVED):
-        if (run / "model" / META_FILE).is_file():
+        if is_finished(run):
             return run
     fail(f"--model: none given, and none of {', '.join(DEFAULT_SERVED)} (the runs `make benchmark-accuracy` and "
-         "`make demo` write) is in this folder; pass --model RUN")
+         "`make demo` write) is a finished run in this folder; pass --model RUN")
 
 
 def _check_can_bind(host: str, port: int) -> None:
