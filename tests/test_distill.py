@@ -55,6 +55,8 @@ def test_the_student_is_a_run_that_predicts_and_names_its_teacher(student, tiny_
     classifier = load_model(out)
     classifier.meta["distilled_from"]["label_smoothing"] = 0.1  # the card says when the targets were smoothed too
     assert "these targets then smoothed\n  by 0.1 (label_smoothing)" in markdown_card(classifier)
+    classifier.meta["distilled_from"]["extra_images"] = 0  # no extra images: none mentioned
+    assert "extra images" not in markdown_card(classifier)
     table = classifier.predict(extra)
     assert (table["error"] == "").all() and table["label"].isin(["malignant", "benign", "refused"]).all()
 
