@@ -12,36 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from throughput import rate  # benchmarks/ is the script's folder
 
-from skincancer.config import load_config
+from skincancer.checkpoint import find_model_dir
 from skincancer.engines import OnnxEngine
 from skincancer.predict import load_model
-from skincancer.quantize import (
-    CALIBRATION_IMAGES,
-    CHECK_IMAGES,
-    Tolerance,
-    _arrays,
-    _sample,
-    parity,
-    plans,
-    prepare,
-    quantize_graph,
-    refusal,
-)
-from skincancer.sources import read_sources
+from skincancer.quantize import Tolerance, parity, plans, prepare, quantisation_inputs, quantize_graph, refusal
 
 
-def images_per_s(engine: OnnxEngine, batch: np.ndarray, seconds: float) -> float:
-    engine.probabilities(batch)  # warm-up
-    count, start = 0, time.perf_counter()
-    while count < 2 or time.perf_counter() - start < seconds:
-        engine.probabilities(batch)
-        count += 1
-    return len(batch) * count / (time.perf_counter() - start)
+def model_only(engine: OnnxEngine, batch: np.ndarray, seconds: float) -> float:
+    return round(rate(lambda: engine.probabilities(batch), len(batch), seconds), 1)
 
 
 def cpu_flags() -> list[str]:
@@ -61,29 +44,23 @@ def main() -> None:
     args = parser.parse_args()
 
     classifier = load_model(args.model, engine="onnx")
-    config = load_config(Path(args.model) / "config.yaml")
-    labels = classifier.meta["labels"]
-    calibration, _ = _arrays(classifier, _sample(read_sources(config.train_paths, labels),
-                                                 CALIBRATION_IMAGES)["filepath"].tolist())
-    check_frame = _sample(read_sources([config.valid], labels), CHECK_IMAGES)
-    check, kept = _arrays(classifier, check_frame["filepath"].tolist())
-    truth = np.asarray(check_frame["diagnosis"].map(labels).to_numpy()[kept], dtype=int)
+    inputs = quantisation_inputs(classifier, find_model_dir(args.model), args.model)  # as the export has them
     size = int(classifier.meta["image_size"])
     batch = np.random.default_rng(0).standard_normal((args.batch_size, 3, size, size)).astype(np.float32)
     base = {"model": args.model, "image_size": size, "batch_size": args.batch_size, "cpu_int8_flags": cpu_flags()}
     print(json.dumps({**base, "plan": "float", "int8_convolutions": 0,
-                      "model_only_images_per_s": round(images_per_s(classifier.engine, batch, args.seconds), 1)}),
+                      "model_only_images_per_s": model_only(classifier.engine, batch, args.seconds)}),
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         prepare(classifier.engine.path, prepared)
         for index, (plan, nodes) in enumerate(plans(prepared)):
             path = Path(tmp) / f"plan{index}.onnx"
-            quantize_graph(prepared, path, calibration, nodes)
+            quantize_graph(prepared, path, inputs.calibration_arrays, nodes)
             engine = OnnxEngine(path)
-            report = parity(classifier, classifier.engine, engine, check, truth)
+            report = parity(classifier, classifier.engine, engine, inputs.check_arrays, inputs.truth)
             print(json.dumps({**base, "plan": plan, "int8_convolutions": len(nodes),
-                              "model_only_images_per_s": round(images_per_s(engine, batch, args.seconds), 1),
+                              "model_only_images_per_s": model_only(engine, batch, args.seconds),
                               "within_tolerance": refusal({"plan": plan, **report}, Tolerance()) is None,
                               **{k: report[k] for k in ("mean_difference", "max_difference", "auc_float",
                                                         "auc_int8") if k in report}}), flush=True)

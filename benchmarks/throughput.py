@@ -90,7 +90,13 @@ def model_only(classifier: Classifier, batch_size: int, seconds: float) -> float
         def run():
             with torch.inference_mode():
                 return classifier.model(batch).softmax(1)
-    run()  # warm-up: allocations, ORT's first-run planning
+    return rate(run, batch_size, seconds)
+
+
+def rate(run, batch_size: int, seconds: float) -> float:
+    """Images/s of repeated calls of run() on one batch: a warm-up call (allocations, ORT's first-run planning),
+    then calls for at least `seconds` (and at least two)."""
+    run()
     count, start = 0, time.perf_counter()
     while count < 2 or time.perf_counter() - start < seconds:
         run()
@@ -130,21 +136,21 @@ def classifiers(run: str | None, backbone: str, image_size: int, workdir: Path) 
     return {**engines, "torch": torch_classifier}
 
 
-def ensemble_record(runs: list[str], files: list[str], batch_size: int, num_workers: int, peak: float) -> dict:
-    """The ensemble end to end on ONNX Runtime (every member exported), with its FLOPs per image: each member's
-    forward FLOPs times its test-time views."""
+def ensemble_record(runs: list[str], files: list[str], batch_size: int, num_workers: int,
+                    peak: float) -> tuple[dict, float]:
+    """The ensemble end to end on ONNX Runtime (every member exported), with its FLOPs per image (each member's
+    forward FLOPs times its test-time views); and its unrounded images/s."""
     ensemble = load_models(runs, engine="onnx")
     flops = 0.0
     for member in ensemble.runs:  # member.model: the eager network, built on first use (the ONNX engine runs it)
         flops += gflops_per_image(member.model, int(member.meta["image_size"])) * int(member.meta.get("tta", 1))
-    rate = end_to_end(ensemble, files, batch_size, num_workers)
+    speed = end_to_end(ensemble, files, batch_size, num_workers)
     return {"model": " + ".join(f"{m.meta['backbone']}@{m.meta['image_size']}x{m.meta.get('tta', 1)}"
                                 for m in ensemble.runs),
             "weights": "trained runs (ensemble)", "engine": "onnx", "batch_size": batch_size,
-            "num_workers": num_workers, "images": len(files), "end_to_end_images_per_s": round(rate, 2),
-            "rate": rate,
+            "num_workers": num_workers, "images": len(files), "end_to_end_images_per_s": round(speed, 2),
             "gflops_per_image": round(flops, 3), "flop_ceiling_images_per_s": round(peak / flops, 1),
-            "share_of_flop_ceiling": round(rate / (peak / flops), 3)}
+            "share_of_flop_ceiling": round(speed / (peak / flops), 3)}, speed
 
 
 def main() -> None:
@@ -171,12 +177,11 @@ def main() -> None:
                "torch": torch.__version__}
     matmul = matmul_gflops()
     peak = max(matmul.values())
-    ensemble = None
+    ensemble_speed = None
     if args.ensemble:
-        ensemble = ensemble_record(args.ensemble, files[:args.ensemble_limit], args.batch_size, args.num_workers,
-                                   peak)
-        shown = {k: v for k, v in ensemble.items() if k != "rate"}
-        print(json.dumps({**shown, "matmul_gflops_per_s": matmul, **machine,
+        ensemble, ensemble_speed = ensemble_record(args.ensemble, files[:args.ensemble_limit], args.batch_size,
+                                                   args.num_workers, peak)
+        print(json.dumps({**ensemble, "matmul_gflops_per_s": matmul, **machine,
                           "load_average_1min": round(os.getloadavg()[0], 2)}), flush=True)
     models = [(args.model, "tf_efficientnet_lite0", None, args.limit)]
     if not args.skip_inception:
@@ -189,19 +194,19 @@ def main() -> None:
             views = int(meta.get("tta", 1))  # end to end runs the model's own test-time views
             for name, classifier in engines.items():
                 n = min(limit, args.torch_limit) if name == "torch" else limit
-                rate = end_to_end(classifier, files[:n], args.batch_size, args.num_workers)
+                speed = end_to_end(classifier, files[:n], args.batch_size, args.num_workers)
                 record = {
                     "model": meta["backbone"], "weights": "trained run" if run else "random",
                     "image_size": meta["image_size"], "engine": name, "batch_size": args.batch_size,
                     "num_workers": args.num_workers, "images": min(n, len(files)),
-                    "end_to_end_images_per_s": round(rate, 1),
+                    "end_to_end_images_per_s": round(speed, 1),
                     "end_to_end_images_per_s_no_workers": round(end_to_end(classifier, files[:n], args.batch_size,
                                                                            0), 1),
                     "model_only_images_per_s": round(model_only(classifier, args.batch_size, args.seconds), 1),
                     "gflops_per_image": round(flops, 3), "matmul_gflops_per_s": matmul,
                     "views": views, "flop_ceiling_images_per_s": round(peak / flops, 1),
-                    "share_of_flop_ceiling": round(rate * views / (peak / flops), 3),
-                    **({"times_the_ensemble": round(rate / ensemble["rate"], 1)} if ensemble and run else {}),
+                    "share_of_flop_ceiling": round(speed * views / (peak / flops), 3),
+                    **({"times_the_ensemble": round(speed / ensemble_speed, 1)} if ensemble_speed and run else {}),
                     "load_average_1min": round(os.getloadavg()[0], 2), **machine,
                 }
                 print(json.dumps(record), flush=True)

@@ -146,24 +146,25 @@ def refusal(report: dict, tolerance: Tolerance) -> str | None:
     return "; ".join(problems) or None
 
 
-def export_int8(run: str | Path, calibration: list[str | Path] | None = None, check: str | Path | None = None,
-                tolerance: Tolerance = Tolerance(), calibration_images: int = CALIBRATION_IMAGES,
-                check_images: int = CHECK_IMAGES) -> dict:
-    """Quantise the run's current ONNX export to RUN/model/model.int8.onnx, calibrated on `calibration_images` of
-    its training images (default: the manifests in its config.yaml), then compare it with the float export on
-    `check_images` validation images; refused (nothing written) beyond `tolerance`. Returns the parity report, also
-    recorded in model.int8.onnx.json."""
+@dataclass
+class QuantisationInputs:
+    """What the int8 graph is calibrated and checked on: the manifests named, and their images as model inputs."""
+
+    calibration: list
+    check: str | Path
+    calibration_arrays: np.ndarray
+    check_arrays: np.ndarray
+    truth: np.ndarray  # the check images' labels
+
+
+def quantisation_inputs(classifier, model_dir: Path, run, calibration=None, check=None,
+                        calibration_images: int = CALIBRATION_IMAGES,
+                        check_images: int = CHECK_IMAGES) -> QuantisationInputs:
+    """`calibration_images` of the calibration manifests and `check_images` of the check manifest (default: the
+    run's training and validation manifests, from its config.yaml), decoded as the model sees them."""
     from .config import load_config
-    from .predict import load_model
     from .sources import read_sources
 
-    model_dir = find_model_dir(run)
-    classifier = load_model(model_dir, engine="onnx")  # int8 starts from a current float export
-    float_engine = classifier.engine
-    if classifier.meta.get("unfinished"):
-        raise QuantizeError(f"{model_dir}: saved by a run that has not finished (its threshold is a placeholder); "
-                            "finish it (`skincancer train --resume`) first")
-    out = model_dir / INT8_FILE
     if calibration is None or check is None:
         config_path = model_dir.parent / "config.yaml"
         if not config_path.is_file():
@@ -183,6 +184,28 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     calibration_arrays, _ = _arrays(classifier, calibration_frame["filepath"].tolist())
     check_arrays, kept = _arrays(classifier, check_frame["filepath"].tolist())
     truth = np.asarray(check_frame["diagnosis"].map(labels).to_numpy()[kept], dtype=int)
+    return QuantisationInputs(calibration, check, calibration_arrays, check_arrays, truth)
+
+
+def export_int8(run: str | Path, calibration: list[str | Path] | None = None, check: str | Path | None = None,
+                tolerance: Tolerance = Tolerance(), calibration_images: int = CALIBRATION_IMAGES,
+                check_images: int = CHECK_IMAGES) -> dict:
+    """Quantise the run's current ONNX export to RUN/model/model.int8.onnx, calibrated on `calibration_images` of
+    its training images (default: the manifests in its config.yaml), then compare it with the float export on
+    `check_images` validation images; refused (nothing written) beyond `tolerance`. Returns the parity report, also
+    recorded in model.int8.onnx.json."""
+    from .predict import load_model
+
+    model_dir = find_model_dir(run)
+    classifier = load_model(model_dir, engine="onnx")  # int8 starts from a current float export
+    float_engine = classifier.engine
+    if classifier.meta.get("unfinished"):
+        raise QuantizeError(f"{model_dir}: saved by a run that has not finished (its threshold is a placeholder); "
+                            "finish it (`skincancer train --resume`) first")
+    out = model_dir / INT8_FILE
+    inputs = quantisation_inputs(classifier, model_dir, run, calibration, check, calibration_images, check_images)
+    calibration, check = inputs.calibration, inputs.check
+    calibration_arrays, check_arrays, truth = inputs.calibration_arrays, inputs.check_arrays, inputs.truth
     with tempfile.TemporaryDirectory() as tmp:
         prepared, candidate = Path(tmp) / "prepared.onnx", Path(tmp) / INT8_FILE
         prepare(float_engine.path, prepared)
