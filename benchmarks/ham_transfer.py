@@ -13,6 +13,8 @@ import argparse
 
 import pandas as pd
 
+from skincancer.data import DataError, read_csv_checked
+
 OWN = ["melanoma", "nevus", "seborrheic_keratosis"]
 
 
@@ -23,7 +25,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     args = parser.parse_args()
 
-    frame = pd.read_csv(args.manifest)
+    try:  # a missing file or column is named, not a traceback
+        frame = read_csv_checked(args.manifest, ["image_id", "diagnosis", "group"])
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
     lesions = frame[frame["diagnosis"].isin(OWN)].groupby("group", sort=True).head(1)
     rare = lesions[lesions["diagnosis"] != "nevus"]
     if len(rare) > args.n:
