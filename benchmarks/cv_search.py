@@ -4,7 +4,9 @@ For each named recipe (overrides of a base config) and each of K stratified fold
 validation manifests, train on K-1 folds and predict the held-out fold (with 1 and 8 dihedral TTA views, and with 8
 views at each resolution of --eval-sizes). Prints one JSON line per fold and per recipe with the pooled out-of-fold
 melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of recipe pairs.
-Out-of-fold predictions are written to --out.
+Out-of-fold predictions are written to --out. Each fold's held-out predictions are also kept in its folder
+(held_probs.npz): a later search reads them back instead of training that fold again (--fresh trains it again), so
+the folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
         --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
@@ -44,8 +46,10 @@ def main() -> None:
                         help="train each fold on this stratified fraction of its training images (a learning curve); "
                              "the held-out fold stays whole")
     parser.add_argument("--fold", type=int, nargs="*",
-                        help="run only these folds (0-based) and print their lines; pooled scores and *_oof.npy need "
-                             "every fold, so they are skipped")
+                        help="run only these folds (0-based) and print their lines; pooled scores and *_oof.npy come "
+                             "once every fold is done (folds done by earlier runs are read back)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every fold again (default: a fold with held_probs.npz in its folder is read back)")
     args = parser.parse_args()
 
     recipes = yaml.safe_load(Path(args.recipes).read_text())
@@ -61,14 +65,28 @@ def main() -> None:
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
     if args.fold and not set(args.fold) <= set(range(args.folds)):
         parser.error(f"--fold: each fold must be between 0 and {args.folds - 1}, got {args.fold}")
-    oof: dict[str, dict[int, np.ndarray]] = {}
+    oof: dict[str, dict[int | str, np.ndarray]] = {}
+    pooled: dict[str, dict[int | str, np.ndarray]] = {}
     for name, overrides in recipes.items():
         tic = time.time()
         oof[name] = {1: np.zeros((len(data), 3)), 8: np.zeros((len(data), 3))}
+        finished: set[int] = set()
         for k, (kept, held) in enumerate(folds):
             if args.fold and k not in args.fold:
                 continue
             fold_dir = work / name / f"fold{k}"
+            saved = fold_dir / "held_probs.npz"  # a fold done before (by an earlier, perhaps interrupted, search)
+            if saved.is_file() and not args.fresh:
+                with np.load(saved) as done:
+                    if not np.array_equal(done["held"], held):
+                        parser.error(f"{saved}: made for other folds; remove it or add --fresh")
+                    for key in done.files:
+                        if key != "held":
+                            oof[name].setdefault(_view_key(key), np.zeros((len(data), 3)))[held] = done[key]
+                print(json.dumps({"recipe": name, "fold": k, "from": str(saved),
+                                  **scores(data.iloc[held], {t: p[held] for t, p in oof[name].items()})}), flush=True)
+                finished.add(k)
+                continue
             if args.train_fraction < 1:
                 kept, _ = train_test_split(kept, train_size=args.train_fraction, stratify=data["diagnosis"].iloc[kept],
                                            random_state=0)
@@ -96,23 +114,30 @@ def main() -> None:
                 order = [sized.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
                 oof[name].setdefault(f"8@{size}", np.zeros((len(data), 3)))[held] = probs[:, order]
             fold = {t: p[held] for t, p in oof[name].items()}
+            np.savez(saved, held=held, **{str(t): p for t, p in fold.items()})
+            finished.add(k)
             print(json.dumps({"recipe": name, "fold": k, "train_images": len(kept), **scores(data.iloc[held], fold),
                               "seconds_since_recipe_start": round(time.time() - tic)}), flush=True)
-        if args.fold:
+        if len(finished) < args.folds:
             continue
+        pooled[name] = oof[name]
         np.save(out / f"{name}_oof.npy", np.stack([oof[name][1], oof[name][8]]))
         for size in args.eval_sizes:
             np.save(out / f"{name}_oof_size{size}.npy", oof[name][f"8@{size}"])
         print(json.dumps({"recipe": name, **scores(data, oof[name]), "seconds": round(time.time() - tic)}),
               flush=True)
-    if args.fold:
-        return
+    oof = pooled  # recipes with every fold done
     for a, b in itertools.combinations(oof, 2):
         mean = {t: (oof[a][t] + oof[b][t]) / 2 for t in oof[a]}
         print(json.dumps({"recipe": f"{a}+{b}", **scores(data, mean)}), flush=True)
     if len(oof) > 2:
         mean = {t: np.mean([oof[n][t] for n in oof], axis=0) for t in oof[next(iter(oof))]}
         print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
+
+
+def _view_key(key: str) -> int | str:
+    """held_probs.npz's keys back to oof's: '1', '8' (views) or '8@288' (views at a size)."""
+    return int(key) if key.isdigit() else key
 
 
 def scores(data: pd.DataFrame, probs: dict[int | str, np.ndarray]) -> dict:

@@ -242,3 +242,54 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
     assert meta["validation"]["n"] == 12  # the ISIC validation images alone chose the threshold
     assert {s["name"] for s in meta["sources"]} == {"isic2017", "ham10000"}
     assert set(pd.read_csv(run / "valid_predictions.csv")["source"]) == {"isic2017", "ham10000"}
+
+
+def test_a_fine_tune_started_from_a_ham_run_takes_its_weights_and_its_licence(ham, cache_dir, tmp_path):
+    """Pre-train on HAM10000, then fine-tune on ISIC 2017 from those weights (init_from): the backbone comes from
+    the HAM run, the classifier is new (other classes), and HAM's non-commercial licence travels on."""
+    import torch
+
+    from skincancer.backbones import build_model
+    from skincancer.card import markdown_card
+    from skincancer.checkpoint import StartingWeights, read_weights
+    from skincancer.errors import CheckpointError
+    from skincancer.predict import load_model
+
+    rows = ham_rows(ham, {"mel": 2, "nv": 2, "bkl": 2, "bcc": 2}, seed=3)
+    rows.to_csv(tmp_path / "ham.csv", index=False)
+    ham_manifest = index_csv(tmp_path / "ham.csv", HAM / "images", DEFAULT_LABELS)
+    cheap = dict(mode="finetune", image_size=64, epochs=1, max_steps_per_epoch=1, batch_size=8, num_workers=0,
+                 cache_dir=str(cache_dir), guard=False)
+    isic = dict(train=str(save_manifest(subset("train", 3), tmp_path / "isic.csv")),
+                valid=str(save_manifest(subset("valid", 2), tmp_path / "isic-valid.csv")), **cheap)
+    pre = train(load_config(None, train=str(save_manifest(ham_manifest, tmp_path / "ham-train.csv")),
+                            valid=isic["valid"], out=str(tmp_path / "pre"), **cheap))
+    run = train(load_config(None, out=str(tmp_path / "run"), init_from=str(pre), **isic))
+    meta = json.loads((run / "model" / "model.json").read_text())
+    start = meta["initialised_from"]
+    assert start["run"] == str(pre) and start["classifier"] == "new"
+    assert "basal_cell_carcinoma" in start["class_names"] and "basal_cell_carcinoma" not in meta["class_names"]
+    inherited = {s["name"]: s for s in meta["sources"] if "through the starting weights" in s["name"]}
+    assert inherited[f"ham10000 (through the starting weights {pre})"]["licence"] == "CC BY-NC 4.0"
+    card = markdown_card(load_model(run))
+    assert "non-commercial" in card.lower() and f"started from the weights of {pre} (melanoma" in card
+    assert "new classifier), not ImageNet's" in card
+
+    # the weights: every one but the classifier's from the HAM run; the classifier too where the classes match
+    pre_weights = read_weights(pre / "model")
+    fresh = build_model("tf_efficientnet_lite0", 3, pretrained=False)
+    StartingWeights(pre, "tf_efficientnet_lite0").load_into(fresh, meta["class_names"])
+    assert torch.equal(fresh.state_dict()["conv_stem.weight"], pre_weights["conv_stem.weight"])
+    assert fresh.classifier.weight.shape[0] == 3
+    same = build_model("tf_efficientnet_lite0", 3, pretrained=False)
+    record = StartingWeights(run, "tf_efficientnet_lite0").load_into(same, meta["class_names"])
+    assert record["classifier"] == "kept"
+    assert torch.equal(same.classifier.weight, read_weights(run / "model")["classifier.weight"])
+
+    # another backbone is refused before its run folder is made; so is a linear probe
+    with pytest.raises(CheckpointError, match="init_from: .* is a tf_efficientnet_lite0"):
+        train(load_config(None, out=str(tmp_path / "lite1"), init_from=str(pre),
+                          **{**isic, "backbone": "tf_efficientnet_lite1"}))
+    assert not (tmp_path / "lite1").exists()
+    with pytest.raises(ConfigError, match="init_from"):
+        load_config(None, out=str(tmp_path / "linear"), init_from=str(pre), **{**isic, "mode": "linear"})

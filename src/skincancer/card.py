@@ -135,6 +135,8 @@ def card_context(classifier: Classifier) -> dict:
         "sources": card["sources"], "licence": card["licence"], "unfinished": card["unfinished"],
         "training": [_training(member, len(members) > 1) for member in members],
         "taught": [_taught(member, len(members) > 1) for member in members if member.meta.get("distilled_from")],
+        "started": [{"name": f"{_run_name(m)}: " if len(members) > 1 else "", **m.meta["initialised_from"]}
+                    for m in members if m.meta.get("initialised_from")],
         "figures": figures, "few": isinstance(figures.get("n"), int) and figures["n"] < 500,
         "with_metadata": {k: v for k, v in validation.items() if "metadata" in k},
         "share": _malignant_share(members, labels), "balanced": _balanced(members), "figure_names": FIGURE_NAMES,

@@ -313,3 +313,37 @@ def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], source
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{source}: weights do not fit the model described in model.json ({err})") from None
+
+
+class StartingWeights:
+    """A trained run's weights that start a fine-tune instead of ImageNet's (config `init_from`): read and checked
+    before the new run's folder is touched, loaded once its model is built (`load_into`)."""
+
+    def __init__(self, run: str | Path, backbone: str, pooling: str = "final"):
+        model_dir = find_model_dir(run)
+        meta = read_meta(model_dir)
+        if meta["backbone"] != backbone or meta.get("pooling", "final") != pooling:
+            raise CheckpointError(f"init_from: {run} is a {meta['backbone']} ({meta.get('pooling', 'final')} "
+                                  f"pooling); this run trains a {backbone} ({pooling} pooling): use the same backbone")
+        self.run = str(run)
+        self.weights = read_weights(model_dir, meta.get("weights_sha256"))
+        # model.json's `initialised_from`: the run, its classes and weights, and the data it learnt from
+        self.record = {"run": self.run, "backbone": meta["backbone"], "class_names": meta["class_names"],
+                       "weights_sha256": meta.get("weights_sha256"), "sources": meta.get("sources")}
+
+    def load_into(self, model: nn.Module, class_names: list[str]) -> dict:
+        """Every weight of `model` but its classifier from the run; the classifier too when the run's classes are
+        `class_names` (else it stays freshly initialised). Returns the `initialised_from` record."""
+        net = unwrap(model)
+        own = net.state_dict()
+        head = f"{getattr(net, 'pretrained_cfg', {}).get('classifier', 'classifier')}."
+        keep_head = self.record["class_names"] == class_names
+        taken = {k: v for k, v in self.weights.items() if keep_head or not k.startswith(head)}
+        misfit = sorted({*(k for k in own if k not in taken and not k.startswith(head)),
+                         *(k for k, v in taken.items() if k not in own or own[k].shape != v.shape)})
+        if misfit:
+            more = f" and {len(misfit) - 1} more" if len(misfit) > 1 else ""
+            raise CheckpointError(f"init_from: {self.run}: its weights do not fit this network ({misfit[0]}{more})")
+        net.load_state_dict(taken, strict=False)
+        self.weights = {}  # loaded: not kept twice in memory
+        return {**self.record, "classifier": "kept" if keep_head else "new"}

@@ -92,6 +92,10 @@ class TrainConfig(BaseModel):
     teacher: list[str] = Field(default_factory=list)
     distill_alpha: float = 0.7
     extra: list[str] = Field(default_factory=list)
+    # finetune: start from a trained run's weights instead of ImageNet's (e.g. a run pre-trained on another source);
+    # the backbone must be the same; its classifier is kept only when its classes are this run's. Its training
+    # sources (and their licences) travel on to this model
+    init_from: str = ""
     # linear (defaults by mode: MODE_DEFAULTS)
     linear_c: list[float] = Field(default_factory=lambda: list(_LINEAR["linear_c"]))
     # final: the backbone's pooled features; multiscale: + pooled later stages (EfficientNet only)
@@ -204,6 +208,8 @@ class TrainConfig(BaseModel):
         parse_threshold_policy(self.threshold_policy)
         if (self.teacher or self.extra) and self.mode != "finetune":
             raise ConfigError("teacher / extra: distillation trains a network (mode: finetune), not a linear probe")
+        if self.init_from and self.mode != "finetune":
+            raise ConfigError("init_from: starting weights are for fine-tuning (mode: finetune), not a linear probe")
         if self.extra and not self.teacher:
             raise ConfigError("extra: images without labels need a teacher to give their targets; add teacher")
         if not 0 <= self.distill_alpha <= 1:

@@ -47,13 +47,14 @@ def distil(config, splits: tuple, meta: dict, out: Path, world, teacher=None) ->
     gets `distilled_from` and the `sources` of the images and of the teachers (their licences travel on); the
     extra images join the training images in model/fitted_images.json."""
     from .runfolder import write_fitted_images
-    from .sources import source_table
+    from .sources import source_table, starting_sources
 
     train_df, train_targets, valid_df, valid_targets, class_names = splits
     taught = teacher_targets(config, class_names, train_df, train_targets, out, valid_df, save=world.is_main,
                              teacher=teacher)
     meta["distilled_from"] = taught.record
-    meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record)]
+    meta["sources"] = [*source_table(taught.train_df, valid_df), *teacher_sources(taught.record),
+                       *starting_sources(meta)]
     if world.is_main:
         write_fitted_images(out / "model", taught.keys, taught.valid_keys)
     return (taught.train_df, taught.hard, valid_df, valid_targets, class_names), taught.soft
@@ -153,13 +154,10 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
 
 def teacher_sources(record: dict) -> list[dict]:
     """The data the teachers learnt from, as rows of the student's `sources` (their licences travel on)."""
-    rows = []
-    for teacher in record["teachers"]:
-        through = f"(through the teacher {Path(teacher['run']).name})"
-        for source in teacher.get("sources") or [{"name": "data not recorded", "licence": "not recorded: check the "
-                                                  "teacher's training data", "train_images": 0, "valid_images": 0}]:
-            rows.append({**source, "name": f"{source['name']} {through}"})
-    return rows
+    from .sources import inherited_sources
+
+    return [row for teacher in record["teachers"]
+            for row in inherited_sources(teacher.get("sources"), f"through the teacher {Path(teacher['run']).name}")]
 
 
 def _run_folder(model_dir: Path) -> Path:

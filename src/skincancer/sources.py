@@ -301,6 +301,20 @@ def source_table(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> list[dict]:
     return list(rows.values())
 
 
+def inherited_sources(sources: Sequence[dict] | None, through: str) -> list[dict]:
+    """The data another model learnt from (a teacher, starting weights), as rows of this model's `sources`: their
+    licences travel on. None (that model predates the record) gives one row that says so."""
+    unknown = {"name": "data not recorded", "licence": "not recorded: check the training data of that model",
+               "train_images": 0, "valid_images": 0}
+    return [{**source, "name": f"{source['name']} ({through})"} for source in (sources or [unknown])]
+
+
+def starting_sources(meta: dict) -> list[dict]:
+    """The `sources` rows a fine-tune inherits from the run it started from (model.json's `initialised_from`)."""
+    start = meta.get("initialised_from")
+    return inherited_sources(start["sources"], f"through the starting weights {start['run']}") if start else []
+
+
 def licence_note(sources: Sequence[dict]) -> str | None:
     """What a model's training data allows, in a sentence; None when no source restricts it."""
     restricted = [s for s in sources if is_non_commercial(s.get("licence", ""))]

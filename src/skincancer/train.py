@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import build_model, count_parameters, preprocessing
 from .card import CARD_FILE, write_card
-from .checkpoint import atomic_write, save_model, unwrap, write_json
+from .checkpoint import StartingWeights, atomic_write, save_model, unwrap, write_json
 from .config import DEFAULT_LABELS, TrainConfig, config_to_dict
 from .data import DataError, check_labels_agree, content_keys, manifest_labels
 from .datasets import ImageDataset
@@ -56,7 +56,7 @@ from .runfolder import (
     warn_shared_images,
     write_fitted_images,
 )
-from .sources import fold_groups, read_sources, source_table
+from .sources import fold_groups, read_sources, source_table, starting_sources
 
 log = logging.getLogger("skincancer")
 
@@ -80,13 +80,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
     # the teacher is checked before the run folder is touched: a refused teacher leaves it as it was
     teacher = check_teacher(config) if config.teacher else None
+    start_weights = StartingWeights(config.init_from, config.backbone, config.pooling) if config.init_from else None
     start = _RunStart(out, world, resume, overwrite)
     try:
         seed_everything(config.seed)
         inputs = _read_inputs(config, out, world, resume)
         start.begin(config, inputs)
-        model = build_model(config.backbone, len(inputs.class_names), pretrained=config.pretrained,
-                            pooling=config.pooling)
+        model = build_model(config.backbone, len(inputs.class_names),
+                            pretrained=config.pretrained and start_weights is None, pooling=config.pooling)
         prep = preprocessing(model)
         model.to(inputs.device)
         meta = {
@@ -98,6 +99,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             **({"select_on": config.select_on} if config.select_on else {}),
             "skincancer_version": __version__, "environment": inputs.env,
         }
+        if start_weights is not None:
+            meta["initialised_from"] = start_weights.load_into(model, inputs.class_names)
+            meta["sources"] += starting_sources(meta)
+            start_weights = None
         if world.is_main:
             _print_summary(model, config)
         writer = SummaryWriter(str(out / "tensorboard")) if world.is_main else NoWriter()
@@ -400,8 +405,10 @@ def _print_summary(model: nn.Module, config: TrainConfig) -> None:
         trainable = sum(p.numel() for p in unwrap(model).get_classifier().parameters())
     size = config.inference_size
     sized = f" (validated and saved for {size} px)" if size != config.image_size else ""
+    weights = (f"weights of {config.init_from}" if config.init_from
+               else "ImageNet weights" if config.pretrained else "random init")
     tqdm.write(
-        f"Model: {config.backbone} ({'ImageNet weights' if config.pretrained else 'random init'}), "
+        f"Model: {config.backbone} ({weights}), "
         f"mode {config.mode}, head {config.head}\n"
         f"Input: 3 x {config.image_size} x {config.image_size}{sized}\n"
         f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}"

@@ -38,6 +38,9 @@ def train(
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    init_from: Annotated[str | None, typer.Option(help=(
+        "start from this run's weights instead of ImageNet's (same backbone; e.g. a run pre-trained on another "
+        "source); its data's licences travel on"))] = None,
     resume: Annotated[Path | None, typer.Option(help="continue an interrupted run from its last epoch")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace the run already in --out (its model and checkpoints)")
                          ] = False,
@@ -69,7 +72,7 @@ def train(
                           lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
                           threshold_policy=threshold_policy, select_on=select_on, augment=augment,
                           num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained,
-                          metadata=metadata)
+                          metadata=metadata, init_from=init_from)
     if not in_torchrun():  # what train() would refuse at once, said before torchrun starts N processes to say it
         check_start(cfg, overwrite=overwrite, resume=resume is not None)
         if resume is not None:
@@ -110,6 +113,9 @@ def distill(
     batch_size: Annotated[int | None, typer.Option()] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
+    init_from: Annotated[str | None, typer.Option(help=(
+        "start from this run's weights instead of ImageNet's (same backbone: e.g. one of the teachers); its data's "
+        "licences travel on"))] = None,
     overwrite: Annotated[bool, typer.Option(help="replace the run already in --out")] = False,
 ) -> None:
     """Train one student network (fine-tuned, one view) on a teacher's probabilities: an ordinary run folder whose
@@ -119,7 +125,8 @@ def distill(
 
     cfg = load_config(config, mode="finetune", teacher=teacher, extra=extra or None, distill_alpha=alpha,
                       train=train, valid=valid, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
-                      batch_size=batch_size, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch)
+                      batch_size=batch_size, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
+                      init_from=init_from)
     check_start(cfg, overwrite=overwrite, resume=False)
     typer.echo(f"run saved to {run_training(cfg, overwrite=overwrite)}")
 
