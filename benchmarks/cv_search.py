@@ -5,8 +5,9 @@ validation manifests, train on K-1 folds and predict the held-out fold (with 1 a
 views at each resolution of --eval-sizes). Prints one JSON line per fold and per recipe with the pooled out-of-fold
 melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of recipe pairs.
 Out-of-fold predictions are written to --out. Each fold's held-out predictions are also kept in its folder
-(held_probs.npz): a later search reads them back instead of training that fold again (--fresh trains it again), so
-the folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done.
+(held_probs.npz, with a fingerprint of the recipe, the fold's images and its starting weights): a later search reads
+them back instead of training that fold again when all of these are the same (--fresh trains it again), so the
+folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
         --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
@@ -15,9 +16,11 @@ the folds of a slow recipe can be run one at a time (--fold K) and pooled when t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from skincancer import load_config, load_manifest, load_model, save_manifest, train
+from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
+from skincancer.config import config_to_dict
 
 
 def main() -> None:
@@ -49,7 +54,7 @@ def main() -> None:
                         help="run only these folds (0-based) and print their lines; pooled scores and *_oof.npy come "
                              "once every fold is done (folds done by earlier runs are read back)")
     parser.add_argument("--fresh", action="store_true",
-                        help="train every fold again (default: a fold with held_probs.npz in its folder is read back)")
+                        help="train every fold again (default: a fold whose held_probs.npz matches is read back)")
     args = parser.parse_args()
 
     recipes = yaml.safe_load(Path(args.recipes).read_text())
@@ -67,34 +72,34 @@ def main() -> None:
         parser.error(f"--fold: each fold must be between 0 and {args.folds - 1}, got {args.fold}")
     oof: dict[str, dict[int | str, np.ndarray]] = {}
     pooled: dict[str, dict[int | str, np.ndarray]] = {}
+    views = [1, 8, *(f"8@{size}" for size in args.eval_sizes)]  # what each fold predicts: 1 and 8 views, 8 at each size
     for name, overrides in recipes.items():
         tic = time.time()
-        oof[name] = {1: np.zeros((len(data), 3)), 8: np.zeros((len(data), 3))}
+        oof[name] = {view: np.zeros((len(data), 3)) for view in views}
         finished: set[int] = set()
         for k, (kept, held) in enumerate(folds):
-            if args.fold and k not in args.fold:
-                continue
             fold_dir = work / name / f"fold{k}"
+            if args.train_fraction < 1:
+                kept, _ = train_test_split(kept, train_size=args.train_fraction, stratify=data["diagnosis"].iloc[kept],
+                                           random_state=0)
+            workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
+            settings = {**base, **overrides, **workers, "train": str(fold_dir / "train.csv"),
+                        "valid": str(fold_dir / "held.csv"), "out": str(fold_dir / "run")}
+            stamp = fold_fingerprint(load_config(None, **settings), data, kept, held)
             saved = fold_dir / "held_probs.npz"  # a fold done before (by an earlier, perhaps interrupted, search)
-            if saved.is_file() and not args.fresh:
-                with np.load(saved) as done:
-                    if not np.array_equal(done["held"], held):
-                        parser.error(f"{saved}: made for other folds; remove it or add --fresh")
-                    for key in done.files:
-                        if key != "held":
-                            oof[name].setdefault(_view_key(key), np.zeros((len(data), 3)))[held] = done[key]
+            done = None if args.fresh else read_fold(saved, stamp, views)
+            if done is not None:
+                for view in views:
+                    oof[name][view][held] = done[str(view)]
                 print(json.dumps({"recipe": name, "fold": k, "from": str(saved),
                                   **scores(data.iloc[held], {t: p[held] for t, p in oof[name].items()})}), flush=True)
                 finished.add(k)
                 continue
-            if args.train_fraction < 1:
-                kept, _ = train_test_split(kept, train_size=args.train_fraction, stratify=data["diagnosis"].iloc[kept],
-                                           random_state=0)
-            train_csv = save_manifest(data.iloc[kept], fold_dir / "train.csv")
-            held_csv = save_manifest(data.iloc[held], fold_dir / "held.csv")
-            workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
-            config = load_config(None, **{**base, **overrides, **workers, "train": str(train_csv),
-                                          "valid": str(held_csv), "out": str(fold_dir / "run")})
+            if args.fold and k not in args.fold:
+                continue
+            save_manifest(data.iloc[kept], fold_dir / "train.csv")
+            save_manifest(data.iloc[held], fold_dir / "held.csv")
+            config = load_config(None, **settings)
             run = train(config, overwrite=True)  # a re-run of the search replaces its fold runs
             classifier = load_model(run)
             if torch.cuda.is_available():
@@ -112,9 +117,9 @@ def main() -> None:
                 probs, _ = sized.predict_proba(list(data["filepath"].iloc[held]), num_workers=config.num_workers,
                                                batch_size=64, tta=8)
                 order = [sized.class_names.index(c) for c in ("melanoma", "nevus", "seborrheic_keratosis")]
-                oof[name].setdefault(f"8@{size}", np.zeros((len(data), 3)))[held] = probs[:, order]
+                oof[name][f"8@{size}"][held] = probs[:, order]
             fold = {t: p[held] for t, p in oof[name].items()}
-            np.savez(saved, held=held, **{str(t): p for t, p in fold.items()})
+            save_fold(saved, stamp, fold)
             finished.add(k)
             print(json.dumps({"recipe": name, "fold": k, "train_images": len(kept), **scores(data.iloc[held], fold),
                               "seconds_since_recipe_start": round(time.time() - tic)}), flush=True)
@@ -135,9 +140,35 @@ def main() -> None:
         print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
 
 
-def _view_key(key: str) -> int | str:
-    """held_probs.npz's keys back to oof's: '1', '8' (views) or '8@288' (views at a size)."""
-    return int(key) if key.isdigit() else key
+def fold_fingerprint(config, data: pd.DataFrame, kept: np.ndarray, held: np.ndarray) -> str:
+    """What a fold's predictions depend on: the recipe's settings (not where it runs or with how many loader
+    processes), the images on each side, and the weights it starts from (`init_from`)."""
+    settings = {k: v for k, v in config_to_dict(config).items()
+                if k not in ("train", "valid", "out", "num_workers", "cache_dir")}
+    if config.init_from:
+        settings["init_from_weights"] = read_meta(find_model_dir(config.init_from)).get("weights_sha256")
+    ids = {"kept": sorted(data["image_id"].iloc[kept].astype(str)), "held": list(data["image_id"].iloc[held])}
+    return hashlib.sha256(json.dumps([settings, ids], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_fold(path: Path, stamp: str, views: list) -> dict | None:
+    """A fold's saved held-out predictions if they were made by this recipe on these images, with these views;
+    else None (the fold is trained again)."""
+    try:
+        with np.load(path) as saved:
+            if str(saved["fingerprint"]) != stamp or not {str(v) for v in views} <= set(saved.files):
+                return None
+            return {str(v): saved[str(v)] for v in views}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, from an older search, or cut short
+        return None
+
+
+def save_fold(path: Path, stamp: str, fold: dict) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, fingerprint=np.array(stamp), **{str(t): p for t, p in fold.items()})
+
+    atomic_write(path, write)
 
 
 def scores(data: pd.DataFrame, probs: dict[int | str, np.ndarray]) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from skincancer import load_config, load_manifest, save_manifest, train
 from skincancer.data import DataError
+from skincancer.resume import resume_config
 from skincancer.runfolder import is_finished
 from skincancer.sources import fold_groups, grouped_folds
 
@@ -35,8 +36,11 @@ def main() -> None:
     if is_finished(run):
         print(f"{run}: finished already")
         return
+    if run.is_dir():  # an interrupted run goes on with its own config.yaml
+        print(f"trained {train(resume_config(run), resume=True)}")
+        return
     config = load_config(args.config, train=str(train_csv), valid=str(valid_csv), out=str(run))
-    print(f"trained {train(config, resume=run.is_dir())}")
+    print(f"trained {train(config)}")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,7 @@ def test_a_fine_tune_started_from_a_ham_run_takes_its_weights_and_its_licence(ha
     from skincancer.card import markdown_card
     from skincancer.checkpoint import StartingWeights, read_weights
     from skincancer.errors import CheckpointError
+    from skincancer.evaluate import seen_in_fitting
     from skincancer.predict import load_model
 
     rows = ham_rows(ham, {"mel": 2, "nv": 2, "bkl": 2, "bcc": 2}, seed=3)
@@ -275,21 +276,59 @@ def test_a_fine_tune_started_from_a_ham_run_takes_its_weights_and_its_licence(ha
     assert "non-commercial" in card.lower() and f"started from the weights of {pre} (melanoma" in card
     assert "new classifier), not ImageNet's" in card
 
+    # the HAM images count as images the model was fitted on: evaluate says so
+    fitted = json.loads((run / "model" / "fitted_images.json").read_text())
+    assert len(fitted["inherited"]["train"]) == len(rows) and len(fitted["train"]) == 9
+    seen = seen_in_fitting(load_model(run), list(ham_manifest["filepath"]))
+    assert seen["train"] == len(rows)
+
     # the weights: every one but the classifier's from the HAM run; the classifier too where the classes match
     pre_weights = read_weights(pre / "model")
     fresh = build_model("tf_efficientnet_lite0", 3, pretrained=False)
-    StartingWeights(pre, "tf_efficientnet_lite0").load_into(fresh, meta["class_names"])
+    next_config = load_config(None, out=str(tmp_path / "next"), **isic)
+    StartingWeights(pre, next_config).load_into(fresh, meta["class_names"])
     assert torch.equal(fresh.state_dict()["conv_stem.weight"], pre_weights["conv_stem.weight"])
     assert fresh.classifier.weight.shape[0] == 3
     same = build_model("tf_efficientnet_lite0", 3, pretrained=False)
-    record = StartingWeights(run, "tf_efficientnet_lite0").load_into(same, meta["class_names"])
+    record = StartingWeights(run, next_config).load_into(same, meta["class_names"])
     assert record["classifier"] == "kept"
     assert torch.equal(same.classifier.weight, read_weights(run / "model")["classifier.weight"])
+    binary = build_model("tf_efficientnet_lite0", 3, pretrained=False)  # another head: a new classifier
+    assert StartingWeights(run, next_config.replace(head="binary")).load_into(binary, meta["class_names"])[
+        "classifier"] == "new"
+
+    # a run from a starting run that has not finished is refused, and so is a run starting from itself
+    unfinished = json.loads((pre / "model" / "model.json").read_text())
+    (tmp_path / "half" / "model").mkdir(parents=True)
+    for name in ("model.safetensors", "fitted_images.json"):
+        (tmp_path / "half" / "model" / name).write_bytes((pre / "model" / name).read_bytes())
+    (tmp_path / "half" / "model" / "model.json").write_text(json.dumps({**unfinished, "unfinished": True}))
+    with pytest.raises(CheckpointError, match="has not finished"):
+        train(load_config(None, out=str(tmp_path / "from-half"), init_from=str(tmp_path / "half"), **isic))
+    with pytest.raises(CheckpointError, match="own folder"):
+        train(load_config(None, out=str(run), init_from=str(run), **isic), overwrite=True)
 
     # another backbone is refused before its run folder is made; so is a linear probe
-    with pytest.raises(CheckpointError, match="init_from: .* is a tf_efficientnet_lite0"):
+    with pytest.raises(CheckpointError, match="init_from: .* has backbone tf_efficientnet_lite0"):
         train(load_config(None, out=str(tmp_path / "lite1"), init_from=str(pre),
                           **{**isic, "backbone": "tf_efficientnet_lite1"}))
     assert not (tmp_path / "lite1").exists()
     with pytest.raises(ConfigError, match="init_from"):
         load_config(None, out=str(tmp_path / "linear"), init_from=str(pre), **{**isic, "mode": "linear"})
+
+    # resumed after its last epoch with the HAM run gone: the checkpoint holds the weights; the record and the
+    # inherited images and licence stay
+    import shutil
+
+    from skincancer.resume import resume_config
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    placeholder = resumed / "model" / "model.json"
+    placeholder.write_text(json.dumps({**json.loads(placeholder.read_text()), "unfinished": True}))
+    shutil.rmtree(pre)
+    train(resume_config(resumed), resume=True)
+    again = json.loads(placeholder.read_text())
+    assert "unfinished" not in again and again["initialised_from"] == meta["initialised_from"]
+    assert [s for s in again["sources"] if "CC BY-NC" in s["licence"]]
+    assert json.loads((resumed / "model" / "fitted_images.json").read_text())["inherited"] == fitted["inherited"]

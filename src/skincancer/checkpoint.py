@@ -158,6 +158,8 @@ class ModelMeta(BaseModel):
     metadata_model: dict | None = None
     validation_summary: dict | None = None
     guard: dict | None = None
+    distilled_from: dict | None = None
+    initialised_from: dict | None = None
 
     @field_validator("format_version", mode="before")
     @classmethod
@@ -240,7 +242,8 @@ class ModelMeta(BaseModel):
                              f"{digest!r:.80}")
         return digest
 
-    @field_validator("validation", "environment", "metadata_model", "validation_summary", "guard", mode="before")
+    @field_validator("validation", "environment", "metadata_model", "validation_summary", "guard", "distilled_from",
+                     "initialised_from", mode="before")
     @classmethod
     def _object(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and not isinstance(value, dict):
@@ -319,25 +322,44 @@ class StartingWeights:
     """A trained run's weights that start a fine-tune instead of ImageNet's (config `init_from`): read and checked
     before the new run's folder is touched, loaded once its model is built (`load_into`)."""
 
-    def __init__(self, run: str | Path, backbone: str, pooling: str = "final"):
-        model_dir = find_model_dir(run)
-        meta = read_meta(model_dir)
-        if meta["backbone"] != backbone or meta.get("pooling", "final") != pooling:
-            raise CheckpointError(f"init_from: {run} is a {meta['backbone']} ({meta.get('pooling', 'final')} "
-                                  f"pooling); this run trains a {backbone} ({pooling} pooling): use the same backbone")
+    def __init__(self, run: str | Path, config) -> None:
+        try:
+            model_dir = find_model_dir(run)
+            meta = read_meta(model_dir)
+        except CheckpointError as err:
+            raise CheckpointError(f"init_from: {err}") from None
+        if meta.get("unfinished"):
+            raise CheckpointError(f"init_from: {run} was saved by a run that has not finished; finish it first "
+                                  f"(skincancer train --resume {run})")
+        if model_dir.resolve().is_relative_to(Path(config.out).resolve()):
+            raise CheckpointError(f"init_from: {run} is this run's own folder; start from another run")
+        for key, own in (("backbone", config.backbone), ("pooling", config.pooling)):
+            if meta.get(key, "final") != own:
+                raise CheckpointError(f"init_from: {run} has {key} {meta.get(key, 'final')}, this run {own}; "
+                                      f"they must be the same")
         self.run = str(run)
-        self.weights = read_weights(model_dir, meta.get("weights_sha256"))
+        try:
+            self.weights = read_weights(model_dir, meta.get("weights_sha256"))
+        except CheckpointError as err:
+            raise CheckpointError(f"init_from: {err}") from None
+        # its classifier fits only a run of the same classes (known once the data are read: load_into), head and
+        # label map (a binary head's classes are always benign / malignant, whatever its labels count as malignant)
+        self.head_and_labels = (meta.get("head"), meta["labels"]) == (config.head, config.labels)
         # model.json's `initialised_from`: the run, its classes and weights, and the data it learnt from
         self.record = {"run": self.run, "backbone": meta["backbone"], "class_names": meta["class_names"],
-                       "weights_sha256": meta.get("weights_sha256"), "sources": meta.get("sources")}
+                       "head": meta.get("head"), "weights_sha256": meta.get("weights_sha256"),
+                       "sources": meta.get("sources")}
+        self.fitted = _fitted_images(model_dir)
 
     def load_into(self, model: nn.Module, class_names: list[str]) -> dict:
-        """Every weight of `model` but its classifier from the run; the classifier too when the run's classes are
-        `class_names` (else it stays freshly initialised). Returns the `initialised_from` record."""
+        """Every weight of `model` but its classifier from the run; the classifier too when the run's classes (and
+        head and label map) are this run's, else it stays freshly initialised. Returns the `initialised_from`
+        record."""
         net = unwrap(model)
         own = net.state_dict()
-        head = f"{getattr(net, 'pretrained_cfg', {}).get('classifier', 'classifier')}."
-        keep_head = self.record["class_names"] == class_names
+        classifier = net.get_classifier()
+        head = next(f"{name}." for name, module in net.named_modules() if module is classifier)
+        keep_head = self.head_and_labels and self.record["class_names"] == class_names
         taken = {k: v for k, v in self.weights.items() if keep_head or not k.startswith(head)}
         misfit = sorted({*(k for k in own if k not in taken and not k.startswith(head)),
                          *(k for k, v in taken.items() if k not in own or own[k].shape != v.shape)})
@@ -347,3 +369,14 @@ class StartingWeights:
         net.load_state_dict(taken, strict=False)
         self.weights = {}  # loaded: not kept twice in memory
         return {**self.record, "classifier": "kept" if keep_head else "new"}
+
+
+def _fitted_images(model_dir: Path) -> dict:
+    """The images a starting run's weights were fitted ("train") or tuned ("valid") on, its own starting run's too:
+    they travel into the new run's fitted_images.json (`inherited`), so `evaluate` still says when it scores them."""
+    try:
+        hashes = json.loads((model_dir / FITTED_IMAGES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    inherited = hashes.get("inherited") or {}
+    return {split: sorted({*hashes.get(split, []), *inherited.get(split, [])}) for split in ("train", "valid")}

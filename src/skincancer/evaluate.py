@@ -291,8 +291,9 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
         path = Path(member.source) / FITTED_IMAGES_FILE
         try:
             hashes = json.loads(path.read_text())
-            for split in fitted:
-                fitted[split].update(str(k) for k in hashes.get(split, []))
+            for split in fitted:  # and the images of the run its weights started from (init_from)
+                fitted[split].update(str(k) for k in [*hashes.get(split, []),
+                                                      *(hashes.get("inherited") or {}).get(split, [])])
         except FileNotFoundError:
             unchecked.append(str(member.source))
         except (OSError, ValueError, TypeError, AttributeError) as err:

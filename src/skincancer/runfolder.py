@@ -46,6 +46,10 @@ def check_start(config: TrainConfig, overwrite: bool = False, resume: bool = Fal
             raise DataError(f"{path}: no such file or folder")
     if not resume:
         claim_out(Path(config.out), overwrite)
+        if config.init_from:
+            from .checkpoint import StartingWeights
+
+            StartingWeights(config.init_from, config)  # refused as train would refuse it
 
 
 def claim_out(out: Path, overwrite: bool) -> bool:
@@ -135,17 +139,25 @@ def run_environment(out: Path, env: dict, resume: bool) -> dict:
     return {**first, "resumed": [*first.get("resumed", []), later]}
 
 
-def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False) -> None:
+def write_fitted_images(model_dir: Path, train_keys: list, valid_keys: list, fitted_on_valid: bool = False,
+                        inherited: dict | None = None) -> None:
     """model/fitted_images.json: the SHA-1 of every training and validation image's bytes, so that `evaluate` can
     say when it is scoring images this model was fitted or tuned on (whatever their names or folders).
 
     "train": the images the weights were fitted on (validation images too for a probe fitted on train+valid);
-    "valid": the images only used to choose the threshold, epoch or regularisation."""
+    "valid": the images only used to choose the threshold, epoch or regularisation; "inherited": the same two for
+    the run its weights started from (`init_from`), kept when the file is written again (a resume, distillation)."""
     fitted, tuned = (train_keys + valid_keys, []) if fitted_on_valid else (train_keys, valid_keys)
     keys = {split: sorted({k for k in chosen if k is not None}) for split, chosen in (("train", fitted),
                                                                                       ("valid", tuned))}
+    path = model_dir / FITTED_IMAGES_FILE
+    if inherited is None:
+        try:
+            inherited = json.loads(path.read_text()).get("inherited")
+        except (OSError, ValueError, AttributeError):
+            inherited = None
     model_dir.mkdir(parents=True, exist_ok=True)
-    write_json(model_dir / FITTED_IMAGES_FILE, {"hash": "sha1", **keys})
+    write_json(path, {"hash": "sha1", **keys, **({"inherited": inherited} if inherited else {})})
 
 
 def warn_shared_images(train_df: pd.DataFrame, valid_df: pd.DataFrame, keys: list | None = None,

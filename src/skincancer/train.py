@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -80,12 +81,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         log.info("%s: a linear run has no epochs to resume; fitting it again (features come from the cache)", out)
     # the teacher is checked before the run folder is touched: a refused teacher leaves it as it was
     teacher = check_teacher(config) if config.teacher else None
-    start_weights = StartingWeights(config.init_from, config.backbone, config.pooling) if config.init_from else None
+    start_weights, started_from = _starting_weights(config, out, resume)
     start = _RunStart(out, world, resume, overwrite)
     try:
         seed_everything(config.seed)
         inputs = _read_inputs(config, out, world, resume)
-        start.begin(config, inputs)
+        start.begin(config, inputs, inherited=start_weights.fitted if start_weights is not None else None)
         model = build_model(config.backbone, len(inputs.class_names),
                             pretrained=config.pretrained and start_weights is None, pooling=config.pooling)
         prep = preprocessing(model)
@@ -100,9 +101,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "skincancer_version": __version__, "environment": inputs.env,
         }
         if start_weights is not None:
-            meta["initialised_from"] = start_weights.load_into(model, inputs.class_names)
-            meta["sources"] += starting_sources(meta)
+            started_from = start_weights.load_into(model, inputs.class_names)
             start_weights = None
+        if started_from is not None:
+            meta["initialised_from"] = started_from
+            meta["sources"] += starting_sources(meta)
         if world.is_main:
             _print_summary(model, config)
         writer = SummaryWriter(str(out / "tensorboard")) if world.is_main else NoWriter()
@@ -144,7 +147,7 @@ class _RunStart:
         self.file_log = log_to(out / "train.log") if world.is_main else logging.NullHandler()
         self.begun = False  # the inputs checked out: the run writes its files
 
-    def begin(self, config: TrainConfig, inputs: _Inputs) -> None:
+    def begin(self, config: TrainConfig, inputs: _Inputs, inherited: dict | None = None) -> None:
         if self.replace:  # the inputs are readable: only now does the old run go, its log lines too
             clear_run(self.out)
             drop_log_head(self.file_log, self.out / "train.log", self.old_log)
@@ -154,7 +157,8 @@ class _RunStart:
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(config))))
             # from the start, so that a model saved by an interrupted run is covered too
             write_fitted_images(out / "model", keys[:n_train], keys[n_train:],
-                                fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid")
+                                fitted_on_valid=config.mode == "linear" and config.linear_fit == "train+valid",
+                                inherited=inherited)
             write_json(out / "model" / ENVIRONMENT_FILE, inputs.env)  # read back by --resume; model.json gets it too
 
     def stopped(self, err: BaseException) -> None:
@@ -184,6 +188,21 @@ class _Inputs:
     train_targets: np.ndarray
     valid_targets: np.ndarray
     metadata_model: MetadataModel | None
+
+
+def _starting_weights(config: TrainConfig, out: Path, resume: bool) -> tuple[StartingWeights | None, dict | None]:
+    """The weights a run starts from (`init_from`), or, for a resumed run that has saved an epoch, the record of
+    those it started from (the checkpoint holds its weights now; the starting run need not exist any more)."""
+    if not config.init_from:
+        return None, None
+    if resume:
+        try:
+            recorded = json.loads((out / "model" / "model.json").read_text()).get("initialised_from")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded and (out / "checkpoints" / "last.json").is_file():
+            return None, recorded
+    return StartingWeights(config.init_from, config), None
 
 
 def _read_inputs(config: TrainConfig, out: Path, world: World, resume: bool) -> _Inputs:
