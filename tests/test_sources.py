@@ -288,7 +288,8 @@ def test_a_fine_tune_started_from_a_ham_run_takes_its_weights_and_its_licence(ha
     next_config = load_config(None, out=str(tmp_path / "next"), **isic)
     StartingWeights(pre, next_config).load_into(fresh, meta["class_names"])
     assert torch.equal(fresh.state_dict()["conv_stem.weight"], pre_weights["conv_stem.weight"])
-    assert fresh.classifier.weight.shape[0] == 3
+    assert fresh.classifier.weight.shape[0] == 3  # a new classifier, as small as the one put on ImageNet weights
+    assert fresh.classifier.weight.abs().max() <= 1 / 1280 ** 0.5
     same = build_model("tf_efficientnet_lite0", 3, pretrained=False)
     record = StartingWeights(run, next_config).load_into(same, meta["class_names"])
     assert record["classifier"] == "kept"

@@ -367,6 +367,10 @@ class StartingWeights:
             more = f" and {len(misfit) - 1} more" if len(misfit) > 1 else ""
             raise CheckpointError(f"init_from: {self.run}: its weights do not fit this network ({misfit[0]}{more})")
         net.load_state_dict(taken, strict=False)
+        if not keep_head:  # initialised as the ImageNet path's new classifier is (timm's own init is 20x wider)
+            for module in classifier.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
         self.weights = {}  # loaded: not kept twice in memory
         return {**self.record, "classifier": "kept" if keep_head else "new"}
 
