@@ -167,7 +167,7 @@ def guard(
 ) -> None:
     """Fit the out-of-distribution guard of a trained run (training fits one; this adds it to a run made before
     the guard, or refits it at another false-rejection rate). Images past it get no verdict."""
-    from ..train import guard_run
+    from ..guard_refit import guard_run
 
     if not 0 < false_rejection < 0.5:
         fail(f"--false-rejection: expected a share between 0 and 0.5 (e.g. 0.02), got {false_rejection}")
