@@ -318,25 +318,32 @@ def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], source
         raise CheckpointError(f"{source}: weights do not fit the model described in model.json ({err})") from None
 
 
+def check_starting_run(run: str | Path, config) -> tuple[Path, dict]:
+    """The model folder and model.json of an `init_from` run, refused unless it has finished, is not the new run's
+    own folder, and has the new run's backbone and pooling (its weights are not read: StartingWeights does that)."""
+    try:
+        model_dir = find_model_dir(run)
+        meta = read_meta(model_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"init_from: {err}") from None
+    if meta.get("unfinished"):
+        raise CheckpointError(f"init_from: {run} was saved by a run that has not finished; finish it first "
+                              f"(skincancer train --resume {run})")
+    if model_dir.resolve().is_relative_to(Path(config.out).resolve()):
+        raise CheckpointError(f"init_from: {run} is this run's own folder; start from another run")
+    for key, own in (("backbone", config.backbone), ("pooling", config.pooling)):
+        if meta.get(key, "final") != own:
+            raise CheckpointError(f"init_from: {run} has {key} {meta.get(key, 'final')}, this run {own}; "
+                                  f"they must be the same")
+    return model_dir, meta
+
+
 class StartingWeights:
     """A trained run's weights that start a fine-tune instead of ImageNet's (config `init_from`): read and checked
     before the new run's folder is touched, loaded once its model is built (`load_into`)."""
 
     def __init__(self, run: str | Path, config) -> None:
-        try:
-            model_dir = find_model_dir(run)
-            meta = read_meta(model_dir)
-        except CheckpointError as err:
-            raise CheckpointError(f"init_from: {err}") from None
-        if meta.get("unfinished"):
-            raise CheckpointError(f"init_from: {run} was saved by a run that has not finished; finish it first "
-                                  f"(skincancer train --resume {run})")
-        if model_dir.resolve().is_relative_to(Path(config.out).resolve()):
-            raise CheckpointError(f"init_from: {run} is this run's own folder; start from another run")
-        for key, own in (("backbone", config.backbone), ("pooling", config.pooling)):
-            if meta.get(key, "final") != own:
-                raise CheckpointError(f"init_from: {run} has {key} {meta.get(key, 'final')}, this run {own}; "
-                                      f"they must be the same")
+        model_dir, meta = check_starting_run(run, config)
         self.run = str(run)
         try:
             self.weights = read_weights(model_dir, meta.get("weights_sha256"))

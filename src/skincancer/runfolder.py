@@ -47,9 +47,9 @@ def check_start(config: TrainConfig, overwrite: bool = False, resume: bool = Fal
     if not resume:
         claim_out(Path(config.out), overwrite)
         if config.init_from:
-            from .checkpoint import StartingWeights
+            from .checkpoint import check_starting_run
 
-            StartingWeights(config.init_from, config)  # refused as train would refuse it
+            check_starting_run(config.init_from, config)  # refused as train would refuse it (weights read there)
 
 
 def claim_out(out: Path, overwrite: bool) -> bool:
