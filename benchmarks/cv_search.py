@@ -7,7 +7,8 @@ melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the same for the av
 Out-of-fold predictions are written to --out. Each fold's held-out predictions are also kept in its folder
 (held_probs.npz, with a fingerprint of the recipe, the fold's images and its starting weights): a later search reads
 them back instead of training that fold again when all of these are the same (--fresh trains it again), so the
-folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done.
+folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done. A recipe's
+`extra_train` (manifests, e.g. another source) joins every fold's training images and is never held out.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
         --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
@@ -83,9 +84,11 @@ def main() -> None:
                 kept, _ = train_test_split(kept, train_size=args.train_fraction, stratify=data["diagnosis"].iloc[kept],
                                            random_state=0)
             workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
-            settings = {**base, **overrides, **workers, "train": str(fold_dir / "train.csv"),
+            recipe = {**base, **overrides}
+            extra = recipe.pop("extra_train", [])  # other sources: training images in every fold, never held out
+            settings = {**recipe, **workers, "train": [str(fold_dir / "train.csv"), *extra],
                         "valid": str(fold_dir / "held.csv"), "out": str(fold_dir / "run")}
-            stamp = fold_fingerprint(load_config(None, **settings), data, kept, held)
+            stamp = fold_fingerprint(load_config(None, **settings), data, kept, held, extra)
             saved = fold_dir / "held_probs.npz"  # a fold done before (by an earlier, perhaps interrupted, search)
             done = None if args.fresh else read_fold(saved, stamp, views)
             if done is not None:
@@ -140,11 +143,14 @@ def main() -> None:
         print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
 
 
-def fold_fingerprint(config, data: pd.DataFrame, kept: np.ndarray, held: np.ndarray) -> str:
+def fold_fingerprint(config, data: pd.DataFrame, kept: np.ndarray, held: np.ndarray, extra: list[str]) -> str:
     """What a fold's predictions depend on: the recipe's settings (not where it runs or with how many loader
-    processes), the images on each side, and the weights it starts from (`init_from`)."""
+    processes), the images on each side, the extra training manifests, and the weights it starts from
+    (`init_from`)."""
     settings = {k: v for k, v in config_to_dict(config).items()
                 if k not in ("train", "valid", "out", "num_workers", "cache_dir")}
+    if extra:
+        settings["extra_train"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in extra]
     if config.init_from:
         settings["init_from_weights"] = read_meta(find_model_dir(config.init_from)).get("weights_sha256")
     ids = {"kept": sorted(data["image_id"].iloc[kept].astype(str)), "held": list(data["image_id"].iloc[held])}

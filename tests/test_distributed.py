@@ -25,6 +25,27 @@ def test_sharded_sampler_splits_one_epoch_without_overlap():
     assert 0.4 < np.mean(np.array(list(weighted)) >= 900) < 0.6  # classes drawn about equally
 
 
+def test_source_draws_set_the_epoch_length_and_each_images_share():
+    draws = np.r_[np.ones(100), np.full(400, 0.25)]  # a source weighted 1, and one weighted 0.25
+    sampler = ShardedSampler(500, World(), seed=1, draws=draws)
+    epochs = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        order = np.array(list(sampler))
+        assert len(order) == len(sampler) == 200
+        assert sorted(order[order < 100]) == list(range(100))  # weight 1: every image once
+        assert len(set(order[order >= 100])) == 100  # weight 0.25: a quarter of them, none twice
+        epochs.append(set(order[order >= 100]))
+    assert len(epochs[0] & epochs[1]) < 60  # another quarter next epoch (about 25 in common by chance)
+    twice = ShardedSampler(4, World(), seed=0, draws=np.full(4, 2.5))
+    assert sorted(np.bincount(list(twice))) == [2, 2, 3, 3]  # above 1: floor or ceil of the weight
+    ranks = [list(ShardedSampler(500, World(r, 2), seed=1, draws=draws)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 100 and sorted(ranks[0] + ranks[1]) == sorted(
+        ShardedSampler(500, World(), seed=1, draws=draws))
+    balanced = ShardedSampler(500, World(), seed=0, draws=draws, weights=np.ones(500))
+    assert len(list(balanced)) == 200 and 0.35 < np.mean(np.array(list(balanced)) < 100) < 0.65
+
+
 @pytest.mark.slow
 def test_two_process_gloo_training(cli, small_data, cache_dir, tmp_path):
     out = tmp_path / "ddp"

@@ -236,12 +236,42 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
                           tmp_path / "valid.csv")
     config = load_config(None, train=[str(p) for p in train_paths], valid=str(valid), out=str(tmp_path / "run"),
                          mode="finetune", image_size=64, epochs=2, max_steps_per_epoch=2, batch_size=8,
-                         num_workers=0, select_on="isic2017", cache_dir=str(cache_dir), guard=False)
+                         num_workers=0, select_on="isic2017", cache_dir=str(cache_dir), guard=False,
+                         source_weights={"ham10000": 2.0})
+    with pytest.raises(DataError, match=r"source_weights: no training images of source\(s\) 'ham'; the training "
+                                        r"sources are ham10000, isic2017"):
+        train(config.replace(source_weights={"ham": 0.5}))
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
     run = train(config)
     meta = json.loads((run / "model" / "model.json").read_text())
     assert meta["validation"]["n"] == 12  # the ISIC validation images alone chose the threshold
     assert {s["name"] for s in meta["sources"]} == {"isic2017", "ham10000"}
     assert set(pd.read_csv(run / "valid_predictions.csv")["source"]) == {"isic2017", "ham10000"}
+    n_ham = len(ham_manifest) - 6  # each HAM10000 image drawn twice an epoch, each ISIC image once
+    assert f"an epoch draws {12 + 2 * n_ham} images: ham10000 {2 * n_ham} (weight 2), isic2017 12 (weight 1)" in (
+        run / "train.log").read_text()
+
+
+def test_source_weights_are_checked_and_weigh_the_classes_as_drawn():
+    from skincancer.config import parse_source_weights
+    from skincancer.finetune import _class_weights, source_draws
+
+    assert parse_source_weights(["ham10000=0.14", "isic2017=1"]) == {"ham10000": 0.14, "isic2017": 1.0}
+    for bad, message in ((["ham10000"], "expected SOURCE=WEIGHT"), (["ham10000=x"], "expected SOURCE=WEIGHT"),
+                         (["a=1", "a=2"], "a given twice")):
+        with pytest.raises(ConfigError, match=message):
+            parse_source_weights(bad)
+    with pytest.raises(ConfigError, match="source_weights: ham10000: expected a weight above 0"):
+        load_config(None, mode="finetune", source_weights={"ham10000": 0})
+    with pytest.raises(ConfigError, match="source_weights: sampling by source is for fine-tuning"):
+        load_config(None, mode="linear", source_weights={"ham10000": 0.5})
+    config = load_config(None, mode="finetune", source_weights={"ham10000": 0.25})
+    frame = pd.DataFrame({"source": ["isic2017"] * 4 + ["ham10000"] * 8})
+    draws = source_draws(config, frame)
+    assert draws.tolist() == [1.0] * 4 + [0.25] * 8
+    # classes 0, 1: ISIC 2 + 2, HAM 0 + 8 -> drawn 2 and 2 + 2 = 4 an epoch: class 0 weighs twice class 1
+    weights = _class_weights(config, np.array([0, 0, 1, 1] + [1] * 8), ["a", "b"], draws)
+    assert weights.tolist() == [1.5, 0.75]
 
 
 def test_a_fine_tune_started_from_a_ham_run_takes_its_weights_and_its_licence(ham, cache_dir, tmp_path):

@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     # the source (a manifest's `source` column) whose held-out images choose C or the best epoch, and the threshold:
     # the one the model is judged on, when other sources only add training images. "" = every held-out image
     select_on: str = ""
+    # finetune, several sources: how often an epoch draws each source's images, per image (1 = once an epoch on
+    # average, 0.2 = one epoch in five); unlisted sources 1. An epoch draws the weights' sum. E.g. {ham10000: 0.14}
+    # draws about as many HAM10000 images as ISIC 2017's 1,433 of a fold (docs/training.md)
+    source_weights: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 2
@@ -212,6 +216,12 @@ class TrainConfig(BaseModel):
             raise ConfigError("init_from: starting weights are for fine-tuning (mode: finetune), not a linear probe")
         if self.extra and not self.teacher:
             raise ConfigError("extra: images without labels need a teacher to give their targets; add teacher")
+        if self.source_weights and self.mode != "finetune":
+            raise ConfigError("source_weights: sampling by source is for fine-tuning (mode: finetune); a linear probe "
+                              "fits every training image once")
+        for name, weight in self.source_weights.items():
+            if not 0 < weight <= 100:
+                raise ConfigError(f"source_weights: {name}: expected a weight above 0 and at most 100, got {weight}")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         return self
@@ -262,6 +272,23 @@ def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
     return kind, value
 
 
+def parse_source_weights(pairs: list[str]) -> dict[str, float]:
+    """['ham10000=0.14'] -> {'ham10000': 0.14} (--source-weight, given once per source)."""
+    weights: dict[str, float] = {}
+    for item in pairs:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and name.strip() else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise ConfigError(f"source_weights: expected SOURCE=WEIGHT (e.g. ham10000=0.14), got {item!r}")
+        if name.strip() in weights:
+            raise ConfigError(f"source_weights: {name.strip()} given twice")
+        weights[name.strip()] = weight
+    return weights
+
+
 def parse_labels(text: str) -> dict[str, int]:
     """'melanoma=1,nevus=0' -> {'melanoma': 1, 'nevus': 0}."""
     labels: dict[str, int] = {}
@@ -292,10 +319,11 @@ def _message(err: ValidationError, values: dict[str, Any]) -> str:
     if isinstance(cause, ConfigError):  # raised by a check of ours: already worded
         return str(cause)
     name, value = str(problem["loc"][0]) if problem["loc"] else "config", problem["input"]
-    if len(problem["loc"]) > 1:  # an entry of linear_c
+    if len(problem["loc"]) > 1:  # an entry of linear_c or source_weights
+        kind = "a mapping of names to numbers" if isinstance(values.get(name), dict) else "a list of numbers"
         if problem["type"] == "finite_number":
             return f"{name}: entries must be finite numbers, got {values.get(name)!r}"
-        return f"{name}: expected a list of numbers, got {values.get(name)!r}"
+        return f"{name}: expected {kind}, got {values.get(name)!r}"
     if problem["type"] == "finite_number":
         return f"{name}: must be a finite number, got {value}"
     if problem["type"] == "float_type" and isinstance(value, str) and _is_number(value):

@@ -108,27 +108,42 @@ def shutdown(world: World) -> None:
 
 
 class ShardedSampler(Sampler[int]):
-    """Every rank draws the same epoch order (shuffled, or weighted with replacement for class balance) from a
-    generator seeded by (seed, epoch), then takes its own slice rank::size; together the ranks see one epoch."""
+    """Every rank draws the same epoch order from a generator seeded by (seed, epoch), then takes its own slice
+    rank::size; together the ranks see one epoch.
 
-    def __init__(self, n: int, world: World, seed: int, weights: np.ndarray | None = None):
-        self.n, self.world, self.seed, self.weights, self.epoch = n, world, seed, weights, 0
+    The order is a shuffle of all n images, unless `draws` (per image: how many times an epoch draws it on average;
+    source_weights) or `weights` (per-image sampling weights, drawn with replacement: class balance) are given. With
+    draws an epoch has round(sum(draws)) images, each image drawn floor or ceil of its own draws (systematic
+    sampling over a shuffled order), so a source weighted 0.2 shows a different fifth of its images every epoch."""
+
+    def __init__(self, n: int, world: World, seed: int, weights: np.ndarray | None = None,
+                 draws: np.ndarray | None = None):
+        self.n, self.world, self.seed, self.weights, self.draws, self.epoch = n, world, seed, weights, draws, 0
+        self.total = n if draws is None else max(1, round(float(np.sum(draws))))  # images an epoch draws
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        draws = None if self.draws is None else torch.as_tensor(self.draws, dtype=torch.double)
         if self.weights is not None:
-            weights = torch.as_tensor(self.weights, dtype=torch.double)
-            return torch.multinomial(weights, self.n, replacement=True, generator=generator)
-        return torch.randperm(self.n, generator=generator)
+            weights = torch.as_tensor(self.weights, dtype=torch.double) * (1 if draws is None else draws)
+            return torch.multinomial(weights, self.total, replacement=True, generator=generator)
+        order = torch.randperm(self.n, generator=generator)
+        if draws is None:
+            return order
+        ends = torch.cumsum(draws[order], 0)  # image order[j] covers [ends[j-1], ends[j]) of the line
+        ends *= self.total / ends[-1]
+        points = torch.rand(1, generator=generator, dtype=torch.double) + torch.arange(self.total, dtype=torch.double)
+        picked = order[torch.searchsorted(ends, points, right=True).clamp(max=self.n - 1)]
+        return picked[torch.randperm(self.total, generator=generator)]  # an image drawn twice: not side by side
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        per_rank = -(-self.n // self.world.size)
-        order = torch.cat([order, order[: per_rank * self.world.size - self.n]])  # pad so every rank gets as many
+        per_rank = -(-self.total // self.world.size)
+        order = torch.cat([order, order[: per_rank * self.world.size - self.total]])  # pad: every rank gets as many
         return iter(order[self.world.rank :: self.world.size].tolist())
 
     def __len__(self) -> int:
-        return -(-self.n // self.world.size)
+        return -(-self.total // self.world.size)

@@ -52,9 +52,10 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     train_set = ImageDataset(train_df["filepath"], aims, build_transform(
         config.image_size, prep["mean"], prep["std"], config.augment))
     valid_set = ImageDataset(valid_df["filepath"], valid_targets, eval_transform(config, prep))
-    class_weights = _class_weights(config, train_targets, class_names)
+    draws = source_draws(config, train_df)
+    class_weights = _class_weights(config, train_targets, class_names, draws)
     # The order of epoch e depends on (seed, e) alone: resumes replay it, and DDP ranks split it without overlap.
-    sampler = ShardedSampler(len(train_set), world, config.seed,
+    sampler = ShardedSampler(len(train_set), world, config.seed, draws=draws,
                              weights=class_weights[train_targets] if config.class_balance == "sampler" else None)
     shuffle = torch.Generator()  # seeds the loader workers' augmentation, re-seeded every epoch
     device = next(model.parameters()).device
@@ -106,9 +107,33 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     return record.best_epoch
 
 
-def _class_weights(config: TrainConfig, train_targets: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """Inverse class frequencies (mean 1), for the balanced sampler or the weighted loss."""
-    counts = np.bincount(train_targets, minlength=len(class_names)).astype(float)
+def source_draws(config: TrainConfig, train_df: pd.DataFrame) -> np.ndarray | None:
+    """Per training image, how many times an epoch draws it on average (`source_weights`; None: once each)."""
+    if not config.source_weights:
+        return None
+    check_source_weights(config, train_df)
+    sources = train_df["source"].astype(str)
+    draws = np.array(sources.map(config.source_weights).fillna(1.0), dtype=float)
+    shares = pd.Series(draws).groupby(sources.to_numpy()).sum()
+    log.info("an epoch draws %d images: %s", round(draws.sum()), ", ".join(
+        f"{name} {total:.0f} (weight {config.source_weights.get(name, 1.0):g})" for name, total in shares.items()))
+    return draws
+
+
+def check_source_weights(config: TrainConfig, train_df: pd.DataFrame) -> None:
+    """Every source `source_weights` names has training images (a misspelt name would weigh nothing)."""
+    sources = set(train_df["source"].astype(str)) if "source" in train_df else set()
+    unknown = sorted(set(config.source_weights) - sources)
+    if unknown:
+        raise DataError(f"source_weights: no training images of source(s) {', '.join(map(repr, unknown))}; the "
+                        f"training sources are {', '.join(sorted(sources)) or 'unnamed'}")
+
+
+def _class_weights(config: TrainConfig, train_targets: np.ndarray, class_names: list[str],
+                   draws: np.ndarray | None = None) -> np.ndarray:
+    """Inverse class frequencies (mean 1) among the images an epoch draws, for the balanced sampler or the weighted
+    loss."""
+    counts = np.bincount(train_targets, weights=draws, minlength=len(class_names)).astype(float)
     if (counts == 0).any():
         missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
         raise DataError(f"{config.train_name}: no training images of class(es) {', '.join(missing)}")

@@ -34,7 +34,7 @@ from .distributed import (
 )
 from .engine import run_inference
 from .features import eval_transform, probe_guard_features
-from .finetune import fit_finetune
+from .finetune import check_source_weights, fit_finetune
 from .guard import GuardError, fit_model_guard
 from .linear import fit_linear
 from .metadata import MetadataModel, has_metadata
@@ -230,6 +230,7 @@ def _read_inputs(config: TrainConfig, out: Path, world: World, resume: bool) -> 
     if valid_df["label"].nunique() < 2:
         raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
     _check_select_on(config, train_df, valid_df)
+    check_source_weights(config, train_df)
     metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
     return _Inputs(train_df, valid_df, keys, device, env, class_names, train_targets, valid_targets, metadata_model)
 

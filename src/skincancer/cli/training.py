@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..config import load_config, parse_labels
+from ..config import load_config, parse_labels, parse_source_weights
 from ..progress import in_torchrun, other_rank
 from .common import fail, output_file
 
@@ -34,6 +34,9 @@ def train(
     select_on: Annotated[str | None, typer.Option(help=(
         "a source (the manifests' `source` column) whose held-out images alone choose the model and its threshold"))
                          ] = None,
+    source_weight: Annotated[list[str] | None, typer.Option(help=(
+        "SOURCE=WEIGHT: how often an epoch draws each image of that source (1 = once, 0.2 = one epoch in five; "
+        "others 1); once per source"))] = None,
     augment: Annotated[str | None, typer.Option(help="none | standard | strong | perez")] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
@@ -72,7 +75,8 @@ def train(
                           lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
                           threshold_policy=threshold_policy, select_on=select_on, augment=augment,
                           num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained,
-                          metadata=metadata, init_from=init_from)
+                          metadata=metadata, init_from=init_from,
+                          source_weights=parse_source_weights(source_weight) if source_weight else None)
     if not in_torchrun():  # what train() would refuse at once, said before torchrun starts N processes to say it
         check_start(cfg, overwrite=overwrite, resume=resume is not None)
         if resume is not None:
