@@ -33,7 +33,9 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from skincancer import load_config, load_manifest, load_model, save_manifest, train
 from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
-from skincancer.config import config_to_dict
+from skincancer.config import TrainConfig, config_to_dict
+
+LATER_KEYS = ("source_weights",)
 
 
 def main() -> None:
@@ -149,6 +151,9 @@ def fold_fingerprint(config, data: pd.DataFrame, kept: np.ndarray, held: np.ndar
     (`init_from`)."""
     settings = {k: v for k, v in config_to_dict(config).items()
                 if k not in ("train", "valid", "out", "num_workers", "cache_dir")}
+    for key in LATER_KEYS:  # config keys newer than folds saved before: left out at their default, so those match
+        if settings.get(key) == TrainConfig.model_fields[key].get_default(call_default_factory=True):
+            settings.pop(key, None)
     if extra:
         settings["extra_train"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in extra]
     if config.init_from:
