@@ -3,7 +3,8 @@
 Out-of-fold image probabilities come from the linear probe on cached features (as benchmarks/linear_search.py);
 within each fold a MetadataModel is fitted on the kept images' age/sex and fused with the held-out image
 probabilities exactly as `predict` does. Prints pooled out-of-fold melanoma and SK AUCs, image only and fused, and
-for the metadata model alone.
+for the metadata model alone. --extra adds another source's images of the same classes (e.g. HAM10000's manifest,
+which carries age and sex) to every fold's metadata fit, never to the held-out images.
 
     python benchmarks/metadata_cv.py --train runs/data/train.csv --valid runs/data/valid.csv
 """
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--extra", help="a manifest with age/sex columns whose melanoma/nevus/keratosis rows join "
+                                        "every fold's metadata model (another source)")
     args = parser.parse_args()
 
     data = pd.concat([load_manifest(args.train), load_manifest(args.valid)], ignore_index=True)
@@ -43,6 +46,11 @@ def main() -> None:
     rows = records(data)
     y = data["diagnosis"].map({name: i for i, name in enumerate(CLASSES)}).to_numpy()
     x = np.concatenate([features(part, data, args.cache_dir) for part in args.features.split("+")], axis=-1)
+    extra_rows, extra_y = [], np.zeros(0, int)
+    if args.extra:
+        extra = load_manifest(args.extra)
+        extra = extra[extra["diagnosis"].isin(CLASSES)].reset_index(drop=True)
+        extra_rows, extra_y = records(extra), extra["diagnosis"].map(CLASSES.index).to_numpy()
     results: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         image, fused, alone = (np.zeros((len(y), 3)) for _ in range(3))
@@ -51,7 +59,7 @@ def main() -> None:
             clf = LogisticRegression(C=args.c, class_weight="balanced", max_iter=3000)
             clf.fit(((x[:, kept] - mean) / std).reshape(-1, x.shape[-1]), np.tile(y[kept], len(x)))
             image[held] = clf.predict_proba((x[0, held] - mean) / std)
-            meta = MetadataModel.fit([rows[i] for i in kept], y[kept], 3)
+            meta = MetadataModel.fit([rows[i] for i in kept] + extra_rows, np.r_[y[kept], extra_y], 3)
             fused[held] = meta.fuse(image[held], [rows[i] for i in held])
             alone[held] = [meta.proba(r["age"], r["sex"]) if meta.covers(r) else meta.prior
                            for r in (rows[i] for i in held)]
@@ -60,6 +68,7 @@ def main() -> None:
                 results.setdefault(f"{name} {task}", []).append(roc_auc_score(y == c, probs[:, c]))
     known = sum(r is not None for r in rows)
     print(json.dumps({"features": args.features, "C": args.c, "n": len(y), "n_with_metadata": known,
+                      "extra": args.extra, "n_extra_with_metadata": sum(r is not None for r in extra_rows),
                       "folds": args.folds, "repeats": args.repeats,
                       "auc": {k: round(float(np.mean(v)), 4) for k, v in results.items()}}, indent=1))
 

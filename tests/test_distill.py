@@ -31,7 +31,8 @@ def student(cli, tiny_run, small_data, cache_dir, data_dir, tmp_path_factory) ->
     out = root / "student"
     result = cli("distill", "--teacher", tiny_run, "--train", small_data["train"], "--valid", small_data["valid"],
                  "--extra", extra, "--out", out, "--image-size", "96", "--epochs", "1", "--max-steps-per-epoch", "2",
-                 "--batch-size", "8", "--num-workers", "0", env={"SKINCANCER_CACHE": str(cache_dir)})
+                 "--batch-size", "8", "--num-workers", "0", "--source-weight", "unlabelled=2",
+                 env={"SKINCANCER_CACHE": str(cache_dir)})
     assert result.returncode == 0, result.output
     return out, sorted(str(p) for p in extra.glob("*.jpg"))
 
@@ -44,6 +45,9 @@ def test_the_student_is_a_run_that_predicts_and_names_its_teacher(student, tiny_
     assert record["teachers"][0]["weights_sha256"] == teacher_meta["weights_sha256"]
     assert record["labelled_images"] == 30 and record["extra_images"] == 4 and record["alpha"] == 0.7
     assert record["label_smoothing"] == 0.0
+    # the extra images' own source can be weighted: each drawn twice an epoch
+    assert meta["source_weights"] == {"unlabelled": 2.0}
+    assert "unlabelled 8 (weight 2)" in (out / "train.log").read_text()
     assert meta["mode"] == "finetune" and meta["class_names"] == teacher_meta["class_names"]
     assert 0 < meta["threshold"] < 1 and meta["validation_source"] == "valid"  # chosen on validation, as any run
     # the teacher's data travels on with its licence; the extra images are listed as a source of their own

@@ -25,24 +25,28 @@ def test_sharded_sampler_splits_one_epoch_without_overlap():
     assert 0.4 < np.mean(np.array(list(weighted)) >= 900) < 0.6  # classes drawn about equally
 
 
-def test_source_draws_set_the_epoch_length_and_each_images_share():
-    draws = np.r_[np.ones(100), np.full(400, 0.25)]  # a source weighted 1, and one weighted 0.25
-    sampler = ShardedSampler(500, World(), seed=1, draws=draws)
-    epochs = []
-    for epoch in (1, 2):
+def test_source_draws_set_the_epoch_length_and_cycle_through_a_down_weighted_source():
+    draws = np.r_[np.ones(100), np.full(401, 0.25)]  # a source weighted 1, and one weighted 0.25 (sum not whole)
+    sampler = ShardedSampler(501, World(), seed=1, draws=draws)
+    seen = []
+    for epoch in (1, 2, 3, 4):
         sampler.set_epoch(epoch)
         order = np.array(list(sampler))
         assert len(order) == len(sampler) == 200
-        assert sorted(order[order < 100]) == list(range(100))  # weight 1: every image once
-        assert len(set(order[order >= 100])) == 100  # weight 0.25: a quarter of them, none twice
-        epochs.append(set(order[order >= 100]))
-    assert len(epochs[0] & epochs[1]) < 60  # another quarter next epoch (about 25 in common by chance)
+        assert sorted(order[order < 100]) == list(range(100))  # weight 1: every image once, every epoch
+        assert len(order[order >= 100]) == 100  # weight 0.25: a quarter of them
+        seen.append(set(order[order >= 100]))
+    assert len(seen[0] & seen[1]) == 0 and len(set().union(*seen)) == 400  # the next quarter of one shuffle
+    sampler.set_epoch(5)
+    assert len(set().union(*seen, set(np.array(list(sampler))[np.array(list(sampler)) >= 100]))) == 401
     twice = ShardedSampler(4, World(), seed=0, draws=np.full(4, 2.5))
-    assert sorted(np.bincount(list(twice))) == [2, 2, 3, 3]  # above 1: floor or ceil of the weight
-    ranks = [list(ShardedSampler(500, World(r, 2), seed=1, draws=draws)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 100 and sorted(ranks[0] + ranks[1]) == sorted(
-        ShardedSampler(500, World(), seed=1, draws=draws))
-    balanced = ShardedSampler(500, World(), seed=0, draws=draws, weights=np.ones(500))
+    twice.set_epoch(1)
+    assert sorted(np.bincount(list(twice))) == [2, 2, 3, 3]  # above 1: whole passes, then the fraction
+    odd = np.r_[np.ones(3), np.full(8, 0.25)]  # 5 an epoch, over 2 ranks: padded to 3 each
+    ranks = [list(ShardedSampler(11, World(r, 2), seed=1, draws=odd)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 and set(ranks[0] + ranks[1]) == set(
+        ShardedSampler(11, World(), seed=1, draws=odd))
+    balanced = ShardedSampler(501, World(), seed=0, draws=draws, weights=np.ones(501))
     assert len(list(balanced)) == 200 and 0.35 < np.mean(np.array(list(balanced)) < 100) < 0.65
 
 

@@ -224,7 +224,7 @@ def test_select_on_a_source_without_held_out_images_is_refused(cache_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, cache_dir, tmp_path):
+def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, cache_dir, tmp_path, monkeypatch):
     from skincancer.sources import with_source
 
     rows = ham_rows(ham, {"mel": 3, "nv": 3, "bkl": 3}, seed=2)
@@ -242,12 +242,22 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
                                         r"sources are ham10000, isic2017"):
         train(config.replace(source_weights={"ham": 0.5}))
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    import skincancer.finetune
+    samplers = []
+
+    class Recorded(skincancer.finetune.ShardedSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(skincancer.finetune, "ShardedSampler", Recorded)
     run = train(config)
     meta = json.loads((run / "model" / "model.json").read_text())
     assert meta["validation"]["n"] == 12  # the ISIC validation images alone chose the threshold
     assert {s["name"] for s in meta["sources"]} == {"isic2017", "ham10000"}
     assert set(pd.read_csv(run / "valid_predictions.csv")["source"]) == {"isic2017", "ham10000"}
     n_ham = len(ham_manifest) - 6  # each HAM10000 image drawn twice an epoch, each ISIC image once
+    assert meta["source_weights"] == {"ham10000": 2.0} and len(samplers[0]) == 12 + 2 * n_ham
     assert f"an epoch draws {12 + 2 * n_ham} images: ham10000 {2 * n_ham} (weight 2), isic2017 12 (weight 1)" in (
         run / "train.log").read_text()
 
@@ -256,7 +266,7 @@ def test_source_weights_are_checked_and_weigh_the_classes_as_drawn():
     from skincancer.config import parse_source_weights
     from skincancer.finetune import _class_weights, source_draws
 
-    assert parse_source_weights(["ham10000=0.14", "isic2017=1"]) == {"ham10000": 0.14, "isic2017": 1.0}
+    assert parse_source_weights(["ham10000=0.16", "isic2017=1"]) == {"ham10000": 0.16, "isic2017": 1.0}
     for bad, message in ((["ham10000"], "expected SOURCE=WEIGHT"), (["ham10000=x"], "expected SOURCE=WEIGHT"),
                          (["a=1", "a=2"], "a given twice")):
         with pytest.raises(ConfigError, match=message):

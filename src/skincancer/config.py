@@ -59,9 +59,9 @@ class TrainConfig(BaseModel):
     # the source (a manifest's `source` column) whose held-out images choose C or the best epoch, and the threshold:
     # the one the model is judged on, when other sources only add training images. "" = every held-out image
     select_on: str = ""
-    # finetune, several sources: how often an epoch draws each source's images, per image (1 = once an epoch on
-    # average, 0.2 = one epoch in five); unlisted sources 1. An epoch draws the weights' sum. E.g. {ham10000: 0.14}
-    # draws about as many HAM10000 images as ISIC 2017's 1,433 of a fold (docs/training.md)
+    # finetune, several sources: how often an epoch draws each image of a source (1 = once, 0.2 = one epoch in five,
+    # cycling through the source); unlisted sources 1. E.g. {ham10000: 0.16} draws about 1,430 of HAM10000's 8,917
+    # melanomas, nevi and keratoses an epoch, as many as a cross-validation fold's ISIC 2017 images (docs/data.md)
     source_weights: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
     batch_size: int = 32
@@ -273,7 +273,7 @@ def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
 
 
 def parse_source_weights(pairs: list[str]) -> dict[str, float]:
-    """['ham10000=0.14'] -> {'ham10000': 0.14} (--source-weight, given once per source)."""
+    """['ham10000=0.16'] -> {'ham10000': 0.16} (--source-weight, given once per source)."""
     weights: dict[str, float] = {}
     for item in pairs:
         name, sep, value = item.partition("=")
@@ -282,7 +282,7 @@ def parse_source_weights(pairs: list[str]) -> dict[str, float]:
         except ValueError:
             weight = None
         if weight is None:
-            raise ConfigError(f"source_weights: expected SOURCE=WEIGHT (e.g. ham10000=0.14), got {item!r}")
+            raise ConfigError(f"source_weights: expected SOURCE=WEIGHT (e.g. ham10000=0.16), got {item!r}")
         if name.strip() in weights:
             raise ConfigError(f"source_weights: {name.strip()} given twice")
         weights[name.strip()] = weight

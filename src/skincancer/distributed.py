@@ -108,36 +108,49 @@ def shutdown(world: World) -> None:
 
 
 class ShardedSampler(Sampler[int]):
-    """Every rank draws the same epoch order from a generator seeded by (seed, epoch), then takes its own slice
+    """Every rank draws the same epoch order from generators seeded by (seed, epoch), then takes its own slice
     rank::size; together the ranks see one epoch.
 
-    The order is a shuffle of all n images, unless `draws` (per image: how many times an epoch draws it on average;
-    source_weights) or `weights` (per-image sampling weights, drawn with replacement: class balance) are given. With
-    draws an epoch has round(sum(draws)) images, each image drawn floor or ceil of its own draws (systematic
-    sampling over a shuffled order), so a source weighted 0.2 shows a different fifth of its images every epoch."""
+    The order is a shuffle of all n images, unless `draws` (per image: how many times an epoch draws it;
+    source_weights) or `weights` (per-image sampling weights, drawn with replacement: class balance) are given.
+    Images of equal draws d form a group: an epoch takes floor(d) passes over the group plus the next round(frac(d) x
+    its size) images of one endless stream of shuffles of it, so a group weighted 0.2 shows a different fifth every
+    epoch and all of it every five epochs. With weights as well, an epoch has as many images, drawn with
+    replacement from weights x draws."""
 
     def __init__(self, n: int, world: World, seed: int, weights: np.ndarray | None = None,
                  draws: np.ndarray | None = None):
-        self.n, self.world, self.seed, self.weights, self.draws, self.epoch = n, world, seed, weights, draws, 0
-        self.total = n if draws is None else max(1, round(float(np.sum(draws))))  # images an epoch draws
+        self.n, self.world, self.seed, self.weights, self.epoch = n, world, seed, weights, 0
+        self.draws = None if draws is None else np.asarray(draws, dtype=float)
+        self.groups = [] if draws is None else [np.flatnonzero(self.draws == d) for d in np.unique(self.draws)]
+        self.total = n if draws is None else max(1, sum(int(d) * len(g) + round((d % 1) * len(g))
+                                                        for d, g in zip(np.unique(self.draws), self.groups)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        draws = None if self.draws is None else torch.as_tensor(self.draws, dtype=torch.double)
         if self.weights is not None:
-            weights = torch.as_tensor(self.weights, dtype=torch.double) * (1 if draws is None else draws)
+            weights = torch.as_tensor(self.weights, dtype=torch.double)
+            if self.draws is not None:
+                weights = weights * torch.tensor(self.draws)
             return torch.multinomial(weights, self.total, replacement=True, generator=generator)
-        order = torch.randperm(self.n, generator=generator)
-        if draws is None:
-            return order
-        ends = torch.cumsum(draws[order], 0)  # image order[j] covers [ends[j-1], ends[j]) of the line
-        ends *= self.total / ends[-1]
-        points = torch.rand(1, generator=generator, dtype=torch.double) + torch.arange(self.total, dtype=torch.double)
-        picked = order[torch.searchsorted(ends, points, right=True).clamp(max=self.n - 1)]
-        return picked[torch.randperm(self.total, generator=generator)]  # an image drawn twice: not side by side
+        if self.draws is None:
+            return torch.randperm(self.n, generator=generator)
+        picked = []
+        for number, (d, group) in enumerate(zip(np.unique(self.draws), self.groups)):
+            picked += [group] * int(d)
+            take = round((d % 1) * len(group))
+            if take:  # this epoch's stretch of the group's stream of shuffles (the k-th shuffle seeded by k)
+                first = max(self.epoch - 1, 0) * take  # epochs count from 1 (fit_finetune); 0 = unset
+                cycles = range(first // len(group), (first + take - 1) // len(group) + 1)
+                stream = np.concatenate([group[torch.randperm(len(group), generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + 7_919 * number + 104_729 * k)).numpy()] for k in cycles])
+                start = first - cycles[0] * len(group)
+                picked.append(stream[start : start + take])
+        order = torch.from_numpy(np.concatenate(picked))
+        return order[torch.randperm(len(order), generator=generator)]
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()

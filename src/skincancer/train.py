@@ -98,6 +98,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "threshold_policy": config.threshold_policy, "tta": config.tta, "pooling": config.pooling,
             "class_balance": config.class_balance, "sources": source_table(inputs.train_df, inputs.valid_df),
             **({"select_on": config.select_on} if config.select_on else {}),
+            **({"source_weights": config.source_weights} if config.source_weights else {}),
             "skincancer_version": __version__, "environment": inputs.env,
         }
         if start_weights is not None:
@@ -230,7 +231,8 @@ def _read_inputs(config: TrainConfig, out: Path, world: World, resume: bool) -> 
     if valid_df["label"].nunique() < 2:
         raise DataError(f"{config.valid}: validation data needs both malignant and benign images")
     _check_select_on(config, train_df, valid_df)
-    check_source_weights(config, train_df)
+    if not config.extra:  # distillation's extra images (their own sources) join later: fit_finetune checks them all
+        check_source_weights(config, train_df)
     metadata_model = fit_metadata(config, train_df, train_targets, len(class_names)) if config.metadata else None
     return _Inputs(train_df, valid_df, keys, device, env, class_names, train_targets, valid_targets, metadata_model)
 

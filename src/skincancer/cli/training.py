@@ -120,6 +120,9 @@ def distill(
     init_from: Annotated[str | None, typer.Option(help=(
         "start from this run's weights instead of ImageNet's (same backbone: e.g. one of the teachers); its data's "
         "licences travel on"))] = None,
+    source_weight: Annotated[list[str] | None, typer.Option(help=(
+        "SOURCE=WEIGHT: how often an epoch draws each image of that source (training or extra images; others 1)"))
+                             ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace the run already in --out")] = False,
 ) -> None:
     """Train one student network (fine-tuned, one view) on a teacher's probabilities: an ordinary run folder whose
@@ -130,7 +133,8 @@ def distill(
     cfg = load_config(config, mode="finetune", teacher=teacher, extra=extra or None, distill_alpha=alpha,
                       train=train, valid=valid, out=out, backbone=backbone, image_size=image_size, epochs=epochs,
                       batch_size=batch_size, num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch,
-                      init_from=init_from)
+                      init_from=init_from,
+                      source_weights=parse_source_weights(source_weight) if source_weight else None)
     check_start(cfg, overwrite=overwrite, resume=False)
     typer.echo(f"run saved to {run_training(cfg, overwrite=overwrite)}")
 
