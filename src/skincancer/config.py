@@ -210,6 +210,11 @@ class TrainConfig(BaseModel):
         if set(self.labels.values()) != {0, 1}:
             raise ConfigError(f"labels: values must be 0 (benign) or 1 (malignant), both present; got {self.labels}")
         parse_threshold_policy(self.threshold_policy)
+        self._check_finetune_only()
+        return self
+
+    def _check_finetune_only(self) -> None:
+        """Distillation, starting weights and source weights: settings of a fine-tune, and their values."""
         if (self.teacher or self.extra) and self.mode != "finetune":
             raise ConfigError("teacher / extra: distillation trains a network (mode: finetune), not a linear probe")
         if self.init_from and self.mode != "finetune":
@@ -224,7 +229,6 @@ class TrainConfig(BaseModel):
                 raise ConfigError(f"source_weights: {name}: expected a weight above 0 and at most 100, got {weight}")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
-        return self
 
     @property
     def train_name(self) -> str:
