@@ -258,6 +258,7 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
     assert set(pd.read_csv(run / "valid_predictions.csv")["source"]) == {"isic2017", "ham10000"}
     n_ham = len(ham_manifest) - 6  # each HAM10000 image drawn twice an epoch, each ISIC image once
     assert meta["source_weights"] == {"ham10000": 2.0} and len(samplers[0]) == 12 + 2 * n_ham
+    assert f"| {n_ham} (each drawn 2.0 times an epoch) |" in (run / "model" / "MODEL_CARD.md").read_text()
     assert f"an epoch draws {12 + 2 * n_ham} images: ham10000 {2 * n_ham} (weight 2), isic2017 12 (weight 1)" in (
         run / "train.log").read_text()
 

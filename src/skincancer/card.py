@@ -61,6 +61,9 @@ def _sources(members) -> list[dict] | None:
             row = rows.setdefault(source["name"], {**source, "train_images": 0, "valid_images": 0})
             row["train_images"] += source.get("train_images", 0)
             row["valid_images"] += source.get("valid_images", 0)
+            weight = member.meta.get("source_weights", {}).get(source["name"])
+            if weight is not None and weight not in row.setdefault("drawn", []):
+                row["drawn"].append(weight)  # each epoch drew its images this often (source_weights), not once
     return list(rows.values())
 
 
