@@ -90,6 +90,9 @@ def main() -> None:
             extra = recipe.pop("extra_train", [])  # other sources: training images in every fold, never held out
             if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
                 parser.error(f"recipe {name}: extra_train must be a list of manifest paths, got {extra!r}")
+            for path in extra:
+                if not Path(path).is_file():
+                    parser.error(f"recipe {name}: extra_train: {path}: no such manifest")
             settings = {**recipe, **workers, "train": [str(fold_dir / "train.csv"), *extra],
                         "valid": str(fold_dir / "held.csv"), "out": str(fold_dir / "run")}
             stamp = fold_fingerprint(load_config(None, **settings), data, kept, held, extra)

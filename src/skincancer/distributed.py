@@ -122,9 +122,11 @@ class ShardedSampler(Sampler[int]):
                  draws: np.ndarray | None = None):
         self.n, self.world, self.seed, self.weights, self.epoch = n, world, seed, weights, 0
         self.draws = None if draws is None else np.asarray(draws, dtype=float)
-        self.groups = [] if draws is None else [np.flatnonzero(self.draws == d) for d in np.unique(self.draws)]
-        self.total = n if draws is None else max(1, sum(int(d) * len(g) + round((d % 1) * len(g))
-                                                        for d, g in zip(np.unique(self.draws), self.groups)))
+        # per group of equal draws d: its whole passes, the images it adds beyond them, and its members
+        self.groups = [] if draws is None else [
+            (int(d), round((d % 1) * len(members)), members)
+            for d in np.unique(self.draws) for members in [np.flatnonzero(self.draws == d)]]
+        self.total = n if draws is None else max(1, sum(whole * len(g) + take for whole, take, g in self.groups))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -139,9 +141,8 @@ class ShardedSampler(Sampler[int]):
         if self.draws is None:
             return torch.randperm(self.n, generator=generator)
         picked = []
-        for number, (d, group) in enumerate(zip(np.unique(self.draws), self.groups)):
-            picked += [group] * int(d)
-            take = round((d % 1) * len(group))
+        for number, (whole, take, group) in enumerate(self.groups):
+            picked += [group] * whole
             if take:  # this epoch's stretch of the group's stream of shuffles (the k-th shuffle seeded by k)
                 first = max(self.epoch - 1, 0) * take  # epochs count from 1 (fit_finetune); 0 = unset
                 cycles = range(first // len(group), (first + take - 1) // len(group) + 1)
