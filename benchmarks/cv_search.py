@@ -35,7 +35,7 @@ from skincancer import load_config, load_manifest, load_model, save_manifest, tr
 from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
 from skincancer.config import TrainConfig, config_to_dict
 
-LATER_KEYS = ("source_weights",)
+LATER_KEYS = ("source_weights", "resize")
 
 
 def main() -> None:

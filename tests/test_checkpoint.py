@@ -153,6 +153,7 @@ def copy_model(tiny_run, dest: Path) -> Path:
     ("std", [1e-300, 0.5, 0.5], "std: expected 3 numbers from 0.001"),  # zero once in float32
     ("tta", 3, "tta: must be"),
     ("tta", 2.0, "tta: must be"),  # a float slices nothing
+    ("resize", "stretch", "resize: must be 'squash' or 'crop'"),
     ("validation", "x", "validation: expected an object"),
     ("metadata_model", [1, 2], "metadata_model: expected an object"),
     ("backbone", "hf-hub:someone/model", "no hub or path"),  # timm would ask the network for its config

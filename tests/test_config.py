@@ -36,6 +36,7 @@ def test_defaults_are_valid():
         ({"pretrained": "yes"}, "pretrained"),
         ({"labels": {"melanoma": 1}}, "labels"),
         ({"linear_c": [0.1, -1]}, "linear_c"),
+        ({"resize": "stretch"}, "resize: must be 'squash' or 'crop'"),
     ],
 )
 def test_impossible_values_name_the_field(overrides, field):
@@ -107,7 +108,7 @@ _OLD_COMMON = {
     "linear_c": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03], "pooling": "final", "feature_views": 2,
     "linear_fit": "train", "cache_dir": "",
     # added since, at defaults that change nothing for a run without a teacher
-    "teacher": [], "distill_alpha": 0.7, "extra": [], "init_from": "", "source_weights": {},
+    "teacher": [], "distill_alpha": 0.7, "extra": [], "init_from": "", "source_weights": {}, "resize": "squash",
 }
 _OLD_PROBE = {"mode": "linear", "class_balance": "none", "metadata": True, "linear_c": [0.0003, 0.001, 0.003],
               "pooling": "multiscale", "linear_fit": "train+valid"}

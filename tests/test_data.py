@@ -281,14 +281,16 @@ def test_training_augmentations_give_the_size_asked_and_vary(data_dir, augment):
     assert not torch.equal(first, second)
 
 
-def test_numpy_preprocessing_matches_the_torch_transform(data_dir):
-    """ONNX prediction preprocesses in numpy (no torch): the same arrays as the torch transforms, image for image."""
+@pytest.mark.parametrize("resize", ["squash", "crop"])
+def test_numpy_preprocessing_matches_the_torch_transform(data_dir, resize):
+    """ONNX prediction preprocesses in numpy (no torch): the same arrays as the torch transforms, image for image,
+    with either resize policy."""
     from skincancer.images import EvalTransform, ImageList, collate_arrays
 
     paths = [str(p) for d in ("melanoma", "nevus") for p in sorted((data_dir / "valid" / d).glob("*.jpg"))[:2]]
     odd = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 301, 3), dtype=np.uint8))  # not square
     for size, mean, std in ((224, [0.5] * 3, [0.5] * 3), (97, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
-        arrays, tensors = EvalTransform(size, mean, std), build_transform(size, mean, std)
+        arrays, tensors = EvalTransform(size, mean, std, resize), build_transform(size, mean, std, "none", resize)
         for image in [*map(load_image, paths), odd]:
             got, expected = arrays(image), tensors(image).numpy()
             assert got.dtype == np.float32 and got.shape == expected.shape == (3, size, size)
@@ -297,6 +299,26 @@ def test_numpy_preprocessing_matches_the_torch_transform(data_dir):
         reference = collate([ImageDataset([*paths, "missing.jpg"], None, tensors)[i] for i in range(len(paths) + 1)])
         np.testing.assert_allclose(batch["image"], reference["image"].numpy(), rtol=0, atol=1e-6)
         assert batch["index"].tolist() == reference["index"].tolist() and batch["errors"] == reference["errors"]
+
+
+def test_the_crop_policy_keeps_the_centre_square_and_the_squash_policy_the_whole_image():
+    """A 200 x 150 frame (HAM10000's shape) whose 25-px side bands are red: `crop` sees only the grey centre square,
+    in evaluation and in every training augmentation; `squash` keeps the bands. A square image is the same either
+    way."""
+    pixels = np.full((150, 200, 3), 128, dtype=np.uint8)
+    pixels[:, :25] = pixels[:, -25:] = (255, 0, 0)
+    frame = Image.fromarray(pixels)
+    cropped = build_transform(64, [0.0] * 3, [1.0] * 3, "none", "crop")(frame).numpy()
+    assert np.allclose(cropped, 128 / 255, atol=1e-6)
+    squashed = build_transform(64, [0.0] * 3, [1.0] * 3, "none", "squash")(frame).numpy()
+    assert squashed[0, :, 0].min() > 0.9  # red at the left edge
+    for augment in ("standard", "strong", "perez"):
+        torch.manual_seed(0)
+        tensor = build_transform(64, [0.0] * 3, [1.0] * 3, augment, "crop")(frame).numpy()
+        assert not (tensor[0] > tensor[1] + 0.5).any(), augment  # no red pixel: the bands were cut before augmenting
+    square = Image.fromarray(pixels[:, 25:-25])
+    np.testing.assert_array_equal(build_transform(64, [0.0] * 3, [1.0] * 3, "none", "crop")(square).numpy(),
+                                  build_transform(64, [0.0] * 3, [1.0] * 3, "none", "squash")(square).numpy())
 
 
 def test_one_uint8_rule_for_arrays_and_float_images():

@@ -237,7 +237,7 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
     config = load_config(None, train=[str(p) for p in train_paths], valid=str(valid), out=str(tmp_path / "run"),
                          mode="finetune", image_size=64, epochs=2, max_steps_per_epoch=2, batch_size=8,
                          num_workers=0, select_on="isic2017", cache_dir=str(cache_dir), guard=False,
-                         source_weights={"ham10000": 2.0})
+                         source_weights={"ham10000": 2.0}, resize="crop")
     with pytest.raises(DataError, match=r"source_weights: no training images of source\(s\) 'ham'; the training "
                                         r"sources are ham10000, isic2017"):
         train(config.replace(source_weights={"ham": 0.5}))
@@ -261,6 +261,18 @@ def test_a_fine_tune_on_two_sources_chooses_its_epoch_and_threshold_on_one(ham, 
     assert f"| {n_ham} (each drawn 2.0 times an epoch) |" in (run / "model" / "MODEL_CARD.md").read_text()
     assert f"an epoch draws {12 + 2 * n_ham} images: ham10000 {2 * n_ham} (weight 2), isic2017 12 (weight 1)" in (
         run / "train.log").read_text()
+    # HAM10000's 200 x 150 frames were cropped to their centre square; the model predicts as it was trained
+    assert meta["resize"] == "crop" and "64 px, the centre square of a non-square image" in (
+        run / "model" / "MODEL_CARD.md").read_text()
+    import torch
+
+    from skincancer import load_model
+    from skincancer.images import centre_square, load_image
+
+    model, image = load_model(run, engine="torch"), load_image(ham_manifest["filepath"].iloc[0])
+    assert image.size == (200, 150)
+    assert torch.equal(model.transform()(image), model.transform()(centre_square(image)))
+    np.testing.assert_array_equal(model.array_transform()(image), model.array_transform()(centre_square(image)))
 
 
 def test_source_weights_are_checked_and_weigh_the_classes_as_drawn():

@@ -152,12 +152,14 @@ def _build_timm(backbone: str, num_classes: int, pretrained: bool) -> nn.Module:
         raise BackboneError(f"{backbone}: could not load pretrained weights ({type(err).__name__}: {err})") from None
 
 
-def preprocessing(model: nn.Module) -> dict:
-    """Mean and std the backbone's ImageNet weights expect."""
+def preprocessing(model: nn.Module, resize: str = "squash") -> dict:
+    """Mean and std the backbone's ImageNet weights expect, and the resize policy where it is not the default
+    (`squash`: a run's model.json and feature cache key are as they were before the policy existed)."""
     if isinstance(model, MultiScaleClassifier):
         model = model.backbone  # the wrapper has no pretrained_cfg: timm would fall back to ImageNet defaults
     cfg = timm.data.resolve_data_config({}, model=model)
-    return {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]]}
+    return {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]],
+            **({"resize": resize} if resize != "squash" else {})}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

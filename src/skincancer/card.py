@@ -193,7 +193,8 @@ def _mode(meta: dict) -> str:
 
 def _input(meta: dict) -> str:
     size, trained = meta.get("image_size"), meta.get("train_image_size")
-    return f"{size} px" + (f" (trained at {trained} px)" if trained and trained != size else "")
+    crop = ", the centre square of a non-square image" if meta.get("resize") == "crop" else ""
+    return f"{size} px" + (f" (trained at {trained} px)" if trained and trained != size else "") + crop
 
 
 def _source(card: dict) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .config import VIEWS
+from .config import RESIZE_POLICIES, VIEWS
 from .errors import CheckpointError
 from .provenance import file_sha256
 
@@ -148,6 +148,7 @@ class ModelMeta(BaseModel):
     std: list[float]
     threshold: float
     tta: int = 1
+    resize: str = "squash"
     mode: str = "linear"
     positive_name: str = "malignant"
     negative_name: str = "benign"
@@ -233,6 +234,13 @@ class ModelMeta(BaseModel):
         if type(tta) is not int or tta not in VIEWS:
             raise ValueError(f"tta: must be 1, 2, 4 or 8, got {tta!r}")
         return tta
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _resize_policy(cls, resize: Any) -> Any:
+        if resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize: must be 'squash' or 'crop', got {resize!r:.80}")
+        return resize
 
     @field_validator("weights_sha256", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ ISIC2017_LABELS: dict[str, int] = {"melanoma": 1, "nevus": 0, "seborrheic_kerato
 DEFAULT_LABELS: dict[str, int] = {**ISIC2017_LABELS, "basal_cell_carcinoma": 0, "actinic_keratosis": 0,
                                   "squamous_cell_carcinoma": 0, "vascular_lesion": 0, "dermatofibroma": 0}
 MAX_SEED = 2**32 - 1  # numpy's seed range
+RESIZE_POLICIES = ("squash", "crop")  # how a non-square image becomes a square (images.centre_square)
 VIEWS = (1, 2, 4, 8)  # test-time and feature views: the first n dihedral transforms (engine.DIHEDRAL)
 
 
@@ -73,6 +74,9 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = 0.5
     patience: int = 3
     augment: str = "standard"  # none | standard | strong | perez (Perez et al. 2018's set; docs/training.md)
+    # how a non-square image becomes a square, in training and in every prediction (model.json `resize`): squash
+    # (resize whole, as the ISIC 2017 copies were made) | crop (its centre square, e.g. HAM10000's 200 x 150)
+    resize: str = "squash"
     # weighted_loss | sampler | none; the probe: weighted unless none. By mode (MODE_DEFAULTS): linear none,
     # finetune weighted_loss
     class_balance: str = _LINEAR["class_balance"]
@@ -151,6 +155,8 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"head: must be 'diagnosis' or 'binary', got {self.head!r}")
         if self.augment not in ("none", "standard", "strong", "perez"):
             raise ConfigError(f"augment: must be 'none', 'standard', 'strong' or 'perez', got {self.augment!r}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError(f"resize: must be 'squash' or 'crop', got {self.resize!r}")
         if self.linear_fit not in ("train", "train+valid"):
             raise ConfigError(f"linear_fit: must be 'train' or 'train+valid', got {self.linear_fit!r}")
         if self.class_balance not in ("weighted_loss", "sampler", "none"):

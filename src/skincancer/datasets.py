@@ -10,16 +10,21 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .images import ImageList
+from .images import ImageList, centre_square
 
 
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none") -> T.Compose:
-    """Eval: squash to a square (as the ISIC copies are). Train: random crops, dihedral flips, rotation, colour."""
+def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none",
+                    resize: str = "squash") -> T.Compose:
+    """Eval: squash to a square (as the ISIC copies are). Train: random crops, dihedral flips, rotation, colour.
+    resize 'crop': every one of them starts from the image's centre square instead of the whole image."""
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    square = [T.Lambda(centre_square)] if resize == "crop" else []
     if augment == "none":
-        return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), *normalize])
+        return T.Compose([*square, T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+                          *normalize])
     if augment == "perez":  # Perez et al. 2018 (arXiv:1809.01442): their best set on ISIC 2017
         return T.Compose([
+            *square,
             T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomAffine(90, scale=(0.8, 1.2), shear=20, interpolation=T.InterpolationMode.BILINEAR),
             T.RandomHorizontalFlip(),
@@ -29,6 +34,7 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
         ])
     strong = augment == "strong"
     return T.Compose([
+        *square,
         T.RandomRotation(180 if strong else 45, interpolation=T.InterpolationMode.BILINEAR),
         T.RandomResizedCrop(image_size, scale=(0.35 if strong else 0.5, 1.0), ratio=(0.75, 1.33),
                             interpolation=T.InterpolationMode.BICUBIC),

@@ -93,5 +93,5 @@ def probe_guard_features(model: nn.Module, config: TrainConfig, prep: dict, trai
 
 
 def eval_transform(config: TrainConfig, prep: dict):
-    return build_transform(config.inference_size, prep["mean"], prep["std"], "none")
+    return build_transform(config.inference_size, prep["mean"], prep["std"], "none", prep.get("resize", "squash"))
 

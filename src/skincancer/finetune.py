@@ -50,7 +50,7 @@ def fit_finetune(model: nn.Module, config: TrainConfig, prep: dict, train_df: pd
     soft_targets [N, classes]: what the loss aims at (distillation); train_targets then only balance the classes."""
     aims = train_targets if soft_targets is None else soft_targets
     train_set = ImageDataset(train_df["filepath"], aims, build_transform(
-        config.image_size, prep["mean"], prep["std"], config.augment))
+        config.image_size, prep["mean"], prep["std"], config.augment, config.resize))
     valid_set = ImageDataset(valid_df["filepath"], valid_targets, eval_transform(config, prep))
     draws = source_draws(config, train_df)
     class_weights = _class_weights(config, train_targets, class_names, draws)

@@ -154,17 +154,29 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
-class EvalTransform:
-    """Evaluation preprocessing in numpy: squashed to a square (bicubic, as PIL resizes for torchvision's Resize),
-    scaled to 0..1 and normalised with mean/std: a float32 [3, S, S] array equal to datasets.build_transform's tensor
-    (tests/test_data.py checks it)."""
+def centre_square(image: Image.Image) -> Image.Image:
+    """The largest centred square of an image (the `crop` resize policy; a square image is returned as it is)."""
+    width, height = image.size
+    side = min(width, height)
+    if width == height:
+        return image
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        self.size = int(image_size)
+
+class EvalTransform:
+    """Evaluation preprocessing in numpy: made square (resize policy `squash`: the whole image resized, bicubic as PIL
+    resizes for torchvision's Resize; `crop`: its centre square first), scaled to 0..1 and normalised with mean/std:
+    a float32 [3, S, S] array equal to datasets.build_transform's tensor (tests/test_data.py checks it)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "squash"):
+        self.size, self.crop = int(image_size), resize == "crop"
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        if self.crop:
+            image = centre_square(image)
         resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
         return (pixels - self.mean) / self.std

@@ -115,11 +115,16 @@ class Classifier:
         """The evaluation preprocessing as torch transforms (PIL image -> normalised tensor)."""
         from .datasets import build_transform
 
-        return build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
+        return build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"], "none", self.resize)
 
     def array_transform(self) -> EvalTransform:
         """The same preprocessing in numpy (PIL image -> normalised float32 array), for ONNX Runtime."""
-        return EvalTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
+        return EvalTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"], self.resize)
+
+    @property
+    def resize(self) -> str:
+        """How a non-square image becomes square (model.json `resize`; runs from before it: squash)."""
+        return self.meta.get("resize", "squash")
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, self.positive_indices].sum(axis=1)

@@ -89,7 +89,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         start.begin(config, inputs, inherited=start_weights.fitted if start_weights is not None else None)
         model = build_model(config.backbone, len(inputs.class_names),
                             pretrained=config.pretrained and start_weights is None, pooling=config.pooling)
-        prep = preprocessing(model)
+        prep = preprocessing(model, config.resize)
         model.to(inputs.device)
         meta = {
             "backbone": config.backbone, "mode": config.mode, "head": config.head, "class_names": inputs.class_names,

@@ -38,6 +38,7 @@ def train(
         "SOURCE=WEIGHT: how often an epoch draws each image of that source (1 = once, 0.2 = one epoch in five; "
         "others 1); once per source"))] = None,
     augment: Annotated[str | None, typer.Option(help="none | standard | strong | perez")] = None,
+    resize: Annotated[str | None, typer.Option(help="squash (the whole image) | crop (its centre square)")] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
@@ -73,7 +74,7 @@ def train(
         cfg = load_config(config, train=train or None, valid=valid, out=out, mode=mode, backbone=backbone,
                           image_size=image_size, eval_image_size=eval_image_size, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=seed, head=head, labels=parse_labels(labels) if labels else None,
-                          threshold_policy=threshold_policy, select_on=select_on, augment=augment,
+                          threshold_policy=threshold_policy, select_on=select_on, augment=augment, resize=resize,
                           num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained,
                           metadata=metadata, init_from=init_from,
                           source_weights=parse_source_weights(source_weight) if source_weight else None)

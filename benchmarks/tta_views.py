@@ -1,0 +1,82 @@
+"""More test-time views than the 8 dihedral ones, out of fold: does averaging over augmented copies of each image
+(Perez et al. 2018 averaged 64) lift the melanoma AUC of the folds that cv_search.py trained?
+
+For each fold of a cv_search recipe, its held-out images are predicted again through random draws of a training
+augmentation (by default the recipe's own), each draw with its 8 dihedral views; draw 0 is the plain image (the
+fold's saved 8-view predictions). Prints the pooled out-of-fold melanoma and SK AUCs after 1, 2, ... draws (8, 16,
+... views), and a paired DeLong test of the last against 8 views. Each draw of each fold is saved beside the fold
+(tta_<augment>_<draw>.npy), so an interrupted run goes on where it stopped. Never reads the test split.
+
+    python benchmarks/tta_views.py --cv runs/cv-ham --recipe l0_ema_192 --draws 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from skincancer import load_manifest, load_model
+from skincancer.datasets import ImageDataset, build_transform
+from skincancer.engine import run_inference
+from skincancer.metrics import delong_test
+
+CLASSES = ("melanoma", "nevus", "seborrheic_keratosis")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cv", required=True, help="cv_search.py's --out (or --work): <recipe>/fold<k>/")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--draws", type=int, default=4, help="augmented draws after the plain image (8 views each)")
+    parser.add_argument("--augment", help="standard | strong | perez (default: the recipe's own)")
+    parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 beside a training run)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    held, draws = [], []  # per fold: its held-out manifest, and [draw] -> [images, 3] probabilities
+    tic = time.time()
+    for k in range(args.folds):
+        fold = Path(args.cv) / args.recipe / f"fold{k}"
+        frame = load_manifest(fold / "held.csv")
+        with np.load(fold / "held_probs.npz") as saved:
+            fold_draws = [saved["8"]]
+        model = load_model(fold / "run", engine="torch")
+        augment = args.augment or yaml.safe_load((fold / "run" / "config.yaml").read_text())["augment"]
+        transform = build_transform(model.meta["image_size"], model.meta["mean"], model.meta["std"], augment,
+                                    model.resize)
+        order = [model.class_names.index(c) for c in CLASSES]
+        for d in range(1, args.draws + 1):
+            path = fold / f"tta_{augment}_{d}.npy"
+            if not path.is_file():
+                torch.manual_seed(1000 * k + d)  # the augmentation's draws (one process: no loader workers)
+                probs, errors = run_inference(model.model, ImageDataset(list(frame["filepath"]), None, transform),
+                                              batch_size=32, num_workers=0, tta=8, desc=f"fold {k} draw {d}")
+                if errors:
+                    raise SystemExit(f"fold {k}: unreadable images: {errors[:3]}")
+                np.save(path, probs[:, order])
+            fold_draws.append(np.load(path))
+        held.append(frame)
+        draws.append(fold_draws)
+    labels = {c: np.concatenate([(f["diagnosis"] == c).to_numpy() for f in held]) for c in CLASSES}
+    pooled = [np.concatenate([np.mean(d[: n + 1], axis=0) for d in draws]) for n in range(args.draws + 1)]
+    for n, probs in enumerate(pooled):
+        print(json.dumps({"recipe": args.recipe, "augment": augment, "views": 8 * (n + 1),
+                          "melanoma_auc": round(roc_auc_score(labels["melanoma"], probs[:, 0]), 4),
+                          "sk_auc": round(roc_auc_score(labels["seborrheic_keratosis"], probs[:, 2]), 4)}))
+    for column, name in ((0, "melanoma"), (2, "seborrheic_keratosis")):
+        test = delong_test(labels[name].astype(int), pooled[-1][:, column], pooled[0][:, column])
+        print(json.dumps({"compare": f"{8 * (args.draws + 1)} views - 8 views", "class": name,
+                          **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in test.items()}}))
+    print(json.dumps({"seconds": round(time.time() - tic)}))
+
+
+if __name__ == "__main__":
+    main()
