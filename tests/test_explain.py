@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from skincancer.data import load_image
-from skincancer.explain import MalignantTarget, malignant_heatmap, overlay, target_layer
+from skincancer.explain import MalignantTarget, malignant_heatmap, overlay, photo_heatmap, target_layer
 from skincancer.predict import load_model
 
 pytestmark = pytest.mark.slow
@@ -85,11 +85,29 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members(tiny_run, finetune_run,
     members = [load_model(run, engine="torch") for run in (tiny_run, finetune_run)]
     maps = [malignant_heatmap(member, image) for member in members]
     assert [m.shape for m in maps] == [(224, 224), (96, 96)]  # each member on its own input grid
-    combined = malignant_heatmap(load_models([tiny_run, finetune_run], engine="torch"), image)
+    combined = photo_heatmap(load_models([tiny_run, finetune_run], engine="torch"), image, (224, 224))
     assert combined.shape == (224, 224) and combined.dtype == np.float32
     small = np.asarray(Image.fromarray(maps[1], mode="F").resize((224, 224), Image.BILINEAR)).clip(0, 1)
     np.testing.assert_allclose(combined, (maps[0] + small) / 2, atol=1e-6)
     assert np.abs(combined - maps[0]).mean() > 1e-3  # not the first member's map
+
+
+def test_a_cropping_models_map_covers_the_centre_square_it_saw(tiny_run, data_dir):
+    """A model that crops (`resize: crop`) saw only a wide photo's centre square: its map lies there, nothing is
+    drawn on the bands it never saw, and the square holds the map of that square itself."""
+    from skincancer.images import centre_square
+
+    classifier = load_model(tiny_run, engine="torch")
+    classifier.meta["resize"] = "crop"  # the same weights, cropping (as a run trained with --resize crop records)
+    square = load_image(sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[0]).resize((200, 200))
+    wide = Image.new("RGB", (300, 200), (20, 200, 40))
+    wide.paste(square, (50, 0))
+    placed = photo_heatmap(classifier, wide, (300, 200))
+    assert placed.shape == (200, 300)
+    assert not placed[:, :50].any() and not placed[:, 250:].any()
+    np.testing.assert_allclose(placed[:, 50:250], photo_heatmap(classifier, centre_square(wide), (200, 200)),
+                               atol=1e-6)
+    assert placed[:, 50:250].std() > 0.01
 
 
 @pytest.fixture(scope="module")

@@ -46,14 +46,7 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
-    """Grad-CAM of the malignant score for one RGB image: [S, S] float32 in [0, 1] on the model's input grid.
-
-    An ensemble's map is the mean of its members' maps (each on its own input grid, brought to the largest), as its
-    probability is the mean of theirs."""
-    if classifier.members:
-        maps = [malignant_heatmap(member, image) for member in classifier.members]
-        side = max(m.shape[0] for m in maps)
-        return np.mean([_resized(m, (side, side)) for m in maps], axis=0).astype(np.float32)
+    """Grad-CAM of one model's malignant score for one RGB image: [S, S] float32 in [0, 1] on its input grid."""
     from pytorch_grad_cam import GradCAM
 
     x = classifier.transform()(image).unsqueeze(0)
@@ -87,6 +80,23 @@ def multiscale_heatmap(model: MultiScaleClassifier, x: torch.Tensor, target: Mal
     return np.nan_to_num(heatmap / peak if peak > 0 else heatmap).astype(np.float32)
 
 
+def photo_heatmap(classifier: Classifier, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The malignant heat map on the photograph's grid at size = (width, height): a model that squashes the photo
+    has its map stretched back over the whole of it; one that crops (`resize: crop`) over the centre square it saw,
+    zero outside. An ensemble's map is the mean of its members' (as its probability is the mean of theirs)."""
+    if classifier.members:
+        return np.mean([photo_heatmap(m, image, size) for m in classifier.members], axis=0).astype(np.float32)
+    heatmap = malignant_heatmap(classifier, image)
+    if classifier.resize != "crop":
+        return _resized(heatmap, size)
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    placed = np.zeros((height, width), dtype=np.float32)
+    placed[top:top + side, left:left + side] = _resized(heatmap, (side, side))
+    return placed
+
+
 def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The map stretched (bilinear) to size = (width, height)."""
     if heatmap.shape == size[::-1]:
@@ -94,13 +104,18 @@ def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(heatmap, mode="F").resize(size, Image.BILINEAR)).clip(0, 1)
 
 
+def overlay_size(image: Image.Image, max_side: int = OVERLAY_MAX_SIDE) -> tuple[int, int]:
+    """(width, height) of an overlay: the photograph's aspect ratio, at most `max_side` pixels a side."""
+    scale = min(1.0, max_side / max(image.size))
+    return max(1, round(image.width * scale)), max(1, round(image.height * scale))
+
+
 def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
-    """The heat map (jet colours) blended over the photograph, at the photograph's aspect ratio (the model saw it
-    squashed to a square, so stretching the map back undoes that), at most `max_side` pixels a side."""
+    """The heat map (jet colours) blended over the photograph at overlay_size (a square map is stretched over the
+    whole photo, undoing the squash; photo_heatmap places a cropping model's map)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    scale = min(1.0, max_side / max(image.size))
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = overlay_size(image, max_side)
     photo = image.convert("RGB").resize(size, Image.BICUBIC)
     heat = _resized(heatmap, size)
     blended = show_cam_on_image(np.asarray(photo, dtype=np.float32) / 255.0, heat, use_rgb=True, image_weight=0.6)
@@ -109,7 +124,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX
 
 def explain(classifier: Classifier, image: Image.Image) -> Image.Image:
     """One RGB image -> its Grad-CAM overlay."""
-    return overlay(image, malignant_heatmap(classifier, image))
+    return overlay(image, photo_heatmap(classifier, image, overlay_size(image)))
 
 
 def write_overlays(classifier: Classifier, paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, str]:
