@@ -1,13 +1,15 @@
 """More test-time views than the 8 dihedral ones, out of fold: does averaging over augmented copies of each image
 (Perez et al. 2018 averaged 64) lift the melanoma AUC of the folds that cv_search.py trained?
 
-For each fold of a cv_search recipe, its held-out images are predicted again through random draws of a training
-augmentation (by default the recipe's own), each draw with its 8 dihedral views; draw 0 is the plain image (the
-fold's saved 8-view predictions). Prints the pooled out-of-fold melanoma and SK AUCs after 1, 2, ... draws (8, 16,
-... views), and a paired DeLong test of the last against 8 views. Each draw of each fold is saved beside the fold
-(tta_<augment>_<draw>.npy), so an interrupted run goes on where it stopped. Never reads the test split.
+For each fold of a cv_search recipe, its held-out images are predicted again through each draw: by default the
+fixed augmentations that `--tta 16 ... 64` uses (images.AugmentedView, the product's path), or with --augment
+random draws of a training augmentation set, each image its own; each draw with its 8 dihedral views. Draw 0 is
+the plain image (the fold's saved 8-view predictions). Prints the pooled out-of-fold melanoma and SK AUCs after 1,
+2, ... draws (8, 16, ... views), and a paired DeLong test of the last against 8 views. Each draw of each fold is
+saved beside the fold (tta_<fixed|augment>_<draw>.npy), so an interrupted run goes on where it stopped. Never
+reads the test split.
 
-    python benchmarks/tta_views.py --cv runs/cv-ham --recipe l0_ema_192 --draws 4
+    python benchmarks/tta_views.py --cv runs/cv-ham --recipe l0_ema_192 --draws 3
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import roc_auc_score
 
 from skincancer import load_manifest, load_model
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--draws", type=int, default=4, help="augmented draws after the plain image (8 views each)")
-    parser.add_argument("--augment", help="standard | strong | perez (default: the recipe's own)")
+    parser.add_argument("--augment", help="random draws of this training set instead: standard | strong | perez")
     parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 beside a training run)")
     args = parser.parse_args()
     if args.threads:
@@ -49,14 +50,14 @@ def main() -> None:
         with np.load(fold / "held_probs.npz") as saved:
             fold_draws = [saved["8"]]
         model = load_model(fold / "run", engine="torch")
-        augment = args.augment or yaml.safe_load((fold / "run" / "config.yaml").read_text())["augment"]
-        transform = build_transform(model.meta["image_size"], model.meta["mean"], model.meta["std"], augment,
-                                    model.resize)
+        augment = args.augment or "fixed"
         order = [model.class_names.index(c) for c in CLASSES]
         for d in range(1, args.draws + 1):
             path = fold / f"tta_{augment}_{d}.npy"
             if not path.is_file():
-                torch.manual_seed(1000 * k + d)  # the augmentation's draws (one process: no loader workers)
+                transform = model.transform(d) if augment == "fixed" else build_transform(
+                    model.meta["image_size"], model.meta["mean"], model.meta["std"], augment, model.resize)
+                torch.manual_seed(1000 * k + d)  # a random set's draws (one process: no loader workers)
                 probs, errors = run_inference(model.model, ImageDataset(list(frame["filepath"]), None, transform),
                                               batch_size=32, num_workers=0, tta=8, desc=f"fold {k} draw {d}")
                 if errors:

@@ -26,6 +26,28 @@ def test_tta_two_views_is_the_mean_of_image_and_mirror(tiny_run, data_dir):
     assert not np.allclose(eight[0], both[0], rtol=1e-3, atol=0)  # relative: a tiny head can be very confident
 
 
+def test_views_beyond_eight_add_the_eight_of_each_fixed_augmentation(guarded_run, data_dir):
+    """tta 24 = the mean of the image's 8 dihedral views and those of augmentations 1 and 2 (the same for every
+    image and every call, wherever it sits in the batch); the guard scores the mean features of all 24; a count
+    that is not 1, 2, 4, 8 or a multiple of 8 up to 64 is refused, not rounded."""
+    from skincancer.images import AugmentedView
+
+    paths = [str(p) for p in sorted((data_dir / "test" / "melanoma").glob("*.jpg"))[:3]]
+    classifier = load_model(guarded_run, engine="torch")
+    eight, _ = classifier.predict_proba(paths, tta=8)
+    drawn = [classifier.predict_proba([AugmentedView(lambda im: im, draw)(Image.open(p).convert("RGB"))
+                                       for p in paths], tta=8)[0] for draw in (1, 2)]
+    many, _ = classifier.predict_proba(paths, tta=24)
+    np.testing.assert_allclose(many, (eight + drawn[0] + drawn[1]) / 3, atol=1e-5)
+    assert np.abs(many - eight).max() > 1e-4
+    np.testing.assert_allclose(classifier.predict_proba(paths[::-1], tta=24)[0], many[::-1], atol=1e-6)
+    judged, plain = classifier.judge(paths, tta=24), classifier.judge(paths, tta=8)
+    assert np.isfinite(judged.ood_score).all() and not np.allclose(judged.ood_score, plain.ood_score)
+    for bad in (3, 12, 72):
+        with pytest.raises(ValueError, match=f"tta: must be 1, 2, 4, 8 or a multiple of 8 up to 64 views, got {bad}"):
+            classifier.predict_proba(paths, tta=bad)
+
+
 def test_three_class_head_melanoma_probability_is_its_softmax(tiny_run, data_dir):
     classifier = load_model(tiny_run)
     table = classifier.predict([str(p) for p in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]])

@@ -301,6 +301,26 @@ def test_numpy_preprocessing_matches_the_torch_transform(data_dir, resize):
         assert batch["index"].tolist() == reference["index"].tolist() and batch["errors"] == reference["errors"]
 
 
+@pytest.mark.parametrize("crop", [False, True])
+def test_augmented_views_are_fixed_and_the_same_in_numpy_and_torch(data_dir, crop):
+    """Test-time draws beyond the first 8 views: each a fixed augmentation (the same on every call and for every
+    image), different from the plain image and from each other, equal through the numpy and torch preprocessing."""
+    from skincancer.images import AugmentedView, EvalTransform
+
+    image = load_image(sorted((data_dir / "valid" / "melanoma").glob("*.jpg"))[0]).resize((300, 200))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    plain = EvalTransform(96, mean, std, "crop" if crop else "squash")(image)
+    views = []
+    for draw in range(1, 8):
+        array = AugmentedView(EvalTransform(96, mean, std), draw, crop)(image)
+        tensor = AugmentedView(build_transform(96, mean, std), draw, crop)(image).numpy()
+        np.testing.assert_allclose(array, tensor, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(array, AugmentedView(EvalTransform(96, mean, std), draw, crop)(image))
+        assert array.shape == plain.shape and np.abs(array - plain).mean() > 0.05
+        views.append(array)
+    assert min(np.abs(a - b).mean() for i, a in enumerate(views) for b in views[i + 1:]) > 0.05
+
+
 def test_the_crop_policy_keeps_the_centre_square_and_the_squash_policy_the_whole_image():
     """A 200 x 150 frame (HAM10000's shape) whose 25-px side bands are red: `crop` sees only the grey centre square,
     in evaluation and in every training augmentation; `squash` keeps the bands. A square image is the same either

@@ -68,7 +68,7 @@ def test_engines_agree_on_real_images(exported_run, real_images, tmp_path):
     onnx_model, torch_model = load_model(exported_run, engine="onnx"), load_model(exported_run, engine="torch")
     assert (onnx_model.engine_name, torch_model.engine_name) == ("onnx", "torch")
     threads = torch.get_num_threads()
-    for tta in (1, 2):
+    for tta in (1, 2, 16):  # 16: 8 of the image and 8 of a fixed augmentation of it
         p_onnx, e_onnx = onnx_model.predict_proba(images, batch_size=4, num_workers=1 if tta == 1 else 0, tta=tta)
         assert torch.get_num_threads() == threads  # the engine's one-thread decoding spell is undone
         p_torch, e_torch = torch_model.predict_proba(images, batch_size=4, num_workers=0, tta=tta)

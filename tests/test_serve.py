@@ -112,7 +112,7 @@ def test_serve_can_average_more_views_than_the_model_does(cli, served_run, lesio
     assert answer["probabilities"]["melanoma"] == pytest.approx(expected[0, 0], abs=1e-4)
     assert abs(expected[0, 0] - single[0, 0]) > 1e-4  # eight views are not the model's one
     refused = cli("serve", "--model", str(served_run), "--tta", "3")
-    assert refused.returncode == 2 and "--tta: must be 1, 2, 4 or 8" in refused.output
+    assert refused.returncode == 2 and "--tta: must be 1, 2, 4, 8 or a multiple of 8 up to 64" in refused.output
 
 
 def test_metrics_count_requests_latency_and_photos(served_run, lesion):

@@ -21,6 +21,9 @@ DEFAULT_LABELS: dict[str, int] = {**ISIC2017_LABELS, "basal_cell_carcinoma": 0, 
 MAX_SEED = 2**32 - 1  # numpy's seed range
 RESIZE_POLICIES = ("squash", "crop")  # how a non-square image becomes a square (images.centre_square)
 VIEWS = (1, 2, 4, 8)  # test-time and feature views: the first n dihedral transforms (engine.DIHEDRAL)
+# what a prediction may average: also the 8 dihedral views of each of 1-7 fixed augmentations (images.AugmentedView)
+PREDICT_VIEWS = (*VIEWS, 16, 24, 32, 40, 48, 56, 64)
+PREDICT_VIEWS_TEXT = "1, 2, 4, 8 or a multiple of 8 up to 64"
 
 
 # The defaults of the fields that mean something else in the two modes: a linear run without a config gets the

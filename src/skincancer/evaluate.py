@@ -33,7 +33,7 @@ def evaluate(model: str | Path | Classifier | Sequence[str | Path], data: str | 
     """Predict every image of `data` (manifest or folder-per-class) and write the evaluation into `out`.
 
     `model`: a run, a loaded Classifier, or several runs (an ensemble averaging their probabilities).
-    `tta`: dihedral views to average; None uses each model's own setting (model.json's `tta`).
+    `tta`: views to average (Classifier.predict_proba); None uses each model's own setting (model.json's `tta`).
     `use_metadata`: fuse the manifest's age/sex columns, where present, for models with a metadata model.
     `engine`: how runs given as paths are loaded (onnx | int8 | torch | auto), once `out` is known to be usable.
     `error_examples`: the report shows thumbnails of up to this many missed malignant and flagged benign images,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -180,6 +180,40 @@ class EvalTransform:
         resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
         return (pixels - self.mean) / self.std
+
+
+TTA_SEED = 2017  # the fixed augmentations of test-time views beyond the 8 dihedral ones
+
+
+class AugmentedView:
+    """The image of test-time draw `draw` >= 1 (each averaged over its 8 dihedral views, as the plain image is):
+    one fixed rotation, crop and colour change, drawn once from the ranges of the `standard` training augmentation
+    (rotation within 45 degrees, 50-100% of the area at an aspect of 3:4 to 4:3, brightness and contrast within 20%,
+    saturation within 15%) and the same for every image, so a prediction does not depend on chance or on the
+    batch. Then `preprocess` (the model's squash to its square; a model that crops takes the centre square first,
+    as it did in training)."""
+
+    def __init__(self, preprocess: Callable, draw: int, crop: bool = False):
+        rng = np.random.default_rng([TTA_SEED, draw])
+        self.angle = float(rng.uniform(-45, 45))
+        self.area, self.ratio = float(rng.uniform(0.5, 1.0)), float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        self.where = rng.uniform(0, 1, 2)
+        self.colour = rng.uniform((0.8, 0.8, 0.85), (1.2, 1.2, 1.15))
+        self.preprocess, self.crop = preprocess, crop
+
+    def __call__(self, image: Image.Image):
+        if self.crop:
+            image = centre_square(image)
+        image = image.rotate(self.angle, resample=Image.Resampling.BILINEAR)  # black corners, as in training
+        width, height = image.size
+        area = self.area * width * height
+        w, h = min(width, round((area * self.ratio) ** 0.5)), min(height, round((area / self.ratio) ** 0.5))
+        left, top = round((width - w) * self.where[0]), round((height - h) * self.where[1])
+        image = image.crop((left, top, left + w, top + h))
+        for enhance, factor in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color),
+                                   self.colour, strict=True):
+            image = enhance(image).enhance(float(factor))
+        return self.preprocess(image)
 
 
 class ImageList:

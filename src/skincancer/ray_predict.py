@@ -34,7 +34,7 @@ def predict_with_ray(run: str | Path | Sequence[str | Path], inputs: Sequence[st
     """Predict every image in `inputs` (files and folders) on Ray and write one row per image to `out`.
 
     run: a run folder, or several for an ensemble (probabilities averaged, as `predict --model A --model B`).
-    tta: dihedral views averaged (1, 2, 4, 8); None: each model's own setting, as `predict` does.
+    tta: views averaged (Classifier.predict_proba); None: each model's own setting, as `predict` does.
 
     out: a .parquet or .csv file (None: CSV on stdout). address: a Ray cluster ('auto', 'ray://host:10001');
     None starts a local Ray (with `num_cpus` CPUs) unless this process is already connected to one.

@@ -93,7 +93,7 @@ class Service:
     page: str
     file_limit: int
     max_batch: int
-    tta: int | None  # dihedral views averaged for every prediction (None: each model's own setting)
+    tta: int | None  # views averaged for every prediction (None: each model's own setting)
     metrics: Metrics
     inference_lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time: each uses every core
 
@@ -165,7 +165,7 @@ def create_app(run: str | Path | Sequence[str | Path] | Classifier, max_upload_m
                engine: str = "auto", max_batch: int = 32, tta: int | None = None) -> FastAPI:
     """The web app over a trained run (folder or loaded Classifier), or an ensemble of runs (a list of folders:
     probabilities averaged, threshold re-chosen on their validation predictions, as `evaluate` does).
-    `max_upload_mb`: per file; `max_batch`: files per POST /api/predict/batch; `tta`: dihedral views averaged for
+    `max_upload_mb`: per file; `max_batch`: files per POST /api/predict/batch; `tta`: views averaged for
     every prediction (None: each model's own setting)."""
     if isinstance(run, Classifier):
         classifier = run

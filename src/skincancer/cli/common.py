@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ..config import DEFAULT_LABELS, VIEWS
+from ..config import DEFAULT_LABELS, PREDICT_VIEWS, PREDICT_VIEWS_TEXT
 
 ENGINE_HELP = "onnx | int8 | torch | auto (int8, else onnx, when `skincancer export` was run)"
 DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
@@ -57,8 +57,8 @@ def leading_columns(path: Path) -> list[str]:
 
 
 def check_inference_options(tta: int | None, batch_size: int, num_workers: int) -> None:
-    if tta is not None and tta not in VIEWS:
-        fail(f"--tta: must be 1, 2, 4 or 8 views, got {tta}")
+    if tta is not None and tta not in PREDICT_VIEWS:
+        fail(f"--tta: must be {PREDICT_VIEWS_TEXT} views, got {tta}")
     if batch_size < 1:
         fail(f"--batch-size: expected 1 or more, got {batch_size}")
     if num_workers < 0:
