@@ -6,7 +6,7 @@ fixed augmentations that `--tta 16 ... 64` uses (images.AugmentedView, the produ
 random draws of a training augmentation set, each image its own; each draw with its 8 dihedral views. Draw 0 is
 the plain image (the fold's saved 8-view predictions). Prints the pooled out-of-fold melanoma and SK AUCs after 1,
 2, ... draws (8, 16, ... views), and a paired DeLong test of the last against 8 views. Each draw of each fold is
-saved beside the fold (tta_<fixed|augment>_<draw>.npy), so an interrupted run goes on where it stopped. Never
+saved beside the fold (tta_<fixed2017|augment>_<draw>.npy), so an interrupted run goes on where it stopped. Never
 reads the test split.
 
     python benchmarks/tta_views.py --cv runs/cv-ham --recipe l0_ema_192 --draws 3
@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 from skincancer import load_manifest, load_model
 from skincancer.datasets import ImageDataset, build_transform
 from skincancer.engine import run_inference
+from skincancer.images import TTA_SEED
 from skincancer.metrics import delong_test
 
 CLASSES = ("melanoma", "nevus", "seborrheic_keratosis")
@@ -53,7 +54,7 @@ def main() -> None:
         augment = args.augment or "fixed"
         order = [model.class_names.index(c) for c in CLASSES]
         for d in range(1, args.draws + 1):
-            path = fold / f"tta_{augment}_{d}.npy"
+            path = fold / f"tta_{augment}{TTA_SEED if augment == 'fixed' else ''}_{d}.npy"  # a new seed: new copies
             if not path.is_file():
                 transform = model.transform(d) if augment == "fixed" else build_transform(
                     model.meta["image_size"], model.meta["mean"], model.meta["std"], augment, model.resize)

@@ -1,6 +1,7 @@
 """Options for accuracy: test-time augmentation, ensembles, EMA of weights, the 3-class head."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,39 @@ def test_views_beyond_eight_add_the_eight_of_each_fixed_augmentation(guarded_run
     np.testing.assert_allclose(classifier.predict_proba(paths[::-1], tta=24)[0], many[::-1], atol=1e-6)
     judged, plain = classifier.judge(paths, tta=24), classifier.judge(paths, tta=8)
     assert np.isfinite(judged.ood_score).all() and not np.allclose(judged.ood_score, plain.ood_score)
+    frames = [classifier._outputs(paths, 32, 0, views, None, guarded=True)[3] for views in (24, 8)]
+    np.testing.assert_allclose(frames[0], frames[1], atol=1e-6)  # the frame checks read the image, not a mean
     for bad in (3, 12, 72):
         with pytest.raises(ValueError, match=f"tta: must be 1, 2, 4, 8 or a multiple of 8 up to 64 views, got {bad}"):
             classifier.predict_proba(paths, tta=bad)
+
+
+def test_a_file_that_turns_bad_between_the_passes_of_many_views_fails_its_row(tiny_run, data_dir, monkeypatch):
+    """Beyond 8 views each augmented copy is one more read of the files: a file that cannot be read on a later pass
+    gets a NaN row and its own reason (not a scaled-down probability, nor 'corrupted weights'); one that every pass
+    after the first misses, likewise."""
+    import skincancer.images
+
+    paths = [str(p) for p in sorted((data_dir / "test" / "nevus").glob("*.jpg"))[:3]]
+    classifier = load_model(tiny_run, engine="torch")
+    expected, _ = classifier.predict_proba(paths, tta=16)
+    reads, real = Counter(), skincancer.images.load_image
+
+    def flaky(path, failing=(paths[1],)):
+        reads[path] += 1
+        if path in failing and reads[path] > 1:
+            raise skincancer.images.ImageError(path, "gone between passes")
+        return real(path)
+
+    monkeypatch.setattr(skincancer.images, "load_image", flaky)
+    probs, errors = classifier.predict_proba(paths, tta=16)
+    assert [i for i, _ in errors] == [1] and "gone between passes" in errors[0][1]
+    assert np.isnan(probs[1]).all()
+    np.testing.assert_allclose(probs[[0, 2]], expected[[0, 2]], atol=1e-6)
+    reads.clear()
+    monkeypatch.setattr(skincancer.images, "load_image", lambda path: flaky(path, failing=tuple(paths)))
+    probs, errors = classifier.predict_proba(paths, tta=24)
+    assert [i for i, _ in errors] == [0, 1, 2] and np.isnan(probs).all()
 
 
 def test_three_class_head_melanoma_probability_is_its_softmax(tiny_run, data_dir):

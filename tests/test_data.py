@@ -301,24 +301,28 @@ def test_numpy_preprocessing_matches_the_torch_transform(data_dir, resize):
         assert batch["index"].tolist() == reference["index"].tolist() and batch["errors"] == reference["errors"]
 
 
-@pytest.mark.parametrize("crop", [False, True])
-def test_augmented_views_are_fixed_and_the_same_in_numpy_and_torch(data_dir, crop):
+@pytest.mark.parametrize("resize", ["squash", "crop"])
+def test_augmented_views_are_fixed_and_the_same_in_numpy_and_torch(data_dir, resize):
     """Test-time draws beyond the first 8 views: each a fixed augmentation (the same on every call and for every
     image), different from the plain image and from each other, equal through the numpy and torch preprocessing."""
-    from skincancer.images import AugmentedView, EvalTransform
+    from skincancer.images import AugmentedView, EvalTransform, centre_square
 
     image = load_image(sorted((data_dir / "valid" / "melanoma").glob("*.jpg"))[0]).resize((300, 200))
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    plain = EvalTransform(96, mean, std, "crop" if crop else "squash")(image)
+    plain = EvalTransform(96, mean, std, resize)(image)
     views = []
     for draw in range(1, 8):
-        array = AugmentedView(EvalTransform(96, mean, std), draw, crop)(image)
-        tensor = AugmentedView(build_transform(96, mean, std), draw, crop)(image).numpy()
+        array = AugmentedView(EvalTransform(96, mean, std), draw, resize)(image)
+        tensor = AugmentedView(build_transform(96, mean, std), draw, resize)(image).numpy()
         np.testing.assert_allclose(array, tensor, rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(array, AugmentedView(EvalTransform(96, mean, std), draw, crop)(image))
+        np.testing.assert_array_equal(array, AugmentedView(EvalTransform(96, mean, std), draw, resize)(image))
         assert array.shape == plain.shape and np.abs(array - plain).mean() > 0.05
         views.append(array)
     assert min(np.abs(a - b).mean() for i, a in enumerate(views) for b in views[i + 1:]) > 0.05
+    if resize == "crop":  # the augmentation starts from the centre square: a copy of it gives the same view
+        square = centre_square(image)
+        np.testing.assert_array_equal(AugmentedView(EvalTransform(96, mean, std), 3, resize)(square),
+                                      AugmentedView(EvalTransform(96, mean, std), 3, resize)(image))
 
 
 def test_the_crop_policy_keeps_the_centre_square_and_the_squash_policy_the_whole_image():
@@ -332,10 +336,17 @@ def test_the_crop_policy_keeps_the_centre_square_and_the_squash_policy_the_whole
     assert np.allclose(cropped, 128 / 255, atol=1e-6)
     squashed = build_transform(64, [0.0] * 3, [1.0] * 3, "none", "squash")(frame).numpy()
     assert squashed[0, :, 0].min() > 0.9  # red at the left edge
+    def red(tensor):
+        return bool((tensor[0] > tensor[1] + 0.5).any())
+
     for augment in ("standard", "strong", "perez"):
-        torch.manual_seed(0)
-        tensor = build_transform(64, [0.0] * 3, [1.0] * 3, augment, "crop")(frame).numpy()
-        assert not (tensor[0] > tensor[1] + 0.5).any(), augment  # no red pixel: the bands were cut before augmenting
+        drawn = {}
+        for resize in ("crop", "squash"):
+            torch.manual_seed(0)
+            transform = build_transform(64, [0.0] * 3, [1.0] * 3, augment, resize)
+            drawn[resize] = [red(transform(frame).numpy()) for _ in range(8)]
+        assert not any(drawn["crop"]), augment  # the bands were cut before augmenting
+        assert any(drawn["squash"]), augment  # and would have shown
     square = Image.fromarray(pixels[:, 25:-25])
     np.testing.assert_array_equal(build_transform(64, [0.0] * 3, [1.0] * 3, "none", "crop")(square).numpy(),
                                   build_transform(64, [0.0] * 3, [1.0] * 3, "none", "squash")(square).numpy())

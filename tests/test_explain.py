@@ -90,6 +90,8 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members(tiny_run, finetune_run,
     small = np.asarray(Image.fromarray(maps[1], mode="F").resize((224, 224), Image.BILINEAR)).clip(0, 1)
     np.testing.assert_allclose(combined, (maps[0] + small) / 2, atol=1e-6)
     assert np.abs(combined - maps[0]).mean() > 1e-3  # not the first member's map
+    with pytest.raises(TypeError, match="for an ensemble use photo_heatmap"):  # not the first member's map either
+        malignant_heatmap(load_models([tiny_run, finetune_run], engine="torch"), image)
 
 
 def test_a_cropping_models_map_covers_the_centre_square_it_saw(tiny_run, data_dir):

@@ -239,7 +239,7 @@ class ModelMeta(BaseModel):
     @classmethod
     def _resize_policy(cls, resize: Any) -> Any:
         if resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize: must be 'squash' or 'crop', got {resize!r:.80}")
+            raise ValueError(f"resize: must be {' or '.join(map(repr, RESIZE_POLICIES))}, got {resize!r:.80}")
         return resize
 
     @field_validator("weights_sha256", mode="before")

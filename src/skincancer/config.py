@@ -23,7 +23,7 @@ RESIZE_POLICIES = ("squash", "crop")  # how a non-square image becomes a square 
 VIEWS = (1, 2, 4, 8)  # test-time and feature views: the first n dihedral transforms (engine.DIHEDRAL)
 # what a prediction may average: also the 8 dihedral views of each of 1-7 fixed augmentations (images.AugmentedView)
 PREDICT_VIEWS = (*VIEWS, 16, 24, 32, 40, 48, 56, 64)
-PREDICT_VIEWS_TEXT = "1, 2, 4, 8 or a multiple of 8 up to 64"
+PREDICT_VIEWS_TEXT = "1, 2, 4, 8 or a multiple of 8 up to 64"  # PREDICT_VIEWS in words
 
 
 # The defaults of the fields that mean something else in the two modes: a linear run without a config gets the
@@ -159,7 +159,7 @@ class TrainConfig(BaseModel):
         if self.augment not in ("none", "standard", "strong", "perez"):
             raise ConfigError(f"augment: must be 'none', 'standard', 'strong' or 'perez', got {self.augment!r}")
         if self.resize not in RESIZE_POLICIES:
-            raise ConfigError(f"resize: must be 'squash' or 'crop', got {self.resize!r}")
+            raise ConfigError(f"resize: must be {' or '.join(map(repr, RESIZE_POLICIES))}, got {self.resize!r}")
         if self.linear_fit not in ("train", "train+valid"):
             raise ConfigError(f"linear_fit: must be 'train' or 'train+valid', got {self.linear_fit!r}")
         if self.class_balance not in ("weighted_loss", "sampler", "none"):

@@ -15,6 +15,7 @@ from torch import nn
 from .backbones import MultiScaleClassifier
 from .checkpoint import atomic_write
 from .data import ImageError, load_image
+from .images import centre_box
 from .predict import Classifier
 
 OVERLAY_MAX_SIDE = 512
@@ -46,7 +47,10 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def malignant_heatmap(classifier: Classifier, image: Image.Image) -> np.ndarray:
-    """Grad-CAM of one model's malignant score for one RGB image: [S, S] float32 in [0, 1] on its input grid."""
+    """Grad-CAM of one model's malignant score for one RGB image: [S, S] float32 in [0, 1] on its input grid (an
+    ensemble's members have grids of their own: photo_heatmap)."""
+    if classifier.members:
+        raise TypeError("malignant_heatmap: one model's map; for an ensemble use photo_heatmap")
     from pytorch_grad_cam import GradCAM
 
     x = classifier.transform()(image).unsqueeze(0)
@@ -89,10 +93,8 @@ def photo_heatmap(classifier: Classifier, image: Image.Image, size: tuple[int, i
     heatmap = malignant_heatmap(classifier, image)
     if classifier.resize != "crop":
         return _resized(heatmap, size)
-    width, height = size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    placed = np.zeros((height, width), dtype=np.float32)
+    left, top, side = centre_box(*size)
+    placed = np.zeros(size[::-1], dtype=np.float32)
     placed[top:top + side, left:left + side] = _resized(heatmap, (side, side))
     return placed
 

@@ -154,13 +154,17 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
+def centre_box(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the largest centred square of a width x height picture."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 def centre_square(image: Image.Image) -> Image.Image:
     """The largest centred square of an image (the `crop` resize policy; a square image is returned as it is)."""
-    width, height = image.size
-    side = min(width, height)
-    if width == height:
+    if image.width == image.height:
         return image
-    left, top = (width - side) // 2, (height - side) // 2
+    left, top, side = centre_box(*image.size)
     return image.crop((left, top, left + side, top + side))
 
 
@@ -190,16 +194,16 @@ class AugmentedView:
     one fixed rotation, crop and colour change, drawn once from the ranges of the `standard` training augmentation
     (rotation within 45 degrees, 50-100% of the area at an aspect of 3:4 to 4:3, brightness and contrast within 20%,
     saturation within 15%) and the same for every image, so a prediction does not depend on chance or on the
-    batch. Then `preprocess` (the model's squash to its square; a model that crops takes the centre square first,
-    as it did in training)."""
+    batch. Then `preprocess` (the squash to the model's square; under the `crop` resize policy the centre square is
+    taken first, as in training)."""
 
-    def __init__(self, preprocess: Callable, draw: int, crop: bool = False):
+    def __init__(self, preprocess: Callable, draw: int, resize: str = "squash"):
         rng = np.random.default_rng([TTA_SEED, draw])
         self.angle = float(rng.uniform(-45, 45))
         self.area, self.ratio = float(rng.uniform(0.5, 1.0)), float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
         self.where = rng.uniform(0, 1, 2)
         self.colour = rng.uniform((0.8, 0.8, 0.85), (1.2, 1.2, 1.15))
-        self.preprocess, self.crop = preprocess, crop
+        self.preprocess, self.crop = preprocess, resize == "crop"
 
     def __call__(self, image: Image.Image):
         if self.crop:

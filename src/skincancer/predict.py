@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import META_FILE, CheckpointError, find_model_dir, read_meta
-from .config import PREDICT_VIEWS, PREDICT_VIEWS_TEXT
 from .engines import INT8_FILE, ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
 from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
@@ -23,13 +22,13 @@ from .images import (
     EvalTransform,
     ImageError,
     ImageInput,
-    ImageList,
     as_source,
     describe,
     image_ids,
     is_batch_array,
 )
 from .records import Judged, Prediction, predictions_table, refusal_sentence, sentence
+from .views import average_views
 
 # torch, timm, pandas and scikit-learn are imported where they are needed: predicting with an ONNX export needs no
 # torch or timm (pandas only for the table), so `skincancer predict` of one image starts in about a second
@@ -122,54 +121,27 @@ class Classifier:
             return [1]
         return [i for i, name in enumerate(self.class_names) if self.meta["labels"].get(name) == 1]
 
-    def transform(self, draw: int = 0):
+    def transform(self, draw: int = 0) -> Callable:
         """The evaluation preprocessing as torch transforms (PIL image -> normalised tensor); draw >= 1: that fixed
         augmentation of the image first (test-time views beyond 8; images.AugmentedView)."""
         from .datasets import build_transform
 
-        size, mean, std = self.meta["image_size"], self.meta["mean"], self.meta["std"]
-        if draw:
-            return AugmentedView(build_transform(size, mean, std), draw, crop=self.resize == "crop")
-        return build_transform(size, mean, std, "none", self.resize)
+        return self._preprocessing(build_transform, draw)
 
     def array_transform(self, draw: int = 0) -> Callable:
         """The same preprocessing in numpy (PIL image -> normalised float32 array), for ONNX Runtime."""
+        return self._preprocessing(EvalTransform, draw)
+
+    def _preprocessing(self, make: Callable, draw: int) -> Callable:
         size, mean, std = self.meta["image_size"], self.meta["mean"], self.meta["std"]
-        if draw:
-            return AugmentedView(EvalTransform(size, mean, std), draw, crop=self.resize == "crop")
-        return EvalTransform(size, mean, std, self.resize)
+        if draw:  # the augmentation crops the centre square itself, before it turns the image
+            return AugmentedView(make(size, mean, std), draw, self.resize)
+        return make(size, mean, std, resize=self.resize)
 
     @property
     def resize(self) -> str:
         """How a non-square image becomes square (model.json `resize`; runs from before it: squash)."""
         return self.meta.get("resize", "squash")
-
-    def _views(self, sources: list, batch_size: int, num_workers: int, tta: int, output: str,
-               extra: Callable | None) -> tuple[np.ndarray, list]:
-        """The engine's outputs [N, outputs] averaged over `tta` views: the first min(tta, 8) dihedral views of each
-        image and, beyond 8, the same 8 of each of tta / 8 - 1 fixed augmentations of it (one pass over the images
-        each); extra's columns come from the image itself. Second value: the (index, reason) failures."""
-        if tta not in PREDICT_VIEWS:
-            raise ValueError(f"tta: must be {PREDICT_VIEWS_TEXT} views, got {tta!r}")
-        draws, total = max(1, tta // 8), None
-        for draw in range(draws):
-            if self.engine is not None:  # numpy all the way: no torch
-                values, errors = self.engine.run_inference(
-                    ImageList(sources, None, self.array_transform(draw)), batch_size=batch_size,
-                    num_workers=num_workers, tta=min(tta, 8), output=output, extra=extra if draw == 0 else None)
-            else:
-                from .datasets import ImageDataset
-                from .engine import run_inference
-
-                values, errors = run_inference(self.model, ImageDataset(sources, None, self.transform(draw)),
-                                               batch_size=batch_size, num_workers=num_workers, tta=min(tta, 8),
-                                               output=output, extra=extra if draw == 0 else None)
-            if total is None:
-                total, failures = values, errors
-            else:
-                total[:, :values.shape[1]] += values
-        total[:, :total.shape[1] - (PIXEL_STATS if extra is not None else 0)] /= draws
-        return total, failures
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, self.positive_indices].sum(axis=1)
@@ -257,7 +229,7 @@ class Classifier:
                         "approximate", self.source, views, tta)
         output = "probs+features" if features else "probs"
         extra = (lambda batch: pixel_stats(batch, self.meta["mean"], self.meta["std"])) if guarded else None
-        values, errors = self._views(sources, batch_size, num_workers, tta, output, extra)
+        values, errors = average_views(self, sources, batch_size, num_workers, tta, output, extra)
         classes = len(self.class_names)
         probs = values[:, :classes] if values.shape[1] else values
         scores = np.full(len(images), np.nan)

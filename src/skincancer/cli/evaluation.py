@@ -16,7 +16,7 @@ def evaluate(
     model: Annotated[list[Path], typer.Option(help="run folder; repeat for an ensemble (probabilities averaged)")],
     data: Annotated[Path, typer.Option(help="labelled manifest CSV or folder-per-class directory")],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder for metrics.json, predictions, plots, report.html")],
-    tta: Annotated[int | None, typer.Option(help="test-time views: 1, 2, 4, 8 or 16-64 (default: the model's)")
+    tta: Annotated[int | None, typer.Option(help="test-time views: 1, 2, 4, 8, 16, 24, ... 64 (default: the model's)")
                    ] = None,
     batch_size: int = 32,
     num_workers: int = 2,

@@ -48,7 +48,7 @@ def predict(
         "csv | json: a table even for one image (default: a sentence for one image, else CSV, or JSON for "
         "-o x.json)"))] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the table here instead of stdout")] = None,
-    tta: Annotated[int | None, typer.Option(help="test-time views: 1, 2, 4, 8 or 16-64 (default: the model's)")
+    tta: Annotated[int | None, typer.Option(help="test-time views: 1, 2, 4, 8, 16, 24, ... 64 (default: the model's)")
                    ] = None,
     batch_size: int = 32,
     num_workers: Annotated[int | None, typer.Option(help=(

@@ -71,8 +71,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload (per file)")] = 20.0,
     max_batch: Annotated[int, typer.Option(help="most files in one POST /api/predict/batch")] = 32,
     tta: Annotated[int | None, typer.Option(help=(
-        "test-time views for every prediction: 1, 2, 4, 8 or 16-64 (default: each model's); more views make the "
-        "answer steadier under rotation and slower"))] = None,
+        "test-time views for every prediction: 1, 2, 4, 8, 16, 24, ... 64 (default: each model's); more views make "
+        "the answer steadier and slower"))] = None,
 ) -> None:
     """Serve the web page and the REST API (POST /api/predict and /api/predict/batch, GET /api/health, /api/model,
     /docs)."""
