@@ -46,13 +46,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tic, pooled, labels = time.time(), {}, None
+    tic, pooled, images = time.time(), {}, None
     for recipe in args.recipe:
         held, draws = recipe_draws(args, recipe)
-        recipe_labels = {c: np.concatenate([(f["diagnosis"] == c).to_numpy() for f in held]) for c in CLASSES}
-        if labels is not None and any((recipe_labels[c] != labels[c]).any() for c in CLASSES):
+        if images is not None and [list(f["image_id"]) for f in held] != images:
             raise SystemExit(f"{recipe}: its folds hold other images than {args.recipe[0]}'s")
-        labels = recipe_labels
+        images = [list(f["image_id"]) for f in held]
+        labels = {c: np.concatenate([(f["diagnosis"] == c).to_numpy() for f in held]) for c in CLASSES}
         pooled[recipe] = [np.concatenate([np.mean(d[: n + 1], axis=0) for d in draws]) for n in range(args.draws + 1)]
         report(args, recipe, pooled[recipe], labels)
     if len(args.recipe) > 1:  # the ensemble: the recipes' probabilities averaged, at each number of views
