@@ -43,6 +43,15 @@ def test_out_of_fold_threshold_without_held_in_images():
     assert np.mean(guard.score(rng.normal(size=(4000, 10))) > 1) == pytest.approx(0.02, abs=0.015)
 
 
+def test_out_of_fold_threshold_takes_the_number_of_folds():
+    rng = np.random.default_rng(4)
+    fit = rng.normal(size=(300, 6))
+    (guard5, record5), (guard10, record10) = fit_guard(fit), fit_guard(fit, folds=10)
+    assert "(5 folds" in record5["held_in"] and "(10 folds" in record10["held_in"]
+    assert guard5.threshold != guard10.threshold  # other folds, other held-in distances
+    np.testing.assert_array_equal(guard5.mean, guard10.mean)  # the Gaussian is fitted on all of them either way
+
+
 def test_too_few_held_in_images_is_an_error():
     rng = np.random.default_rng(2)
     with pytest.raises(GuardError, match="too few"):
@@ -345,3 +354,9 @@ def test_frame_statistics_in_numpy_match_torch():
         assert got.shape == (5, 2)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert frame_problem(*pixel_stats(images, mean, std)[1]) == "the frame is nearly uniform: there is no lesion to see"
+
+
+def test_a_refused_score_reads_above_one():
+    from skincancer.predict import _above_one
+
+    assert [_above_one(s) for s in (1.0032, 1.15, 1.00004)] == ["1.003", "1.15", "1.00004"]

@@ -197,8 +197,8 @@ class Classifier:
             if problem is None and self.has_guard and np.isfinite(probs[i]).all() and not np.isfinite(scores[i]):
                 problem = "the guard could not score the image (its features are not finite)"
             if problem is None and scores[i] > 1:
-                problem = f"the image {OUT_OF_DISTRIBUTION} (out-of-distribution score {scores[i]:.2f}; above 1 " \
-                          "is refused)"
+                problem = f"the image {OUT_OF_DISTRIBUTION} (out-of-distribution score {_above_one(scores[i])}; " \
+                          "above 1 is refused)"
             reasons.append(problem or "")
         return Judged(probs, errors, scores, reasons, refuse, self.has_guard)
 
@@ -413,3 +413,11 @@ def _normalise_rows(metadata, images: list) -> list[dict | None] | None:
     from .metadata import normalise_rows
 
     return normalise_rows(metadata, len(images), image_ids(images))
+
+
+def _above_one(score: float) -> str:
+    """A refused image's score with the digits that show it is above 1 (1.003, not 1.00)."""
+    digits = 2
+    while float(f"{score:.{digits}f}") <= 1 and digits < 6:
+        digits += 1
+    return f"{score:.{digits}f}"
