@@ -75,14 +75,16 @@ def fit_gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_guard(fit_features: np.ndarray, held_features: np.ndarray | None = None,
               false_rejection: float = FALSE_REJECTION, seed: int = 0,
-              fold_features: np.ndarray | None = None, groups: np.ndarray | None = None) -> tuple[Guard, dict]:
+              fold_features: np.ndarray | None = None, groups: np.ndarray | None = None,
+              folds: int = GUARD_FOLDS) -> tuple[Guard, dict]:
     """The guard and its record for model.json.
 
     held_features: images not in fit_features (validation): the threshold is their (1 - false_rejection) quantile.
     groups: the lesion of each row of fit_features (sources.fold_groups): the folds keep a lesion's images together.
-    None: out of fold: the Gaussian is fitted on 4/5 of fit_features and scored on the other fifth, five times (for
-    a frozen backbone, whose features of the training images are those of any new image). fold_features: what the
-    held-out fifths are scored on, row for row with fit_features (the mean of the model's views), if not the same."""
+    None: out of fold: the Gaussian is fitted on all but one of `folds` folds of fit_features and scored on the one
+    left, fold by fold (for a frozen backbone, whose features of the training images are those of any new image).
+    fold_features: what the held-out folds are scored on, row for row with fit_features (the mean of the model's
+    views), if not the same."""
     if not 0 < false_rejection < 0.5:
         raise ValueError(f"false_rejection: expected a share between 0 and 0.5, got {false_rejection}")
     fit_features = np.asarray(fit_features, dtype=np.float64)
@@ -93,12 +95,12 @@ def fit_guard(fit_features: np.ndarray, held_features: np.ndarray | None = None,
 
         scored = fit_features if fold_features is None else np.asarray(fold_features, dtype=np.float64)
         held = np.empty(len(fit_features))
-        splitter = (KFold(GUARD_FOLDS, shuffle=True, random_state=seed) if groups is None else
-                    GroupKFold(GUARD_FOLDS, shuffle=True, random_state=seed))
+        splitter = (KFold(folds, shuffle=True, random_state=seed) if groups is None else
+                    GroupKFold(folds, shuffle=True, random_state=seed))
         for kept, out in splitter.split(fit_features, groups=groups):
             mean, precision = fit_gaussian(fit_features[kept])
             held[out] = Guard(mean, precision, 1.0).distance(scored[out])
-        source = f"out-of-fold ({GUARD_FOLDS} folds of the fitted images)"
+        source = f"out-of-fold ({folds} folds of the fitted images)"
     else:
         source = "validation images"
     mean, precision = fit_gaussian(fit_features)
