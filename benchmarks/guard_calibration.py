@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
-from skincancer.config import load_config
-from skincancer.data import content_keys
+from skincancer.checkpoint import CheckpointError
+from skincancer.config import ConfigError, load_config
+from skincancer.data import DataError, content_keys
 from skincancer.guard import FALSE_REJECTION, fit_guard, image_features
 from skincancer.metrics import wilson_interval
 from skincancer.predict import load_model
@@ -75,7 +76,10 @@ def main() -> None:
     parser.add_argument("--false-rejection", type=float, default=FALSE_REJECTION)
     args = parser.parse_args()
     start = time.perf_counter()
-    features, groups = held_in_features(args.model)
+    try:
+        features, groups = held_in_features(args.model)
+    except (CheckpointError, ConfigError, DataError, OSError) as err:
+        sys.exit(str(err))
     print(f"{len(features)} held-in images, {features.shape[1]} features, {len(set(groups))} lesion groups")
     rows = []
     for inner in args.inner:
