@@ -35,13 +35,14 @@ from skincancer import load_config, load_manifest, load_model, save_manifest, tr
 from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
 from skincancer.config import TrainConfig, config_to_dict
 
-LATER_KEYS = ("source_weights", "resize")
+LATER_KEYS = ("source_weights", "resize", "distill_out_of_fold")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True)
-    parser.add_argument("--valid", required=True)
+    parser.add_argument("--valid", help="validation manifest, joined to --train before the folds are cut (leave it out "
+                        "for folds of the training images alone, e.g. a teacher's out-of-fold targets)")
     parser.add_argument("--recipes", required=True, help="YAML: {name: {config overrides}}; key 'base' = shared")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these recipes")
@@ -64,7 +65,7 @@ def main() -> None:
     base = recipes.pop("base", {})
     if args.only:
         recipes = {k: v for k, v in recipes.items() if k in args.only}
-    data = pd.concat([load_manifest(args.train), load_manifest(args.valid)], ignore_index=True)
+    data = pd.concat([load_manifest(path) for path in (args.train, args.valid) if path], ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or args.out)

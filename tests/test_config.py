@@ -109,6 +109,7 @@ _OLD_COMMON = {
     "linear_fit": "train", "cache_dir": "",
     # added since, at defaults that change nothing for a run without a teacher
     "teacher": [], "distill_alpha": 0.7, "extra": [], "init_from": "", "source_weights": {}, "resize": "squash",
+    "distill_out_of_fold": False,
 }
 _OLD_PROBE = {"mode": "linear", "class_balance": "none", "metadata": True, "linear_c": [0.0003, 0.001, 0.003],
               "pooling": "multiscale", "linear_fit": "train+valid"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CHEAP_PROBE
 
 from skincancer import load_config, load_manifest
 from skincancer.card import markdown_card
@@ -98,6 +99,8 @@ def test_distillation_settings_are_checked():
         load_config(None, mode="finetune", extra=["images/"])
     with pytest.raises(ConfigError, match="distill_alpha"):
         load_config(None, mode="finetune", teacher=["runs/t"], distill_alpha=1.5)
+    with pytest.raises(ConfigError, match="distill_out_of_fold: .* add teacher"):
+        load_config(None, mode="finetune", distill_out_of_fold=True)
 
 
 def test_without_extra_images_and_with_extras_that_are_held_out_images(tiny_run, small_data, tmp_path):
@@ -133,3 +136,54 @@ def test_a_teacher_with_another_label_map_is_refused_before_the_run_folder_is_to
     with pytest.raises(DataError, match="teacher: classes"):
         train(config)
     assert not out.exists()
+
+
+def test_out_of_fold_targets_come_from_the_runs_never_fitted_on_each_image(cli, tiny_run, small_data, cache_dir,
+                                                                           tmp_path):
+    """Two probes fitted on the two halves of the training images: each image's target is the other half's probe;
+    an extra image neither saw has their mean; a teacher fitted on every image, or without a record, is refused."""
+    from skincancer import save_manifest, train
+    from skincancer.checkpoint import FITTED_IMAGES_FILE
+    from skincancer.data import DataError
+    from skincancer.distill import TARGETS_FILE, _cached, teacher_targets
+
+    train_df = load_manifest(small_data["train"])
+    halves = [train_df.iloc[0::2], train_df.iloc[1::2]]
+    manifests = [save_manifest(half.reset_index(drop=True), tmp_path / f"half{k}.csv") for k, half in enumerate(halves)]
+    runs = []
+    for k in (0, 1):  # as benchmarks/cv_search.py's folds: each validated on the half it holds out
+        config = load_config(None, train=str(manifests[k]), valid=str(manifests[1 - k]), out=str(tmp_path / f"f{k}"),
+                             mode="linear", cache_dir=str(cache_dir), linear_c=[1.0], num_workers=0, **CHEAP_PROBE)
+        runs.append(train(config))
+    class_names = json.loads((Path(tiny_run) / "model" / "model.json").read_text())["class_names"]
+    targets = train_df["diagnosis"].map({n: i for i, n in enumerate(class_names)}).to_numpy()
+    extra = load_manifest(small_data["test"])["filepath"][:2].tolist()
+    config = load_config(None, mode="finetune", teacher=[str(r) for r in runs], distill_out_of_fold=True,
+                         distill_alpha=1.0, extra=extra, num_workers=0)
+    taught = teacher_targets(config, class_names, train_df, targets, tmp_path / "student")
+    first, second = (load_model(r).predict_proba([*train_df["filepath"], *extra])[0] for r in runs)
+    even = (np.arange(len(train_df)) % 2 == 0)[:, None]  # half 0: fitted by the first probe, held out by the second
+    expected = np.concatenate([np.where(even, second[:30], first[:30]), (first[30:] + second[30:]) / 2])
+    np.testing.assert_allclose(taught.soft, expected, atol=1e-5)
+    assert taught.record["out_of_fold"] is True and len(taught.record["teachers"]) == 2
+    # saved for these teachers out of fold: not read back as the same teachers' in-sample targets
+    digests = [t["weights_sha256"] for t in taught.record["teachers"]]
+    target_file = tmp_path / "student" / TARGETS_FILE
+    assert _cached(target_file, taught.keys, [*digests, "out-of-fold"]) is not None
+    assert _cached(target_file, taught.keys, digests) is None
+    # the card says how the targets were made, and tells the fold runs apart by their paths
+    student = load_model(tiny_run)
+    student.meta["distilled_from"] = taught.record
+    assert "distilled out of fold from the teacher runs f0 (tf_efficientnet_lite0, 1 view) + f1" in \
+        markdown_card(student).replace("\n  ", " ")
+    with pytest.raises(DataError, match="every teacher run was fitted on 15 of the images, e.g. "):
+        teacher_targets(config.replace(teacher=[str(runs[0]), str(tiny_run)], extra=[]), class_names, train_df,
+                        targets, tmp_path / "other")
+    # through the command line: a run without the record of its images is refused before the student's folder is made
+    (Path(runs[1]) / "model" / FITTED_IMAGES_FILE).unlink()
+    out = tmp_path / "third"
+    result = cli("distill", "--out-of-fold", "--teacher", runs[0], "--teacher", runs[1], "--train",
+                 small_data["train"], "--valid", small_data["valid"], "--out", out, "--image-size", "96",
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--num-workers", "0")
+    assert result.returncode != 0 and f"{FITTED_IMAGES_FILE}: missing; a run without the record" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -4,6 +4,7 @@ GET /api/model answers and as a Markdown page (`skincancer card`, and MODEL_CARD
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from . import NOTICE, __version__
@@ -149,10 +150,15 @@ def card_context(classifier: Classifier) -> dict:
 def _taught(member: Classifier, named: bool) -> dict:
     """A distilled model's teacher, for the card: who, how much of the target, on how many images."""
     record = member.meta["distilled_from"]
-    teachers = []
-    for t in record["teachers"]:
-        teachers.append(f"{Path(t['run']).name} ({t['backbone']}, {t['tta']} view{'s' if t['tta'] > 1 else ''})")
+    runs = [Path(t["run"]) for t in record["teachers"]]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # e.g. the fold runs of a cross-validation (lite0/fold0/run): their own paths
+        common = Path(os.path.commonpath(runs)) if len(runs) > 1 else runs[0].parent
+        names = [run.relative_to(common).as_posix() for run in runs]
+    teachers = [f"{name} ({t['backbone']}, {t['tta']} view{'s' if t['tta'] > 1 else ''})"
+                for name, t in zip(names, record["teachers"], strict=True)]
     return {"name": f"{_run_name(member)}: " if named else "", "teachers": teachers, "alpha": record["alpha"],
+            "out_of_fold": bool(record.get("out_of_fold")),
             "rest": round(1 - record["alpha"], 4), "labelled": record["labelled_images"],
             "extra": record["extra_images"], "smoothing": record.get("label_smoothing", 0.0)}
 

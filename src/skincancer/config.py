@@ -102,6 +102,10 @@ class TrainConfig(BaseModel):
     # files; no labels needed) have the teacher's alone
     teacher: list[str] = Field(default_factory=list)
     distill_alpha: float = 0.7
+    # each image's teacher probabilities from only the teacher runs whose weights were never fitted on it (their
+    # fitted_images.json): give the runs of every fold of a cross-validation (benchmarks/cv_search.py), so no target
+    # is a prediction on an image the teacher memorised
+    distill_out_of_fold: bool = False
     extra: list[str] = Field(default_factory=list)
     # finetune: start from a trained run's weights instead of ImageNet's (e.g. a run pre-trained on another source);
     # the backbone must be the same; its classifier is kept only when its classes are this run's. Its training
@@ -228,6 +232,9 @@ class TrainConfig(BaseModel):
             raise ConfigError("teacher / extra: distillation trains a network (mode: finetune), not a linear probe")
         if self.init_from and self.mode != "finetune":
             raise ConfigError("init_from: starting weights are for fine-tuning (mode: finetune), not a linear probe")
+        if self.distill_out_of_fold and not self.teacher:
+            raise ConfigError("distill_out_of_fold: out-of-fold targets need the teacher runs of every fold; add "
+                              "teacher")
         if self.extra and not self.teacher:
             raise ConfigError("extra: images without labels need a teacher to give their targets; add teacher")
         if self.source_weights and self.mode != "finetune":

@@ -6,10 +6,17 @@ label; an extra image (a transfer set: no label needed, e.g. HAM10000) has the t
 probability targets is the KL divergence to them up to a constant. Validation, the threshold and the guard are those
 of any fine-tune, on the labelled images. The teacher's probabilities are computed once and kept in the run folder
 (TARGETS_FILE), so `train --resume` does not pay for them again.
+
+Out of fold (distill_out_of_fold): the teacher runs are those of every fold of a cross-validation, and each image's
+probabilities are the mean of the runs whose weights were never fitted on it (their model/fitted_images.json), so no
+target is the teacher's memory of an image it trained on. With folds of one recipe per member (e.g. three folds x
+Lite0, Lite2 and the probe), a held-out image's target is its fold's ensemble; an extra image, seen by none, has the
+mean of them all.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write
 from .data import TEXT_COLUMNS, DataError, content_keys, read_csv_checked
 from .images import expand_inputs
 from .provenance import file_sha256
@@ -66,12 +73,29 @@ def check_teacher(config, class_names: list[str] | None = None, teacher=None):
     from .ensemble import load_models
 
     if teacher is None:
-        teacher = load_models(config.teacher)
+        teacher = FoldTeachers(config.teacher) if config.distill_out_of_fold else load_models(config.teacher)
     if teacher.meta["labels"] != config.labels or (class_names is not None and teacher.class_names != class_names):
         raise DataError(f"teacher: classes {teacher.class_names} (labels {teacher.meta['labels']}) differ from the "
                         f"student's {class_names or ''} (labels {config.labels}); give the student the teacher's "
                         "labels (labels: in the config)")
     return teacher
+
+
+class FoldTeachers:
+    """The teacher runs of every fold, for out-of-fold targets: one classifier each, with the same classes and label
+    map (as an ensemble's members), but not an ensemble: no shared threshold (each validated on its own fold)."""
+
+    def __init__(self, runs: list[str]):
+        from .predict import load_model
+
+        self.runs = [load_model(run) for run in runs]
+        first = self.runs[0]
+        for run in self.runs[1:]:
+            if run.class_names != first.class_names or run.meta["labels"] != first.meta["labels"]:
+                raise CheckpointError(f"{run.source}: classes {run.class_names} (labels {run.meta['labels']}) differ "
+                                      f"from {first.source}'s; the fold runs must be of one teacher")
+        self.meta, self.class_names = first.meta, first.class_names
+        self.fitted = [fitted_on(run) for run in self.runs]  # read now: a run without the record stops it early
 
 
 def extra_images(paths: list[str]) -> pd.DataFrame:
@@ -125,15 +149,21 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
     keys = [*keys[:len(train_df)], *(k for k, keep in zip(keys[len(train_df):], kept, strict=True) if keep)]
     paths = [*train_df["filepath"], *extra["filepath"]]
     digests = [m.meta["weights_sha256"] for m in teacher.runs]
-    probs = _cached(out / TARGETS_FILE, keys, digests)
+    stamp = [*digests, "out-of-fold"] if config.distill_out_of_fold else digests
+    probs = _cached(out / TARGETS_FILE, keys, stamp)
     if probs is None:
-        log.info("teacher %s: targets for %d images (views %s)", " + ".join(map(str, config.teacher)),
-                 len(paths), " + ".join(str(int(m.meta.get("tta", 1))) for m in teacher.runs))
-        probs, errors = teacher.predict_proba(paths, batch_size=config.batch_size, num_workers=config.num_workers)
+        log.info("teacher %s: targets for %d images (views %s)%s", " + ".join(map(str, config.teacher)),
+                 len(paths), " + ".join(str(int(m.meta.get("tta", 1))) for m in teacher.runs),
+                 ", out of fold" if config.distill_out_of_fold else "")
+        if config.distill_out_of_fold:
+            probs, errors = _out_of_fold(teacher, paths, keys, config)
+        else:
+            probs, errors = teacher.predict_proba(paths, batch_size=config.batch_size,
+                                                  num_workers=config.num_workers)
         for index, reason in errors:
             log.warning("teacher: %s: %s (left out of training)", paths[index], reason)
         if save:
-            _save(out / TARGETS_FILE, probs, keys, digests)
+            _save(out / TARGETS_FILE, probs, keys, stamp)
     probs = probs.astype(np.float32)
     n = len(train_df)
     onehot = np.eye(len(class_names), dtype=np.float32)[train_targets]
@@ -145,11 +175,51 @@ def teacher_targets(config, class_names: list[str], train_df: pd.DataFrame, trai
         "teachers": [{"run": str(_run_folder(m.source)), "backbone": m.meta["backbone"], "weights_sha256": d,
                       "tta": int(m.meta.get("tta", 1)), "sources": m.meta.get("sources")}
                      for m, d in zip(teacher.runs, digests, strict=True)],
+        **({"out_of_fold": True} if config.distill_out_of_fold else {}),
         "alpha": config.distill_alpha, "label_smoothing": config.label_smoothing,
         "labelled_images": int(readable[:n].sum()), "extra_images": int(readable[n:].sum()), "file": TARGETS_FILE,
     }
     return Distillation(joined[readable].reset_index(drop=True), hard[readable], soft[readable], record,
                         [k for k, ok in zip(keys, readable, strict=True) if ok], valid_keys)
+
+
+def _out_of_fold(teacher: FoldTeachers, paths: list[str], keys: list, config) -> tuple[np.ndarray, list]:
+    """Each image's probabilities: the mean of the teacher runs not fitted on it (see the module's docstring), and
+    the (index, reason) of the images none could read. An image every run was fitted on is refused, by name."""
+    total = np.zeros((len(paths), len(teacher.class_names)))
+    count = np.zeros(len(paths), dtype=int)
+    errors: dict[int, str] = {}
+    for run, fitted in zip(teacher.runs, teacher.fitted, strict=True):
+        rows = np.array([i for i, key in enumerate(keys) if key not in fitted], dtype=int)
+        log.info("teacher %s: %d of the %d images are out of its fold", _run_folder(run.source), len(rows), len(keys))
+        if not len(rows):
+            continue
+        probs, failed = run.predict_proba([paths[i] for i in rows], batch_size=config.batch_size,
+                                          num_workers=config.num_workers)
+        errors.update((int(rows[index]), reason) for index, reason in failed)
+        ok = np.isfinite(probs).all(1)
+        total[rows[ok]] += probs[ok]
+        count[rows[ok]] += 1
+    unseen = [i for i in np.flatnonzero(count == 0) if i not in errors]
+    if unseen:
+        raise DataError(f"teacher (out of fold): every teacher run was fitted on {len(unseen)} of the images, e.g. "
+                        f"{', '.join(paths[i] for i in unseen[:3])}; give the runs of every fold (each image held "
+                        "out by at least one), or leave out distill_out_of_fold")
+    with np.errstate(invalid="ignore"):
+        return (total / count[:, None]).astype(np.float32), sorted(errors.items())
+
+
+def fitted_on(run) -> set:
+    """The content keys of the images a run's weights were fitted on (its starting run's too), from its
+    model/fitted_images.json; a run without that record is refused: it cannot say which images are out of its fold."""
+    path = Path(run.source) / FITTED_IMAGES_FILE
+    try:
+        hashes = json.loads(path.read_text())
+        return {str(k) for k in [*hashes["train"], *(hashes.get("inherited") or {}).get("train", [])]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        why = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err.__class__.__name__}: {err})"
+        raise DataError(f"teacher (out of fold): {path}: {why}; a run without the record of the images it was "
+                        "fitted on cannot give out-of-fold targets") from None
 
 
 def teacher_sources(record: dict) -> list[dict]:
