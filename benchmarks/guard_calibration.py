@@ -21,12 +21,12 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from skincancer.checkpoint import CheckpointError
-from skincancer.config import ConfigError, load_config
-from skincancer.data import DataError, content_keys
-from skincancer.guard import FALSE_REJECTION, fit_guard, image_features
+from skincancer.config import ConfigError
+from skincancer.data import DataError
+from skincancer.guard import FALSE_REJECTION, GuardError, fit_guard, image_features
+from skincancer.guard_refit import held_in_images
 from skincancer.metrics import wilson_interval
 from skincancer.predict import load_model
-from skincancer.sources import fold_groups, read_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "guard"
 
@@ -34,23 +34,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "guard"
 def held_in_features(run: str) -> tuple[np.ndarray, np.ndarray]:
     """The features the guard is fitted on (train + valid of the run's config.yaml, the mean of its views) and the
     lesion group of each row; cached in /tmp by the run's weights."""
-    classifier = load_model(run, engine="torch", guard=False)
+    model_dir, frames, groups = held_in_images(run)
+    classifier = load_model(model_dir, engine="torch", guard=False)
     meta = classifier.meta
     if meta.get("mode") != "linear":
         sys.exit(f"{run}: not a linear probe: a fine-tuned run's threshold comes from its validation images, which "
                  "this nested cross-validation does not model")
-    config = load_config(Path(run) / "config.yaml")
-    both = pd.concat([read_sources(p if isinstance(p, list) else [p], meta["labels"])
-                      for p in (config.train_paths, config.valid)], ignore_index=True)
+    both = pd.concat(frames, ignore_index=True)
     key = hashlib.sha256(json.dumps([meta.get("weights_sha256", ""), list(both.filepath)]).encode()).hexdigest()[:12]
     cache = Path(f"/tmp/guard_calibration_{key}.npz")
     if cache.is_file():
         saved = np.load(cache)
         return saved["features"], saved["groups"]
     features = image_features(classifier.model, both.filepath, classifier.transform(), int(meta.get("tta", 1)))
-    groups = fold_groups(both, content_keys(both.filepath))
     finite = np.isfinite(features).all(1)
-    features, groups = features[finite].astype(np.float64), np.asarray(groups)[finite]
+    features, groups = features[finite].astype(np.float64), groups[finite]
     np.savez(cache, features=features, groups=groups)
     return features, groups
 
@@ -78,7 +76,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         features, groups = held_in_features(args.model)
-    except (CheckpointError, ConfigError, DataError, OSError) as err:
+    except (CheckpointError, ConfigError, DataError, GuardError, OSError) as err:
         sys.exit(str(err))
     print(f"{len(features)} held-in images, {features.shape[1]} features, {len(set(groups))} lesion groups")
     rows = []
