@@ -1,14 +1,15 @@
 """Cross-validated comparison of training recipes on train+valid (never the test split).
 
-For each named recipe (overrides of a base config) and each of K stratified folds of the union of the training and
-validation manifests, train on K-1 folds and predict the held-out fold (with 1 and 8 dihedral TTA views, and with 8
-views at each resolution of --eval-sizes). Prints one JSON line per fold and per recipe with the pooled out-of-fold
-melanoma-vs-rest and seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of recipe pairs.
-Out-of-fold predictions are written to --out. Each fold's held-out predictions are also kept in its folder
-(held_probs.npz, with a fingerprint of the recipe, the fold's images and its starting weights): a later search reads
-them back instead of training that fold again when all of these are the same (--fresh trains it again), so the
-folds of a slow recipe can be run one at a time (--fold K) and pooled when the last is done. A recipe's
-`extra_train` (manifests, e.g. another source) joins every fold's training images and is never held out.
+For each named recipe (overrides of a base config) and each of K stratified folds of the training manifest (joined
+with the validation manifest when given; a lesion's images, or copies of one image, stay in one fold), train on K-1
+folds and predict the held-out fold (with 1 and 8 dihedral TTA views, and with 8 views at each resolution of
+--eval-sizes). Prints one JSON line per fold and per recipe with the pooled out-of-fold melanoma-vs-rest and
+seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of recipe pairs. Out-of-fold
+predictions are written to --out. Each fold's held-out predictions are also kept in its folder (held_probs.npz, with
+a fingerprint of the recipe, the fold's images and its starting weights): a later search reads them back instead of
+training that fold again when all of these are the same (--fresh trains it again), so the folds of a slow recipe can
+be run one at a time (--fold K) and pooled when the last is done. A recipe's `extra_train` (manifests, e.g. another
+source) joins every fold's training images and is never held out.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
         --recipes benchmarks/recipes.yaml --folds 3 --out runs/cv
@@ -29,11 +30,13 @@ import pandas as pd
 import torch
 import yaml
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from skincancer import load_config, load_manifest, load_model, save_manifest, train
 from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
 from skincancer.config import TrainConfig, config_to_dict
+from skincancer.data import content_keys
+from skincancer.sources import fold_groups
 
 LATER_KEYS = ("source_weights", "resize", "distill_out_of_fold")
 
@@ -71,7 +74,12 @@ def main() -> None:
     work = Path(args.work or args.out)
     # rows of every <recipe>_oof.npy: [1-view, 8-view] x image x (melanoma, nevus, seborrheic_keratosis)
     data[["image_id", "diagnosis"]].to_csv(out / "oof_index.csv", index=False)  # manifests carry image_id
-    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
+    groups = fold_groups(data, content_keys(data["filepath"]))  # a lesion's images (or copies) on one side
+    if len(set(groups)) < len(data):
+        folds = list(StratifiedGroupKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"],
+                                                                                          groups))
+    else:  # every image its own lesion: the folds as before groups were kept (saved folds stay valid)
+        folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(data, data["diagnosis"]))
     if args.fold and not set(args.fold) <= set(range(args.folds)):
         parser.error(f"--fold: each fold must be between 0 and {args.folds - 1}, got {args.fold}")
     oof: dict[str, dict[int | str, np.ndarray]] = {}

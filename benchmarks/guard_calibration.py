@@ -34,12 +34,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "guard"
 def held_in_features(run: str) -> tuple[np.ndarray, np.ndarray]:
     """The features the guard is fitted on (train + valid of the run's config.yaml, the mean of its views) and the
     lesion group of each row; cached in /tmp by the run's weights."""
-    model_dir, frames, groups = held_in_images(run)
-    classifier = load_model(model_dir, engine="torch", guard=False)
+    classifier = load_model(run, engine="torch", guard=False)
     meta = classifier.meta
     if meta.get("mode") != "linear":
         sys.exit(f"{run}: not a linear probe: a fine-tuned run's threshold comes from its validation images, which "
                  "this nested cross-validation does not model")
+    _, frames, groups = held_in_images(run)
     both = pd.concat(frames, ignore_index=True)
     key = hashlib.sha256(json.dumps([meta.get("weights_sha256", ""), list(both.filepath)]).encode()).hexdigest()[:12]
     cache = Path(f"/tmp/guard_calibration_{key}.npz")

@@ -187,3 +187,15 @@ def test_out_of_fold_targets_come_from_the_runs_never_fitted_on_each_image(cli, 
                  "--epochs", "1", "--max-steps-per-epoch", "1", "--num-workers", "0")
     assert result.returncode != 0 and f"{FITTED_IMAGES_FILE}: missing; a run without the record" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_teacher_names_tell_fold_runs_apart(tmp_path):
+    from skincancer.card import teacher_names
+
+    folds = {"teachers": [{"run": f"runs/oof/{m}/fold{k}/run"} for k in (0, 1) for m in ("lite0", "linear")]}
+    assert teacher_names(folds) == ["lite0/fold0/run", "linear/fold0/run", "lite0/fold1/run", "linear/fold1/run"]
+    assert teacher_names({"teachers": [{"run": "runs/b/lite0"}, {"run": "runs/b/linear"}]}) == ["lite0", "linear"]
+    # one relative and one absolute path, and the same run twice: still names, never an error
+    mixed = {"teachers": [{"run": "runs/a/run"}, {"run": str(tmp_path / "b" / "run")}, {"run": "runs/a/run"}]}
+    names = teacher_names(mixed)
+    assert names[0].endswith("runs/a/run") and names[1].endswith("b/run") and names[0] == names[2]

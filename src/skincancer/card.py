@@ -150,17 +150,27 @@ def card_context(classifier: Classifier) -> dict:
 def _taught(member: Classifier, named: bool) -> dict:
     """A distilled model's teacher, for the card: who, how much of the target, on how many images."""
     record = member.meta["distilled_from"]
-    runs = [Path(t["run"]) for t in record["teachers"]]
-    names = [run.name for run in runs]
-    if len(set(names)) < len(names):  # e.g. the fold runs of a cross-validation (lite0/fold0/run): their own paths
-        common = Path(os.path.commonpath(runs)) if len(runs) > 1 else runs[0].parent
-        names = [run.relative_to(common).as_posix() for run in runs]
     teachers = [f"{name} ({t['backbone']}, {t['tta']} view{'s' if t['tta'] > 1 else ''})"
-                for name, t in zip(names, record["teachers"], strict=True)]
+                for name, t in zip(teacher_names(record), record["teachers"], strict=True)]
     return {"name": f"{_run_name(member)}: " if named else "", "teachers": teachers, "alpha": record["alpha"],
             "out_of_fold": bool(record.get("out_of_fold")),
             "rest": round(1 - record["alpha"], 4), "labelled": record["labelled_images"],
             "extra": record["extra_images"], "smoothing": record.get("label_smoothing", 0.0)}
+
+
+def teacher_names(record: dict) -> list[str]:
+    """Each teacher run's name for people: its folder's name, or, where two share one (the fold runs of a
+    cross-validation: lite0/fold0/run), its path below their common folder (else as recorded)."""
+    runs = [Path(t["run"]) for t in record["teachers"]]
+    names = [run.name for run in runs]
+    if len(set(names)) == len(names):
+        return names
+    try:
+        common = Path(os.path.commonpath([run.absolute() for run in runs]))
+        relative = [run.absolute().relative_to(common).as_posix() for run in runs]
+    except ValueError:  # no common folder (another drive)
+        return [str(run) for run in runs]
+    return [name if name != "." else str(run) for name, run in zip(relative, runs, strict=True)]
 
 
 @functools.cache

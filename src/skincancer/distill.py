@@ -86,8 +86,10 @@ class FoldTeachers:
     map (as an ensemble's members), but not an ensemble: no shared threshold (each validated on its own fold)."""
 
     def __init__(self, runs: list[str]):
+        from .checkpoint import find_model_dir
         from .predict import load_model
 
+        self.fitted = [fitted_on(find_model_dir(run)) for run in runs]  # before the networks: a missing record is quick
         self.runs = [load_model(run) for run in runs]
         first = self.runs[0]
         for run in self.runs[1:]:
@@ -95,7 +97,6 @@ class FoldTeachers:
                 raise CheckpointError(f"{run.source}: classes {run.class_names} (labels {run.meta['labels']}) differ "
                                       f"from {first.source}'s; the fold runs must be of one teacher")
         self.meta, self.class_names = first.meta, first.class_names
-        self.fitted = [fitted_on(run) for run in self.runs]  # read now: a run without the record stops it early
 
 
 def extra_images(paths: list[str]) -> pd.DataFrame:
@@ -200,7 +201,12 @@ def _out_of_fold(teacher: FoldTeachers, paths: list[str], keys: list, config) ->
         ok = np.isfinite(probs).all(1)
         total[rows[ok]] += probs[ok]
         count[rows[ok]] += 1
+    errors = {i: reason for i, reason in errors.items() if count[i] == 0}  # another run read it: trained on
     unseen = [i for i in np.flatnonzero(count == 0) if i not in errors]
+    if len(set(count[count > 0])) > 1:
+        log.warning("teacher (out of fold): images have targets from different numbers of runs (%s): is a fold's "
+                    "member missing?", ", ".join(f"{n} runs: {k} images" for n, k in
+                                                  zip(*np.unique(count[count > 0], return_counts=True), strict=True)))
     if unseen:
         raise DataError(f"teacher (out of fold): every teacher run was fitted on {len(unseen)} of the images, e.g. "
                         f"{', '.join(paths[i] for i in unseen[:3])}; give the runs of every fold (each image held "
@@ -209,10 +215,10 @@ def _out_of_fold(teacher: FoldTeachers, paths: list[str], keys: list, config) ->
         return (total / count[:, None]).astype(np.float32), sorted(errors.items())
 
 
-def fitted_on(run) -> set:
+def fitted_on(model_dir: Path) -> set:
     """The content keys of the images a run's weights were fitted on (its starting run's too), from its
     model/fitted_images.json; a run without that record is refused: it cannot say which images are out of its fold."""
-    path = Path(run.source) / FITTED_IMAGES_FILE
+    path = Path(model_dir) / FITTED_IMAGES_FILE
     try:
         hashes = json.loads(path.read_text())
         return {str(k) for k in [*hashes["train"], *(hashes.get("inherited") or {}).get("train", [])]}
@@ -224,10 +230,12 @@ def fitted_on(run) -> set:
 
 def teacher_sources(record: dict) -> list[dict]:
     """The data the teachers learnt from, as rows of the student's `sources` (their licences travel on)."""
+    from .card import teacher_names
     from .sources import inherited_sources
 
-    return [row for teacher in record["teachers"]
-            for row in inherited_sources(teacher.get("sources"), f"through the teacher {Path(teacher['run']).name}")]
+    rows = [row for teacher, name in zip(record["teachers"], teacher_names(record), strict=True)
+            for row in inherited_sources(teacher.get("sources"), f"through the teacher {name}")]
+    return list({json.dumps(row, sort_keys=True, default=str): row for row in rows}.values())
 
 
 def _run_folder(model_dir: Path) -> Path:

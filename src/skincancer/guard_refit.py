@@ -19,10 +19,13 @@ from .sources import fold_groups, read_sources
 
 def held_in_images(run: str | Path, train: str | Path | list | None = None, valid: str | Path | None = None
                    ) -> tuple[Path, list[pd.DataFrame], np.ndarray]:
-    """The images a run's guard is fitted on: its model folder, the training and validation manifests' rows (those
-    of its config.yaml unless others are given) and the lesion group of each row, training then validation rows
-    (held-out folds keep a lesion's images together)."""
+    """The images a finished run's guard is fitted on: its model folder, the training and validation manifests'
+    rows (those of its config.yaml unless others are given) and the lesion group of each row, training then
+    validation rows (held-out folds keep a lesion's images together)."""
     model_dir = find_model_dir(run)
+    if read_meta(model_dir).get("unfinished"):
+        raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "
+                         "first: training fits the guard at its end")
     if train is None or valid is None:
         path = model_dir.parent / "config.yaml"
         if not path.is_file():
@@ -42,9 +45,6 @@ def guard_run(run: str | Path, train: str | Path | None = None, valid: str | Pat
     model_dir, frames, groups = held_in_images(run, train, valid)
     classifier = load_model(model_dir, engine="torch", guard=False)  # the guard being replaced may be damaged
     meta = classifier.meta
-    if meta.get("unfinished"):
-        raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "
-                         "first: training fits the guard at its end")
     record = fit_model_guard(classifier.model, meta.get("mode") == "linear", frames[0]["filepath"],
                              frames[1]["filepath"], classifier.transform(), int(meta.get("tta", 1)), model_dir,
                              batch_size, num_workers, false_rejection, groups=groups)

@@ -109,9 +109,9 @@ def distill(
         "repeat"))] = None,
     alpha: Annotated[float | None, typer.Option(help=(
         "share of a labelled image's target taken from the teacher (the rest: its true label); default 0.7"))] = None,
-    out_of_fold: Annotated[bool, typer.Option(help=(
+    out_of_fold: Annotated[bool | None, typer.Option("--out-of-fold/--no-out-of-fold", help=(
         "each image's target from only the teacher runs never fitted on it: give --teacher the runs of every fold "
-        "of a cross-validation"))] = False,
+        "of a cross-validation"))] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config for the student (fine-tuning); flags override it")
                       ] = None,
     backbone: Annotated[str | None, typer.Option(help="the student's timm model (default tf_efficientnet_lite0)")
@@ -135,7 +135,7 @@ def distill(
     from ..train import train as run_training
 
     cfg = load_config(config, mode="finetune", teacher=teacher, extra=extra or None, distill_alpha=alpha,
-                      distill_out_of_fold=out_of_fold or None, train=train, valid=valid, out=out, backbone=backbone,
+                      distill_out_of_fold=out_of_fold, train=train, valid=valid, out=out, backbone=backbone,
                       image_size=image_size, epochs=epochs, batch_size=batch_size, num_workers=num_workers,
                       max_steps_per_epoch=max_steps_per_epoch, init_from=init_from,
                       source_weights=parse_source_weights(source_weight) if source_weight else None)
