@@ -144,8 +144,9 @@ def test_out_of_fold_targets_come_from_the_runs_never_fitted_on_each_image(cli, 
     an extra image neither saw has their mean; a teacher fitted on every image, or without a record, is refused."""
     from skincancer import save_manifest, train
     from skincancer.checkpoint import FITTED_IMAGES_FILE
+    from skincancer.config import config_to_dict
     from skincancer.data import DataError
-    from skincancer.distill import TARGETS_FILE, _cached, teacher_targets
+    from skincancer.distill import TARGETS_FILE, FoldTeachers, _cached, check_teacher, teacher_targets
 
     train_df = load_manifest(small_data["train"])
     halves = [train_df.iloc[0::2], train_df.iloc[1::2]]
@@ -160,6 +161,8 @@ def test_out_of_fold_targets_come_from_the_runs_never_fitted_on_each_image(cli, 
     extra = load_manifest(small_data["test"])["filepath"][:2].tolist()
     config = load_config(None, mode="finetune", teacher=[str(r) for r in runs], distill_out_of_fold=True,
                          distill_alpha=1.0, extra=extra, num_workers=0)
+    # the fold runs validated on disjoint halves are no ensemble (no shared threshold): a resume builds them so too
+    assert isinstance(check_teacher(load_config(None, **config_to_dict(config))), FoldTeachers)
     taught = teacher_targets(config, class_names, train_df, targets, tmp_path / "student")
     first, second = (load_model(r).predict_proba([*train_df["filepath"], *extra])[0] for r in runs)
     even = (np.arange(len(train_df)) % 2 == 0)[:, None]  # half 0: fitted by the first probe, held out by the second
