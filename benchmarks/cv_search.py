@@ -8,7 +8,8 @@ seborrheic-keratosis-vs-rest AUCs, then the same for the averages (ensembles) of
 predictions are written to --out. Each fold's held-out predictions are also kept in its folder (held_probs.npz, with
 a fingerprint of the recipe, the fold's images and its starting weights): a later search reads them back instead of
 training that fold again when all of these are the same (--fresh trains it again), so the folds of a slow recipe can
-be run one at a time (--fold K) and pooled when the last is done. A recipe's `extra_train` (manifests, e.g. another
+be run one at a time (--fold K) and pooled when the last is done; a fold whose fine-tune was interrupted goes on
+from its last complete epoch. A recipe's `extra_train` (manifests, e.g. another
 source) joins every fold's training images and is never held out.
 
     python benchmarks/cv_search.py --train runs/data/train.csv --valid runs/data/valid.csv \
@@ -33,9 +34,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from skincancer import load_config, load_manifest, load_model, save_manifest, train
-from skincancer.checkpoint import atomic_write, find_model_dir, read_meta
-from skincancer.config import TrainConfig, config_to_dict
-from skincancer.data import content_keys
+from skincancer.checkpoint import CheckpointError, atomic_write, find_model_dir, read_meta
+from skincancer.config import ConfigError, TrainConfig, config_to_dict
+from skincancer.data import DataError, content_keys
+from skincancer.runfolder import is_finished
 from skincancer.sources import fold_groups
 
 LATER_KEYS = ("source_weights", "resize", "distill_out_of_fold")
@@ -119,7 +121,7 @@ def main() -> None:
             save_manifest(data.iloc[kept], fold_dir / "train.csv")
             save_manifest(data.iloc[held], fold_dir / "held.csv")
             config = load_config(None, **settings)
-            run = train(config, overwrite=True)  # a re-run of the search replaces its fold runs
+            run = resume_fold(config)
             classifier = load_model(run)
             if torch.cuda.is_available():
                 classifier.model.cuda()
@@ -159,12 +161,36 @@ def main() -> None:
         print(json.dumps({"recipe": "all", **scores(data, mean)}), flush=True)
 
 
+def resume_fold(config) -> Path:
+    """Train a fold's run; one left unfinished by an interrupted search (a fine-tune of these very settings, on
+    the same images: `train --resume` refuses other data) goes on from its last complete epoch instead of starting
+    again. Any other run in the fold's folder is replaced."""
+    run = Path(config.out)
+    if config.mode == "finetune" and (run / "config.yaml").is_file() and not is_finished(run):
+        try:
+            saved = load_config(run / "config.yaml")
+        except ConfigError:
+            saved = None
+        if saved is not None and _settings(saved) == _settings(config):
+            try:
+                print(json.dumps({"resuming": str(run)}), flush=True)
+                return train(config, resume=True)
+            except (CheckpointError, DataError) as err:
+                print(json.dumps({"not_resumed": str(run), "why": str(err)}), flush=True)
+    return train(config, overwrite=True)
+
+
+def _settings(config) -> dict:
+    """A recipe's settings, not where it runs or with how many loader processes."""
+    return {k: v for k, v in config_to_dict(config).items()
+            if k not in ("train", "valid", "out", "num_workers", "cache_dir")}
+
+
 def fold_fingerprint(config, data: pd.DataFrame, kept: np.ndarray, held: np.ndarray, extra: list[str]) -> str:
     """What a fold's predictions depend on: the recipe's settings (not where it runs or with how many loader
     processes), the images on each side, the extra training manifests, and the weights it starts from
     (`init_from`)."""
-    settings = {k: v for k, v in config_to_dict(config).items()
-                if k not in ("train", "valid", "out", "num_workers", "cache_dir")}
+    settings = _settings(config)
     for key in LATER_KEYS:  # config keys newer than folds saved before: left out at their default, so those match
         if settings.get(key) == TrainConfig.model_fields[key].get_default(call_default_factory=True):
             settings.pop(key, None)
