@@ -23,7 +23,8 @@ def held_in_images(run: str | Path, train: str | Path | list | None = None, vali
     rows (those of its config.yaml unless others are given) and the lesion group of each row, training then
     validation rows (held-out folds keep a lesion's images together)."""
     model_dir = find_model_dir(run)
-    if read_meta(model_dir).get("unfinished"):
+    meta = read_meta(model_dir)
+    if meta.get("unfinished"):
         raise GuardError(f"{model_dir}: saved by a run that has not finished; finish it (`skincancer train --resume`) "
                          "first: training fits the guard at its end")
     if train is None or valid is None:
@@ -32,8 +33,7 @@ def held_in_images(run: str | Path, train: str | Path | list | None = None, vali
             raise GuardError(f"{run}: no config.yaml naming the run's training data; give --train and --valid")
         config = load_config(path)
         train, valid = train or config.train_paths, valid or config.valid
-    labels = read_meta(model_dir)["labels"]
-    frames = [read_sources(paths if isinstance(paths, list) else [paths], labels) for paths in (train, valid)]
+    frames = [read_sources(paths if isinstance(paths, list) else [paths], meta["labels"]) for paths in (train, valid)]
     both = pd.concat(frames, ignore_index=True)
     return model_dir, frames, np.asarray(fold_groups(both, content_keys(both["filepath"])))
 
