@@ -4,6 +4,7 @@ ordinary run folder that names its teacher."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -202,3 +203,16 @@ def test_teacher_names_tell_fold_runs_apart(tmp_path):
     mixed = {"teachers": [{"run": "runs/a/run"}, {"run": str(tmp_path / "b" / "run")}, {"run": "runs/a/run"}]}
     names = teacher_names(mixed)
     assert names[0].endswith("runs/a/run") and names[1].endswith("b/run") and names[0] == names[2]
+
+
+def test_fold_runs_of_other_classes_are_refused_by_name(tiny_run, small_data, cache_dir, tmp_path):
+    from skincancer import train
+    from skincancer.checkpoint import CheckpointError
+    from skincancer.distill import FoldTeachers
+
+    config = load_config(None, train=str(small_data["train"]), valid=str(small_data["valid"]), out=str(tmp_path / "b"),
+                         mode="linear", head="binary", cache_dir=str(cache_dir), linear_c=[1.0], num_workers=0,
+                         **CHEAP_PROBE)
+    binary = train(config)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(binary))}.*: classes .* differ from .*; the fold runs"):
+        FoldTeachers([str(tiny_run), str(binary)])
