@@ -164,20 +164,33 @@ def main() -> None:
 def resume_fold(config) -> Path:
     """Train a fold's run; one left unfinished by an interrupted search (a fine-tune of these very settings, on
     the same images: `train --resume` refuses other data) goes on from its last complete epoch instead of starting
-    again. Any other run in the fold's folder is replaced."""
+    again, and one that finished (on the same images) before its predictions were saved is used as it is. Any other run
+    in the fold's folder is replaced."""
     run = Path(config.out)
-    if config.mode == "finetune" and (run / "config.yaml").is_file() and not is_finished(run):
+    if config.mode == "finetune" and (run / "config.yaml").is_file():
         try:
             saved = load_config(run / "config.yaml")
         except ConfigError:
             saved = None
-        if saved is not None and _settings(saved) == _settings(config):
+        if saved is not None and _settings(saved) == _settings(config) and is_finished(run) and \
+                _fitted(run) == set(content_keys(load_manifest(config.train)["filepath"])):
+            print(json.dumps({"finished_before": str(run)}), flush=True)  # stopped before its predictions
+            return run
+        if saved is not None and _settings(saved) == _settings(config) and not is_finished(run):
             try:
                 print(json.dumps({"resuming": str(run)}), flush=True)
                 return train(config, resume=True)
             except (CheckpointError, DataError) as err:
                 print(json.dumps({"not_resumed": str(run), "why": str(err)}), flush=True)
     return train(config, overwrite=True)
+
+
+def _fitted(run: Path) -> set | None:
+    """The content keys of the images a finished run was fitted on (None: no readable record)."""
+    try:
+        return set(json.loads((run / "model" / "fitted_images.json").read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _settings(config) -> dict:
