@@ -172,11 +172,11 @@ def resume_fold(config) -> Path:
             saved = load_config(run / "config.yaml")
         except ConfigError:
             saved = None
-        if saved is not None and _settings(saved) == _settings(config) and is_finished(run) and \
-                _fitted(run) == set(content_keys(load_manifest(config.train)["filepath"])):
+        same = saved is not None and _settings(saved) == _settings(config)
+        if same and is_finished(run) and _fitted(run) == set(content_keys(load_manifest(config.train)["filepath"])):
             print(json.dumps({"finished_before": str(run)}), flush=True)  # stopped before its predictions
             return run
-        if saved is not None and _settings(saved) == _settings(config) and not is_finished(run):
+        if same and not is_finished(run):
             try:
                 print(json.dumps({"resuming": str(run)}), flush=True)
                 return train(config, resume=True)

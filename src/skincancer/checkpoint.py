@@ -364,7 +364,7 @@ class StartingWeights:
         self.record = {"run": self.run, "backbone": meta["backbone"], "class_names": meta["class_names"],
                        "head": meta.get("head"), "weights_sha256": meta.get("weights_sha256"),
                        "sources": meta.get("sources")}
-        self.fitted = _fitted_images(model_dir)
+        self.fitted = fitted_images(model_dir)
 
     def load_into(self, model: nn.Module, class_names: list[str]) -> dict:
         """Every weight of `model` but its classifier from the run; the classifier too when the run's classes (and
@@ -390,12 +390,17 @@ class StartingWeights:
         return {**self.record, "classifier": "kept" if keep_head else "new"}
 
 
-def _fitted_images(model_dir: Path) -> dict:
-    """The images a starting run's weights were fitted ("train") or tuned ("valid") on, its own starting run's too:
-    they travel into the new run's fitted_images.json (`inherited`), so `evaluate` still says when it scores them."""
+def fitted_images(model_dir: Path, required: bool = False) -> dict:
+    """The images a run's weights were fitted ("train") or tuned ("valid") on, its own starting run's too: they
+    travel into a new run's fitted_images.json (`inherited`), so `evaluate` still says when it scores them.
+    A missing or unreadable record is {} unless `required` (then its OSError or ValueError is raised)."""
     try:
-        hashes = json.loads((model_dir / FITTED_IMAGES_FILE).read_text())
+        hashes = json.loads((Path(model_dir) / FITTED_IMAGES_FILE).read_text())
+        if not isinstance(hashes, dict) or (required and not isinstance(hashes.get("train"), list)):
+            raise ValueError("not a JSON object with a 'train' list")
     except (OSError, ValueError):
+        if required:
+            raise
         return {}
     inherited = hashes.get("inherited") or {}
     return {split: sorted({*hashes.get(split, []), *inherited.get(split, [])}) for split in ("train", "valid")}

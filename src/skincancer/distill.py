@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write
+from .checkpoint import FITTED_IMAGES_FILE, CheckpointError, atomic_write, fitted_images
 from .data import TEXT_COLUMNS, DataError, content_keys, read_csv_checked
 from .images import expand_inputs
 from .provenance import file_sha256
@@ -220,9 +220,8 @@ def fitted_on(model_dir: Path) -> set:
     model/fitted_images.json; a run without that record is refused: it cannot say which images are out of its fold."""
     path = Path(model_dir) / FITTED_IMAGES_FILE
     try:
-        hashes = json.loads(path.read_text())
-        return {str(k) for k in [*hashes["train"], *(hashes.get("inherited") or {}).get("train", [])]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return {str(k) for k in fitted_images(model_dir, required=True)["train"]}
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         why = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err.__class__.__name__}: {err})"
         raise DataError(f"teacher (out of fold): {path}: {why}; a run without the record of the images it was "
                         "fitted on cannot give out-of-fold targets") from None
