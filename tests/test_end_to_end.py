@@ -294,6 +294,12 @@ def test_evaluate_says_when_it_scores_images_the_model_was_fitted_on(tiny_run, s
     mixed_seen = evaluate([tiny_run, old], tmp_path / "mixed.csv", tmp_path / "mixed_eval")["seen_in_fitting"]
     assert mixed_seen["train"] == 1 and mixed_seen["unchecked_models"] == [str(old / "model")]
     assert "Not checked for images they were fitted on" in (tmp_path / "mixed_eval" / "report.html").read_text()
+    (old / "model" / "fitted_images.json").write_text("[1, 2]")  # unreadable: named in a warning, not checked
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skincancer"):
+        broken_seen = evaluate([tiny_run, old], tmp_path / "mixed.csv", tmp_path / "broken_eval")["seen_in_fitting"]
+    assert broken_seen["train"] == 1 and broken_seen["unchecked_models"] == [str(old / "model")]
+    assert "fitted_images.json: unreadable" in caplog.text
 
 
 def test_compare_two_evaluations_of_the_same_images(cli, tiny_run, finetune_run, small_data, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import FITTED_IMAGES_FILE, atomic_write, write_json
+from .checkpoint import FITTED_IMAGES_FILE, atomic_write, fitted_images, write_json
 from .data import DataError, check_labels_agree, content_keys, manifest_labels, resolve_data
 from .ensemble import Ensemble, load_models
 from .metadata import MetadataError, has_metadata
@@ -288,17 +288,18 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
     members = classifier.runs
     unchecked = []
     for member in members:
-        path = Path(member.source) / FITTED_IMAGES_FILE
-        try:
-            hashes = json.loads(path.read_text())
-            for split in fitted:  # and the images of the run its weights started from (init_from)
-                fitted[split].update(str(k) for k in [*hashes.get(split, []),
-                                                      *(hashes.get("inherited") or {}).get(split, [])])
+        try:  # the images of the run its weights started from (init_from) too
+            record = fitted_images(Path(member.source), required=True)
         except FileNotFoundError:
             unchecked.append(str(member.source))
+            continue
         except (OSError, ValueError, TypeError, AttributeError) as err:
-            log.warning("%s: unreadable (%s); not checking which images the model was fitted on", path, err)
+            log.warning("%s: unreadable (%s); not checking which images the model was fitted on",
+                        Path(member.source) / FITTED_IMAGES_FILE, err)
             unchecked.append(str(member.source))
+            continue
+        for split in fitted:
+            fitted[split].update(str(k) for k in record[split])
     if len(unchecked) == len(members):
         return None
     keys = content_keys(paths) if keys is None else keys
