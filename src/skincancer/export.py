@@ -3,6 +3,7 @@ runs it."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -51,7 +52,7 @@ def write_onnx(model: nn.Module, image_size: int, out: str | Path, opset: int = 
     axis (atomically); returns the largest probability difference to PyTorch on random input (checked to be
     < 1e-4; the features to 1e-3 of their scale)."""
     out = Path(out)
-    wrapped = ProbabilitiesAndFeatures(model).eval()
+    wrapped = ProbabilitiesAndFeatures(static_padding(model, image_size)).eval()
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
     def write(tmp: Path) -> None:
@@ -78,3 +79,34 @@ def write_onnx(model: nn.Module, image_size: int, out: str | Path, opset: int = 
     if feature_diff > 1e-3:
         raise ExportError(f"{out}: ONNX features differ from PyTorch by {feature_diff:.2e} of their scale (> 1e-3)")
     return diff
+
+
+def static_padding(model: nn.Module, image_size: int) -> nn.Module:
+    """A copy of `model` whose TensorFlow-style 'same' convolutions (timm's Conv2dSame, in the tf_ EfficientNets:
+    padding worked out from the input's size at every call) pad by constants for `image_size`. Exported, those are
+    constant Pads that ONNX Runtime folds into their convolutions, where dynamic ones cost Shape arithmetic, the
+    Pads and a layout change around each (a third of a Lite0's time on this CPU; BENCHMARKS.md, "The fast model")."""
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    model = copy.deepcopy(model).eval()
+    sizes: dict[nn.Module, list[int]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        sizes[module] = list(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Conv2dSame)]
+    if not hooks:
+        return model
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    for name, module in list(model.named_modules()):
+        if module in sizes:
+            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+                             module.dilation, module.groups, module.bias is not None)
+            conv.load_state_dict(module.state_dict())
+            pad = pad_same_arg(sizes[module], list(module.kernel_size), list(module.stride), list(module.dilation))
+            model.set_submodule(name, nn.Sequential(nn.ZeroPad2d(pad), conv))
+    return model
