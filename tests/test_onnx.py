@@ -106,6 +106,21 @@ def test_engines_agree_on_real_images(exported_run, real_images, tmp_path):
         assert np.abs(p_onnx[ok] - p_onnx[ok].mean(0)).max() > 1e-3  # different images, different answers
 
 
+def test_decoding_threads_give_the_batches_of_one_thread(real_images, tmp_path):
+    from skincancer.engines import ArrayBatches
+    from skincancer.images import EvalTransform, ImageList
+
+    missing = str(tmp_path / "gone.jpg")
+    dataset = ImageList([*real_images[:5], missing, *real_images[5:]], None, EvalTransform(64, [0.5] * 3, [0.5] * 3))
+    serial, threaded = list(ArrayBatches(dataset, 4)), list(ArrayBatches(dataset, 4, threads=2))
+    assert len(threaded) == len(serial) == len(ArrayBatches(dataset, 4, threads=2)) == 4
+    for one, many in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(many["image"], one["image"])
+        np.testing.assert_array_equal(many["index"], one["index"])
+        assert many["errors"] == one["errors"]
+    assert [e for b in threaded for e in b["errors"]] == [(5, "file not found")]
+
+
 def test_auto_engine_uses_a_current_export_only(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     assert load_model(run, engine="auto").engine_name == "torch"
@@ -228,8 +243,8 @@ def test_export_never_writes_into_another_runs_model_folder(cli, tiny_run, finet
 
 def test_predicting_with_an_export_imports_no_torch(exported_run, real_images, tmp_path):
     """`skincancer predict` of an exported run, the CLI and the API, in a fresh process: no torch, timm, torchvision
-    or scikit-learn is imported (they cost seconds a start), nor pandas for one image's sentence, and the answer is
-    PyTorch's."""
+    or scikit-learn is imported (they cost seconds a start), nor pandas for one image's sentence, nor by decoding
+    many images in threads, and the answer is PyTorch's."""
     heavy = ("torch", "torchvision", "timm", "sklearn", "matplotlib")
     script = f"""
 import io, json, sys
@@ -246,7 +261,7 @@ with redirect_stdout(out):
         assert not exit.code, exit.code
 sentence_loaded = [m for m in {heavy!r} + ("pandas",) if m in sys.modules]
 classifier = load_model({str(exported_run)!r})
-table = classifier.predict({real_images[:3]!r})
+table = classifier.predict({real_images!r}, batch_size=4, num_workers=2)
 print(json.dumps({{"sentence": out.getvalue(), "engine": classifier.engine_name,
                    "malignant": table["malignant"].tolist(),
                    "loaded": [m for m in {heavy!r} if m in sys.modules], "sentence_loaded": sentence_loaded}}))
@@ -257,7 +272,7 @@ print(json.dumps({{"sentence": out.getvalue(), "engine": classifier.engine_name,
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["loaded"] == [] and got["sentence_loaded"] == [] and got["engine"] == "onnx"
     assert got["sentence"].startswith("This image is ")
-    expected = load_model(exported_run, engine="torch").predict(real_images[:3])["malignant"].to_numpy()
+    expected = load_model(exported_run, engine="torch").predict(real_images)["malignant"].to_numpy()
     np.testing.assert_allclose(got["malignant"], expected, atol=1e-4)
 
 

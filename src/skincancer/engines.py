@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,18 +87,35 @@ def collect(loader: Iterable[dict], n: int, forward: Callable, tta: int = 1, des
 
 
 class ArrayBatches:
-    """A dataset's samples in batches of numpy arrays (images.collate_arrays), decoded in this process."""
+    """A dataset's samples in batches of numpy arrays (images.collate_arrays), decoded in this process; with
+    `threads`, by that many threads, a batch ahead of the model. PIL's decoding and resizing and numpy's arithmetic
+    release the GIL, so threads overlap the model as loader processes do, without copying every batch between
+    processes (Lite0 at 224 px on 2 cores: 180 images/s against 117 with one loader process, 150 with none)."""
 
-    def __init__(self, dataset, batch_size: int):
-        self.dataset, self.batch_size = dataset, batch_size
+    def __init__(self, dataset, batch_size: int, threads: int = 0):
+        self.dataset, self.batch_size, self.threads = dataset, batch_size, threads
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
+    def _batch(self, start: int, pool: ThreadPoolExecutor | None = None) -> dict:
+        indices = range(start, min(start + self.batch_size, len(self.dataset)))
+        return collate_arrays(list((pool.map if pool else map)(self.dataset.__getitem__, indices)))
+
     def __iter__(self):
-        for start in range(0, len(self.dataset), self.batch_size):
-            stop = min(start + self.batch_size, len(self.dataset))
-            yield collate_arrays([self.dataset[i] for i in range(start, stop)])
+        starts = range(0, len(self.dataset), self.batch_size)
+        if not self.threads:
+            yield from map(self._batch, starts)
+            return
+        with ThreadPoolExecutor(self.threads) as pool, ThreadPoolExecutor(1) as ahead:
+            pending = None
+            for start in starts:
+                following = ahead.submit(self._batch, start, pool)
+                if pending is not None:
+                    yield pending.result()
+                pending = following
+            if pending is not None:
+                yield pending.result()
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -165,7 +183,7 @@ def session_options(threads: int = ORT_THREADS):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Idle pool threads sleep instead of spinning: the loader workers decoding the next batch need those cycles
+    # Idle pool threads sleep instead of spinning: the threads decoding the next batch need those cycles
     # (on 2 busy cores spinning cost ~30% of model throughput).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
@@ -236,12 +254,6 @@ class OnnxEngine:
         """Like engine.run_inference (output 'probs' or 'probs+features') on a dataset of numpy images
         (images.ImageList with images.EvalTransform): [N, outputs] with NaN rows, and (index, reason) failures."""
         forward = self.outputs if output == "probs+features" else self.probabilities
-        # a single batch gains nothing from a worker process, and starting one costs more than decoding it
-        workers = num_workers if len(dataset) > batch_size else 0
-        if workers:
-            from torch.utils.data import DataLoader  # worker processes: only for many images
-
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_arrays)
-        else:
-            loader = ArrayBatches(dataset, batch_size)
+        # num_workers decoding threads (ArrayBatches); a single batch gains nothing from them
+        loader = ArrayBatches(dataset, batch_size, threads=num_workers if len(dataset) > batch_size else 0)
         return collect(loader, len(dataset), forward, tta, desc=f"predicting ({self.name})", extra=extra)

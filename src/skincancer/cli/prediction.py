@@ -52,7 +52,8 @@ def predict(
                    ] = None,
     batch_size: int = 32,
     num_workers: Annotated[int | None, typer.Option(help=(
-        "loader processes decoding images while the model runs (default 1); with --ray, the number of model "
+        "images decoded while the model runs (default 1): threads with an ONNX engine, loader processes with "
+        "torch; with --ray, the number of model "
         "actors (default: as many as Ray's CPUs allow)"))] = None,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     cam: Annotated[Path | None, typer.Option(help="write a Grad-CAM overlay PNG per image into this folder")] = None,
