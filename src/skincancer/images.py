@@ -175,15 +175,19 @@ class EvalTransform:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "squash"):
         self.size, self.crop = int(image_size), resize == "crop"
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(std, dtype=np.float64)  # (x / 255 - mean) / std as x * scale + shift, one pass per channel
+        self.scale = (1 / (255 * std)).astype(np.float32)
+        self.shift = (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         if self.crop:
             image = centre_square(image)
-        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-        return (pixels - self.mean) / self.std
+        pixels = np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC), dtype=np.uint8)
+        out = np.empty((3, self.size, self.size), dtype=np.float32)
+        for channel in range(3):  # written in place: half the time of whole-array arithmetic (BENCHMARKS.md)
+            np.multiply(pixels[:, :, channel], self.scale[channel], out=out[channel], dtype=np.float32)
+            out[channel] += self.shift[channel]
+        return out
 
 
 TTA_SEED = 2017  # the fixed augmentations of test-time views beyond the 8 dihedral ones
