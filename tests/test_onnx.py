@@ -73,6 +73,37 @@ def test_same_padding_is_exported_as_constants_that_onnx_runtime_folds(exported_
     assert "Pad" not in {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
 
 
+def test_an_export_is_checked_against_the_model_as_trained(tiny_run, tmp_path, monkeypatch):
+    from skincancer import export
+
+    def shifted(model, size):  # the stem padded one pixel up and left instead of down and right
+        padded = static_padding(model, size)
+        stem = next(m for m in padded.modules() if isinstance(m, torch.nn.ZeroPad2d))
+        stem.padding = tuple(reversed(stem.padding))
+        return padded
+
+    monkeypatch.setattr(export, "static_padding", shifted)
+    with pytest.raises(ExportError, match="differ"):
+        export.write_onnx(load_model(tiny_run, engine="torch").model, 224, tmp_path / "shifted.onnx")
+
+
+def test_an_export_from_before_constant_padding_is_used_with_advice(exported_run, tmp_path, caplog):
+    import logging
+
+    run = copy_run(exported_run, tmp_path / "old")
+    sidecar = run / "model" / (ONNX_FILE + ".json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["onnx"].pop("same_padding") == "constant"
+    sidecar.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="skincancer"):
+        assert load_model(run).engine_name == "onnx"
+    assert "written by an earlier `skincancer export`" in caplog.text and "for the faster graph" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skincancer"):
+        load_model(exported_run)
+    assert "earlier" not in caplog.text
+
+
 def test_static_padding_computes_what_the_model_does(tiny_run):
     from timm.layers import Conv2dSame
 
@@ -119,6 +150,43 @@ def test_decoding_threads_give_the_batches_of_one_thread(real_images, tmp_path):
         np.testing.assert_array_equal(many["index"], one["index"])
         assert many["errors"] == one["errors"]
     assert [e for b in threaded for e in b["errors"]] == [(5, "file not found")]
+
+
+def test_decoding_threads_leave_the_warning_filters_as_they_were(real_images):
+    """load_image refuses decompression bombs through warnings.catch_warnings, which is process-wide: threads
+    opening images at once left its 'error' filter behind (or dropped it for another thread) until they took turns."""
+    import warnings
+
+    from skincancer.engines import ArrayBatches
+    from skincancer.images import EvalTransform, ImageList
+
+    before = list(warnings.filters)
+    for _ in range(3):
+        list(ArrayBatches(ImageList(real_images * 6, None, EvalTransform(32, [0.5] * 3, [0.5] * 3)), 8, threads=4))
+    assert warnings.filters == before
+
+
+def test_decoding_threads_stop_with_their_consumer(real_images):
+    import threading
+
+    from skincancer.engines import ArrayBatches
+
+    class Failing:  # a sample that raises (not an unreadable image, which ImageList reports as a row)
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            if index == 13:
+                raise RuntimeError("broken sample 13")
+            return {"image": np.zeros((3, 4, 4), np.float32), "index": index}
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="broken sample 13"):
+        list(ArrayBatches(Failing(), 4, threads=2))
+    batches = iter(ArrayBatches(Failing(), 4, threads=2))
+    assert next(batches)["index"].tolist() == [0, 1, 2, 3]
+    batches.close()  # a consumer that stops early
+    assert threading.active_count() == before
 
 
 def test_auto_engine_uses_a_current_export_only(tiny_run, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,6 +66,9 @@ def scale_to_8_bits(array: np.ndarray, top: int) -> np.ndarray:
     return out
 
 
+_OPENING = threading.Lock()
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open, fully decode and normalise one image to 8-bit RGB, honouring EXIF rotation.
 
@@ -80,13 +84,14 @@ def load_image(path: str | Path) -> Image.Image:
             raise ImageError(path, "not a regular file")
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
-        with warnings.catch_warnings():
+        with _OPENING, warnings.catch_warnings():  # process-wide filters: decoding threads open one at a time
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(path, f"image too large ({img.width}x{img.height}): possible decompression bomb")
-                img.load()
-                return to_rgb(img)
+            img = Image.open(path)  # the header only; decoding (load) runs in parallel
+        with img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(path, f"image too large ({img.width}x{img.height}): possible decompression bomb")
+            img.load()
+            return to_rgb(img)
     except ImageError:
         raise
     except PermissionError:
@@ -182,6 +187,7 @@ class EvalTransform:
     def __call__(self, image: Image.Image) -> np.ndarray:
         if self.crop:
             image = centre_square(image)
+        image = image if image.mode == "RGB" else image.convert("RGB")
         pixels = np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC), dtype=np.uint8)
         out = np.empty((3, self.size, self.size), dtype=np.float32)
         for channel in range(3):  # written in place: half the time of whole-array arithmetic (BENCHMARKS.md)
