@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--inception-limit", type=int, default=96, help="images for the InceptionV3 runs")
     parser.add_argument("--torch-limit", type=int, default=320, help="images for eager PyTorch (slower)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=1, help="loader processes decoding while the model runs")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="decoding while the model runs: threads (ONNX engines) or loader processes (torch)")
     parser.add_argument("--seconds", type=float, default=4.0, help="time per model-only measurement")
     parser.add_argument("--skip-inception", action="store_true")
     parser.add_argument("--ensemble", action="append", default=[], help="run folder of an ensemble member (repeat): "
