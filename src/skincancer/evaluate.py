@@ -290,16 +290,14 @@ def seen_in_fitting(classifier: Classifier, paths: Sequence[str], keys: Sequence
     for member in members:
         try:  # the images of the run its weights started from (init_from) too
             record = fitted_images(Path(member.source), required=True)
-        except FileNotFoundError:
-            unchecked.append(str(member.source))
-            continue
         except (OSError, ValueError, TypeError, AttributeError) as err:
-            log.warning("%s: unreadable (%s); not checking which images the model was fitted on",
-                        Path(member.source) / FITTED_IMAGES_FILE, err)
+            if not isinstance(err, FileNotFoundError):
+                log.warning("%s: unreadable (%s); not checking which images the model was fitted on",
+                            Path(member.source) / FITTED_IMAGES_FILE, err)
             unchecked.append(str(member.source))
-            continue
-        for split in fitted:
-            fitted[split].update(str(k) for k in record[split])
+        else:
+            for split in fitted:
+                fitted[split].update(str(k) for k in record[split])
     if len(unchecked) == len(members):
         return None
     keys = content_keys(paths) if keys is None else keys
