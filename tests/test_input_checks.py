@@ -432,22 +432,31 @@ def test_an_unfinished_model_is_flagged_by_the_api_and_the_report(tiny_run, smal
     assert "Unfinished training" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_serve_without_model_serves_the_fast_model_else_the_demo_else_says_what_to_do(tmp_path: Path, monkeypatch,
-                                                                                       capsys):
-    import contextlib
-
+def test_serve_without_model_serves_the_benchmark_ensemble_else_the_demo_else_says_what_to_do(tmp_path: Path,
+                                                                                              monkeypatch, capsys):
     import typer
 
     from skincancer.cli.service import default_served
 
+    def finish(run: str, unfinished: bool = False) -> None:
+        (tmp_path / run / "model").mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / "model" / "model.json").write_text(
+            '{"unfinished": true}' if unfinished else '{"train_seconds": 60}')  # still training: passed over
+
     monkeypatch.chdir(tmp_path)
     with pytest.raises(typer.Exit):
         default_served()
-    assert "none of runs/benchmark/student, runs/demo" in capsys.readouterr().err
-    for run in ("runs/demo", "runs/benchmark/student"):  # the student, once distilled, comes first
-        (tmp_path / run / "model").mkdir(parents=True)
-        (tmp_path / run / "model" / "model.json").write_text('{"unfinished": true}')  # still training: passed over
-        with pytest.raises(typer.Exit) if run == "runs/demo" else contextlib.nullcontext():
-            assert default_served() == Path("runs/demo")
-        (tmp_path / run / "model" / "model.json").write_text('{"train_seconds": 60}')
-        assert default_served() == Path(run)
+    assert "runs/benchmark/lite0, runs/benchmark/lite2, runs/benchmark/linear" in capsys.readouterr().err
+    finish("runs/benchmark/student")  # the distilled student is never the default (less accurate than the probe)
+    finish("runs/demo", unfinished=True)
+    with pytest.raises(typer.Exit):
+        default_served()
+    finish("runs/demo")
+    assert default_served() == [Path("runs/demo")]
+    finish("runs/benchmark/lite0")
+    finish("runs/benchmark/linear")
+    finish("runs/benchmark/lite2", unfinished=True)  # an ensemble with a member in training: not yet
+    assert default_served() == [Path("runs/demo")]
+    finish("runs/benchmark/lite2")
+    assert default_served() == [Path("runs/benchmark/lite0"), Path("runs/benchmark/lite2"),
+                                Path("runs/benchmark/linear")]
