@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 from PIL import Image
@@ -35,6 +36,8 @@ def test_int8_export_is_checked_recorded_and_runs(exported, small_data):
     sidecar = json.loads(path.with_name(INT8_FILE + ".json").read_text())
     assert sidecar["int8"]["parity"] == report and report["images"] == 15
     assert sidecar["int8"]["calibration_images"] == 30 and "auc_int8" in report
+    assert report["images_per_s"] > 0 and report["float_images_per_s"] > 0  # timed against the float graph here
+    assert report["speedup"] == pytest.approx(report["images_per_s"] / report["float_images_per_s"], rel=0.01)
     assert path.stat().st_size < (exported / "model" / "model.onnx").stat().st_size / 2  # int8 weights
     probs = OnnxEngine(path).probabilities(np.random.default_rng(0).normal(size=(3, 3, 224, 224)))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -84,11 +87,15 @@ def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_d
     from skincancer.predict import load_model
 
     export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
-    assert load_model(exported, engine="int8").engine_name == "int8"
-    assert load_model(exported).engine_name == "int8"  # auto: the int8 graph when a current one exists
-    assert load_model(exported, engine="onnx").engine_name == "onnx"
     sidecar = exported / "model" / (INT8_FILE + ".json")
     record = json.loads(sidecar.read_text())
+    for speedup, auto in ((1.3, "int8"), (0.7, "onnx")):  # as export timed it against the float graph
+        record["int8"]["parity"]["speedup"] = speedup
+        sidecar.write_text(json.dumps(record))
+        assert load_model(exported).engine_name == auto  # auto: the int8 graph when current and faster
+        assert load_model(exported, engine="int8").engine_name == "int8"
+        assert load_model(exported, engine="onnx").engine_name == "onnx"
+    record["int8"]["parity"]["speedup"] = 1.3
     record["onnx"]["float_onnx_sha256"] = "0" * 64  # as if model.onnx had been exported again since
     sidecar.write_text(json.dumps(record))
     assert load_model(exported).engine_name == "onnx"  # auto: the stale int8 graph is passed over
@@ -98,6 +105,28 @@ def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_d
     assert load_model(exported).engine_name == "onnx"
     result = cli("predict", "--model", str(exported), "--engine", "int8", str(small_data["valid"]), check=False)
     assert result.returncode == 2 and "no int8 ONNX export" in result.stderr and "--int8` first" in result.stderr
+
+
+@pytest.mark.parametrize("speeds, plan, speedup", [
+    ((50, 120, 200), "the pointwise convolutions after the stem", 1.2),  # the first faster plan, not the fastest
+    ((50, 80, 60), "the pointwise convolutions after the stem", 0.8),  # none faster: the fastest, marked slower
+])
+def test_int8_keeps_the_first_plan_within_tolerance_that_runs_faster(exported, small_data, monkeypatch, speeds,
+                                                                      plan, speedup):
+    from skincancer import quantize
+    from skincancer.predict import load_model
+
+    timed = iter(speeds)
+    monkeypatch.setattr(quantize, "images_per_second", lambda engines, images: [100.0, float(next(timed))])
+    report = export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
+    assert (report["plan"], report["speedup"], report["float_images_per_s"]) == (plan, speedup, 100.0)
+    graph = exported / "model" / INT8_FILE
+    assert json.loads(graph.with_name(INT8_FILE + ".json").read_text())["int8"]["parity"] == report
+    nodes = onnx.load(str(graph)).graph.node
+    dequantised = {out for node in nodes if node.op_type == "DequantizeLinear" for out in node.output}
+    int8_convolutions = sum(node.op_type == "Conv" and node.input[1] in dequantised for node in nodes)
+    assert int8_convolutions == report["int8_convolutions"]  # the kept plan's graph, not the last one tried
+    assert load_model(exported).engine_name == ("int8" if speedup >= 1 else "onnx")
 
 
 def test_cli_int8_names_a_missing_manifest_before_any_work(cli, exported, tmp_path):

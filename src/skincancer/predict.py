@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import META_FILE, CheckpointError, find_model_dir, read_meta
-from .engines import INT8_FILE, ONNX_FILE, ExportError, OnnxEngine, find_export, weights_digest
+from .engines import INT8_FILE, ONNX_FILE, ExportError, OnnxEngine, find_export, slower_than_float, weights_digest
 from .errors import BackboneError
 from .guard import OUT_OF_DISTRIBUTION, PIXEL_STATS, Guard, frame_problem, load_guard, pixel_stats
 from .images import (
@@ -317,8 +317,9 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
 
     engine: 'torch' (eager PyTorch), 'onnx' (ONNX Runtime on RUN/model/model.onnx, made by `skincancer export`),
     'int8' (its int8 graph, model.int8.onnx, made by `skincancer export --int8`) or 'auto' (int8, else onnx, when
-    a current export exists, else torch). With a current export of the same network and
-    weights (checked by their SHA-256), the PyTorch network is built only when something asks for `model`.
+    a current export exists, else torch; not an int8 graph that export timed slower than the float one). With a
+    current export of the same network and weights (checked by their SHA-256), the PyTorch network is built only
+    when something asks for `model`.
     guard: False loads the model without its out-of-distribution guard (`skincancer guard` refitting a damaged one).
     """
     if engine not in ENGINES:
@@ -326,7 +327,7 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
     model_dir = find_model_dir(run)
     meta = read_meta(model_dir)
     runtime = None
-    if engine in ("int8", "auto") and (engine == "int8" or (model_dir / INT8_FILE).is_file()):
+    if engine == "int8" or (engine == "auto" and (model_dir / INT8_FILE).is_file() and not _slower_int8(model_dir)):
         runtime = _current_export(model_dir, meta, guard, INT8_FILE)
         if runtime is None and engine == "auto":
             log.warning("%s: not current (retrained or exported again since?); run `skincancer export --model %s "
@@ -362,6 +363,14 @@ def load_model(run: str | Path, engine: str = "auto", guard: bool = True) -> Cla
         log.warning("%s; using PyTorch", problem)
         runtime = None
     return Classifier(model=model, meta=meta, source=model_dir, engine=runtime, guard=guard)
+
+
+def _slower_int8(model_dir: Path) -> bool:
+    if slower_than_float(model_dir / INT8_FILE):
+        log.info("%s: slower than the float graph where it was exported (its sidecar's speedup); using the float "
+                 "graph (--engine int8 uses it)", model_dir / INT8_FILE)
+        return True
+    return False
 
 
 # What model_from_meta builds the network from: an export made from the same fields and weights is that network.

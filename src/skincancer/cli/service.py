@@ -56,10 +56,15 @@ def export(
         report = export_int8(model, calibration or None, check)
         auc = (f"; melanoma AUC {report['auc_int8']:.4f} against {report['auc_float']:.4f} in float"
                if "auc_float" in report else "")
+        speed = (f"; {report['images_per_s']:.1f} images/s against {report['float_images_per_s']:.1f} in float "
+                 "here (model only)")
         typer.echo(f"wrote {path.with_name(INT8_FILE)} ({report['plan']} in int8): on {report['images']} check "
                    "images the malignant "
                    f"probability moved by {report['mean_difference']:.4f} on average (at most "
-                   f"{report['max_difference']:.4f}), {report['verdicts_changed']} verdict(s) changed{auc}")
+                   f"{report['max_difference']:.4f}), {report['verdicts_changed']} verdict(s) changed{auc}{speed}")
+        if report["speedup"] < 1:
+            typer.echo("no plan within tolerance ran faster than the float graph on this machine: predict, evaluate "
+                       "and serve use the float graph unless given --engine int8")
 
 
 def serve(
