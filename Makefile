@@ -35,9 +35,9 @@ demo: setup
 # (configs/isic2017.yaml: Lite0; configs/isic2017-lite2.yaml: Lite2), each member and the ensemble evaluated once on
 # the test split: runs/benchmark/<member>/test/ and runs/benchmark/test/metrics.json. Then its fast student
 # (runs/benchmark/student, float and int8), distilled from it (`serve` serves the ensemble: the student is less
-# accurate). On the 2-core host: 99 minutes of training for the members, 18 for the student (its teacher's targets
-# included), 6 for the exports and evaluations (BENCHMARKS.md). The evaluations run on ONNX Runtime (each export is checked against PyTorch): the
-# same figures to 4 decimals as eager PyTorch, about 3x faster.
+# accurate). On the 2-core host: 99 minutes of training for the members, 5 for their exports and evaluations, 18
+# for the student (its targets, exports and evaluations included; BENCHMARKS.md). The evaluations run on ONNX
+# Runtime (each export is checked against PyTorch): the same figures to 4 decimals as eager PyTorch, about 3x faster.
 BENCH := runs/benchmark
 # A member an earlier `make benchmark-accuracy` started is resumed from its last epoch (a finished one is kept as it
 # is); FRESH=1 trains every member afresh (after a change to its config or the code).

@@ -216,3 +216,26 @@ def test_fold_runs_of_other_classes_are_refused_by_name(tiny_run, small_data, ca
     binary = train(config)
     with pytest.raises(CheckpointError, match=f"{re.escape(str(binary))}.*: classes .* differ from .*; the fold runs"):
         FoldTeachers([str(tiny_run), str(binary)])
+
+
+def test_serve_without_model_serves_the_benchmark_ensemble_else_the_demo(tmp_path: Path, monkeypatch, capsys):
+    import typer
+
+    from skincancer.cli.service import default_served
+
+    def finish(run: str, done: bool = True) -> None:  # a run still training keeps a placeholder: passed over
+        (tmp_path / run / "model").mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / "model" / "model.json").write_text('{"train_seconds": 60}' if done else '{"unfinished": 1}')
+
+    monkeypatch.chdir(tmp_path)
+    finish("runs/benchmark/student")  # the distilled student is never the default (less accurate than the probe)
+    finish("runs/demo", done=False)
+    with pytest.raises(typer.Exit):
+        default_served()
+    assert "runs/benchmark/lite0, runs/benchmark/lite2, runs/benchmark/linear" in capsys.readouterr().err
+    for run in ("runs/demo", "runs/benchmark/lite0", "runs/benchmark/linear"):
+        finish(run)
+    finish("runs/benchmark/lite2", done=False)  # an ensemble with a member in training: not yet
+    assert default_served() == [Path("runs/demo")]
+    finish("runs/benchmark/lite2")
+    assert default_served() == [Path(f"runs/benchmark/{m}") for m in ("lite0", "lite2", "linear")]

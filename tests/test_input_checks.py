@@ -430,33 +430,3 @@ def test_an_unfinished_model_is_flagged_by_the_api_and_the_report(tiny_run, smal
                        n_boot=20)
     assert metrics["unfinished_models"] == [str(run / "model")]
     assert "Unfinished training" in (tmp_path / "eval" / "report.html").read_text()
-
-
-def test_serve_without_model_serves_the_benchmark_ensemble_else_the_demo_else_says_what_to_do(tmp_path: Path,
-                                                                                              monkeypatch, capsys):
-    import typer
-
-    from skincancer.cli.service import default_served
-
-    def finish(run: str, unfinished: bool = False) -> None:
-        (tmp_path / run / "model").mkdir(parents=True, exist_ok=True)
-        (tmp_path / run / "model" / "model.json").write_text(
-            '{"unfinished": true}' if unfinished else '{"train_seconds": 60}')  # still training: passed over
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(typer.Exit):
-        default_served()
-    assert "runs/benchmark/lite0, runs/benchmark/lite2, runs/benchmark/linear" in capsys.readouterr().err
-    finish("runs/benchmark/student")  # the distilled student is never the default (less accurate than the probe)
-    finish("runs/demo", unfinished=True)
-    with pytest.raises(typer.Exit):
-        default_served()
-    finish("runs/demo")
-    assert default_served() == [Path("runs/demo")]
-    finish("runs/benchmark/lite0")
-    finish("runs/benchmark/linear")
-    finish("runs/benchmark/lite2", unfinished=True)  # an ensemble with a member in training: not yet
-    assert default_served() == [Path("runs/demo")]
-    finish("runs/benchmark/lite2")
-    assert default_served() == [Path("runs/benchmark/lite0"), Path("runs/benchmark/lite2"),
-                                Path("runs/benchmark/linear")]

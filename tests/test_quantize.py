@@ -22,6 +22,14 @@ pytestmark = pytest.mark.slow
 LOOSE = Tolerance(auc=1.0, mean_difference=1.0, max_difference=1.0, guard_changes=1.0)
 
 
+@pytest.fixture
+def steady_timing(monkeypatch):
+    """The int8 graph timed at 1.1x the float one: which plan is kept no longer depends on the machine's load."""
+    from skincancer import quantize
+
+    monkeypatch.setattr(quantize, "images_per_second", lambda engines, images: [100.0, 110.0])
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("int8") / "run"
@@ -43,7 +51,7 @@ def test_int8_export_is_checked_recorded_and_runs(exported, small_data):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_int8_calibrated_on_black_frames_is_refused_and_not_written(exported, small_data, tmp_path):
+def test_int8_calibrated_on_black_frames_is_refused_and_not_written(exported, small_data, tmp_path, steady_timing):
     black = tmp_path / "black"
     black.mkdir()
     rows = []
@@ -83,19 +91,20 @@ def test_cli_int8_options_need_int8(cli, exported, small_data):
     assert result.returncode == 2 and "add --int8" in result.stderr
 
 
-def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_data, cli):
+def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_data, cli, steady_timing):
     from skincancer.predict import load_model
 
     export_int8(exported, [small_data["train"]], small_data["valid"], tolerance=LOOSE)
     sidecar = exported / "model" / (INT8_FILE + ".json")
     record = json.loads(sidecar.read_text())
-    for speedup, auto in ((1.3, "int8"), (0.7, "onnx")):  # as export timed it against the float graph
+    for speedup, auto in ((1.3, "int8"), (0.97, "int8"), (0.7, "onnx"), (None, "int8")):  # as export timed it
         record["int8"]["parity"]["speedup"] = speedup
+        if speedup is None:  # an export from before the timing: used as it always was
+            del record["int8"]["parity"]["speedup"]
         sidecar.write_text(json.dumps(record))
-        assert load_model(exported).engine_name == auto  # auto: the int8 graph when current and faster
+        assert load_model(exported).engine_name == auto  # auto: the int8 graph when current and not slower
         assert load_model(exported, engine="int8").engine_name == "int8"
         assert load_model(exported, engine="onnx").engine_name == "onnx"
-    record["int8"]["parity"]["speedup"] = 1.3
     record["onnx"]["float_onnx_sha256"] = "0" * 64  # as if model.onnx had been exported again since
     sidecar.write_text(json.dumps(record))
     assert load_model(exported).engine_name == "onnx"  # auto: the stale int8 graph is passed over
@@ -108,8 +117,8 @@ def test_predict_uses_the_int8_graph_when_asked_and_by_default(exported, small_d
 
 
 @pytest.mark.parametrize("speeds, plan, speedup", [
-    ((50, 120, 200), "the pointwise convolutions after the stem", 1.2),  # the first faster plan, not the fastest
-    ((50, 80, 60), "the pointwise convolutions after the stem", 0.8),  # none faster: the fastest, marked slower
+    ((50, 96, 200), "the pointwise convolutions after the stem", 0.96),  # the first not slower, not the fastest
+    ((50, 80, 60), "the pointwise convolutions after the stem", 0.8),  # all slower: the fastest, marked so
 ])
 def test_int8_keeps_the_first_plan_within_tolerance_that_runs_faster(exported, small_data, monkeypatch, speeds,
                                                                       plan, speedup):
@@ -126,7 +135,7 @@ def test_int8_keeps_the_first_plan_within_tolerance_that_runs_faster(exported, s
     dequantised = {out for node in nodes if node.op_type == "DequantizeLinear" for out in node.output}
     int8_convolutions = sum(node.op_type == "Conv" and node.input[1] in dequantised for node in nodes)
     assert int8_convolutions == report["int8_convolutions"]  # the kept plan's graph, not the last one tried
-    assert load_model(exported).engine_name == ("int8" if speedup >= 1 else "onnx")
+    assert load_model(exported).engine_name == ("int8" if speedup > 0.95 else "onnx")
 
 
 def test_cli_int8_names_a_missing_manifest_before_any_work(cli, exported, tmp_path):

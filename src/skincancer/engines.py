@@ -181,12 +181,16 @@ def _recorded(path: Path, key: str = "onnx_sha256") -> str | None:
         return None
 
 
+INT8_SLOWER = 0.95  # below this share of the float graph's speed an int8 graph is slower (timing spread: ~5%)
+
+
 def slower_than_float(int8_path: Path) -> bool:
-    """Whether `skincancer export --int8` timed this int8 graph slower than its float graph (on the machine that
-    exported it): the `auto` engine then uses the float one. An export that recorded no timing: False."""
+    """Whether `skincancer export --int8` timed this int8 graph slower than its float graph (below INT8_SLOWER of
+    its speed, on the machine that exported it): the `auto` engine then uses the float one. An export that recorded
+    no timing: False."""
     try:
         speedup = json.loads(int8_path.with_name(int8_path.name + ".json").read_text())["int8"]["parity"]["speedup"]
-        return float(speedup) < 1
+        return float(speedup) < INT8_SLOWER
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, find_model_dir, write_json
-from .engines import INPUT_NAME, INT8_FILE, OnnxEngine
+from .engines import INPUT_NAME, INT8_FILE, INT8_SLOWER, OnnxEngine
 from .errors import CheckpointError
 from .metrics import roc_auc
 from .provenance import file_sha256
@@ -211,9 +211,9 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
     """Quantise the run's current ONNX export to RUN/model/model.int8.onnx, calibrated on `calibration_images` of
     its training images (default: the manifests in its config.yaml), then compare it with the float export on
     `check_images` validation images; refused (nothing written) beyond `tolerance`. Of the plans within it, the
-    first (the most in int8) that runs faster than the float graph here is kept, else the fastest: its sidecar
-    says so, and the `auto` engine then uses the float graph. Returns the parity and timing report, also recorded
-    in model.int8.onnx.json."""
+    first (the most in int8) not slower than the float graph here (INT8_SLOWER) is kept, else the fastest: its
+    sidecar says so, and the `auto` engine then uses the float graph. Returns the parity and timing report, also
+    recorded in model.int8.onnx.json."""
     from .predict import load_model
 
     model_dir = find_model_dir(run)
@@ -245,16 +245,16 @@ def export_int8(run: str | Path, calibration: list[str | Path] | None = None, ch
                           speedup=round(speed / float_speed, 3))
             if kept is None or report["speedup"] > kept[0]["speedup"]:
                 kept = report, candidate.read_bytes()
-            if report["speedup"] >= 1:
+            if report["speedup"] >= INT8_SLOWER:
                 break
             log.info("int8 with %s in int8 (%d): within tolerance, but %.1f images/s against %.1f in float on this "
-                     "machine; trying less in int8", plan, len(nodes), speed, float_speed)
+                     "machine (slower); trying less in int8", plan, len(nodes), speed, float_speed)
         if kept is None:
             for stale in (out, out.with_name(out.name + ".json")):  # a refused graph leaves no older one in use
                 stale.unlink(missing_ok=True)
             raise QuantizeError(f"{out}: not written: the int8 model strays from the float one on {report['images']} "
                                 f"images of {check}: " + "; ".join(tried))
-        report, graph = kept  # the first plan within tolerance that is faster, else the fastest within it
+        report, graph = kept  # the first plan within tolerance that is not slower, else the fastest within it
         atomic_write(out, lambda target: Path(target).write_bytes(graph))
     # the float export's record, checked against its weights and graph when it was loaded
     float_record = json.loads(float_engine.path.with_name(float_engine.path.name + ".json").read_text())["onnx"]

@@ -12,7 +12,8 @@ import typer
 
 from ..config import DEFAULT_LABELS, PREDICT_VIEWS, PREDICT_VIEWS_TEXT
 
-ENGINE_HELP = "onnx | int8 | torch | auto (int8, else onnx, when `skincancer export` was run)"
+ENGINE_HELP = ("onnx | int8 | torch | auto (int8 where `skincancer export --int8` did not time it slower, else onnx, "
+               "when `skincancer export` was run)")
 DEFAULT_LABELS_TEXT = ",".join(f"{k}={v}" for k, v in DEFAULT_LABELS.items())
 
 def fail(message: str, code: int = 2) -> None:
