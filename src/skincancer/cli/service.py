@@ -13,7 +13,7 @@ from .. import NOTICE
 from .common import ENGINE_HELP, check_inference_options, fail, output_file
 
 # what `serve` serves without --model: the most accurate model `make benchmark-accuracy` makes (its ensemble of
-# three: 0.19 s a photo here), else `make demo`'s probe. Not its distilled student: 12 ms a photo, but below even
+# three: 0.2 s a photo here), else `make demo`'s probe. Not its distilled student: 12 ms a photo, but below even
 # the probe on melanoma (BENCHMARKS.md, "The fast model"); `--model runs/benchmark/student` serves it.
 DEFAULT_SERVED = (("runs/benchmark/lite0", "runs/benchmark/lite2", "runs/benchmark/linear"), ("runs/demo",))
 
