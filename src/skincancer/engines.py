@@ -139,8 +139,8 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None, 
     command = f"skincancer export --model {model_dir.parent}" + (" --int8" if name == INT8_FILE else "")
     again = f"run `{command}` again"
     present = path.is_file()
-    problem = (_export_problem(path, model_dir, again, weights_sha256) if present
-               else f"{path}: no {'int8 ' if name == INT8_FILE else ''}ONNX export; run `{command}` first")
+    problem, recorded = (_export_problem(path, model_dir, again, weights_sha256) if present else
+                         (f"{path}: no {'int8 ' if name == INT8_FILE else ''}ONNX export; run `{command}` first", {}))
     if problem is None:
         try:
             engine = OnnxEngine(path)
@@ -148,7 +148,7 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None, 
         except ExportError as err:
             problem = str(err)
         if problem is None:
-            if _recorded(model_dir / ONNX_FILE, "same_padding") != "constant":
+            if recorded.get("same_padding") != "constant":  # an int8 sidecar carries its float export's record
                 log.warning("%s: written by an earlier `skincancer export`, whose graphs pad at run time and run at "
                             "about 60%% of the speed; %s for the faster graph", path, again)
             return engine
@@ -158,19 +158,22 @@ def find_export(model_dir: Path, required: bool, image_size: int | None = None, 
     return None
 
 
-def _export_problem(path: Path, model_dir: Path, again: str, weights_sha256: str | None = None) -> str | None:
+def _export_problem(path: Path, model_dir: Path, again: str,
+                    weights_sha256: str | None = None) -> tuple[str | None, dict]:
+    """What is wrong with an export (None: it is current), and its sidecar's `onnx` record as read."""
     try:
         recorded = json.loads(path.with_name(path.name + ".json").read_text())["onnx"]
         weights, graph = recorded["weights_sha256"], recorded["onnx_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{path}: its metadata ({path.name}.json) is missing or unreadable; {again}"
+        return f"{path}: its metadata ({path.name}.json) is missing or unreadable; {again}", {}
     if weights != (weights_sha256 or weights_digest(model_dir)):
-        return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}"
+        return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}", recorded
     if graph != file_sha256(path):
-        return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}"
+        return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}", recorded
     if path.name == INT8_FILE and recorded.get("float_onnx_sha256") != _recorded(model_dir / ONNX_FILE):
-        return f"{path}: quantised from another export than {model_dir / ONNX_FILE} (exported again since?); {again}"
-    return None
+        return (f"{path}: quantised from another export than {model_dir / ONNX_FILE} (exported again since?); "
+                f"{again}", recorded)
+    return None, recorded
 
 
 def _recorded(path: Path, key: str = "onnx_sha256") -> str | None:
