@@ -170,16 +170,16 @@ def _export_problem(path: Path, model_dir: Path, again: str,
         return f"{path}: export does not match {model_dir / WEIGHTS_FILE} (retrained since?); {again}", recorded
     if graph != file_sha256(path):
         return f"{path}: the graph is not the one exported from this run (replaced or damaged); {again}", recorded
-    if path.name == INT8_FILE and recorded.get("float_onnx_sha256") != _recorded(model_dir / ONNX_FILE):
+    if path.name == INT8_FILE and recorded.get("float_onnx_sha256") != _recorded_graph(model_dir / ONNX_FILE):
         return (f"{path}: quantised from another export than {model_dir / ONNX_FILE} (exported again since?); "
                 f"{again}", recorded)
     return None, recorded
 
 
-def _recorded(path: Path, key: str = "onnx_sha256") -> str | None:
-    """What an export's sidecar records under `key` (by default the graph's SHA-256; None: no readable sidecar)."""
+def _recorded_graph(path: Path) -> str | None:
+    """The graph SHA-256 an export's sidecar records (None: no readable sidecar)."""
     try:
-        return json.loads(path.with_name(path.name + ".json").read_text())["onnx"].get(key)
+        return json.loads(path.with_name(path.name + ".json").read_text())["onnx"].get("onnx_sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
